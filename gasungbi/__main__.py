@@ -1,0 +1,5 @@
+import sys
+
+from gasungbi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,400 @@
+"""Model architecture configuration, named presets, and the Hugging Face ``config.json`` mapping.
+
+One dataclass, :class:`ModelConfig`, describes every model gasungbi builds: DeepSeek-V3 (MLA +
+DeepSeekMoE with sigmoid routing and auxiliary-loss-free bias + MTP), DeepSeek-V2 (MLA + softmax
+routing) and the dense Llama-style baseline (GQA attention + SwiGLU). Fields are grouped as in the
+DeepSeek reference ``ModelArgs`` and named as in the Hugging Face configs, so that
+:func:`to_hf_config` / :func:`from_hf_config` are mostly a renaming.
+
+Presets are plain functions returning a ``ModelConfig``; ``PRESETS`` maps their names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHITECTURES = {
+    # model_type -> Hugging Face architecture class name
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only transformer in the DeepSeek family (or the Llama baseline).
+
+    Sizes follow the Hugging Face field names. Paper references: DeepSeek-V2 (arXiv:2405.04434)
+    for MLA (Sec. 2.1) and DeepSeekMoE (Sec. 2.2); DeepSeek-V3 (arXiv:2412.19437) for sigmoid
+    routing with auxiliary-loss-free balancing (Sec. 2.1.2) and multi-token prediction (Sec. 2.2).
+    """
+
+    # --- family -------------------------------------------------------------------------------
+    model_type: str = "deepseek_v3"
+    """``deepseek_v3``, ``deepseek_v2`` or ``llama``: selects attention (MLA vs GQA) and router."""
+
+    # --- trunk --------------------------------------------------------------------------------
+    vocab_size: int = 512
+    """Number of token ids (rows of the embedding and of the output head)."""
+    hidden_size: int = 64
+    """Width d of the residual stream."""
+    num_hidden_layers: int = 2
+    """Number of transformer blocks in the main model (MTP blocks are extra)."""
+    intermediate_size: int = 128
+    """Hidden width of the dense SwiGLU FFN (dense layers and the Llama baseline)."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    max_position_embeddings: int = 1024
+    """Longest context the model is meant for (with YaRN: the extended length)."""
+    tie_word_embeddings: bool = False
+    """Share the output head with the input embedding (off in DeepSeek, common in small Llamas)."""
+    initializer_range: float = 0.02
+    """Std of the normal init of every matrix. DeepSeek-V3 used 0.006 (V3 report, Sec. 4.2)."""
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+
+    # --- attention: shared --------------------------------------------------------------------
+    num_attention_heads: int = 4
+    """Number of query heads n_h."""
+    attention_bias: bool = False
+    """Bias on the attention input/output projections (``q_a``, ``kv_a``, ``o``; Llama q/k/v/o)."""
+
+    # --- attention: MLA (DeepSeek-V2 Sec. 2.1) ------------------------------------------------
+    q_lora_rank: int | None = 32
+    """Rank d_c' of the low-rank query compression; ``None`` = full-rank ``q_proj`` (V2-Lite)."""
+    kv_lora_rank: int = 32
+    """Rank d_c of the joint KV latent c^KV: the only per-token K/V state an MLA cache keeps."""
+    qk_nope_head_dim: int = 16
+    """Per-head query/key width d_h that carries no position (decompressed from the latent)."""
+    qk_rope_head_dim: int = 16
+    """Width d_h^R of the decoupled RoPE query per head and of the one RoPE key shared by all heads."""
+    v_head_dim: int = 16
+    """Per-head value width."""
+
+    # --- attention: GQA (Llama baseline) ------------------------------------------------------
+    num_key_value_heads: int | None = None
+    """Llama: number of K/V heads (GQA); ``None`` = MHA. Ignored by MLA."""
+    head_dim: int | None = None
+    """Llama: per-head width; ``None`` = hidden_size // num_attention_heads. Ignored by MLA."""
+
+    # --- RoPE / YaRN --------------------------------------------------------------------------
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_interleave: bool = True
+    """Rotate interleaved pairs (x0,x1),(x2,x3).. as DeepSeek's reference; False = halves (Llama)."""
+    rope_scaling: dict[str, Any] | None = None
+    """``None`` or YaRN: ``{"type": "yarn", "factor", "original_max_position_embeddings",
+    "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}`` (YaRN arXiv:2309.00071; the
+    DeepSeek-V2 Sec. 4.1 / Appendix mscale convention)."""
+
+    # --- MoE (DeepSeekMoE: DeepSeek-V2 Sec. 2.2, DeepSeek-V3 Sec. 2.1.2) -----------------------
+    n_routed_experts: int = 8
+    """Number of fine-grained routed experts N_r per MoE layer; 0 = every layer is dense."""
+    n_shared_experts: int = 1
+    """Number of always-on shared experts N_s (fused as one SwiGLU of width N_s x moe_intermediate)."""
+    moe_intermediate_size: int = 32
+    """Hidden width of each routed (and each shared) expert."""
+    num_experts_per_tok: int = 2
+    """Routed experts chosen per token K_r."""
+    first_k_dense_replace: int = 1
+    """The first k layers use the dense FFN instead of MoE."""
+    scoring_func: str = "sigmoid"
+    """Token-to-expert affinity: ``sigmoid`` (V3) or ``softmax`` (V2)."""
+    topk_method: str = "noaux_tc"
+    """``noaux_tc`` (V3: choose by score + correction bias, group score = sum of top-2),
+    ``group_limited_greedy`` (V2: group score = max) or ``greedy`` (no groups)."""
+    n_group: int = 1
+    """Expert groups for group-limited routing (V3: 8; nodes in DeepSeek's deployment)."""
+    topk_group: int = 1
+    """Groups a token may route to (V3: 4)."""
+    norm_topk_prob: bool = True
+    """Renormalize the chosen K_r gate weights to sum to 1 (V3: yes; V2: no)."""
+    routed_scaling_factor: float = 1.0
+    """Multiplier on the routed experts' weights (V3: 2.5; V2: 16)."""
+
+    # --- MTP (DeepSeek-V3 Sec. 2.2) -----------------------------------------------------------
+    num_nextn_predict_layers: int = 0
+    """Depth D of multi-token prediction: sequential modules predicting tokens t+2..t+1+D."""
+
+    # --- derived --------------------------------------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        return self.model_type in ("deepseek_v3", "deepseek_v2")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def gqa_kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block ``layer_idx`` (MTP blocks continue the numbering) uses DeepSeekMoE."""
+        return self.is_mla and self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with ``changes`` applied and validated."""
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+
+        def bad(msg: str) -> None:
+            raise ValueError(f"invalid model config: {msg}")
+
+        if self.model_type not in ARCHITECTURES:
+            bad(f"model_type={self.model_type!r}; supported: {sorted(ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.is_mla:
+            if self.qk_rope_head_dim % 2:
+                bad(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+            if self.n_routed_experts:
+                if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+                    bad(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts={self.n_routed_experts}")
+                if self.scoring_func not in ("sigmoid", "softmax"):
+                    bad(f"scoring_func={self.scoring_func!r}; supported: sigmoid, softmax")
+                if self.topk_method not in ("noaux_tc", "group_limited_greedy", "greedy"):
+                    bad(f"topk_method={self.topk_method!r}; supported: noaux_tc, group_limited_greedy, greedy")
+                if self.n_routed_experts % self.n_group:
+                    bad(f"n_routed_experts={self.n_routed_experts} not divisible by n_group={self.n_group}")
+                if not 0 < self.topk_group <= self.n_group:
+                    bad(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+                per_group = self.n_routed_experts // self.n_group
+                if self.topk_group * per_group < self.num_experts_per_tok:
+                    bad("topk_group x experts per group < num_experts_per_tok: not enough experts to choose from")
+        else:
+            if self.hidden_size % self.num_attention_heads and self.head_dim is None:
+                bad("hidden_size not divisible by num_attention_heads (set head_dim)")
+            if self.num_attention_heads % self.gqa_kv_heads:
+                bad(f"num_attention_heads={self.num_attention_heads} not divisible by num_key_value_heads={self.gqa_kv_heads}")
+            if self.gqa_head_dim % 2:
+                bad(f"head_dim must be even, got {self.gqa_head_dim}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind != "yarn":
+                bad(f"rope_scaling type {kind!r}; supported: yarn (or None)")
+            for key in ("factor", "original_max_position_embeddings"):
+                if key not in self.rope_scaling:
+                    bad(f"rope_scaling needs {key!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets. Published values are copied from the released config.json files.
+# ---------------------------------------------------------------------------------------------
+
+def _yarn(factor: float, original: int, mscale: float, mscale_all_dim: float) -> dict[str, Any]:
+    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+            "beta_fast": 32, "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+
+
+def debug() -> ModelConfig:
+    """Under 1M parameters, every feature on (q-LoRA, groups, a dense layer, MTP): for tests."""
+    return ModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=3, intermediate_size=128,
+                       num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                       qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+                       moe_intermediate_size=32, num_experts_per_tok=2, n_group=2, topk_group=1,
+                       first_k_dense_replace=1, routed_scaling_factor=1.0,
+                       num_nextn_predict_layers=1, max_position_embeddings=256)
+
+
+def cpu_tiny() -> ModelConfig:
+    """~10M total / ~4M activated: an MoE+MLA model that trains on a 2-core CPU in minutes."""
+    return ModelConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=4, intermediate_size=768,
+                       num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+                       qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
+                       moe_intermediate_size=128, num_experts_per_tok=2, n_group=1, topk_group=1,
+                       first_k_dense_replace=1, routed_scaling_factor=1.0,
+                       num_nextn_predict_layers=1, max_position_embeddings=1024)
+
+
+def small() -> ModelConfig:
+    """~130M total / ~45M activated: a single-GPU research size."""
+    return ModelConfig(vocab_size=32768, hidden_size=512, num_hidden_layers=8, intermediate_size=1536,
+                       num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64,
+                       qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, n_shared_experts=1,
+                       moe_intermediate_size=256, num_experts_per_tok=4, n_group=4, topk_group=2,
+                       first_k_dense_replace=1, routed_scaling_factor=2.5,
+                       num_nextn_predict_layers=1, max_position_embeddings=2048)
+
+
+def deepseek_v3_671b() -> ModelConfig:
+    """DeepSeek-V3 / R1 (deepseek-ai/DeepSeek-V3 config.json): 671B total, 37B activated."""
+    return ModelConfig(vocab_size=129280, hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,
+                       num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                       qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1,
+                       moe_intermediate_size=2048, num_experts_per_tok=8, n_group=8, topk_group=4,
+                       first_k_dense_replace=3, scoring_func="sigmoid", topk_method="noaux_tc",
+                       norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+                       max_position_embeddings=163840, rope_theta=10000.0, initializer_range=0.006,
+                       rope_scaling=_yarn(40, 4096, 1.0, 1.0), bos_token_id=0, eos_token_id=1)
+
+
+def deepseek_v2_236b() -> ModelConfig:
+    """DeepSeek-V2 (deepseek-ai/DeepSeek-V2 config.json): 236B total, 21B activated."""
+    return ModelConfig(model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, num_hidden_layers=60,
+                       intermediate_size=12288, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                       qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
+                       n_shared_experts=2, moe_intermediate_size=1536, num_experts_per_tok=6, n_group=8,
+                       topk_group=3, first_k_dense_replace=1, scoring_func="softmax",
+                       topk_method="group_limited_greedy", norm_topk_prob=False, routed_scaling_factor=16.0,
+                       max_position_embeddings=163840, initializer_range=0.02,
+                       rope_scaling=_yarn(40, 4096, 0.707, 0.707), bos_token_id=100000, eos_token_id=100001)
+
+
+def deepseek_v2_lite() -> ModelConfig:
+    """DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite config.json): 15.7B total, 2.4B activated."""
+    return ModelConfig(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, num_hidden_layers=27,
+                       intermediate_size=10944, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512,
+                       qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+                       n_shared_experts=2, moe_intermediate_size=1408, num_experts_per_tok=6, n_group=1,
+                       topk_group=1, first_k_dense_replace=1, scoring_func="softmax", topk_method="greedy",
+                       norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=163840,
+                       initializer_range=0.02, rope_scaling=_yarn(40, 4096, 0.707, 0.707),
+                       bos_token_id=100000, eos_token_id=100001)
+
+
+def llama_like(cfg: ModelConfig, intermediate_size: int | None = None) -> ModelConfig:
+    """The dense Llama baseline matching ``cfg``'s vocabulary, width, depth and heads.
+
+    The FFN width defaults to one that gives the same *activated* FFN parameters per layer as
+    ``cfg``'s MoE layers (shared + K_r routed experts), so the two train at similar FLOPs per token.
+    """
+    if intermediate_size is None:
+        intermediate_size = cfg.intermediate_size
+        if cfg.n_routed_experts:
+            intermediate_size = (cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
+    return ModelConfig(model_type="llama", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       num_hidden_layers=cfg.num_hidden_layers, intermediate_size=intermediate_size,
+                       num_attention_heads=cfg.num_attention_heads,
+                       num_key_value_heads=cfg.num_attention_heads,
+                       head_dim=cfg.hidden_size // cfg.num_attention_heads, rope_interleave=False, rope_theta=cfg.rope_theta,
+                       max_position_embeddings=cfg.max_position_embeddings, n_routed_experts=0,
+                       num_nextn_predict_layers=0, initializer_range=cfg.initializer_range,
+                       bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+
+
+PRESETS = {
+    "debug": debug,
+    "cpu-tiny": cpu_tiny,
+    "small": small,
+    "deepseek-v3-671b": deepseek_v3_671b,
+    "deepseek-v2-236b": deepseek_v2_236b,
+    "deepseek-v2-lite": deepseek_v2_lite,
+    "llama-debug": lambda: llama_like(debug()),
+    "llama-cpu-tiny": lambda: llama_like(cpu_tiny()),
+    "llama-small": lambda: llama_like(small()),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The preset called ``name``; a ``KeyError`` listing the valid names otherwise."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise KeyError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json <-> ModelConfig
+# ---------------------------------------------------------------------------------------------
+
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_MOE_FIELDS = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "num_experts_per_tok",
+               "first_k_dense_replace", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
+               "scoring_func", "topk_method")
+_COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "rms_norm_eps",
+           "max_position_embeddings", "tie_word_embeddings", "initializer_range", "bos_token_id",
+           "eos_token_id", "pad_token_id", "num_attention_heads", "attention_bias")
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``config.json`` dict that transformers reads for ``cfg.model_type``."""
+    d: dict[str, Any] = {"architectures": [ARCHITECTURES[cfg.model_type]], "model_type": cfg.model_type}
+    d.update({k: getattr(cfg, k) for k in _COMMON})
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta,
+                **{k: v for k, v in cfg.rope_scaling.items() if k not in ("type", "rope_type")}}
+    d["rope_parameters"] = rope
+    if cfg.is_mla:
+        d.update({k: getattr(cfg, k) for k in _MLA_FIELDS + _MOE_FIELDS})
+        d["num_key_value_heads"] = cfg.num_attention_heads
+        d["rope_interleave"] = cfg.rope_interleave
+        d["num_nextn_predict_layers"] = cfg.num_nextn_predict_layers
+        if not cfg.n_routed_experts:  # a dense MLA model: every block (MTP included) dense
+            d["first_k_dense_replace"] = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    else:
+        d["num_key_value_heads"] = cfg.gqa_kv_heads
+        d["head_dim"] = cfg.gqa_head_dim
+        d["mlp_bias"] = False
+    d["hidden_act"] = "silu"
+    return d
+
+
+def from_hf_config(d: dict[str, Any]) -> ModelConfig:
+    """Build a ``ModelConfig`` from a Hugging Face ``config.json`` dict.
+
+    Raises ``ValueError`` naming the supported architectures for anything else, and for
+    features gasungbi does not implement (non-SiLU activations, unknown RoPE scaling).
+    """
+    model_type = d.get("model_type")
+    if model_type not in ARCHITECTURES:
+        arch = d.get("architectures") or model_type
+        raise ValueError(f"unsupported architecture {arch!r} (model_type={model_type!r}); "
+                         f"supported: {', '.join(ARCHITECTURES.values())}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}; only silu (SwiGLU) is implemented")
+    kw: dict[str, Any] = {"model_type": model_type}
+    for k in _COMMON:
+        if k in d:
+            kw[k] = d[k]
+    if isinstance(kw.get("eos_token_id"), list):
+        kw["eos_token_id"] = kw["eos_token_id"][0]
+    rope = d.get("rope_parameters") or {}
+    legacy = d.get("rope_scaling") or {}
+    kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    scaling = {**legacy, **{k: v for k, v in rope.items() if k != "rope_theta"}}
+    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if kind == "yarn":
+        kw["rope_scaling"] = {"type": "yarn", **scaling}
+    elif kind != "default":
+        raise ValueError(f"unsupported RoPE scaling {kind!r}; supported: default, yarn")
+    if model_type == "llama":
+        kw["num_key_value_heads"] = d.get("num_key_value_heads")
+        kw["head_dim"] = d.get("head_dim")
+        kw["rope_interleave"] = False
+        kw["n_routed_experts"] = 0
+        return ModelConfig(**kw)
+    for k in _MLA_FIELDS + _MOE_FIELDS:
+        if k in d:
+            kw[k] = d[k]
+    kw["rope_interleave"] = bool(d.get("rope_interleave", True))
+    kw["num_nextn_predict_layers"] = int(d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0)
+    if model_type == "deepseek_v3":
+        # transformers' DeepseekV3 always routes with sigmoid + correction bias (noaux_tc).
+        kw.setdefault("scoring_func", "sigmoid")
+        kw.setdefault("topk_method", "noaux_tc")
+    else:
+        kw.setdefault("scoring_func", "softmax")
+        kw.setdefault("topk_method", "greedy")
+        kw.setdefault("norm_topk_prob", False)
+    kw["n_group"] = kw.get("n_group") or 1
+    kw["topk_group"] = kw.get("topk_group") or 1
+    if kw["topk_method"] == "greedy":
+        kw["n_group"] = kw["topk_group"] = 1
+    return ModelConfig(**kw)

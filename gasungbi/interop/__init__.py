@@ -1,0 +1,1 @@
+"""Interchange with the ecosystem: Hugging Face checkpoints (``hf``)."""

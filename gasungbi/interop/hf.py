@@ -1,0 +1,258 @@
+"""Load and save models in the Hugging Face layout: config.json + safetensors (+ tokenizer files).
+
+The state-dict adapter between gasungbi's names and the HF checkpoint names:
+  * routed experts: stacked ``mlp.experts.{gate,up,down}_proj`` [E, ...] <->
+    per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight`` (the released DeepSeek layout, which
+    transformers also writes and reads);
+  * MTP modules: ``model.mtp.{k}.*`` <-> ``model.layers.{L+k}.*`` as in DeepSeek-V3's release,
+    which also stores copies of the embedding and head there (``embed_tokens``,
+    ``shared_head.head``); we write those copies for vLLM/SGLang and ignore them on load.
+
+Weights are read with safetensors only; pickle checkpoints (``*.bin``, ``*.pt``) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gasungbi.config import ModelConfig, from_hf_config, to_hf_config
+from gasungbi.model.transformer import Transformer, build_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_HF_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensors at fault."""
+
+
+# ---------------------------------------------------------------------------------------------
+# name mapping
+# ---------------------------------------------------------------------------------------------
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our state dict in HF names (experts split, MTP renumbered, tied head dropped)."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        name = re.sub(r"^model\.mtp\.(\d+)\.", lambda m: f"model.layers.{L + int(m.group(1))}.", name)
+        m = _EXPERT.match(name)
+        if m:
+            for e in range(t.shape[0]):
+                out[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = t[e]
+        else:
+            out[name] = t
+    for k in range(cfg.num_nextn_predict_layers):
+        out[f"model.layers.{L + k}.embed_tokens.weight"] = sd["model.embed_tokens.weight"]
+        out[f"model.layers.{L + k}.shared_head.head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF names -> ours. Experts are stacked; MTP copies of embedding/head are dropped."""
+    L = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+        if m and int(m.group(1)) >= L:
+            k, rest = int(m.group(1)) - L, m.group(2)
+            if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+                continue
+            name = f"model.mtp.{k}.{rest}"
+        m = _HF_EXPERT.match(name)
+        if m:
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+        else:
+            out[name] = t
+    for (prefix, proj), per in experts.items():
+        n = cfg.n_routed_experts
+        missing = [e for e in range(n) if e not in per]
+        extra = [e for e in per if e >= n]
+        if missing or extra:
+            raise CheckpointError(f"{prefix}: expected experts 0..{n - 1} for {proj}, "
+                                  f"missing {missing[:8]}, unexpected {extra[:8]}")
+        out[f"{prefix}.{proj}"] = torch.stack([per[e] for e in range(n)])
+    if cfg.tie_word_embeddings and "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        for f in files:
+            if not (path / f).exists():
+                raise CheckpointError(f"{index} names {f}, which does not exist in {path}")
+        return [path / f for f in files]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if pickles:
+        raise CheckpointError(f"{path} holds only pickle weights ({', '.join(pickles)}); gasungbi loads "
+                              "safetensors only and never unpickles untrusted files. Convert them with "
+                              "a tool you trust, e.g. transformers' save_pretrained(safe_serialization=True).")
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path} has no config.json (is it a Hugging Face model directory?)")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    try:
+        return from_hf_config(d)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Transformer:
+    """Load a Hugging Face-layout directory (ours, or transformers' DeepseekV3/V2/Llama) as a
+    :class:`Transformer`. ``dtype`` defaults to the checkpoint's.
+
+    MTP weights are optional: a checkpoint whose config declares MTP modules but stores none
+    (transformers does not save them) loads with ``num_nextn_predict_layers = 0``.
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for k in sf.keys():
+                    tensors[k] = sf.get_tensor(k)
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+    L = cfg.num_hidden_layers
+    if cfg.num_nextn_predict_layers and not any(re.match(rf"^model\.layers\.{L}\.", k) for k in tensors):
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    sd = from_hf_state_dict(cfg, tensors)
+    model = build_model(cfg, device="meta")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    bad_shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:10])}")
+        if bad_shape:
+            parts.append(f"misshapen tensors ({len(bad_shape)}): {'; '.join(bad_shape[:10])}")
+        raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + " | ".join(parts))
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, assign=True, strict=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers()
+    return model.eval()
+
+
+def save_model(model: Transformer, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+               max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write ``model`` as a Hugging Face directory that transformers loads unchanged.
+
+    Files are written to temporary names and renamed, so a crash never leaves a half-written
+    ``model.safetensors``. Above ``max_shard_bytes`` the weights are sharded with an index.
+    ``tokenizer``: a directory (or tokenizer.json) whose tokenizer files are copied alongside.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_hf_state_dict(model).items()}
+    # safetensors refuses aliased storage: give every tensor its own
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        if v.untyped_storage().data_ptr() in seen or v.numel() != v.untyped_storage().nbytes() // v.element_size():
+            tensors[k] = v.clone()
+        seen.add(tensors[k].untyped_storage().data_ptr())
+    dtype = next(iter(tensors.values())).dtype
+    hf = to_hf_config(cfg)
+    hf["dtype"] = str(dtype).removeprefix("torch.")
+    _atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    shards = _split(tensors, max_shard_bytes)
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        _atomic_save(shards[0], path / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, path / name)
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        _atomic_write_text(path / "model.safetensors.index.json",
+                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, path)
+    return path
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy tokenizer files from a directory (or a tokenizer.json path) into ``dst``."""
+    src, dst = Path(src), Path(dst)
+    files: Iterable[Path] = [src] if src.is_file() else [src / f for f in TOKENIZER_FILES if (src / f).exists()]
+    for f in files:
+        if f.resolve() != (dst / f.name).resolve():
+            shutil.copyfile(f, dst / f.name)
+
+
+def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return shards
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, dest)
+
+
+def _atomic_write_text(dest: Path, text: str) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, dest)

@@ -1,0 +1,228 @@
+"""Attention: RoPE with YaRN, Multi-head Latent Attention (MLA), and GQA for the Llama baseline.
+
+MLA (DeepSeek-V2 Sec. 2.1). Per token t, with hidden h_t:
+    c_t^KV = RMSNorm(W^DKV h_t)              the latent, kv_lora_rank wide           (eq. 9)
+    k_t^R  = RoPE(W^KR h_t)                  one rope key shared by all heads         (eq. 15)
+    k_t,i^C, v_t,i = W^UK_i c_t^KV, W^UV_i c_t^KV                                      (eq. 10-11)
+    q_t,i = [q_t,i^C ; RoPE(q_t,i^R)], from c_t^Q = W^DQ h_t when q_lora_rank is set  (eq. 12-14)
+Two computations of the same function:
+  * naive: decompress k^C and v for every cached token (training, prefill);
+  * absorbed: fold W^UK into the query and W^UV into the output (Sec. 2.1.2, "absorb"), so that
+    attention runs against the latent c^KV and k^R only: this is what an MLA KV cache stores.
+
+A cache, when given, is any object with ``update(layer_idx, latent, rope_key, start_pos) ->
+(latent_all, rope_key_all)`` for MLA, or the same with ``(k, v)`` for GQA (see
+``gasungbi.infer.cache``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gasungbi.config import ModelConfig
+from gasungbi.model.layers import RMSNorm
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE / YaRN
+# ---------------------------------------------------------------------------------------------
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature sqrt(1/t) = 0.1 ln(s) + 1 (arXiv:2309.00071 eq. 22)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for ``dim`` rotary channels and the factor that multiplies cos/sin.
+
+    Without scaling: theta^(-2i/dim). With YaRN (arXiv:2309.00071 Sec. 3.2, the "NTK-by-parts"
+    ramp between interpolated and original frequencies as in DeepSeek's reference and
+    transformers): channels rotating more than ``beta_fast`` times over the original context
+    keep their frequency, those under ``beta_slow`` are divided by ``factor``, a linear ramp in
+    between. The cos/sin factor is mscale/mscale_all_dim (1 for the published DeepSeek configs);
+    the softmax temperature is applied by the attention module.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if not scaling:
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    original = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: keep original frequency (extrapolate), 0: interpolate
+    inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def softmax_scale(head_dim: int, scaling: dict | None) -> float:
+    """1/sqrt(d) times YaRN's mscale^2 (mscale_all_dim) as DeepSeek applies it to MLA."""
+    scale = head_dim ** -0.5
+    if scaling and scaling.get("mscale_all_dim"):
+        m = _yarn_mscale(float(scaling["factor"]), scaling["mscale_all_dim"])
+        scale *= m * m
+    return scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces (cos, sin) of shape [T, dim/2] for positions start..start+T-1."""
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None):
+        super().__init__()
+        inv_freq, self.attention_factor = rope_frequencies(dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, dim/2)
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dim of x [B, T, H, d] (or [B, T, d]) by position.
+
+    ``interleave``: pairs (x0,x1),(x2,x3).. as DeepSeek's reference (complex multiplication);
+    otherwise the two halves (x_i, x_{i+d/2}) as Llama. Dot products q.k are what matter, and both
+    layouts give the same ones as transformers' for the matching config.
+    """
+    if x.dim() == 4:
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).type_as(x)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+def causal_mask(t: int, s: int, start_pos: int, device: torch.device) -> torch.Tensor:
+    """Boolean [t, s] mask: query i (absolute position start_pos+i) sees keys 0..start_pos+i."""
+    q = torch.arange(t, device=device)[:, None] + start_pos
+    return torch.arange(s, device=device)[None, :] <= q
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA
+# ---------------------------------------------------------------------------------------------
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention with HF parameter names (``q_a_proj``, ``kv_a_proj_with_mqa``...)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.interleave = cfg.rope_interleave
+        qk_dim = self.nope_dim + self.rope_dim
+        d, h = cfg.hidden_size, self.n_heads
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, h * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, h * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=cfg.attention_bias)
+        self.scale = softmax_scale(qk_dim, cfg.rope_scaling)
+
+    def _query(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
+
+    def latent(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """What an MLA cache stores per token: c^KV (B, T, r) and the rotated k^R (B, T, dr)."""
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin, self.interleave)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
+                cache=None, absorb: bool = False) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_nope, q_pe = self._query(x, cos, sin)
+        kv, k_pe = self.latent(x, cos, sin)
+        if cache is not None:
+            kv, k_pe = cache.update(self.layer_idx, kv, k_pe, start_pos)  # (B, S, r), (B, S, dr)
+        S = kv.shape[1]
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, dn, r), (H, dv, r)
+        if absorb:
+            q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # query in latent space
+            scores = (torch.einsum("bthr,bsr->bhts", q_lat, kv)
+                      + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.scale
+            scores = scores.float().masked_fill(~causal_mask(T, S, start_pos, x.device), float("-inf"))
+            probs = scores.softmax(dim=-1).type_as(x)
+            o_lat = torch.einsum("bhts,bsr->bthr", probs, kv)
+            out = torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # (B, T, H, dv)
+        else:
+            kv_full = self.kv_b_proj(kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
+            k_nope, v = kv_full.split([self.nope_dim, self.v_dim], dim=-1)
+            k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
+            q = torch.cat((q_nope, q_pe), dim=-1)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, d)
+            if T == S:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, start_pos, x.device),
+                                                     scale=self.scale)
+            out = out.transpose(1, 2)  # (B, T, H, dv)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# GQA (Llama baseline)
+# ---------------------------------------------------------------------------------------------
+
+class GQA(nn.Module):
+    """Grouped-query attention (Ainslie et al. 2023) with RoPE, as in Llama; HF parameter names."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.gqa_kv_heads, cfg.gqa_head_dim
+        self.interleave = cfg.rope_interleave
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.attention_bias)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
+                cache=None, absorb: bool = False) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, self.interleave)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin, self.interleave)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, start_pos)  # (B, S, n_kv, hd)
+        S = k.shape[1]
+        rep = self.n_heads // self.n_kv
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask = None if T == S else causal_mask(T, S, start_pos, x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

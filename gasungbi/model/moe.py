@@ -1,0 +1,137 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts with a top-K router.
+
+Routing (DeepSeek-V3 Sec. 2.1.2, eq. 12-16; DeepSeek-V2 Sec. 2.2):
+    s_i,t = sigmoid(u_t . e_i) (V3)  or  softmax_i(u_t . e_i) (V2)
+    chosen = TopK(s_i,t + b_i)       b_i: per-expert correction bias, only in ``noaux_tc``;
+                                     it changes which experts are chosen, never their weights
+    g_i,t = s_i,t / sum_{j in chosen} s_j,t  (if norm_topk_prob)   x routed_scaling_factor
+Group-limited routing first keeps the ``topk_group`` best of ``n_group`` expert groups (group score:
+sum of the top-2 biased scores in V3, the max score in V2).
+
+Auxiliary-loss-free balancing (V3 Sec. 2.1.2) is done by the trainer: after every step it nudges
+b_i by gamma toward even load using ``tokens_per_expert``, which this module accumulates. The
+optional sequence-wise balance loss (V3 eq. 17-20) is exposed as ``balance_loss`` after a
+training-mode forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gasungbi.config import ModelConfig
+from gasungbi.model.layers import MLP
+
+
+class Router(nn.Module):
+    """Scores experts and picks K per token. ``weight`` is [E, d]; kept in fp32 like HF does."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring, self.method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if self.method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, d) -> weights (N, K), expert ids (N, K), scores (N, E) (all fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.method != "greedy":
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(self.n_experts // self.n_group, dim=1),
+                                        float("-inf"))
+        idx = choice.topk(self.top_k, dim=-1).indices  # (N, K)
+        weights = scores.gather(1, idx)
+        if self.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, idx, scores
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked: gate/up (E, I, d), down (E, d, I).
+
+    Tokens are sorted by expert and each expert runs one matmul over its contiguous slice
+    (a loop over experts, never over tokens); an expert that gets no token is skipped.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(e, i, d))
+        self.up_proj = nn.Parameter(torch.empty(e, i, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, i))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                counts: torch.Tensor) -> torch.Tensor:
+        """x (N, d), idx/weights (N, K), counts (E,) tokens per expert -> (N, d)."""
+        k = idx.shape[1]
+        order = idx.reshape(-1).argsort(stable=True)  # (N*K,) slots sorted by expert
+        token = order // k
+        xs = x[token]
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            xe = xs[start:start + n]
+            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
+            outs.append(h @ self.down_proj[e].t())
+            start += n
+        if not outs:  # no tokens at all
+            return torch.zeros_like(x)
+        ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    """A DeepSeekMoE feed-forward: ``shared_experts(x) + sum_i g_i expert_i(x)`` (V3 eq. 12)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, idx, scores = self.gate(flat)
+        counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)
+        with torch.no_grad():
+            self.tokens_per_expert += counts
+        y = self.experts(flat, idx, weights, counts).view(B, T, d)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if self.training and torch.is_grad_enabled():
+            self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1))
+        return y
+
+    def _sequence_balance_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Sum_i f_i P_i averaged over sequences (V3 eq. 17-20; multiply by alpha outside).
+
+        f_i = N_r / (K_r T) * #tokens of the sequence routed to i; P_i = mean_t of s_i,t normalized
+        over all experts.
+        """
+        B, T, E = scores.shape
+        hits = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, idx.reshape(B, -1), torch.ones(B, idx.shape[1] * idx.shape[2], device=scores.device))
+        f = hits * E / (self.top_k * T)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return (f * p).sum(dim=-1).mean()

@@ -1,0 +1,191 @@
+"""The model itself: accounting, MLA's two computations, DeepSeekMoE routing, MTP, configs."""
+
+import math
+
+import pytest
+import torch
+
+from gasungbi.config import PRESETS, ModelConfig, from_hf_config, get_preset, to_hf_config
+from gasungbi.infer.cache import KVCache
+from gasungbi.model.accounting import count_params, training_flops_per_token
+from gasungbi.model.moe import MoE
+from gasungbi.model.transformer import build_model
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_accounting_matches_built_model(name):
+    cfg = get_preset(name)
+    model = build_model(cfg, device="meta")
+    assert count_params(cfg).total_with_mtp == sum(p.numel() for p in model.parameters())
+
+
+def test_deepseek_v3_671b_accounting():
+    pc = count_params(get_preset("deepseek-v3-671b"))
+    assert 665e9 < pc.total < 677e9  # "671B total"
+    assert 36e9 < pc.activated < 38e9  # "37B activated" (36.7B + rounding of embedding/head)
+    assert abs(pc.components["embedding"] - 0.9e9) < 0.05e9
+    assert abs(pc.components["output_head"] - 0.9e9) < 0.05e9
+    # the MTP module with its own copies of embedding and head: ~14B in the release
+    mtp_release = pc.mtp_total + pc.components["embedding"] + pc.components["output_head"]
+    assert 13e9 < mtp_release < 15e9
+
+
+def test_published_presets_are_exact():
+    v3 = get_preset("deepseek-v3-671b")
+    assert (v3.hidden_size, v3.num_hidden_layers, v3.n_routed_experts, v3.num_experts_per_tok) == (7168, 61, 256, 8)
+    assert (v3.kv_lora_rank, v3.q_lora_rank, v3.n_group, v3.topk_group, v3.routed_scaling_factor) == (512, 1536, 8, 4, 2.5)
+    lite = get_preset("deepseek-v2-lite")
+    assert lite.q_lora_rank is None and lite.n_routed_experts == 64 and lite.scoring_func == "softmax"
+    assert 15.5e9 < count_params(lite).total < 16e9
+    assert 235e9 < count_params(get_preset("deepseek-v2-236b")).total < 237e9
+
+
+def test_small_presets_sizes():
+    assert count_params(get_preset("debug")).total_with_mtp < 1e6
+    assert 5e6 <= count_params(get_preset("cpu-tiny")).total_with_mtp <= 15e6
+    assert 100e6 <= count_params(get_preset("small")).total_with_mtp <= 150e6
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_hf_config_round_trip(name):
+    cfg = get_preset(name)
+    assert from_hf_config(to_hf_config(cfg)) == cfg
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="num_experts_per_tok=9"):
+        get_preset("debug").replace(num_experts_per_tok=9)
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        ModelConfig(model_type="gpt2")
+    with pytest.raises(KeyError, match="cpu-tiny"):
+        get_preset("nope")
+
+
+@pytest.fixture
+def model():
+    return build_model(get_preset("debug"), seed=0).eval()
+
+
+def test_absorbed_equals_naive(model):
+    x = torch.randint(0, 512, (2, 17))
+    with torch.no_grad():
+        assert (model(x) - model(x, absorb=True)).abs().max().item() < 1e-5
+
+
+def test_latent_cache_decode_equals_full_forward(model):
+    cfg = model.config
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        for absorb in (False, True):
+            cache = KVCache(cfg, batch_size=2, max_len=16)
+            steps = [model(x[:, :7], 0, cache, absorb)]
+            for t in range(7, 12):
+                steps.append(model(x[:, t:t + 1], t, cache, absorb))
+            assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
+    assert cache.a[0].shape == (2, 16, cfg.kv_lora_rank)  # only the latent ...
+    assert cache.b[0].shape == (2, 16, cfg.qk_rope_head_dim)  # ... and the shared rope key
+    assert KVCache.bytes_per_token(cfg, torch.bfloat16) == (32 + 8) * 3 * 2
+
+
+def test_input_validation(model):
+    with pytest.raises(ValueError, match=r"shape \[batch, seq\]"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        model(torch.zeros(1, 5))
+
+
+def _reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token-by-token reference of DeepSeekMoE, written independently of Experts.forward."""
+    r = moe.gate
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        s = torch.sigmoid(r.weight @ x[t]) if r.scoring == "sigmoid" else torch.softmax(r.weight @ x[t], -1)
+        choice = s + (r.e_score_correction_bias if r.e_score_correction_bias is not None else 0)
+        if r.n_group > 1:
+            g = choice.view(r.n_group, -1)
+            gs = g.topk(2).values.sum(-1) if r.method == "noaux_tc" else g.amax(-1)
+            allowed = torch.zeros(r.n_group, dtype=torch.bool)
+            allowed[gs.topk(r.topk_group).indices] = True
+            choice = choice.masked_fill(~allowed.repeat_interleave(g.shape[1]), -math.inf)
+        idx = choice.topk(r.top_k).indices
+        w = s[idx] / s[idx].sum() if r.norm_topk else s[idx]
+        w = w * r.scaling
+        for e, we in zip(idx.tolist(), w):
+            ex = moe.experts
+            h = torch.nn.functional.silu(ex.gate_proj[e] @ x[t]) * (ex.up_proj[e] @ x[t])
+            out[t] += we * (ex.down_proj[e] @ h)
+    return out + moe.shared_experts(x)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(scoring_func="softmax", topk_method="group_limited_greedy",
+                                                   norm_topk_prob=False, routed_scaling_factor=16.0)])
+def test_grouped_experts_equal_token_loop(variant):
+    cfg = get_preset("debug").replace(n_group=4, topk_group=2, **variant)
+    moe = build_model(cfg, seed=1).model.layers[1].mlp
+    with torch.no_grad():
+        if moe.gate.e_score_correction_bias is not None:
+            moe.gate.e_score_correction_bias.copy_(torch.randn(8))
+        x = torch.randn(1, 23, cfg.hidden_size)
+        assert (moe(x)[0] - _reference_moe(moe, x[0])).abs().max().item() < 1e-5
+
+
+def test_bias_changes_choice_not_weights():
+    cfg = get_preset("debug")
+    gate = build_model(cfg, seed=0).model.layers[1].mlp.gate
+    x = torch.randn(64, cfg.hidden_size)
+    with torch.no_grad():
+        w0, i0, s0 = gate(x)
+        gate.e_score_correction_bias[3] = 10.0  # expert 3 now always chosen
+        w1, i1, s1 = gate(x)
+    assert (i1 == 3).any(dim=1).all()
+    chosen_scores = s1.gather(1, i1)
+    assert torch.allclose(w1, chosen_scores / chosen_scores.sum(1, keepdim=True) * cfg.routed_scaling_factor)
+    assert torch.equal(s0, s1)
+
+
+def test_expert_with_no_tokens_is_fine():
+    cfg = get_preset("debug")
+    moe = build_model(cfg, seed=0).model.layers[1].mlp
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.copy_(torch.tensor([9.0, 9.0, 0, 0, 0, 0, 0, 0]))
+        moe.tokens_per_expert.zero_()
+        y = moe(torch.randn(1, 5, cfg.hidden_size))
+    assert torch.isfinite(y).all()
+    assert moe.tokens_per_expert.tolist() == [5, 5, 0, 0, 0, 0, 0, 0]
+
+
+def test_backward_reaches_every_part_and_balance_loss():
+    cfg = get_preset("debug")
+    model = build_model(cfg, seed=0).train()
+    x = torch.randint(0, 512, (2, 16))
+    h = model.hidden_states(x)
+    loss = model.lm_head(h).logsumexp(-1).mean() + sum(l.logsumexp(-1).mean() for l in model.mtp_logits(h, x))
+    moe = model.moe_layers()
+    loss = loss + sum(m.balance_loss for m in moe)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+    assert moe[0].gate.weight.grad.abs().sum() > 0
+    # a perfectly balanced router gives a sequence balance loss of exactly 1 (sum_i f_i P_i, f_i = P_i N_r = 1)
+    assert all(0 < m.balance_loss.item() for m in moe)
+
+
+def test_mtp_uses_the_next_tokens():
+    model = build_model(get_preset("debug"), seed=0).eval()
+    x = torch.randint(0, 512, (1, 10))
+    y = x.clone()
+    y[0, 6] = (x[0, 6] + 1) % 512
+    with torch.no_grad():
+        a = model.mtp_logits(model.hidden_states(x), x)[0]
+        b = model.mtp_logits(model.hidden_states(y), y)[0]
+    assert a.shape == (1, 9, 512)
+    # row i of depth 1 sees tokens <= i+1: rows 0..4 unchanged, row 5 changed (it embeds token 6)
+    assert torch.allclose(a[0, :5], b[0, :5], atol=1e-6)
+    assert not torch.allclose(a[0, 5], b[0, 5])
+
+
+def test_training_flops_include_attention():
+    cfg = get_preset("cpu-tiny")
+    f1, f2 = training_flops_per_token(cfg, 128), training_flops_per_token(cfg, 256)
+    assert f2 > f1 > 6 * (count_params(cfg).activated - count_params(cfg).components["embedding"])
