@@ -127,7 +127,20 @@ class UserError(Exception):
 # main
 # ---------------------------------------------------------------------------------------------
 
+# Modules that register more subcommands with @command; each keeps its heavy imports inside the
+# command functions so that importing it is cheap.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _load_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _load_commands()
     parser = argparse.ArgumentParser(
         prog="gasungbi",
         description="Train, post-train, evaluate, quantize and serve DeepSeek-style models (MLA, DeepSeekMoE, "
