@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gasungbi.config import ModelConfig
-from gasungbi.model.attention import GQA, MLA, RotaryEmbedding, rope_frequencies
+from gasungbi.model.attention import GQA, MLA, RotaryEmbedding, padded_causal_mask, rope_frequencies
 from gasungbi.model.layers import MLP, RMSNorm
 from gasungbi.model.moe import Experts, MoE, Router
 
@@ -34,8 +34,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, start_pos: int = 0, cache=None, absorb: bool = False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, absorb)
+    def forward(self, x, cos, sin, start_pos: int = 0, cache=None, absorb: bool = False, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, absorb, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -57,8 +57,11 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def combine(self, emb: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        return self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(hidden)), dim=-1))
+    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h^k, RMSNorm(h^k)) from Emb(t_{i+k}) and h^{k-1}; one forward so FSDP2 unshards once."""
+        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(hidden)), dim=-1))
+        h = super().forward(x, cos, sin)
+        return h, self.shared_head.norm(h)
 
 
 class Backbone(nn.Module):
@@ -112,40 +115,47 @@ class Transformer(nn.Module):
                     p.normal_(0.0, std, generator=generator)
 
     def hidden_states(self, input_ids: torch.Tensor, start_pos: int = 0, cache=None,
-                      absorb: bool = False) -> torch.Tensor:
-        """Final-normed hidden states [B, T, d] for tokens at positions start_pos.."""
+                      absorb: bool = False, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, d] for tokens at cache slots start_pos..
+
+        ``pad``: optional [B] count of left-padding slots per row (a batch of prompts of different
+        lengths). Row b's token in slot s then has position s - pad[b], and padding slots are
+        masked out as keys; without it, position = slot.
+        """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor of shape [batch, seq], "
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        mask = None
+        if pad is not None:
+            positions = (positions[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+            mask = padded_causal_mask(T, start_pos + T, start_pos, pad)  # (B, 1, T, S)
         cos, sin = self.model.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, start_pos, cache, absorb)
+            x = layer(x, cos, sin, start_pos, cache, absorb, mask)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache=None,
-                absorb: bool = False) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, start_pos, cache, absorb))
+                absorb: bool = False, pad: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, start_pos, cache, absorb, pad))
 
     def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """MTP hidden states for training. Depth k returns [B, T-k, d]: row i predicts token i+k+1,
-        i.e. it is scored against ``targets[:, k:]`` where targets are the next tokens."""
+        """Final-normed MTP hidden states for training. Depth k returns [B, T-k, d]: row i predicts
+        token i+k+1, i.e. it is scored against ``targets[:, k:]`` where targets are the next tokens."""
         outs, h = [], hidden
         T = input_ids.shape[1]
         for k, module in enumerate(self.model.mtp, start=1):
             emb = self.model.embed_tokens(input_ids[:, k:])  # token i+k for row i
-            x = module.combine(emb, h[:, : T - k])
-            positions = torch.arange(T - k, device=input_ids.device)
-            cos, sin = self.model.rotary(positions)
-            h = module(x, cos, sin)
-            outs.append(h)
+            cos, sin = self.model.rotary(torch.arange(T - k, device=input_ids.device))
+            h, normed = module(emb, h[:, : T - k], cos, sin)
+            outs.append(normed)
         return outs
 
     def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Logits of each MTP depth (see :meth:`mtp_hidden`)."""
-        return [self.lm_head(m.shared_head.norm(h)) for m, h in zip(self.model.mtp, self.mtp_hidden(hidden, input_ids))]
+        return [self.lm_head(h) for h in self.mtp_hidden(hidden, input_ids)]
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -1,0 +1,40 @@
+"""Validation loss and bits per byte on a token-shard split.
+
+Bits per byte (bpb) compares models with different tokenizers: total nats / ln 2 / UTF-8 bytes.
+We evaluate the first ``max_batches`` windows of the split and convert with the split's measured
+bytes per token from the manifest: bpb = mean nats per token / ln 2 / (bytes / tokens). This
+assumes the evaluated windows have the split's average bytes per token; the bos/eos tokens
+counted in ``tokens`` carry no bytes, which makes bpb very slightly pessimistic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from gasungbi.data.shards import iter_eval_batches, load_manifest
+
+
+@torch.no_grad()
+def evaluate(objective, data: str, split: str = "val", batch_size: int = 8, seq_len: int = 256,
+             max_batches: int | None = 20, rank: int = 0, world_size: int = 1, amp=None) -> dict[str, float]:
+    """Mean next-token loss (nats) and bits per byte. ``objective(x, y)`` returns ``{"lm_loss"}``;
+    under torchrun each rank evaluates its share and the sums are all-reduced."""
+    from gasungbi.train.distributed import all_reduce_sum
+
+    was_training = objective.training
+    objective.eval()
+    device = next(objective.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nats, tokens)
+    for x, y in iter_eval_batches(data, split, batch_size, seq_len, max_batches, rank=rank, world_size=world_size):
+        x, y = x.to(device), y.to(device)
+        with amp or contextlib.nullcontext():
+            loss = objective(x, y)["lm_loss"]
+        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+    all_reduce_sum(total)
+    objective.train(was_training)
+    nats = (total[0] / total[1]).item()
+    bytes_per_token = load_manifest(data).splits[split].bytes_per_token
+    return {"loss": nats, "bpb": nats / math.log(2) / bytes_per_token, "tokens": int(total[1].item())}

@@ -1,0 +1,81 @@
+"""The pretraining objective as a module, so DDP and FSDP2 wrap one ``forward``.
+
+loss = L_main + lambda x mean_k L_MTP^k + alpha x sum_layers L_bal
+
+* L_main: next-token cross-entropy.
+* L_MTP^k (DeepSeek-V3 Sec. 2.2, eq. 24-25): cross-entropy of depth k's prediction of token
+  t+k+1; the paper's L_MTP = lambda/D sum_k L^k is exactly the mean over depths times lambda.
+* L_bal: the complementary sequence-wise balance loss (V3 eq. 17-20), with a tiny alpha in V3.
+  The main balancing mechanism, the auxiliary-loss-free bias update, is applied by the trainer
+  after each optimizer step (:func:`update_expert_bias`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gasungbi.model.transformer import Transformer
+
+
+class Objective(nn.Module):
+    """Wraps a :class:`Transformer`; ``forward(x, y)`` returns a dict of scalar losses."""
+
+    def __init__(self, model: Transformer, mtp_weight: float = 0.3, balance_alpha: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.mtp_weight, self.balance_alpha = mtp_weight, balance_alpha
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = self.model
+        h = m.hidden_states(x)  # (B, T, d)
+        logits = m.lm_head(h)  # (B, T, V)
+        main = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        out = {"loss": main, "lm_loss": main.detach()}
+        if m.model.mtp and self.training and self.mtp_weight > 0:
+            losses = []
+            for k, hk in enumerate(m.mtp_hidden(h, x), start=1):
+                lk = m.lm_head(hk)  # (B, T-k, V) predicts y[:, k:]
+                losses.append(F.cross_entropy(lk.float().flatten(0, 1), y[:, k:].flatten()))
+            mtp = torch.stack(losses).mean()
+            out["loss"] = out["loss"] + self.mtp_weight * mtp
+            out["mtp_loss"] = mtp.detach()
+        if self.training and self.balance_alpha > 0:
+            bal = [moe.balance_loss for moe in m.moe_layers() if moe.balance_loss is not None]
+            if bal:
+                b = torch.stack(bal).sum()
+                out["loss"] = out["loss"] + self.balance_alpha * b
+                out["balance_loss"] = b.detach()
+        return out
+
+
+@torch.no_grad()
+def update_expert_bias(model: Transformer, gamma: float, all_reduce=None) -> dict[str, float]:
+    """Auxiliary-loss-free balancing (V3 Sec. 2.1.2): b_i -= gamma if expert i is overloaded,
+    += gamma if underloaded, judged on this step's token counts; then the counts are reset.
+
+    ``all_reduce`` (a function summing a tensor across processes in place) makes every rank see
+    the global load so biases stay identical. Returns the load statistics that the trainer logs:
+    ``max_violation`` = (max load - mean load) / mean load (V3's MaxVio, Wang et al. 2024), and
+    ``load``, the tokens per expert of each MoE layer.
+    """
+    stats: dict = {"load": []}
+    violations = []
+    for i, moe in enumerate(model.moe_layers()):
+        counts = moe.tokens_per_expert.clone()
+        if all_reduce is not None:
+            all_reduce(counts)
+        stats["load"].append(counts.long().tolist())
+        mean = counts.mean()
+        if mean > 0:
+            violations.append(((counts.max() - mean) / mean).item())
+        bias = moe.gate.e_score_correction_bias
+        if bias is not None and gamma > 0 and mean > 0:
+            bias += gamma * torch.sign(mean - counts)
+        moe.tokens_per_expert.zero_()
+    if violations:
+        stats["max_violation"] = max(violations)
+        stats["mean_violation"] = sum(violations) / len(violations)
+    return stats
+

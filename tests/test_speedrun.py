@@ -1,0 +1,50 @@
+"""The speedrun pipeline end to end at tiny sizes: every recipe (cpu, gpu, node) runs on this CPU."""
+
+import json
+
+import pytest
+import torch
+
+from gasungbi.train.speedrun import RECIPES, speedrun
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(40):
+        (root / f"m{i}.py").write_text("\n".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(40)))
+    return root
+
+
+TINY = dict(model="debug", batch_size=4, seq_len=32, device="cpu", eval_batches=2, sample_tokens=8, progress=False)
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_speedrun_recipe_at_tiny_size(recipe, corpus, tmp_path):
+    report = speedrun(recipe, out=tmp_path, corpus=str(corpus), steps=4, overrides=TINY)
+    assert report["step"] == 4 and not report["interrupted"]
+    md = (tmp_path / "report.md").read_text()
+    for needle in ("validation bits per byte", "MFU", "device-hours", "cost", "Expert load", "Sample", "loss.png"):
+        assert needle in md
+    assert (tmp_path / "loss.png").exists()
+    final = tmp_path / "final"
+    assert (final / "tokenizer.json").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(final)
+    ids = tok("def f", return_tensors="pt").input_ids
+    from gasungbi import load_model
+    ours = load_model(final)
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["val_bpb"] == report["val_bpb"] > 0
+
+
+def test_speedrun_rerun_reuses_data_and_resumes(corpus, tmp_path):
+    speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=3, overrides=TINY)
+    report = speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=3, overrides=TINY)
+    assert report["step"] == 3  # nothing left to train: the finished run is reported again
+    plan = json.loads((tmp_path / "speedrun.json").read_text())
+    assert plan == {"corpus": str(corpus), "vocab_size": 4096, "max_steps": 3}
