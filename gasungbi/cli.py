@@ -129,7 +129,10 @@ class UserError(Exception):
 
 # Modules that register more subcommands with @command; each keeps its heavy imports inside the
 # command functions so that importing it is cheap.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "gasungbi.train.commands",
+    "gasungbi.plan.commands",
+)
 
 
 def _load_commands() -> None:

@@ -1,0 +1,350 @@
+"""``gasungbi plan``: hardware and cost planning for training and serving.
+
+    gasungbi plan train --model deepseek-v3-671b --tokens 14.8T --hardware h800 --count 2048
+    gasungbi plan train --from-run runs/tiny --tokens 2B
+    gasungbi plan serve --model deepseek-v3-671b --quant int4 --hardware "rtx4090 + ddr5-8ch-4800"
+    gasungbi plan here --model cpu-tiny
+    gasungbi plan model --model deepseek-v3-671b
+
+Every subcommand takes ``--json`` and ``--catalog FILE`` (extra hardware entries). The arithmetic is
+in :mod:`gasungbi.plan.estimate`; this module parses, prints and draws. Importing it is cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from gasungbi.cli import UserError, command, resolve_model_config
+
+
+def _plan(args: argparse.Namespace) -> int:
+    run = {"train": _train, "serve": _serve, "here": _here, "model": _model_cmd}.get(args.plan_command)
+    if run is None:
+        raise UserError("choose a subcommand: train, serve, here or model (gasungbi plan --help)")
+    from gasungbi.plan.catalog import CatalogError
+
+    try:
+        return run(args)
+    except (CatalogError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="plan_command", metavar="SUBCOMMAND")
+
+    def common(q: argparse.ArgumentParser, model_default: str | None) -> None:
+        q.add_argument("--model", default=model_default,
+                       help="a preset name or a checkpoint directory" + (f" (default {model_default})" if model_default else ""))
+        q.add_argument("--catalog", action="append", default=[], metavar="FILE",
+                       help="extra hardware catalog JSON (repeatable; ~/.config/gasungbi/hardware.json is read too)")
+        q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    t = sub.add_parser("train", help="GPU-hours, days and dollars of a training run",
+                       description="GPU-hours, days and dollars of a training run. Without --mfu, the MFU is "
+                                   "the one DeepSeek-V3's published H800-hours imply.")
+    common(t, None)
+    t.add_argument("--tokens", required=True, help="training tokens, e.g. 14.8T, 500B, 2M")
+    t.add_argument("--hardware", help="a GPU from the catalog, e.g. h800")
+    t.add_argument("--count", help="number of GPUs (default 1, or the run's)")
+    t.add_argument("--mfu", help="model FLOPs utilization against the dense BF16 peak, 0-1")
+    t.add_argument("--price", help="USD per GPU-hour (default: the catalog's)")
+    t.add_argument("--seq-len", default="4096", help="training sequence length (default 4096)")
+    t.add_argument("--from-run", metavar="DIR", help="use the throughput and MFU measured in one of our runs")
+    t.add_argument("--chart", metavar="PNG", help="write a dollars-against-tokens chart")
+
+    s = sub.add_parser("serve", help="where each part lives, fit, decode/prefill ceilings, $ per 1M tokens",
+                       description="Placement, fit, decode and prefill ceilings and cost of serving a model, "
+                                   "with an all-HBM / hybrid GPU+DDR / CPU-only comparison.")
+    common(s, "deepseek-v3-671b")
+    s.add_argument("--hardware", required=True, help="e.g. 'rtx4090 + ddr5-8ch-4800', '8x h200', 'ddr5-12ch-5600'")
+    s.add_argument("--quant", default="int4", help="weight format: " + "fp32, bf16, fp8, int8, q8_0, int4, q4_k_m")
+    s.add_argument("--context", default="4096", help="context tokens held in the KV cache per sequence")
+    s.add_argument("--batch", default="1", help="sequences decoded together")
+    s.add_argument("--ddr-gb", help="DRAM per CPU platform in GB (default: the catalog's)")
+    s.add_argument("--chart", metavar="PNG", help="write a tokens/s by set-up and quantization chart")
+
+    h = sub.add_parser("here", help="measure this machine and predict our engine's decode speed",
+                       description="Measure memory bandwidth and fp32 matmul FLOP/s here (a few seconds) and "
+                                   "predict our engine's decode tokens/s at fp32, int8 and int4 weights.")
+    common(h, "cpu-tiny")
+    h.add_argument("--context", default="512", help="context tokens (default 512)")
+
+    m = sub.add_parser("model", help="parameters, weight bytes per format, KV bytes, FLOPs per token",
+                       description="Model accounting: parameters per component, weight bytes per format, KV "
+                                   "cache bytes per token against an MHA model of the same shape, FLOPs per token.")
+    common(m, "deepseek-v3-671b")
+    m.add_argument("--seq-len", default="4096", help="sequence length for the attention FLOPs (default 4096)")
+
+
+_plan.add_args = _plan_args
+command("plan", "hardware and cost planner: plan train | serve | here | model")(_plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _number(value: str | None, flag: str, kind=float, lo: float | None = None, hi: float | None = None,
+            default=None):
+    """Parse a numeric flag, or raise a one-line UserError naming it."""
+    if value is None:
+        return default
+    try:
+        x = kind(value)
+    except ValueError:
+        raise UserError(f"{flag}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        raise UserError(f"{flag}: must be {bounds}, got {value!r}")
+    return x
+
+
+def _catalog(args: argparse.Namespace):
+    from gasungbi.plan.catalog import load_catalog
+
+    return load_catalog(args.catalog)
+
+
+def _config(spec: Any):
+    """A preset name, checkpoint directory or Hugging Face config dict -> ModelConfig."""
+    if isinstance(spec, dict):
+        from gasungbi.config import from_hf_config
+
+        return from_hf_config(spec)
+    if not isinstance(spec, str):
+        raise UserError("no model: pass --model (the run report has none)")
+    return resolve_model_config(spec)
+
+
+def _si(x: float, unit: str = "") -> str:
+    for suffix, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:,.3g}{suffix}{unit}"
+    return f"{x:,.3g}{unit}"
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> int:
+    print(json.dumps(data, indent=2) if args.json else "\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# plan train
+# ---------------------------------------------------------------------------------------------
+
+def _mfu_text(est, gpu) -> str:
+    if est.mfu is None:
+        return "n/a"
+    if est.peak_bf16_tflops is None:  # measured throughput: the MFU is whatever the run reported
+        return f"{est.mfu:.1%} (as the run reported it)"
+    fp8 = f" ({est.mfu * est.peak_bf16_tflops / gpu.fp8_tflops:.1%} of the FP8 peak)" if gpu.fp8_tflops else ""
+    return f"{est.mfu:.1%} of the dense BF16 peak{fp8}"
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gasungbi.model.accounting import count_params
+    from gasungbi.plan import estimate as E
+    from gasungbi.plan.catalog import Gpu
+
+    catalog = _catalog(args)
+    try:
+        tokens = E.parse_tokens(args.tokens)
+    except ValueError as e:
+        raise UserError(f"--tokens: {e}") from None
+    seq_len = _number(args.seq_len, "--seq-len", int, lo=1)
+    mfu = _number(args.mfu, "--mfu", float, lo=1e-6, hi=1.0)
+    price = _number(args.price, "--price", float, lo=0.0)
+    run = E.read_run(args.from_run) if args.from_run else None
+    if args.model is None and run is None:
+        raise UserError("give --model (or --from-run DIR)")
+    cfg = _config(args.model if args.model is not None else run.model)
+    model_name = args.model if args.model is not None else run.name
+    gpu = catalog.lookup(args.hardware) if args.hardware else (catalog.match_device(run.device) if run else None)
+    if args.hardware and not isinstance(gpu, Gpu):
+        raise UserError(f"--hardware {args.hardware!r} is a memory platform; plan train needs a GPU: "
+                        f"{', '.join(catalog.gpus)}")
+    count = _number(args.count, "--count", int, lo=1, default=run.device_count if run else 1)
+
+    if run and args.hardware is None and args.model is None and mfu is None:
+        # The run's own model on the run's own devices: its measured throughput carries over.
+        price = price if price is not None else (gpu.price_per_hour if gpu else None)
+        est = E.estimate_train_from_throughput(cfg, tokens, run.tokens_per_s, run.device_count, count,
+                                               gpu.key if gpu else run.device, run.mfu, price, seq_len)
+        est.basis = f"measured {run.tokens_per_s:,.1f} tokens/s on {run.device_count}x {run.device} ({run.path})"
+    else:
+        if gpu is None:
+            hint = f"the run's device {run.device!r} is not in the catalog; " if run else ""
+            raise UserError(f"{hint}pass --hardware (one of: {', '.join(catalog.gpus)})")
+        if run and mfu is None:
+            if run.mfu <= 0:
+                raise UserError(f"{run.path}: mfu is {run.mfu}; pass --mfu")
+            mfu = run.mfu
+        est = E.estimate_train(cfg, tokens, gpu, count, mfu, price, seq_len)
+        if run and args.mfu is None:
+            est.basis = f"MFU measured in {run.path}"
+
+    pc = count_params(cfg)
+    data = {"model": model_name, "total_params": pc.total, "activated_params": pc.activated, **est.to_dict()}
+    default_mfu = args.mfu is None and run is None
+    if default_mfu:
+        data["calibration"] = {"deepseek_v3": E.DEEPSEEK_V3, "calibrated_mfu": E.CALIBRATED_MFU,
+                               "fp8_equivalent_mfu_on_h800": E.CALIBRATED_MFU * catalog.gpus["h800"].bf16_tflops
+                               / catalog.gpus["h800"].fp8_tflops}
+    lines = [
+        f"model        {model_name}: {_si(pc.total)} total, {_si(pc.activated)} activated parameters",
+        f"hardware     {est.count:,}x {est.hardware}" + (f" ({est.peak_bf16_tflops:g} dense BF16 TFLOPS each)"
+                                                       if est.peak_bf16_tflops else ""),
+        f"tokens       {_si(est.tokens)} at sequence length {est.seq_len}",
+        f"FLOPs        {_si(est.flops_per_token)} per token (6 x activated + attention, MTP included)"
+        f" = {est.total_flops:.3g} in all",
+        f"MFU          {_mfu_text(est, gpu)}  [{est.basis}]",
+        f"GPU-hours    {est.gpu_hours / 1e6:,.4g}M" if est.gpu_hours >= 1e5 else f"GPU-hours    {est.gpu_hours:,.1f}",
+        f"wall clock   " + (f"{est.days:,.1f} days" if est.days >= 1 else f"{est.days * 24:,.2f} hours")
+        + f" on {est.count:,} GPU{'s' if est.count != 1 else ''}",
+        f"cost         " + (f"${est.dollars:,.{0 if est.dollars >= 100 else 2}f} at ${est.price_per_hour:g}/GPU-hour" if est.dollars is not None
+                            else "n/a (no price for this device: pass --price)"),
+    ]
+    if default_mfu:
+        d = E.DEEPSEEK_V3
+        lines.append(f"calibration  DeepSeek-V3 reports {d['pretrain_gpu_hours'] / 1e6:.3f}M H800-hours for "
+                     f"pre-training on 14.8T tokens (${d['pretrain_usd'] / 1e6:.3f}M at $2/h); "
+                     f"{d['total_gpu_hours'] / 1e6:.3f}M (${d['total_usd'] / 1e6:.3f}M) with context extension "
+                     "and post-training.")
+    if args.chart:
+        if est.dollars is None:
+            raise UserError("--chart needs a price: pass --price")
+        curves = {est.hardware: est.dollars / est.tokens}
+        if est.mfu:
+            for g in catalog.gpus.values():
+                if g.key != est.hardware:
+                    curves[g.key] = est.flops_per_token / (est.mfu * g.bf16_tflops * 1e12) / 3600 * g.price_per_hour
+        from gasungbi.plan.charts import train_chart
+
+        train_chart(args.chart, curves, (est.hardware, est.tokens, est.dollars))
+        lines.append(f"chart        {args.chart}")
+        data["chart"] = args.chart
+    return _emit(args, data, lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# plan serve
+# ---------------------------------------------------------------------------------------------
+
+def _serve(args: argparse.Namespace) -> int:
+    from gasungbi.plan import estimate as E
+    from gasungbi.plan.catalog import parse_hardware
+
+    catalog = _catalog(args)
+    cfg = _config(args.model)
+    E.quant_bits(args.quant)
+    quant = args.quant.lower()
+    context = _number(args.context, "--context", int, lo=0)
+    batch = _number(args.batch, "--batch", int, lo=1)
+    ddr_gb = _number(args.ddr_gb, "--ddr-gb", float, lo=1.0)
+    hw = parse_hardware(args.hardware, catalog)
+    defaults = dict(default_gpu=catalog.lookup(E.DEFAULT_GPU), default_memory=catalog.lookup(E.DEFAULT_MEMORY))
+    results = E.compare_setups(cfg, hw, quant, context, batch, ddr_gb, **defaults)
+    req = results[0]
+    kv, mha = E.kv_bytes_per_token(cfg), E.mha_kv_bytes_per_token(cfg)
+
+    lines = [f"{args.model} at {quant} ({req.bits_per_weight:g} bits/weight), context {context:,}, batch {batch}"
+             + (" (MTP modules not served)" if cfg.num_nextn_predict_layers else ""),
+             f"KV cache {kv / 1e3:,.1f} KB/token in bf16 ({'MLA latent' if cfg.is_mla else 'GQA'}; an MHA model of "
+             f"this shape: {mha / 1e6:,.2f} MB/token, {mha / kv:.1f}x)", "",
+             f"requested: {req.setup}  [{req.kind}]",
+             f"  {'part':<16}{'where':<7}{'GB':>10}"]
+    for part, gb in req.parts_gb.items():
+        lines.append(f"  {part:<16}{req.placement[part]:<7}{gb:>10,.2f}")
+    bw = {"gpu": hw.gpu.bandwidth_gbs * hw.gpu_count if hw.gpu else 0,
+          "ddr": hw.memory.bandwidth_gbs * hw.memory_count if hw.memory else 0}
+    for mem in req.stored_gb:
+        ok = req.stored_gb[mem] <= req.capacity_gb[mem]
+        lines.append(f"  {mem.upper()}: {req.stored_gb[mem]:,.1f} GB of {req.capacity_gb[mem]:,.1f} GB usable -> "
+                     f"{'fits' if ok else 'DOES NOT FIT'}; reads {req.read_gb_per_step[mem]:,.2f} GB per step "
+                     f"at {bw[mem]:,.0f} GB/s")
+    lines += [f"  decode ceiling   {req.decode_tokens_per_s:,.1f} tokens/s (sum over memories of bytes read / bandwidth)",
+              f"  prefill ceiling  " + (f"{req.prefill_tokens_per_s:,.0f} tokens/s (FLOPs / dense peak)"
+                                        if req.prefill_tokens_per_s else "n/a (no FLOPS figure for the CPU)"),
+              f"  cost             ${req.cost_per_hour:,.3f}/hour -> ${req.usd_per_million_tokens:,.2f} per 1M output "
+              "tokens at the ceiling (GPUs rented; DDR platforms bought, 3 years 24/7, no power)"]
+    lines += [f"  note: {n}" for n in req.notes]
+    lines += ["", f"comparison ({quant}, context {context:,}, batch {batch}):",
+              f"  {'set-up':<44}{'kind':<9}{'fits':<6}{'GPU GB':>8}{'DDR GB':>8}{'decode/s':>10}"
+              f"{'prefill/s':>11}{'$/hour':>9}{'$/1M tok':>10}"]
+    for r in results:
+        pre = f"{r.prefill_tokens_per_s:,.0f}" if r.prefill_tokens_per_s else "n/a"
+        lines.append(f"  {r.setup:<44}{r.kind:<9}{'yes' if r.fits else 'no':<6}{r.stored_gb.get('gpu', 0):>8,.1f}"
+                     f"{r.stored_gb.get('ddr', 0):>8,.1f}{r.decode_tokens_per_s:>10,.1f}{pre:>11}"
+                     f"{r.cost_per_hour:>9,.2f}{r.usd_per_million_tokens:>10,.2f}")
+    data = {"model": args.model, "kv_bytes_per_token": kv, "mha_kv_bytes_per_token": mha,
+            "requested": req.to_dict(), "comparison": [r.to_dict() for r in results]}
+    if args.chart:
+        rows: dict[str, dict[str, float]] = {}
+        for q in ("bf16", "fp8", "int8", "int4", "q4_k_m"):
+            for r in E.compare_setups(cfg, hw, q, context, batch, ddr_gb, **defaults):
+                label = r.kind + "\n" + r.setup.split(" (")[0]
+                label = label if r.kind != "all-HBM" else f"all-HBM\n(N x {(hw.gpu or defaults['default_gpu']).key})"
+                rows.setdefault(label, {})[q] = r.decode_tokens_per_s if r.fits else 0.0
+        from gasungbi.plan.charts import serve_chart
+
+        serve_chart(args.chart, rows, f"{args.model}: decode ceiling, context {context:,}, batch {batch}")
+        lines.append(f"\nchart: {args.chart}")
+        data["chart"] = args.chart
+    return _emit(args, data, lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# plan here
+# ---------------------------------------------------------------------------------------------
+
+def _here(args: argparse.Namespace) -> int:
+    import torch
+
+    from gasungbi.plan import estimate as E
+    from gasungbi.plan.measure import measure_matmul_flops, measure_memory_bandwidth
+
+    cfg = _config(args.model)
+    context = _number(args.context, "--context", int, lo=0)
+    bw = measure_memory_bandwidth()
+    flops = measure_matmul_flops(torch.float32)
+    rows = [E.local_decode(cfg, bw, flops, q, context) for q in ("fp32", "int8", "int4")]
+    data = {"model": args.model, "memory_bandwidth_bytes_per_s": bw, "matmul_flops_fp32": flops,
+            "threads": torch.get_num_threads(), "context": context, "decode": rows}
+    lines = [f"memory bandwidth  {bw / 1e9:,.1f} GB/s (STREAM-style copy of 256 MB, best of 5)",
+             f"matmul            {flops / 1e9:,.1f} GFLOP/s (fp32 1024x1024 torch.matmul, {torch.get_num_threads()} threads)",
+             f"{args.model} decode at context {context}, our engine, batch 1 (ceilings; the lower is the prediction):",
+             f"  {'weights':<8}{'MB/token':>10}{'memory-bound/s':>16}{'compute-bound/s':>17}{'predicted/s':>13}"]
+    for r in rows:
+        lines.append(f"  {r['quant']:<8}{r['bytes_per_token'] / 1e6:>10,.2f}{r['memory_bound_tokens_per_s']:>16,.1f}"
+                     f"{r['compute_bound_tokens_per_s']:>17,.1f}{r['predicted_tokens_per_s']:>13,.1f}")
+    lines.append("  (tiny models are bound by per-operator overhead, not by these ceilings)")
+    return _emit(args, data, lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# plan model
+# ---------------------------------------------------------------------------------------------
+
+def _model_cmd(args: argparse.Namespace) -> int:
+    from gasungbi.plan import estimate as E
+
+    cfg = _config(args.model)
+    seq_len = _number(args.seq_len, "--seq-len", int, lo=1)
+    acc = E.model_accounting(cfg, seq_len)
+    lines = [f"{args.model}: {'MLA' if cfg.is_mla else 'GQA'}, {cfg.num_hidden_layers} layers",
+             f"  {'component':<16}{'total':>10}{'activated':>11}"]
+    for k, v in acc["components"].items():
+        lines.append(f"  {k:<16}{_si(v['total']):>10}{_si(v['activated']):>11}")
+    lines.append(f"  {'main model':<16}{_si(acc['total']):>10}{_si(acc['activated']):>11}"
+                 + (f"   (+{_si(acc['mtp_total'])} MTP, not served)" if acc["mtp_total"] else ""))
+    lines += ["", f"  {'weights':<8}{'bits/w':>7}{'total GB':>11}{'activated GB':>14}"]
+    for q, b in acc["weight_bytes"].items():
+        lines.append(f"  {q:<8}{acc['bits_per_weight'][q]:>7g}{b['total'] / 1e9:>11,.2f}{b['activated'] / 1e9:>14,.2f}")
+    kv = acc["kv_bytes_per_token_bf16"]
+    lines += ["", f"  KV cache per token (bf16): {kv['this_model']:,} bytes; MHA model of the same shape: "
+                  f"{kv['mha_equivalent']:,} bytes ({kv['mha_equivalent'] / kv['this_model']:.1f}x)",
+              f"  training FLOPs per token at {seq_len}: {acc['training_flops_per_token'] / 1e9:,.4g} GFLOP"]
+    return _emit(args, {"model": args.model, **acc}, lines)
+

@@ -1,0 +1,428 @@
+"""Training cost and serving speed, computed from a ModelConfig and catalog entries.
+
+All parameter and FLOP counts come from :mod:`gasungbi.model.accounting`; this module only turns
+them into bytes, seconds and dollars. Conventions, stated once:
+
+* **Bits per weight** (``QUANT_BITS``): every parameter of the served model (main model, no MTP
+  modules) is stored at the format's average bits per weight, norms and router included (they are
+  under 0.1% of a large model). ``int8`` = 8 bits with per-channel scales (their bytes are
+  negligible); ``q8_0`` = llama.cpp Q8_0, blocks of 32 int8 + one fp16 scale = 8.5 bpw;
+  ``int4`` = 4-bit groups of 32 with one fp16 scale = 4 + 16/32 = 4.5 bpw (as llama.cpp Q4_0 and
+  the group-wise int4 of GPTQ/AWQ with group 32); ``q4_k_m`` = llama.cpp's Q4_K_M mix (Q4_K at
+  4.5 bpw, some tensors at Q6_K's 6.56) averaging about 4.85 bpw: 671B parameters at 4.85 bpw are
+  407 GB, close to the published DeepSeek-R1 Q4_K_M files.
+* **KV cache**: bf16 (2 bytes) per element unless stated. MLA stores (kv_lora_rank +
+  qk_rope_head_dim) x layers per token (``KVCache.bytes_per_token``). The "MHA equivalent" of an
+  MLA model caches full per-head keys (qk_nope + qk_rope = qk_head_dim wide) and values
+  (v_head_dim wide): heads x (qk_head_dim + v_head_dim) x layers. (DeepSeek-V2 Table 1 uses
+  2 x heads x d_h x layers with d_h = 128, i.e. without the RoPE part of the key.)
+* **Training FLOPs per token**: ``training_flops_per_token`` (6 x activated non-embedding
+  parameters + 3 x attention forward, PaLM Appendix B, full T x T, MTP included when present).
+  **MFU** is relative to the dense BF16 peak of the GPU, even for FP8 training.
+* **Decode ceiling**: at batch 1 each decoded token reads the activated weights (attention,
+  dense and shared FFNs, router, output head, one embedding row, K_r of N_r routed experts per MoE
+  layer) plus the KV cache of the context. A layer's parts run one after another, so the time per
+  step is the *sum* over memories of bytes_read / bandwidth, at the theoretical bandwidth: a
+  ceiling, not a prediction. At batch B the step reads the weights once, the routed experts that
+  any of the B tokens chose (expected fraction 1 - (1 - K_r/N_r)^B under uniform routing) and B
+  KV caches, and yields B tokens.
+* **Prefill ceiling**: forward FLOPs per prompt token (2 x activated non-embedding parameters +
+  attention forward at the full context) over the dense peak of the device holding each part.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gasungbi.config import ModelConfig
+from gasungbi.model.accounting import attention_flops_per_token, count_params, training_flops_per_token
+from gasungbi.plan.catalog import Gpu, Hardware, MemoryPlatform
+
+QUANT_BITS: dict[str, float] = {
+    "fp32": 32.0,   # our CPU engine's default
+    "bf16": 16.0,
+    "fp8": 8.0,     # DeepSeek's e4m3 with 128x128 block scales: +0.002 bpw, ignored
+    "int8": 8.0,    # per-channel scales, ignored
+    "q8_0": 8.5,    # llama.cpp Q8_0: 32 x int8 + fp16 scale
+    "int4": 4.5,    # groups of 32 x int4 + fp16 scale
+    "q4_k_m": 4.85, # llama.cpp Q4_K_M mix (Q4_K 4.5 bpw + some Q6_K 6.56 bpw)
+}
+
+
+def quant_bits(quant: str) -> float:
+    """Bits per weight of ``quant``; ``ValueError`` listing the known formats otherwise."""
+    try:
+        return QUANT_BITS[quant.lower()]
+    except KeyError:
+        raise ValueError(f"unknown quantization {quant!r}; known: {', '.join(QUANT_BITS)}") from None
+
+
+def parse_tokens(text: str) -> float:
+    """``"14.8T"``, ``"500B"``, ``"2M"``, ``"10k"``, ``"1e9"`` or ``"1000"`` -> a token count."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)(e[+-]?\d+)?\s*([kmgbt]?)\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"cannot parse token count {text!r}; write a number with an optional "
+                         "K/M/B/T suffix, e.g. 14.8T, 500B, 2M")
+    value = float(m.group(1) + (m.group(2) or "")) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9,
+                                                        "t": 1e12}[m.group(3)]
+    if value <= 0:
+        raise ValueError(f"token count must be positive, got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Model accounting: parameters, weight bytes, KV bytes, FLOPs
+# ---------------------------------------------------------------------------------------------
+
+def kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2) -> int:
+    """KV cache bytes per token of the main model (MLA latent, or GQA K and V)."""
+    import torch
+
+    from gasungbi.infer.cache import KVCache
+
+    dtype = {4: torch.float32, 2: torch.bfloat16, 1: torch.float8_e4m3fn}[elem_bytes]
+    return KVCache.bytes_per_token(cfg, dtype=dtype)
+
+
+def mha_kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2) -> int:
+    """KV bytes per token of a plain multi-head attention model of the same shape (see module doc)."""
+    if cfg.is_mla:
+        width = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    else:
+        width = 2 * cfg.num_attention_heads * cfg.gqa_head_dim
+    return width * cfg.num_hidden_layers * elem_bytes
+
+
+def model_accounting(cfg: ModelConfig, seq_len: int = 4096) -> dict[str, Any]:
+    """Parameters per component (total and activated), weight bytes per format, KV bytes per
+    token (this model vs the MHA equivalent) and training FLOPs per token."""
+    pc = count_params(cfg)
+    comps = {k: {"total": v, "activated": round(v * pc.routed_fraction) if k == "routed_experts" else v}
+             for k, v in pc.components.items()}
+    return {
+        "components": comps,
+        "total": pc.total,
+        "activated": pc.activated,
+        "mtp_total": pc.mtp_total,
+        "weight_bytes": {q: {"total": pc.total * b / 8, "activated": pc.activated * b / 8}
+                         for q, b in QUANT_BITS.items()},
+        "bits_per_weight": dict(QUANT_BITS),
+        "kv_bytes_per_token_bf16": {"this_model": kv_bytes_per_token(cfg), "mha_equivalent": mha_kv_bytes_per_token(cfg)},
+        "training_flops_per_token": training_flops_per_token(cfg, seq_len),
+        "seq_len": seq_len,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+DEEPSEEK_V3 = {
+    # DeepSeek-V3 technical report (arXiv:2412.19437), Table 1 and Sec. 4.2.
+    "tokens": 14.8e12, "seq_len": 4096, "hardware": "h800", "count": 2048, "price_per_hour": 2.0,
+    "pretrain_gpu_hours": 2.664e6, "context_extension_gpu_hours": 0.119e6, "post_training_gpu_hours": 0.005e6,
+    "total_gpu_hours": 2.788e6, "pretrain_usd": 5.328e6, "total_usd": 5.576e6,
+}
+
+CALIBRATED_MFU = 0.455
+"""Default MFU: the one DeepSeek-V3's pretraining figure implies under our FLOP count.
+
+14.8T tokens x 291.85 GFLOP/token (``training_flops_per_token`` of the 671B preset at 4096 tokens,
+MTP included) = 4.32e24 FLOPs, done in 2.664M H800-hours: 4.50e14 FLOP/s per GPU = 45.5% of the
+H800's 989 dense BF16 TFLOPS (22.8% of its 1,979 dense FP8 TFLOPS; DeepSeek trained the big GEMMs
+in FP8, but MFU here is always quoted against the BF16 peak so that GPUs without FP8 compare).
+``implied_mfu`` recomputes it; ``tests/test_plan.py`` checks the two agree.
+"""
+
+
+def implied_mfu(cfg: ModelConfig, tokens: float, gpu_hours: float, peak_tflops: float, seq_len: int) -> float:
+    """The MFU at which ``tokens`` of training take ``gpu_hours`` on GPUs of ``peak_tflops``."""
+    return tokens * training_flops_per_token(cfg, seq_len) / (gpu_hours * 3600 * peak_tflops * 1e12)
+
+
+@dataclass
+class TrainEstimate:
+    """GPU-hours, wall-clock days and dollars of one training run."""
+
+    hardware: str
+    count: int
+    tokens: float
+    seq_len: int
+    flops_per_token: float
+    total_flops: float
+    mfu: float | None
+    peak_bf16_tflops: float | None
+    gpu_hours: float
+    days: float
+    price_per_hour: float | None
+    dollars: float | None
+    basis: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate_train(cfg: ModelConfig, tokens: float, gpu: Gpu, count: int, mfu: float | None = None,
+                   price: float | None = None, seq_len: int = 4096) -> TrainEstimate:
+    """Time and cost of training ``cfg`` on ``tokens`` with ``count`` x ``gpu`` at ``mfu``
+    (default :data:`CALIBRATED_MFU`): GPU-seconds = tokens x FLOPs/token / (mfu x BF16 peak)."""
+    fpt = training_flops_per_token(cfg, seq_len)
+    basis = "given MFU" if mfu is not None else "calibrated on DeepSeek-V3's published H800-hours"
+    mfu = CALIBRATED_MFU if mfu is None else mfu
+    gpu_hours = tokens * fpt / (mfu * gpu.bf16_tflops * 1e12) / 3600
+    price = gpu.price_per_hour if price is None else price
+    return TrainEstimate(gpu.key, count, tokens, seq_len, fpt, tokens * fpt, mfu, gpu.bf16_tflops, gpu_hours,
+                         gpu_hours / count / 24, price, gpu_hours * price, basis)
+
+
+def estimate_train_from_throughput(cfg: ModelConfig, tokens: float, tokens_per_s: float, run_devices: int,
+                                   count: int, hardware: str, mfu: float | None, price: float | None,
+                                   seq_len: int = 4096) -> TrainEstimate:
+    """Time and cost at a measured throughput, scaled linearly from ``run_devices`` to ``count``
+    devices (per-device throughput held fixed: an optimistic assumption for large scale-ups)."""
+    fpt = training_flops_per_token(cfg, seq_len)
+    gpu_hours = tokens / (tokens_per_s / run_devices) / 3600
+    return TrainEstimate(hardware, count, tokens, seq_len, fpt, tokens * fpt, mfu, None, gpu_hours,
+                         gpu_hours / count / 24, price, None if price is None else gpu_hours * price,
+                         "measured throughput of the run")
+
+
+@dataclass
+class RunReport:
+    """What one of our training runs measured (``DIR/report.json``, written by the trainer)."""
+
+    tokens_per_s: float
+    mfu: float
+    device: str
+    device_count: int
+    model: Any  # a preset name, a checkpoint path or a Hugging Face config dict
+    path: str
+    name: str = "run model"  # the preset name when the report gives one
+
+
+def read_run(run_dir: str | Path) -> RunReport:
+    """Read ``report.json`` from a run directory, else the last line of ``metrics.jsonl`` that has
+    ``tokens_per_s`` and ``mfu``. ``ValueError`` naming the file and the missing key otherwise."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise ValueError(f"--from-run {d}: no such run directory")
+    data: dict[str, Any] | None = None
+    path = d / "report.json"
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from None
+    elif (d / "metrics.jsonl").exists():
+        path = d / "metrics.jsonl"
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "tokens_per_s" in row and "mfu" in row:
+                data = {**(data or {}), **row}
+    if data is None:
+        raise ValueError(f"{d} has no report.json (nor a metrics.jsonl line with tokens_per_s and mfu)")
+    for key, kind in (("tokens_per_s", (int, float)), ("mfu", (int, float)), ("device", str), ("device_count", int)):
+        if key not in data:
+            raise ValueError(f"{path}: missing key {key!r}")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise ValueError(f"{path}: {key} has the wrong type: {data[key]!r}")
+    if data["tokens_per_s"] <= 0 or data["device_count"] < 1:
+        raise ValueError(f"{path}: tokens_per_s must be > 0 and device_count >= 1")
+    name = next((v for v in (data.get("preset"), data.get("model")) if isinstance(v, str)), "run model")
+    return RunReport(float(data["tokens_per_s"]), float(data["mfu"]), data["device"], data["device_count"],
+                     data.get("model"), str(path), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------------------------
+
+GPU_USABLE = 0.90
+"""Fraction of GPU memory the weights and KV cache may use (the rest: CUDA context, activations,
+fragmentation)."""
+DDR_RESERVE_GB = 8.0
+"""DRAM kept for the OS and the runtime, per platform."""
+AMORTIZE_HOURS = 3 * 8760
+"""Owned hardware (the DDR platforms) is paid off over 3 years running 24/7; power is not counted.
+GPUs are always priced at their catalog rental rate."""
+DEFAULT_GPU = "h200"
+DEFAULT_MEMORY = "ddr5-12ch-5600"
+"""The comparison fills in an all-HBM or DDR set-up with these when ``--hardware`` names none."""
+
+
+@dataclass
+class Setup:
+    """Where the model runs: ``gpu_count`` x ``gpu`` and/or ``memory_count`` x ``memory``."""
+
+    label: str
+    gpu: Gpu | None = None
+    gpu_count: int = 0
+    memory: MemoryPlatform | None = None
+    memory_count: int = 0
+    ddr_gb: float | None = None  # per platform; None = the catalog's memory_gb
+
+    @property
+    def kind(self) -> str:
+        return "CPU-only" if self.gpu is None else "all-HBM" if self.memory is None else "hybrid"
+
+    def describe(self) -> str:
+        parts = []
+        if self.gpu:
+            parts.append(f"{self.gpu_count}x {self.gpu.key}")
+        if self.memory:
+            parts.append(f"{self.memory_count}x {self.memory.key} ({self.memory_gb:.0f} GB)")
+        return " + ".join(parts)
+
+    @property
+    def memory_gb(self) -> float:
+        return self.ddr_gb if self.ddr_gb is not None else self.memory.memory_gb
+
+    def placement(self) -> dict[str, str]:
+        """Part -> "gpu" or "ddr". Hybrid (KTransformers' split): routed experts and the embedding
+        table (a lookup reads one row) in DRAM; attention, dense and shared FFNs, router, norms,
+        output head and the KV cache on the GPU."""
+        parts = ("embedding", "attention", "norms", "dense_ffn", "shared_experts", "router",
+                 "routed_experts", "output_head", "kv_cache")
+        if self.kind == "all-HBM":
+            return {p: "gpu" for p in parts}
+        if self.kind == "CPU-only":
+            return {p: "ddr" for p in parts}
+        return {p: "ddr" if p in ("routed_experts", "embedding") else "gpu" for p in parts}
+
+
+@dataclass
+class ServeEstimate:
+    """Fit, decode and prefill ceilings and cost of serving one model on one set-up."""
+
+    setup: str
+    kind: str
+    quant: str
+    bits_per_weight: float
+    context: int
+    batch: int
+    placement: dict[str, str]
+    parts_gb: dict[str, float]
+    stored_gb: dict[str, float]
+    capacity_gb: dict[str, float]
+    fits: bool
+    read_gb_per_step: dict[str, float]
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float | None
+    cost_per_hour: float
+    usd_per_million_tokens: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate_serve(cfg: ModelConfig, setup: Setup, quant: str, context: int = 4096, batch: int = 1) -> ServeEstimate:
+    """Where each part lives, whether it fits, and the decode/prefill ceilings (see module doc)."""
+    bits = quant_bits(quant)
+    pc = count_params(cfg)
+    comps = {k: v for k, v in pc.components.items() if v}
+    kv_tok = kv_bytes_per_token(cfg)
+    place = setup.placement()
+    touched = 1 - (1 - pc.routed_fraction) ** batch if "routed_experts" in comps else 1.0
+    stored = {"gpu": 0.0, "ddr": 0.0}
+    read = {"gpu": 0.0, "ddr": 0.0}
+    parts = {part: n * bits / 8 for part, n in comps.items()}
+    parts["kv_cache"] = batch * context * kv_tok
+    for part, n in comps.items():
+        stored[place[part]] += n * bits / 8
+        if part == "embedding":
+            read[place[part]] += batch * cfg.hidden_size * bits / 8
+        elif part == "routed_experts":
+            read[place[part]] += n * bits / 8 * touched
+        else:
+            read[place[part]] += n * bits / 8
+    stored[place["kv_cache"]] += batch * context * kv_tok
+    read[place["kv_cache"]] += batch * context * kv_tok
+
+    bandwidth, capacity, peak = {}, {}, {}
+    if setup.gpu:
+        g, n = setup.gpu, setup.gpu_count
+        bandwidth["gpu"] = g.bandwidth_gbs * 1e9 * n
+        capacity["gpu"] = g.memory_gb * 1e9 * GPU_USABLE * n
+        peak["gpu"] = (g.fp8_tflops if quant == "fp8" and g.fp8_tflops else g.bf16_tflops) * 1e12 * n
+    if setup.memory:
+        m, n = setup.memory, setup.memory_count
+        bandwidth["ddr"] = m.bandwidth_gbs * 1e9 * n
+        capacity["ddr"] = max(setup.memory_gb - DDR_RESERVE_GB, 0) * 1e9 * n
+        peak["ddr"] = m.tflops * 1e12 * n if m.tflops else None
+    step = sum(read[mem] / bandwidth[mem] for mem in bandwidth)
+    decode = batch / step
+
+    routed_act = comps.get("routed_experts", 0) * pc.routed_fraction
+    other = 2 * (pc.activated - comps["embedding"] - routed_act) + attention_flops_per_token(cfg, context)
+    work = {"gpu": 0.0, "ddr": 0.0}
+    work[place["routed_experts"]] += 2 * routed_act
+    work[place["attention"]] += other
+    prefill = None
+    if all(peak.get(mem) for mem, w in work.items() if w):
+        prefill = 1 / sum(w / peak[mem] for mem, w in work.items() if w)
+
+    cost = 0.0
+    if setup.gpu:
+        cost += setup.gpu_count * setup.gpu.price_per_hour
+    if setup.memory:
+        owned = setup.memory.platform_price + setup.memory_gb * setup.memory.price_per_gb
+        cost += setup.memory_count * owned / AMORTIZE_HOURS
+    fits = all(stored[mem] <= capacity.get(mem, 0.0) for mem in stored if stored[mem])
+    notes = [] if fits else [f"does not fit: {mem} needs {stored[mem] / 1e9:,.1f} GB, has "
+                             f"{capacity.get(mem, 0) / 1e9:,.1f} GB usable" for mem in stored
+                             if stored[mem] > capacity.get(mem, 0.0)]
+    gb = lambda d: {k: v / 1e9 for k, v in d.items() if k in bandwidth}  # noqa: E731
+    if setup.kind == "all-HBM" and setup.gpu_count > 1:
+        notes.append(f"the ceiling assumes the {setup.gpu_count} GPUs split every layer with a free interconnect")
+    return ServeEstimate(setup.describe(), setup.kind, quant, bits, context, batch, place,
+                         {k: v / 1e9 for k, v in parts.items()}, gb(stored), gb(capacity),
+                         fits, gb(read), decode, prefill, cost, cost / (decode * 3600) * 1e6, notes)
+
+
+def compare_setups(cfg: ModelConfig, hw: Hardware, quant: str, context: int = 4096, batch: int = 1,
+                   ddr_gb: float | None = None, default_gpu: Gpu | None = None,
+                   default_memory: MemoryPlatform | None = None) -> list[ServeEstimate]:
+    """The requested set-up plus its all-HBM, hybrid and CPU-only alternatives (same GPU type and
+    DRAM platform; defaults fill in what ``hw`` lacks). The all-HBM alternative uses the fewest
+    GPUs that hold everything; the requested one is first."""
+    gpu, mem = hw.gpu or default_gpu, hw.memory or default_memory
+    requested = Setup("requested", hw.gpu, hw.gpu_count, hw.memory, hw.memory_count, ddr_gb)
+    one = estimate_serve(cfg, Setup("probe", gpu, 1), quant, context, batch)
+    need = math.ceil(one.stored_gb["gpu"] / one.capacity_gb["gpu"])
+    alternatives = [Setup("all-HBM", gpu, max(need, 1)),
+                    Setup("hybrid", gpu, hw.gpu_count or 1, mem, hw.memory_count or 1, ddr_gb),
+                    Setup("CPU-only", None, 0, mem, hw.memory_count or 1, ddr_gb)]
+    out = [estimate_serve(cfg, requested, quant, context, batch)]
+    for s in alternatives:
+        if s.describe() != requested.describe():
+            out.append(estimate_serve(cfg, s, quant, context, batch))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# This machine
+# ---------------------------------------------------------------------------------------------
+
+def local_decode(cfg: ModelConfig, bandwidth: float, flops: float, quant: str, context: int = 512) -> dict[str, float]:
+    """Decode ceilings of our engine on a machine with ``bandwidth`` bytes/s and ``flops`` FLOP/s
+    (measured): memory-bound (bytes read per token, KV in fp32) and compute-bound (2 x activated
+    non-embedding parameters + attention forward per token); the prediction is the lower."""
+    bits = quant_bits(quant)
+    pc = count_params(cfg)
+    emb = pc.components["embedding"]
+    bytes_per_token = (pc.activated - emb) * bits / 8 + cfg.hidden_size * bits / 8 \
+        + context * kv_bytes_per_token(cfg, elem_bytes=4)
+    flops_per_token = 2 * (pc.activated - emb) + attention_flops_per_token(cfg, context)
+    mem_tps, compute_tps = bandwidth / bytes_per_token, flops / flops_per_token
+    return {"quant": quant, "bits_per_weight": bits, "bytes_per_token": bytes_per_token,
+            "flops_per_token": flops_per_token, "memory_bound_tokens_per_s": mem_tps,
+            "compute_bound_tokens_per_s": compute_tps, "predicted_tokens_per_s": min(mem_tps, compute_tps)}

@@ -1,0 +1,281 @@
+"""The planner: catalog, training cost (hand-computed and DeepSeek-V3's published figure), serving
+ceilings against published measurements, fits, KV bytes, and the ``gasungbi plan`` command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gasungbi.cli import main
+from gasungbi.config import ModelConfig, get_preset, to_hf_config
+from gasungbi.plan import estimate as E
+from gasungbi.plan.catalog import CatalogError, Gpu, load_catalog, parse_hardware
+
+PNG = b"\x89PNG\r\n\x1a\n"
+V3 = get_preset("deepseek-v3-671b")
+
+
+@pytest.fixture(autouse=True)
+def no_user_catalog(tmp_path, monkeypatch):
+    """Keep the developer's ~/.config/gasungbi/hardware.json out of the tests."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+
+@pytest.fixture
+def catalog():
+    return load_catalog()
+
+
+def plan(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "gasungbi", "plan", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+# ---------------------------------------------------------------------------------------------
+# catalog
+# ---------------------------------------------------------------------------------------------
+
+def test_catalog_has_the_hardware_and_a_source_for_every_figure(catalog):
+    for name in ("h100-sxm", "h800", "h20", "h200", "b200", "a100-80gb", "l40s", "rtx4090", "rtx3090"):
+        gpu = catalog.gpus[name]
+        for f in ("memory_gb", "bandwidth_gbs", "bf16_tflops", "fp8_tflops", "price_per_hour"):
+            assert gpu.source.get(f), f"{name}.{f} has no source"
+    assert catalog.gpus["a100-80gb"].fp8_tflops is None
+    for name, bw in (("ddr5-2ch-5600", 89.6), ("ddr5-8ch-4800", 307.2), ("ddr5-12ch-4800", 460.8),
+                     ("ddr5-12ch-5600", 537.6)):
+        m = catalog.memory[name]
+        assert m.bandwidth_gbs == pytest.approx(bw) == m.channels * m.mts * 8 / 1000
+        for f in ("bandwidth_gbs", "memory_gb", "price_per_gb", "platform_price", "tflops"):
+            assert m.source.get(f), f"{name}.{f} has no source"
+
+
+def test_user_catalog_adds_and_overrides(tmp_path, monkeypatch):
+    mine = tmp_path / "my.json"
+    mine.write_text(json.dumps({"gpus": {
+        "h100-sxm": {"price_per_hour": 1.25},
+        "mygpu": {"memory_gb": 32, "bandwidth_gbs": 1000, "bf16_tflops": 100, "price_per_hour": 0.5,
+                  "source": "my own benchmark"}},
+        "memory": {"ddr5-4ch-6400": {"channels": 4, "mts": 6400, "memory_gb": 256, "price_per_gb": 3}}}))
+    cat = load_catalog([mine])
+    assert cat.gpus["h100-sxm"].price_per_hour == 1.25
+    assert "my.json" in cat.gpus["h100-sxm"].source["price_per_hour"]
+    assert cat.gpus["h100-sxm"].bandwidth_gbs == 3350  # untouched fields kept
+    assert cat.lookup("MyGPU").source["bandwidth_gbs"] == "my own benchmark"
+    assert cat.memory["ddr5-4ch-6400"].bandwidth_gbs == pytest.approx(204.8)  # channels x MT/s x 8
+    # the per-user file is read too
+    cfg_file = tmp_path / "config" / "gasungbi" / "hardware.json"
+    cfg_file.parent.mkdir(parents=True)
+    cfg_file.write_text(json.dumps({"gpus": {"h800": {"price_per_hour": 1.0}}}))
+    assert load_catalog().gpus["h800"].price_per_hour == 1.0
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"memory_gb": 32, "bandwidth_gbs": "fast", "bf16_tflops": 1, "price_per_hour": 1}, "gpus.bad.bandwidth_gbs"),
+    ({"memory_gb": 32, "bandwith_gbs": 1, "bf16_tflops": 1, "price_per_hour": 1}, "unknown field 'bandwith_gbs'"),
+    ({"memory_gb": 32, "bf16_tflops": 1, "price_per_hour": 1}, "missing field 'bandwidth_gbs'"),
+    ({"memory_gb": -1, "bandwidth_gbs": 1, "bf16_tflops": 1, "price_per_hour": 1}, "gpus.bad.memory_gb"),
+])
+def test_user_catalog_errors_name_the_field(tmp_path, entry, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"gpus": {"bad": entry}}))
+    with pytest.raises(CatalogError, match=message.replace(".", r"\.")):
+        load_catalog([bad])
+    bad.write_text("{not json")
+    with pytest.raises(CatalogError, match="invalid JSON"):
+        load_catalog([bad])
+
+
+def test_parse_hardware(catalog):
+    hw = parse_hardware("2x RTX4090 + ddr5-8ch-4800", catalog)
+    assert (hw.gpu.key, hw.gpu_count, hw.memory.key, hw.memory_count) == ("rtx4090", 2, "ddr5-8ch-4800", 1)
+    hw = parse_hardware("8x h200", catalog)
+    assert (hw.gpu.key, hw.gpu_count, hw.memory) == ("h200", 8, None)
+    assert parse_hardware("4090", catalog).gpu.key == "rtx4090"
+    with pytest.raises(CatalogError, match="unknown hardware 'h900'; known: h100-sxm"):
+        parse_hardware("h900", catalog)
+    with pytest.raises(CatalogError, match="two GPU types"):
+        parse_hardware("h100 + h200", catalog)
+    assert catalog.match_device("NVIDIA H100 80GB HBM3").key == "h100-sxm"
+    assert catalog.match_device("cpu") is None
+
+
+def test_parse_tokens():
+    assert E.parse_tokens("14.8T") == pytest.approx(14.8e12)
+    assert E.parse_tokens("500B") == 500e9 and E.parse_tokens("2M") == 2e6
+    assert E.parse_tokens("1000") == 1000 and E.parse_tokens("1e9") == 1e9 and E.parse_tokens("10k") == 1e4
+    for bad in ("abc", "", "1.2X", "-5", "0"):
+        with pytest.raises(ValueError):
+            E.parse_tokens(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+def test_train_hand_computed():
+    # Dense MHA: d=64, 2 layers, 4 heads of 16, FFN 128, vocab 512 (untied).
+    cfg = ModelConfig(model_type="llama", vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                      num_attention_heads=4, n_routed_experts=0, rope_interleave=False)
+    per_layer = 64 * 64 * 4 + 3 * 64 * 128 + 2 * 64   # q,k,v,o + SwiGLU + 2 norms = 16384 + 24576 + 128
+    n = 2 * per_layer + 64 + 512 * 64                   # + final norm + output head (embedding excluded)
+    attention = 2 * 2 * 4 * (2 * 16) * 256              # 2 x layers x heads x (qk + v) x T, forward
+    fpt = 6 * n + 3 * attention                          # = 1,083,264
+    assert fpt == 1_083_264
+    gpu = Gpu("toy", "toy", memory_gb=10, bandwidth_gbs=100, bf16_tflops=100, fp8_tflops=None, price_per_hour=2.0)
+    est = E.estimate_train(cfg, 1e9, gpu, count=4, mfu=0.5, seq_len=256)
+    gpu_hours = 1e9 * fpt / (0.5 * 100e12) / 3600      # = 6.0180 GPU-hours
+    assert est.flops_per_token == fpt
+    assert est.gpu_hours == pytest.approx(gpu_hours)
+    assert est.days == pytest.approx(gpu_hours / 4 / 24)
+    assert est.dollars == pytest.approx(2.0 * gpu_hours)
+
+
+def test_deepseek_v3_published_cost_is_reproduced(catalog):
+    d = E.DEEPSEEK_V3
+    est = E.estimate_train(V3, d["tokens"], catalog.gpus["h800"], 2048, seq_len=4096)
+    assert est.gpu_hours == pytest.approx(d["pretrain_gpu_hours"], rel=0.10)
+    assert est.dollars == pytest.approx(d["pretrain_usd"], rel=0.10)
+    # The default is the MFU the published figure implies under our FLOP count, rounded.
+    implied = E.implied_mfu(V3, d["tokens"], d["pretrain_gpu_hours"], catalog.gpus["h800"].bf16_tflops, 4096)
+    assert implied == pytest.approx(E.CALIBRATED_MFU, abs=0.005)
+
+
+def test_train_from_run_report(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"tokens_per_s": 1000.0, "mfu": 0.1, "device": "cpu",
+                                                 "device_count": 1, "model": "debug"}))
+    assert main(["plan", "train", "--from-run", str(run), "--tokens", "36M", "--price", "0.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu_hours"] == pytest.approx(36e6 / 1000 / 3600) == pytest.approx(10.0)
+    assert out["dollars"] == pytest.approx(5.0) and out["model"] == "debug"
+    # on other hardware the run's MFU carries over; the model may be an HF config dict
+    (run / "report.json").write_text(json.dumps({"tokens_per_s": 1000.0, "mfu": 0.1, "device": "cpu",
+                                                 "device_count": 1, "model": to_hf_config(get_preset("debug")),
+                                                 "preset": "debug"}))
+    assert main(["plan", "train", "--from-run", str(run), "--tokens", "1B", "--hardware", "h100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mfu"] == 0.1 and out["hardware"] == "h100-sxm" and out["model"] == "debug"
+    (run / "report.json").write_text(json.dumps({"tokens_per_s": 1000.0, "device": "cpu", "device_count": 1}))
+    assert main(["plan", "train", "--from-run", str(run), "--tokens", "1B", "--model", "debug"]) == 2
+    assert "missing key 'mfu'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# serving
+# ---------------------------------------------------------------------------------------------
+
+def test_serve_ceilings_bound_published_measurements(catalog):
+    # KTransformers V0.2, DeepSeek-V3/R1 Q4_K_M, one Xeon Gold 6454S socket (8ch DDR5-4800) + RTX 4090D:
+    # 8.73 tokens/s decode. Tencent Xuanwu Lab, Q8 CPU-only, EPYC 9135 with 12ch DDR5-5600: 7.17 tokens/s.
+    hybrid = E.estimate_serve(V3, E.Setup("h", catalog.gpus["rtx4090"], 1, catalog.memory["ddr5-8ch-4800"], 1),
+                              "q4_k_m", context=1024)
+    cpu = E.estimate_serve(V3, E.Setup("c", memory=catalog.memory["ddr5-12ch-5600"], memory_count=1),
+                           "int8", context=1024)
+    assert hybrid.fits and cpu.fits
+    assert 8.73 < hybrid.decode_tokens_per_s < 4 * 8.73
+    assert 7.17 < cpu.decode_tokens_per_s < 4 * 7.17
+
+
+def test_serve_bytes_read_by_hand(catalog):
+    ddr = catalog.memory["ddr5-12ch-5600"]
+    est = E.estimate_serve(V3, E.Setup("c", memory=ddr, memory_count=1), "int8", context=1000)
+    from gasungbi.model.accounting import count_params
+
+    pc = count_params(V3)
+    weights = pc.activated - pc.components["embedding"] + V3.hidden_size    # one embedding row
+    read = weights + 1000 * (512 + 64) * 61 * 2                           # int8 weights + bf16 MLA cache
+    assert est.read_gb_per_step["ddr"] * 1e9 == pytest.approx(read)
+    assert est.decode_tokens_per_s == pytest.approx(537.6e9 / read)
+    # batch 2: the weights once, routed experts chosen by either token, two caches
+    est2 = E.estimate_serve(V3, E.Setup("c", memory=ddr, memory_count=1), "int8", context=1000, batch=2)
+    routed = pc.components["routed_experts"]
+    read2 = read - routed * 8 / 256 + routed * (1 - (1 - 8 / 256) ** 2) + V3.hidden_size + 1000 * 576 * 61 * 2
+    assert est2.read_gb_per_step["ddr"] * 1e9 == pytest.approx(read2)
+    assert est2.decode_tokens_per_s == pytest.approx(2 * 537.6e9 / read2)
+
+
+def test_fits_and_does_not_fit(catalog):
+    h200 = catalog.gpus["h200"]
+    assert not E.estimate_serve(V3, E.Setup("x", h200, 1), "int4").fits
+    assert E.estimate_serve(V3, E.Setup("x", h200, 8), "int4").fits        # 377 GB in 8 x 126.9 GB
+    bf16 = E.estimate_serve(V3, E.Setup("x", h200, 8), "bf16")             # 1342 GB > 1015 GB
+    assert not bf16.fits and "gpu needs" in bf16.notes[0]
+    desktop = E.estimate_serve(V3, E.Setup("x", catalog.gpus["rtx4090"], 1, catalog.memory["ddr5-2ch-5600"], 1), "int4")
+    assert desktop.stored_gb["gpu"] < desktop.capacity_gb["gpu"] and not desktop.fits
+    assert E.estimate_serve(get_preset("debug"), E.Setup("x", catalog.gpus["rtx3090"], 1), "bf16").fits
+    # a long context's KV cache alone can overflow the GPU of a hybrid set-up
+    long = E.estimate_serve(V3, E.Setup("x", catalog.gpus["rtx4090"], 1, catalog.memory["ddr5-8ch-4800"], 1),
+                            "int4", context=160_000, batch=4)
+    assert not long.fits
+
+
+def test_mla_against_mha_kv_bytes():
+    assert E.kv_bytes_per_token(V3) == (512 + 64) * 61 * 2 == 70_272
+    assert E.mha_kv_bytes_per_token(V3) == 128 * (192 + 128) * 61 * 2 == 4_997_120
+    llama = get_preset("llama-debug")
+    assert E.kv_bytes_per_token(llama) == E.mha_kv_bytes_per_token(llama)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_train_json_and_chart(tmp_path):
+    chart = tmp_path / "train.png"
+    r = plan("train", "--model", "deepseek-v3-671b", "--tokens", "14.8T", "--hardware", "h800", "--count", "2048",
+             "--json", "--chart", str(chart), env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["gpu_hours"] == pytest.approx(2.664e6, rel=0.1) and d["mfu"] == E.CALIBRATED_MFU
+    assert chart.read_bytes().startswith(PNG)
+
+
+def test_cli_serve_json_and_chart(tmp_path):
+    chart = tmp_path / "serve.png"
+    r = plan("serve", "--model", "deepseek-v3-671b", "--quant", "int4", "--hardware", "rtx4090 + ddr5-8ch-4800",
+             "--json", "--chart", str(chart), env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["requested"]["kind"] == "hybrid" and d["requested"]["fits"]
+    assert d["requested"]["placement"]["routed_experts"] == "ddr" and d["requested"]["placement"]["kv_cache"] == "gpu"
+    assert {c["kind"] for c in d["comparison"]} == {"hybrid", "all-HBM", "CPU-only"}
+    assert chart.read_bytes().startswith(PNG)
+
+
+def test_cli_here_debug_json(tmp_path):
+    r = plan("here", "--model", "debug", "--json", env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["memory_bandwidth_bytes_per_s"] > 1e8 and d["matmul_flops_fp32"] > 1e8
+    assert [row["quant"] for row in d["decode"]] == ["fp32", "int8", "int4"]
+    assert all(row["predicted_tokens_per_s"] > 0 for row in d["decode"])
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    r = plan("train", "--model", "debug", "--tokens", "abc", "--hardware", "h800", env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "--tokens" in r.stderr and "'abc'" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "debug", "--tokens", "1B", "--hardware", "h900"], "unknown hardware 'h900'; known: h100-sxm"),
+    (["serve", "--quant", "int3", "--hardware", "h100"], "unknown quantization 'int3'; known: fp32"),
+    (["serve", "--hardware", "rtx4090 + ddr5-9ch"], "unknown hardware 'ddr5-9ch'"),
+    (["train", "--model", "debug", "--tokens", "1B", "--hardware", "h800", "--count", "x"], "--count"),
+    (["train", "--model", "debug", "--tokens", "1B", "--hardware", "h800", "--mfu", "2"], "--mfu"),
+    (["train", "--model", "debug", "--tokens", "1B", "--hardware", "ddr5-8ch-4800"], "needs a GPU"),
+])
+def test_bad_input_messages(args, message, capsys):
+    assert main(["plan", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
+
+
+def test_measure_functions_are_quick_and_positive():
+    from gasungbi.plan.measure import measure_matmul_flops, measure_memory_bandwidth
+
+    assert measure_matmul_flops(size=128, seconds=0.05) > 1e6
+    assert measure_memory_bandwidth(size_mb=16, repeats=2) > 1e7
