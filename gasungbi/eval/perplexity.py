@@ -18,23 +18,33 @@ from gasungbi.data.shards import iter_eval_batches, load_manifest
 
 
 @torch.no_grad()
-def evaluate(objective, data: str, split: str = "val", batch_size: int = 8, seq_len: int = 256,
-             max_batches: int | None = 20, rank: int = 0, world_size: int = 1, amp=None) -> dict[str, float]:
-    """Mean next-token loss (nats) and bits per byte. ``objective(x, y)`` returns ``{"lm_loss"}``;
-    under torchrun each rank evaluates its share and the sums are all-reduced."""
+def evaluate_batches(objective, batches, amp=None, bytes_per_token: float | None = None) -> dict[str, float]:
+    """Mean next-token loss (nats) over ``batches`` of (x, y), y = -100 where ignored, and bits
+    per byte when ``bytes_per_token`` is known. ``objective(x, y)`` returns ``{"lm_loss"}``; under
+    torchrun each rank evaluates its share and the sums are all-reduced."""
     from gasungbi.train.distributed import all_reduce_sum
 
     was_training = objective.training
     objective.eval()
     device = next(objective.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nats, tokens)
-    for x, y in iter_eval_batches(data, split, batch_size, seq_len, max_batches, rank=rank, world_size=world_size):
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nats, target tokens)
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         with amp or contextlib.nullcontext():
             loss = objective(x, y)["lm_loss"]
-        total += torch.tensor([loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+        n = (y != -100).sum().item()
+        total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
     all_reduce_sum(total)
     objective.train(was_training)
-    nats = (total[0] / total[1]).item()
-    bytes_per_token = load_manifest(data).splits[split].bytes_per_token
-    return {"loss": nats, "bpb": nats / math.log(2) / bytes_per_token, "tokens": int(total[1].item())}
+    nats = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    out = {"loss": nats, "tokens": int(total[1].item())}
+    if bytes_per_token:
+        out["bpb"] = nats / math.log(2) / bytes_per_token
+    return out
+
+
+def evaluate(objective, data: str, split: str = "val", batch_size: int = 8, seq_len: int = 256,
+             max_batches: int | None = 20, rank: int = 0, world_size: int = 1, amp=None) -> dict[str, float]:
+    """Validation loss and bits per byte on a token-shard split (the first ``max_batches`` windows)."""
+    batches = iter_eval_batches(data, split, batch_size, seq_len, max_batches, rank=rank, world_size=world_size)
+    return evaluate_batches(objective, batches, amp, load_manifest(data).splits[split].bytes_per_token)

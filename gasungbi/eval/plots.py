@@ -13,7 +13,7 @@ def loss_curve(history: list[dict], path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     train = [(h["tokens"], h["lm_loss"]) for h in history if "lm_loss" in h and "tokens" in h]
-    val = [(h["step"], h["val_bpb"]) for h in history if "val_bpb" in h]
+    val = [(h["step"], h["val_bpb"]) for h in history if h.get("val_bpb") is not None]
     if not train:
         return None
     steps_to_tokens = {h["step"]: h["tokens"] for h in history if "tokens" in h}

@@ -31,13 +31,13 @@ class Objective(nn.Module):
         m = self.model
         h = m.hidden_states(x)  # (B, T, d)
         logits = m.lm_head(h)  # (B, T, V)
-        main = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        main = _cross_entropy(logits, y)
         out = {"loss": main, "lm_loss": main.detach()}
         if m.model.mtp and self.training and self.mtp_weight > 0:
             losses = []
             for k, hk in enumerate(m.mtp_hidden(h, x), start=1):
                 lk = m.lm_head(hk)  # (B, T-k, V) predicts y[:, k:]
-                losses.append(F.cross_entropy(lk.float().flatten(0, 1), y[:, k:].flatten()))
+                losses.append(_cross_entropy(lk, y[:, k:]))
             mtp = torch.stack(losses).mean()
             out["loss"] = out["loss"] + self.mtp_weight * mtp
             out["mtp_loss"] = mtp.detach()
@@ -48,6 +48,12 @@ class Objective(nn.Module):
                 out["loss"] = out["loss"] + self.balance_alpha * b
                 out["balance_loss"] = b.detach()
         return out
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over targets that are not -100 (0 when there are none, not NaN)."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    return total / (y != -100).sum().clamp(min=1)
 
 
 @torch.no_grad()

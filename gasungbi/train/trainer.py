@@ -28,7 +28,7 @@ import torch
 
 from gasungbi.config import ModelConfig, get_preset, to_hf_config
 from gasungbi.data.shards import TokenLoader, load_manifest
-from gasungbi.eval.perplexity import evaluate
+from gasungbi.eval.perplexity import evaluate, evaluate_batches
 from gasungbi.model.accounting import count_params, training_flops_per_token
 from gasungbi.model.transformer import build_model
 from gasungbi.train import checkpoint as ckpt
@@ -42,9 +42,11 @@ from gasungbi.train.optim import build_optimizers, lr_multiplier
 class TrainConfig:
     """Everything a pretraining run needs. CLI flags and ``--config FILE`` map onto these fields."""
 
-    data: str = ""  # shard directory made by `gasungbi prepare` (manifest.json + tokenizer.json)
+    data: str = ""  # pretrain: shard directory made by `gasungbi prepare`; sft: a JSONL of conversations
     out_dir: str = "runs/train"
-    model: str = "cpu-tiny"  # preset name
+    task: str = "pretrain"  # pretrain | sft (loss on assistant tokens of chat conversations)
+    init_from: str | None = None  # a Hugging Face checkpoint to start from (with its tokenizer)
+    model: str = "cpu-tiny"  # preset name, when not init_from
     model_overrides: dict[str, Any] = field(default_factory=dict)
     # batch: tokens per optimizer step = batch_size x seq_len x grad_accum (global, all ranks)
     batch_size: int = 16
@@ -105,8 +107,16 @@ class TrainConfig:
             bad(f"schedule={self.schedule!r}; choose cosine or wsd")
         if self.parallel not in ("ddp", "fsdp"):
             bad(f"parallel={self.parallel!r}; choose ddp or fsdp")
+        if self.task not in ("pretrain", "sft"):
+            bad(f"task={self.task!r}; choose pretrain or sft")
         if not self.data:
-            bad("data (a shard directory made by `gasungbi prepare`) is required")
+            bad("data (a shard directory made by `gasungbi prepare`, or a JSONL for sft) is required")
+        if self.task == "sft" and not self.init_from:
+            bad("sft needs init_from, the checkpoint to fine-tune (it also provides the tokenizer)")
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.init_from if self.task == "sft" else self.data
 
 
 class _StopFlag:
@@ -144,9 +154,35 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         dist.teardown()
 
 
+class _Data:
+    """The training batches and validation of a task: token shards (pretrain) or chats (sft)."""
+
+    def __init__(self, tc: TrainConfig, rank: int, world: int):
+        self.tc, self.rank, self.world = tc, rank, world
+        if tc.task == "sft":
+            from gasungbi.data.tokenizer import load_tokenizer
+            from gasungbi.post.sft_data import SFTLoader
+            tok = load_tokenizer(tc.init_from)
+            self.vocab_size = tok.get_vocab_size()
+            self.train = SFTLoader(tc.data, tok, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
+                                   rank=rank, world_size=world)
+            self.val = SFTLoader(tc.data, tok, "val", max(1, tc.batch_size // world), tc.seq_len, seed=tc.seed,
+                                 rank=rank, world_size=world)
+        else:
+            self.vocab_size = load_manifest(tc.data).vocab_size
+            self.train = TokenLoader(tc.data, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
+                                     rank=rank, world_size=world)
+
+    def evaluate(self, objective, amp) -> dict:
+        if self.tc.task == "sft":
+            return evaluate_batches(objective, self.val.eval_batches(self.tc.eval_batches), amp)
+        return evaluate(objective, self.tc.data, "val", batch_size=max(1, self.tc.batch_size // self.world),
+                        seq_len=self.tc.seq_len, max_batches=self.tc.eval_batches, rank=self.rank,
+                        world_size=self.world, amp=amp)
+
+
 def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     out = Path(tc.out_dir)
-    manifest = load_manifest(tc.data)
     world = info.world_size
     if tc.batch_size % world:
         raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {world} processes")
@@ -157,13 +193,18 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     start_step, state = 0, None
+    data = _Data(tc, info.rank, world)
     resume_from = ckpt.latest_checkpoint(out) if tc.resume else None
     if resume_from is not None:
         model, state = ckpt.load_checkpoint(resume_from, device=info.device)
         cfg = model.config
         start_step = state["step"]
+    elif tc.init_from:
+        from gasungbi.interop.hf import load_model
+        model = load_model(tc.init_from, device=info.device, dtype=torch.float32)
+        cfg = model.config
     else:
-        cfg = tc.model_config(manifest.vocab_size)
+        cfg = tc.model_config(data.vocab_size)
         model = build_model(cfg, device=info.device, seed=tc.seed)
     model.train()
     objective = Objective(model, tc.mtp_weight, tc.balance_alpha)
@@ -171,8 +212,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     if tc.compile:
         wrapped = torch.compile(wrapped)
     optimizers = build_optimizers(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.muon_lr)
-    loader = TokenLoader(tc.data, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
-                         rank=info.rank, world_size=world)
+    loader = data.train
     if state is not None:
         dist.load_optimizer_state(objective, optimizers, state["optimizers"])
         loader.load_state_dict(state["loader"])
@@ -210,14 +250,14 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                           "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                           "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens},
                           "history": history, "train_config": json.dumps(dataclasses.asdict(tc))}
-        return ckpt.save_checkpoint(out, step, cpu_model, training_state, tokenizer=tc.data, keep=tc.keep_checkpoints)
+        return ckpt.save_checkpoint(out, step, cpu_model, training_state, tokenizer=tc.tokenizer_dir,
+                                    keep=tc.keep_checkpoints)
 
     def validate(step: int) -> dict:
-        res = evaluate(wrapped, tc.data, "val", batch_size=max(1, tc.batch_size // world), seq_len=tc.seq_len,
-                       max_batches=tc.eval_batches, rank=info.rank, world_size=world, amp=amp)
+        res = data.evaluate(wrapped, amp)
         for moe in model.moe_layers():  # validation must not count toward the balance update
             moe.tokens_per_expert.zero_()
-        row = {"step": step, "tokens": meter.tokens, "val_loss": res["loss"], "val_bpb": res["bpb"]}
+        row = {"step": step, "tokens": meter.tokens, "val_loss": res["loss"], "val_bpb": res.get("bpb")}
         history.append(row)
         log.metrics(row)
         return row
@@ -278,7 +318,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix_str(f"loss {sums['lm_loss']:.3f} | {meter.tokens_per_s:,.0f} tok/s | "
                                 f"MFU {meter.mfu:.1%} | ${meter.dollars:.4f}" +
-                                (f" | val bpb {last_val['val_bpb']:.3f}" if last_val else ""))
+                                _val_text(last_val))
     bar.close()
     interrupted = stop.signal is not None
     if not interrupted and step == tc.max_steps:
@@ -303,11 +343,17 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     return report
 
 
+def _val_text(row: dict) -> str:
+    if row.get("val_bpb") is not None:
+        return f" | val bpb {row['val_bpb']:.3f}"
+    return f" | val loss {row['val_loss']:.3f}" if row else ""
+
+
 def _sample(model, tc: TrainConfig) -> str:
     """Greedy continuation of ``tc.sample_prompt`` with the run's tokenizer (a quick look)."""
     from gasungbi.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tc.data)
+    tok = load_tokenizer(tc.tokenizer_dir)
     ids = [model.config.bos_token_id] if model.config.bos_token_id is not None else []
     ids += tok.encode(tc.sample_prompt).ids
     was_training = model.training
