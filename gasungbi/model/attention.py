@@ -12,7 +12,8 @@ Two computations of the same function:
 
 A cache, when given, is any object with ``update(layer_idx, latent, rope_key, start_pos) ->
 (latent_all, rope_key_all)`` for MLA, or the same with ``(k, v)`` for GQA (see
-``gasungbi.infer.cache``).
+``gasungbi.infer.cache``). Batches of prompts of different lengths are left-padded: the model
+passes per-row positions (cos/sin [B, T, d/2]) and a [B, 1, T, S] mask from :func:`padded_causal_mask`.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def softmax_scale(head_dim: int, scaling: dict | None) -> float:
 
 
 class RotaryEmbedding(nn.Module):
-    """Produces (cos, sin) of shape [T, dim/2] for positions start..start+T-1."""
+    """Produces (cos, sin) of shape [T, dim/2] for positions [T] (or [B, T, dim/2] for [B, T])."""
 
     def __init__(self, dim: int, theta: float, scaling: dict | None):
         super().__init__()
@@ -91,7 +92,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, dim/2)
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # (T, dim/2) or (B, T, dim/2)
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 
@@ -103,7 +104,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     layouts give the same ones as transformers' for the matching config.
     """
     if x.dim() == 4:
-        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).type_as(x)
@@ -116,6 +117,19 @@ def causal_mask(t: int, s: int, start_pos: int, device: torch.device) -> torch.T
     """Boolean [t, s] mask: query i (absolute position start_pos+i) sees keys 0..start_pos+i."""
     q = torch.arange(t, device=device)[:, None] + start_pos
     return torch.arange(s, device=device)[None, :] <= q
+
+
+def padded_causal_mask(t: int, s: int, start_pos: int, pad: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, t, s] mask for left-padded rows: row b's first ``pad[b]`` slots are padding.
+
+    A query sees the causal keys that are not padding, and always its own slot, so that the
+    outputs of padding queries stay finite (they are never read, but their latents are cached).
+    """
+    causal = causal_mask(t, s, start_pos, pad.device)  # (t, s)
+    slots = torch.arange(s, device=pad.device)
+    real_key = slots[None, :] >= pad[:, None]  # (B, s)
+    own = slots[None, :] == (torch.arange(t, device=pad.device)[:, None] + start_pos)  # (t, s)
+    return ((causal[None] & real_key[:, None, :]) | own[None])[:, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +173,8 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin, self.interleave)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
-                cache=None, absorb: bool = False) -> torch.Tensor:
+                cache=None, absorb: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: optional boolean [B, 1, T, S] (True = attend); default causal."""
         B, T, _ = x.shape
         q_nope, q_pe = self._query(x, cos, sin)
         kv, k_pe = self.latent(x, cos, sin)
@@ -172,7 +187,9 @@ class MLA(nn.Module):
             q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # query in latent space
             scores = (torch.einsum("bthr,bsr->bhts", q_lat, kv)
                       + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.scale
-            scores = scores.float().masked_fill(~causal_mask(T, S, start_pos, x.device), float("-inf"))
+            if mask is None:
+                mask = causal_mask(T, S, start_pos, x.device)
+            scores = scores.float().masked_fill(~mask, float("-inf"))
             probs = scores.softmax(dim=-1).type_as(x)
             o_lat = torch.einsum("bhts,bsr->bthr", probs, kv)
             out = torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # (B, T, H, dv)
@@ -182,7 +199,9 @@ class MLA(nn.Module):
             k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
             q = torch.cat((q_nope, q_pe), dim=-1)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, d)
-            if T == S:
+            if mask is not None:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            elif T == S:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, start_pos, x.device),
@@ -211,7 +230,7 @@ class GQA(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
-                cache=None, absorb: bool = False) -> torch.Tensor:
+                cache=None, absorb: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, self.interleave)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin, self.interleave)
@@ -223,6 +242,7 @@ class GQA(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask = None if T == S else causal_mask(T, S, start_pos, x.device)
+        if mask is None and T != S:
+            mask = causal_mask(T, S, start_pos, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,362 @@
+"""Text generation: prefill the prompt, then decode one token per step against the latent cache.
+
+The loop follows gpt-fast: a preallocated :class:`~gasungbi.infer.cache.KVCache` written in place,
+one prefill forward (naive MLA: decompressing K/V once is cheaper for many tokens), then one
+single-token forward per step with the absorbed MLA, which reads only the cached latent and rope
+key. Only the logits of the last position go through the output head.
+
+Batches of prompts of different lengths are left-padded to the longest: row b's real tokens start
+at slot ``pad[b]``, the model gets per-row positions (slot - pad[b]) and a mask that hides the
+padding slots (``Transformer.forward(..., pad=)``), so every row decodes exactly as if it ran
+alone, and all rows advance one slot per step. Rows that finish early keep decoding (their tokens
+are dropped) until every row is done or ``max_new_tokens`` is reached.
+
+Stops: a stop token (the config's ``eos_token_id`` by default; not part of the output) or a stop
+string (searched in the decoded text, which is cut before it). The context limit is checked before
+anything runs: prompt + ``max_new_tokens`` must fit ``max_position_embeddings``.
+
+:func:`stream` is the streaming iterator (text deltas per row); :func:`generate` collects it.
+With ``speculative=True`` one prompt is decoded with the model's own MTP module drafting a token
+per step (:mod:`gasungbi.infer.speculative`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from gasungbi.infer.cache import KVCache
+from gasungbi.infer.sampling import GREEDY, SamplingParams, sample
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the tokens asked for do not fit the model's context."""
+
+
+@dataclass
+class Completion:
+    """One prompt's result. ``tokens`` excludes a stop token; ``text`` is cut before a stop string."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str | None
+    finish_reason: str
+    """``"stop"`` (stop token or stop string) or ``"length"`` (max_new_tokens reached)."""
+
+
+@dataclass
+class Delta:
+    """A streaming event: row ``index`` produced ``token`` and the text it makes final.
+
+    ``text`` may be empty while bytes of a character or a possible stop string are held back.
+    The last event of a row has ``finish_reason`` set.
+    """
+
+    index: int
+    token: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class GenerationStats:
+    """Timings and counts of one run. ``drafted``/``accepted`` are for speculative decoding."""
+
+    batch_size: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    """Tokens computed, all rows together (rows that finished early count until the batch ends)."""
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    forwards: int = 0
+    """Decode-phase forwards of the main model."""
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode phase, all rows together (the first token comes from
+        the prefill and is not counted)."""
+        n = self.new_tokens - self.batch_size
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def check_context(cfg, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise :class:`ContextLengthError` unless ``prompt_len + max_new_tokens`` fits the context."""
+    limit = cfg.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
+        raise ContextLengthError(
+            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
+            f"tokens exceeds the model's context of {limit} tokens (max_position_embeddings); "
+            f"shorten the prompt or ask for at most {max(limit - prompt_len, 0)} new tokens")
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """Where the token ids go and the activations' dtype: those of the input embedding."""
+    w = model.model.embed_tokens.weight
+    return w.device, w.dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode loop
+# ---------------------------------------------------------------------------------------------
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts -> ids [B, P] right-aligned, and pad [B] (None when all have the same length)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+    pads = [P - len(p) for p in prompts]
+    pad = torch.tensor(pads, device=device) if any(pads) else None
+    return ids.to(device), pad
+
+
+def seen_mask(prompts: Sequence[Sequence[int]], vocab_size: int, device) -> torch.Tensor:
+    """[B, V] bool: which tokens each prompt holds (for the repetition penalty)."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        seen[b, torch.as_tensor(list(p), dtype=torch.long, device=device)] = True
+    return seen
+
+
+@torch.inference_mode()
+def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams = GREEDY,
+                 stats: GenerationStats | None = None) -> Iterator[list[int]]:
+    """Yield the next token of every row, step by step (``max_new_tokens`` steps at most).
+
+    The consumer stops early by closing the iterator. One host synchronization per step (the
+    tokens are needed on the host for stops and streaming); sampling itself has none.
+    """
+    cfg = model.config
+    stats = stats if stats is not None else GenerationStats()
+    device, dtype = model_device_dtype(model)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    check_context(cfg, P, max_new_tokens)
+    t0 = time.perf_counter()
+    ids, pad = left_pad(prompts, cfg.pad_token_id if cfg.pad_token_id is not None else 0, device)
+    cache = KVCache(cfg, B, P + max_new_tokens, device=device, dtype=dtype)
+    gen = sampling.generator(device)
+    seen = seen_mask(prompts, cfg.vocab_size, device) if sampling.repetition_penalty != 1.0 else None
+    stats.batch_size, stats.prompt_tokens = B, sum(len(p) for p in prompts)
+
+    h = model.hidden_states(ids, 0, cache, absorb=False, pad=pad)[:, -1]  # (B, d) only the last slot
+    nxt = sample(model.lm_head(h), sampling, gen, seen)  # (B,)
+    tokens = nxt.tolist()
+    stats.prefill_s = time.perf_counter() - t0
+    stats.new_tokens += B
+    t1 = time.perf_counter()
+    try:
+        yield tokens
+        for step in range(1, max_new_tokens):
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            logits = model(nxt[:, None], P + step - 1, cache, absorb=True, pad=pad)[:, -1]  # (B, V)
+            nxt = sample(logits, sampling, gen, seen)
+            tokens = nxt.tolist()
+            stats.forwards += 1
+            stats.new_tokens += B
+            yield tokens
+    finally:
+        stats.decode_s = time.perf_counter() - t1
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens -> text, stops
+# ---------------------------------------------------------------------------------------------
+
+class Detokenizer:
+    """Incremental decoding that never emits half a UTF-8 character (the offsets scheme of
+    text-generation-inference): decode a short window of recent tokens and emit what it adds."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix_offset = self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        text = self._decode(self.tokens[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held (an incomplete character decodes as U+FFFD)."""
+        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
+        text = self._decode(self.tokens[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.tokens)
+        return text[len(prefix):]
+
+
+class _Row:
+    """One prompt's output: its tokens, text, stop checks and the text already streamed."""
+
+    def __init__(self, index: int, prompt: list[int], max_new: int, stop_tokens: set[int],
+                 stop_strings: Sequence[str], tokenizer):
+        self.index, self.prompt, self.max_new = index, prompt, max_new
+        self.stop_tokens, self.stop_strings = stop_tokens, list(stop_strings)
+        self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.tokens: list[int] = []
+        self.text = ""  # decoded so far (cut at a stop string)
+        self.emitted = 0  # characters of self.text already streamed
+        self.finish_reason: str | None = None
+
+    def _held_back(self) -> int:
+        """Length of the longest end of the text that could still grow into a stop string."""
+        for n in range(min(len(self.text), max((len(s) for s in self.stop_strings), default=1) - 1), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stop_strings):
+                return n
+        return 0
+
+    def push(self, token: int) -> Delta:
+        if token in self.stop_tokens:
+            self.finish_reason = "stop"
+            return Delta(self.index, token, self._flush(), "stop")
+        self.tokens.append(token)
+        if self.detok is not None:
+            before = len(self.text)
+            self.text += self.detok.add(token)
+            if self.stop_strings:
+                start = max(0, before - max(len(s) for s in self.stop_strings) + 1)
+                hits = [i for i in (self.text.find(s, start) for s in self.stop_strings) if i >= 0]
+                if hits:
+                    self.text = self.text[:min(hits)]
+                    self.finish_reason = "stop"
+                    return Delta(self.index, token, self._take(len(self.text)), "stop")
+        if len(self.tokens) >= self.max_new:
+            self.finish_reason = "length"
+            return Delta(self.index, token, self._flush(), "length")
+        return Delta(self.index, token, self._take(len(self.text) - self._held_back()))
+
+    def _take(self, upto: int) -> str:
+        out = self.text[self.emitted:upto]
+        self.emitted = max(self.emitted, upto)
+        return out
+
+    def _flush(self) -> str:
+        if self.detok is not None:
+            self.text += self.detok.flush()
+        return self._take(len(self.text))
+
+    def completion(self) -> Completion:
+        return Completion(self.prompt, self.tokens, self.text if self.detok is not None else None,
+                          self.finish_reason or "length")
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+# ---------------------------------------------------------------------------------------------
+
+def encode_prompts(prompts, tokenizer=None, bos_id: int | None = None, add_bos: bool = True) -> list[list[int]]:
+    """A str, a list of ids, or a list of either -> a list of id lists.
+
+    Text needs ``tokenizer``; ``add_bos`` prepends ``bos_id`` to encoded text (pretraining
+    documents start with it). Id lists are used as given.
+    """
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)) \
+            or isinstance(prompts, torch.Tensor) and prompts.dim() == 1:
+        prompts = [prompts]
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (pass tokenizer= or token ids)")
+            ids = tokenizer.encode(p).ids
+            if add_bos and bos_id is not None and (not ids or ids[0] != bos_id):
+                ids = [bos_id] + ids
+        else:
+            ids = [int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        out.append(ids)
+    if not out:
+        raise ValueError("no prompts given")
+    return out
+
+
+class Stream:
+    """Iterating yields :class:`Delta` events; afterwards ``completions`` and ``stats`` are filled.
+
+    Built by :func:`stream`. Breaking out of the loop stops generation (the remaining rows are
+    reported with ``finish_reason="length"``).
+    """
+
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams,
+                 stop_tokens: set[int], stop_strings: Sequence[str], tokenizer, speculative: bool):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        V = model.config.vocab_size
+        for p in prompts:
+            bad = [t for t in p if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} out of range for vocab_size={V}")
+        check_context(model.config, max(len(p) for p in prompts), max_new_tokens)
+        self.model, self.prompts, self.max_new, self.sampling = model, prompts, max_new_tokens, sampling
+        self.speculative = speculative
+        self.rows = [_Row(i, p, max_new_tokens, stop_tokens, stop_strings, tokenizer) for i, p in enumerate(prompts)]
+        self.stats = GenerationStats()
+        if speculative:
+            from gasungbi.infer.speculative import check_speculative
+            check_speculative(model, len(prompts))
+
+    @property
+    def completions(self) -> list[Completion]:
+        return [r.completion() for r in self.rows]
+
+    def __iter__(self) -> Iterator[Delta]:
+        if self.speculative:
+            from gasungbi.infer.speculative import speculative_steps
+            steps = speculative_steps(self.model, self.prompts[0], self.max_new, self.sampling, self.stats)
+        else:
+            steps = decode_steps(self.model, self.prompts, self.max_new, self.sampling, self.stats)
+        try:
+            for tokens in steps:
+                for row, tok in zip(self.rows, tokens):
+                    if row.finish_reason is None:
+                        yield row.push(tok)
+                if all(r.finish_reason is not None for r in self.rows):
+                    break
+        finally:
+            steps.close()
+
+
+def stream(model, prompts, *, max_new_tokens: int = 128, sampling: SamplingParams = GREEDY,
+           stop_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
+           add_bos: bool = True, speculative: bool = False) -> Stream:
+    """Stream the generation for ``prompts`` (text with ``tokenizer``, or token ids; one or a batch).
+
+    ``stop_tokens``: default the config's ``eos_token_id``; ``()`` for none. ``speculative``: draft
+    with the model's MTP module (one prompt at a time; greedy output unchanged).
+    """
+    cfg = model.config
+    ids = encode_prompts(prompts, tokenizer, cfg.bos_token_id, add_bos)
+    if stop_tokens is None:
+        stop_tokens = [cfg.eos_token_id] if cfg.eos_token_id is not None else []
+    return Stream(model, ids, max_new_tokens, sampling, set(stop_tokens), stop_strings, tokenizer, speculative)
+
+
+def generate(model, prompts, *, max_new_tokens: int = 128, sampling: SamplingParams = GREEDY,
+             stop_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
+             add_bos: bool = True, speculative: bool = False) -> list[Completion]:
+    """Generate for every prompt; returns one :class:`Completion` per prompt (see :func:`stream`)."""
+    s = stream(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
+               stop_strings=stop_strings, tokenizer=tokenizer, add_bos=add_bos, speculative=speculative)
+    for _ in s:
+        pass
+    return s.completions
