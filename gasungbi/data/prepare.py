@@ -8,6 +8,7 @@ from typing import Iterator
 from gasungbi.data.corpus import CorpusStats, describe_source, iter_documents
 from gasungbi.data.shards import Manifest, build_shards
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
+from gasungbi.infer.chat import CHAT_TEMPLATE
 
 
 def _take_bytes(docs: Iterator[str], limit: int | None) -> Iterator[str]:
@@ -34,7 +35,7 @@ def prepare_corpus(source: str, out_dir: str | Path, vocab_size: int = 4096, tok
     if progress:
         print(f"training a {vocab_size}-token BPE on {describe_source(source)} ...", flush=True)
     tok = train_tokenizer(tok_docs, vocab_size)
-    save_tokenizer(tok, out)
+    save_tokenizer(tok, out, chat_template=CHAT_TEMPLATE)
     manifest = build_shards(_take_bytes(iter_documents(source, text_field, stats), max_bytes), tok, out,
                             val_fraction=val_fraction, source=describe_source(source), progress=progress)
     if progress:

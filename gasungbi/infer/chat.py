@@ -37,3 +37,17 @@ def render_chat(messages: Iterable[Mapping[str, str]], add_generation_prompt: bo
 def encode_chat(tokenizer, messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of :func:`render_chat` (special tokens become their ids)."""
     return tokenizer.encode(render_chat(messages, add_generation_prompt)).ids
+
+
+# The same template in Jinja, written into tokenizer_config.json so that transformers'
+# ``apply_chat_template`` renders exactly what :func:`render_chat` does (tests/test_sft.py).
+CHAT_TEMPLATE = (
+    "{{- '<|bos|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown chat role ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
