@@ -132,6 +132,7 @@ class UserError(Exception):
 COMMAND_MODULES: tuple[str, ...] = (
     "gasungbi.train.commands",
     "gasungbi.plan.commands",
+    "gasungbi.post.commands",
     "gasungbi.infer.commands",
 )
 

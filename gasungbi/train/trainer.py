@@ -232,7 +232,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         log.write_text("config.json", json.dumps({"train": dataclasses.asdict(tc), "model": dataclasses.asdict(cfg),
                                                   "params_total": pc.total_with_mtp,
                                                   "params_activated": pc.activated}, indent=2))
-        print(f"model {tc.model}: {pc.total_with_mtp / 1e6:.2f}M parameters ({pc.activated / 1e6:.2f}M activated), "
+        print(f"model {tc.init_from or tc.model}: {pc.total_with_mtp / 1e6:.2f}M parameters ({pc.activated / 1e6:.2f}M activated), "
               f"{tokens_per_step:,} tokens/step, device {device_name} x{world}, "
               f"peak {peak / 1e9:.1f} GFLOP/s" + (f", resuming from {resume_from}" if resume_from else ""))
 

@@ -1,0 +1,1 @@
+"""Post-training: chat SFT data, GRPO, distillation, and the reasoning gym (tasks and rewards)."""

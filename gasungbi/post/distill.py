@@ -1,0 +1,119 @@
+"""Distillation the R1 way (DeepSeek-R1 Sec. 2.4): sample reasoning traces from a teacher, keep the
+ones a reward accepts (rejection sampling), and SFT a smaller student on them.
+
+The teacher is one of our checkpoints (sampled with our engine) or any OpenAI-compatible
+endpoint (``http://host:port/v1``, e.g. ``gasungbi serve`` or vLLM), asked through
+``/v1/chat/completions``.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gasungbi.post.rewards import load_reward
+from gasungbi.post.tasks import make_split, render_task_prompt
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""  # checkpoint directory or http(s)://.../v1
+    teacher_model: str = "gasungbi"  # model name sent to an endpoint
+    student: str = ""  # checkpoint the student starts from (it brings the tokenizer)
+    out_dir: str = "runs/distill"
+    task: str = "arithmetic"
+    difficulty: int = 2
+    reasoning: bool = True
+    prompts: int = 200
+    samples_per_prompt: int = 4
+    temperature: float = 0.8
+    max_new_tokens: int = 64
+    reward: str = "accuracy+format"
+    min_reward: float = 1.0  # keep traces whose reward reaches this
+    sft_steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+
+
+def _teacher_from_checkpoint(cfg: DistillConfig):
+    from gasungbi.data.tokenizer import EOS_ID, load_tokenizer
+    from gasungbi.infer.chat import END, encode_chat
+    from gasungbi.infer.generate import generate
+    from gasungbi.infer.sampling import SamplingParams
+    from gasungbi.interop.hf import load_model
+
+    model = load_model(cfg.teacher, device=cfg.device)
+    tok = load_tokenizer(cfg.teacher)
+
+    def sample(messages: list[list[dict]], seed: int) -> list[str]:
+        ids = [encode_chat(tok, m) for m in messages]
+        outs = generate(model, ids, max_new_tokens=cfg.max_new_tokens, tokenizer=tok, add_bos=False,
+                        stop_tokens=[tok.token_to_id(END), EOS_ID],
+                        sampling=SamplingParams(temperature=cfg.temperature, seed=seed))
+        return [o.text or "" for o in outs]
+
+    return sample
+
+
+def _teacher_from_endpoint(cfg: DistillConfig):
+    url = cfg.teacher.rstrip("/") + "/chat/completions"
+
+    def sample(messages: list[list[dict]], seed: int) -> list[str]:
+        texts = []
+        for i, m in enumerate(messages):
+            body = json.dumps({"model": cfg.teacher_model, "messages": m, "max_tokens": cfg.max_new_tokens,
+                               "temperature": cfg.temperature, "seed": seed + i}).encode()
+            req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    texts.append(json.loads(r.read())["choices"][0]["message"]["content"] or "")
+            except (urllib.error.URLError, KeyError, json.JSONDecodeError) as e:
+                raise ValueError(f"teacher endpoint {url} failed: {e}") from None
+        return texts
+
+    return sample
+
+
+def collect_traces(cfg: DistillConfig) -> tuple[Path, dict[str, Any]]:
+    """Sample, filter by reward, write ``out_dir/traces.jsonl`` in the SFT messages format."""
+    sample = (_teacher_from_endpoint if cfg.teacher.startswith(("http://", "https://")) else _teacher_from_checkpoint)(cfg)
+    reward = load_reward(cfg.reward)
+    tasks = make_split(cfg.task, cfg.prompts, cfg.difficulty, seed=cfg.seed, split="train")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "traces.jsonl"
+    kept = total = 0
+    with open(path, "w") as f:
+        for r in range(cfg.samples_per_prompt):
+            messages = [render_task_prompt(t, cfg.reasoning) for t in tasks]
+            for task, msgs, text in zip(tasks, messages, sample(messages, cfg.seed * 1000 + r)):
+                total += 1
+                if reward(task, text) >= cfg.min_reward:
+                    kept += 1
+                    f.write(json.dumps({"messages": msgs + [{"role": "assistant", "content": text}]}) + "\n")
+    return path, {"sampled": total, "kept": kept, "acceptance": kept / max(total, 1)}
+
+
+def distill(cfg: DistillConfig) -> dict[str, Any]:
+    """Collect accepted traces from the teacher, then SFT the student on them."""
+    from gasungbi.train.trainer import TrainConfig, train
+
+    if not cfg.teacher or not cfg.student:
+        raise ValueError("distill needs a teacher (checkpoint or endpoint URL) and a student checkpoint")
+    traces, stats = collect_traces(cfg)
+    if stats["kept"] < 2:
+        raise ValueError(f"the teacher produced {stats['kept']} accepted traces out of {stats['sampled']}: "
+                         "nothing to distill (lower min_reward, raise samples_per_prompt, or use a stronger teacher)")
+    report = train(TrainConfig(task="sft", init_from=cfg.student, data=str(traces),
+                               out_dir=str(Path(cfg.out_dir) / "student"), batch_size=cfg.batch_size,
+                               seq_len=cfg.seq_len, max_steps=cfg.sft_steps, lr=cfg.lr,
+                               warmup_steps=max(1, cfg.sft_steps // 10), eval_interval=0, device=cfg.device,
+                               seed=cfg.seed, progress=False))
+    return {"traces": str(traces), **stats, "student": report}

@@ -1,0 +1,253 @@
+"""GRPO: reinforcement learning with verifiable rewards (DeepSeekMath Sec. 4.1; DeepSeek-R1 Sec. 2.2).
+
+Each step: P prompts from the reasoning gym, G sampled completions each (a group), a reward per
+completion from a program (answer accuracy, R1's format reward, or a user callable); then
+
+    A_i = (r_i - mean(r)) / (std(r) + 1e-4)                 group-normalized advantage (GRPO)
+    A_i =  r_i - mean(r)                                     Dr. GRPO (Liu et al. 2025): no std
+    ratio_t = pi_theta(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
+    L = -1/G sum_i 1/|o_i| sum_t [ min(ratio_t A_i, clip(ratio_t, 1-eps, 1+eps) A_i) - beta KL_t ]
+    KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1       the unbiased k3 estimator (Schulman 2020)
+
+Dr. GRPO replaces 1/|o_i| by one constant (1 / max_new_tokens), removing the length bias.
+``updates`` optimizer steps reuse each batch of rollouts (pi_old is the policy that sampled them;
+with one update the ratio is 1 and the clip is inactive, as in R1's setting).
+
+Deviations, stated: the reference model is the initial checkpoint and is never refreshed; the
+routing bias of MoE layers is frozen during RL (no balancing updates); rollouts use the same
+weights in fp32 (no separate inference engine), so pi_old is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gasungbi.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer
+from gasungbi.infer.chat import END, encode_chat
+from gasungbi.infer.generate import generate
+from gasungbi.infer.sampling import SamplingParams
+from gasungbi.interop.hf import load_model
+from gasungbi.post.evaluate import evaluate_model
+from gasungbi.post.rewards import load_reward
+from gasungbi.post.tasks import get_family, make_split, render_task_prompt
+from gasungbi.train import checkpoint as ckpt
+from gasungbi.train.meter import CostMeter, device_peak
+from gasungbi.train.optim import build_optimizers
+
+
+@dataclass
+class GRPOConfig:
+    """A GRPO run. Defaults suit a small model on a CPU."""
+
+    init_from: str = ""  # the SFT'd (or pretrained) checkpoint: initial policy and reference
+    out_dir: str = "runs/grpo"
+    task: str = "arithmetic"  # a gym family
+    difficulty: int = 2
+    reasoning: bool = True  # ask for <think>...</think><answer>...</answer>
+    reward: str = "accuracy+format"  # built-in name or module:function
+    steps: int = 40
+    prompts_per_step: int = 8  # P
+    group_size: int = 8  # G
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    lr: float = 5e-5
+    clip_eps: float = 0.2
+    beta: float = 0.0  # KL weight; 0 drops the reference model
+    updates: int = 1  # optimizer steps per batch of rollouts
+    variant: str = "grpo"  # grpo | dr_grpo
+    grad_clip: float = 1.0
+    eval_tasks: int = 100
+    eval_interval: int = 0  # 0: only before and after
+    ckpt_interval: int = 20
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    price_per_hour: float | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.init_from:
+            raise ValueError("grpo needs init_from, the checkpoint to improve")
+        if self.variant not in ("grpo", "dr_grpo"):
+            raise ValueError(f"variant={self.variant!r}; choose grpo or dr_grpo")
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2: advantages compare completions within a group")
+        get_family(self.task)
+
+
+def group_advantages(rewards: torch.Tensor, variant: str = "grpo") -> torch.Tensor:
+    """rewards [P, G] -> advantages [P, G], normalized within each group."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if variant == "dr_grpo":
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True) + 1e-4)
+
+
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of each completion given its prompt: (logp [N, L], mask [N, L]),
+    L = the longest completion. Sequences are right-padded (causal attention ignores the padding)."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    T = max(map(len, seqs))
+    L = max(1, max(map(len, completions)))
+    device = model.lm_head.weight.device
+    ids = torch.full((len(seqs), T), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    ids = ids.to(device)
+    logp_all = torch.log_softmax(model(ids).float(), dim=-1)  # (N, T, V)
+    logp = torch.zeros(len(seqs), L, device=device)
+    mask = torch.zeros(len(seqs), L, device=device)
+    rows, cols, targets, slots = [], [], [], []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        for j, tok in enumerate(c):
+            rows.append(i)
+            cols.append(len(p) + j - 1)  # the logits that predict completion token j
+            targets.append(tok)
+            slots.append(j)
+    if rows:
+        r = torch.tensor(rows, device=device)
+        picked = logp_all[r, torch.tensor(cols, device=device), torch.tensor(targets, device=device)]
+        logp = logp.index_put((r, torch.tensor(slots, device=device)), picked)
+        mask[r, torch.tensor(slots, device=device)] = 1.0
+    return logp, mask
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor,
+              adv: torch.Tensor, clip_eps: float, beta: float, variant: str, max_new_tokens: int) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate with the k3 KL penalty; inputs are [N, L] (adv [N])."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    per_token = surrogate
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_token = surrogate - beta * kl
+    if variant == "dr_grpo":
+        loss = -(per_token * mask).sum() / (mask.shape[0] * max_new_tokens)
+    else:
+        loss = -((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    n = mask.sum().clamp(min=1)
+    stats = {"kl": ((kl * mask).sum() / n).item(),
+             "clip_frac": ((((ratio - 1).abs() > clip_eps).float() * mask).sum() / n).item()}
+    return loss, stats
+
+
+def evaluate_policy(model, tok, cfg: GRPOConfig, n: int) -> dict:
+    """Greedy (pass@1, fixed) accuracy on the gym's held-out test split, with its 95% interval."""
+    r = evaluate_model(model, tok, cfg.task, cfg.difficulty, n, reasoning=cfg.reasoning,
+                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return {"accuracy": r["pass@1"], "ci95": list(r["ci95"]), "n": r["n_tasks"], "example": r.get("example")}
+
+
+def grpo(cfg: GRPOConfig) -> dict[str, Any]:
+    """Run (or resume) GRPO; returns the report (also out_dir/report.json)."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    tok = load_tokenizer(cfg.init_from)
+    stop_ids = [tok.token_to_id(END), EOS_ID]
+    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    if resume_from is not None:
+        policy, state = ckpt.load_checkpoint(resume_from, device)
+    else:
+        policy, state = load_model(cfg.init_from, device=device, dtype=torch.float32), None
+    reference = load_model(cfg.init_from, device=device, dtype=torch.float32) if cfg.beta > 0 else None
+    policy.train()
+    opt = build_optimizers(policy, "adamw", cfg.lr, weight_decay=0.0)[0]
+    reward_fn = load_reward(cfg.reward)
+    family = cfg.task
+    pool = make_split(family, max(1000, cfg.steps * cfg.prompts_per_step), cfg.difficulty, seed=cfg.seed, split="train")
+    start = 0
+    history: list[dict] = []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+    peak, price, dev_name = device_peak(device, torch.float32)
+    from gasungbi.model.accounting import count_params
+    n_act = count_params(policy.config).activated
+    # per generated token: ~2N to sample it, 2N for pi_old, (2N for pi_ref), 6N x updates to train
+    flops_per_token = n_act * (4 + (2 if reference is not None else 0) + 6 * cfg.updates)
+    meter = CostMeter(flops_per_token, peak, cfg.price_per_hour if cfg.price_per_hour is not None else (price or 0.0),
+                      elapsed_before=state["meter"]["elapsed"] if state else 0.0,
+                      tokens_before=state["meter"]["tokens"] if state else 0)
+
+    def save(step: int) -> Path:
+        st = {"step": step, "optimizer": opt.state_dict(), "history": history,
+              "rng": {"torch": torch.get_rng_state()}, "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens},
+              "grpo_config": json.dumps(dataclasses.asdict(cfg)), "before": before}
+        return ckpt.save_checkpoint(out, step, policy, st, tokenizer=cfg.init_from, keep=cfg.keep_checkpoints)
+
+    before = state["before"] if state else evaluate_policy(policy.eval(), tok, cfg, cfg.eval_tasks)
+    policy.train()
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    metrics = open(out / "metrics.jsonl", "a")
+    for step in range(start, cfg.steps):
+        batch = [pool[(step * cfg.prompts_per_step + i) % len(pool)] for i in range(cfg.prompts_per_step)]
+        prompts = [encode_chat(tok, render_task_prompt(t, cfg.reasoning)) for t in batch]
+        group_prompts = [p for p in prompts for _ in range(cfg.group_size)]
+        policy.eval()
+        outs = generate(policy, group_prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=tok, add_bos=False,
+                        stop_tokens=stop_ids,
+                        sampling=SamplingParams(temperature=cfg.temperature, seed=cfg.seed * 1_000_003 + step))
+        completions = [o.tokens + ([stop_ids[0]] if o.finish_reason == "stop" else []) for o in outs]
+        texts = [o.text or "" for o in outs]
+        rewards = torch.tensor([reward_fn(batch[i // cfg.group_size], texts[i]) for i in range(len(outs))],
+                               device=device).view(cfg.prompts_per_step, cfg.group_size)
+        adv = group_advantages(rewards, cfg.variant).flatten()
+        with torch.no_grad():
+            old_logp, mask = completion_logprobs(policy, group_prompts, completions)
+            ref_logp = completion_logprobs(reference, group_prompts, completions)[0] if reference is not None else None
+        policy.train()
+        for _ in range(cfg.updates):
+            logp, _ = completion_logprobs(policy, group_prompts, completions)
+            loss, stats = grpo_loss(logp, old_logp, ref_logp, mask, adv, cfg.clip_eps, cfg.beta, cfg.variant,
+                                    cfg.max_new_tokens)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            opt.step()
+        for moe in policy.moe_layers():
+            moe.tokens_per_expert.zero_()
+        accuracy = torch.tensor([load_reward("accuracy")(batch[i // cfg.group_size], texts[i])
+                                 for i in range(len(outs))]).mean().item()
+        meter.update(int(mask.sum().item()))
+        row = {"step": step + 1, "loss": loss.item(), "reward": rewards.mean().item(), "accuracy": accuracy,
+               "zero_variance_groups": (rewards.std(dim=1) == 0).float().mean().item(),
+               "response_length": mask.sum(dim=1).mean().item(), **stats,
+               "dollars": round(meter.dollars, 6), "elapsed_s": round(meter.elapsed, 2),
+               "sample": texts[0][:200]}
+        history.append(row)
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        bar.update(1)
+        bar.set_postfix_str(f"reward {row['reward']:.2f} | acc {accuracy:.2f} | len {row['response_length']:.0f} | "
+                            f"kl {stats['kl']:.3f}")
+        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
+            history.append({"step": step + 1, "eval": evaluate_policy(policy.eval(), tok, cfg, cfg.eval_tasks)})
+            policy.train()
+        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.steps:
+            save(step + 1)
+    bar.close()
+    metrics.close()
+    after = evaluate_policy(policy.eval(), tok, cfg, cfg.eval_tasks)
+    path = save(cfg.steps)
+    report = {"task": cfg.task, "difficulty": cfg.difficulty, "steps": cfg.steps, "before": before, "after": after,
+              "improved_beyond_ci": after["accuracy"] > before["ci95"][1], "checkpoint": str(path),
+              **meter.summary(), "device": dev_name}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report

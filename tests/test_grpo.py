@@ -1,0 +1,145 @@
+"""GRPO's arithmetic, a GRPO run that raises a reward, resume, distillation (checkpoint and HTTP
+teacher) and the eval-tasks command."""
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from gasungbi import build_model, get_preset, save_model
+from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
+from gasungbi.infer.chat import CHAT_TEMPLATE
+from gasungbi.post.distill import DistillConfig, distill
+from gasungbi.post.grpo import GRPOConfig, completion_logprobs, group_advantages, grpo, grpo_loss
+
+SEVENS = "tests.test_grpo:sevens_reward"
+
+
+def sevens_reward(task, text):
+    """A reward a random model can learn fast: the share of '7' characters in the completion."""
+    return text.count("7") / max(len(text), 1)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    docs = [f"What is {a} + {b}? <answer>{a + b}</answer> 777" for a in range(40) for b in range(10)]
+    tok = train_tokenizer(docs, 300)
+    save_tokenizer(tok, root / "tok", chat_template=CHAT_TEMPLATE)
+    cfg = get_preset("debug").replace(vocab_size=tok.get_vocab_size(), initializer_range=0.1)
+    save_model(build_model(cfg, seed=0), root / "ckpt", tokenizer=root / "tok")
+    return root / "ckpt"
+
+
+def test_group_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    a = group_advantages(r)
+    # centered +-0.5, unbiased std sqrt(1/3)
+    assert torch.allclose(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / ((1 / 3) ** 0.5 + 1e-4), atol=1e-5)
+    assert torch.equal(a[1], torch.zeros(4))  # a zero-variance group teaches nothing
+    assert torch.allclose(group_advantages(r, "dr_grpo")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_loss_gradient_direction_clip_and_kl():
+    logp = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]])).requires_grad_()
+    old = logp.detach().clone()
+    mask = torch.ones(2, 2)
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = grpo_loss(logp, old, None, mask, adv, 0.2, 0.0, "grpo", 2)
+    loss.backward()
+    assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all()  # descent raises the good, lowers the bad
+    assert stats["clip_frac"] == 0
+    # far outside the clip range with a positive advantage: no gradient
+    far = (old + 1.0).requires_grad_()
+    loss, stats = grpo_loss(far, old, None, mask, torch.tensor([1.0, 1.0]), 0.2, 0.0, "grpo", 2)
+    loss.backward()
+    assert torch.equal(far.grad, torch.zeros_like(far)) and stats["clip_frac"] == 1.0
+    # k3 KL: zero when equal to the reference, positive otherwise
+    _, s0 = grpo_loss(old, old, old, mask, adv, 0.2, 0.1, "grpo", 2)
+    _, s1 = grpo_loss(old, old, old - 0.5, mask, adv, 0.2, 0.1, "grpo", 2)
+    assert s0["kl"] == pytest.approx(0.0) and s1["kl"] > 0
+
+
+def test_completion_logprobs_match_a_direct_forward(ckpt):
+    from gasungbi import load_model
+    model = load_model(ckpt)
+    prompts, completions = [[0, 5, 6], [0, 7]], [[8, 9], [10, 11, 12]]
+    logp, mask = completion_logprobs(model, prompts, completions)
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([[0, 7, 10, 11, 12]])), -1)[0]
+    want = [full[1, 10], full[2, 11], full[3, 12]]
+    assert torch.allclose(logp[1], torch.stack(want), atol=1e-5)
+
+
+def test_grpo_raises_a_learnable_reward_and_resumes(ckpt, tmp_path):
+    base = dict(init_from=str(ckpt), task="arithmetic", difficulty=2, reward=SEVENS, prompts_per_step=4,
+                group_size=6, max_new_tokens=8, lr=3e-3, eval_tasks=8, ckpt_interval=3, progress=False, seed=1)
+    report = grpo(GRPOConfig(out_dir=str(tmp_path / "a"), steps=12, **base))
+    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(r["reward"] for r in rows[:3]) / 3, sum(r["reward"] for r in rows[-3:]) / 3
+    assert last > first + 0.1, (first, last)
+    assert {"reward", "accuracy", "zero_variance_groups", "kl", "response_length", "sample"} <= set(rows[0])
+    assert {"accuracy", "ci95", "n"} <= set(report["before"]) and report["after"]["n"] == 8
+    # resume: a run stopped at step 3 continues to 12 and ends with the same weights
+    grpo(GRPOConfig(out_dir=str(tmp_path / "b"), steps=3, **base))
+    resumed = grpo(GRPOConfig(out_dir=str(tmp_path / "b"), steps=12, resume=True, **base))
+    from safetensors.torch import load_file
+    wa = load_file(f"{report['checkpoint']}/model.safetensors")
+    wb = load_file(f"{resumed['checkpoint']}/model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_distill_from_checkpoint_and_from_an_endpoint(ckpt, tmp_path):
+    r = distill(DistillConfig(teacher=str(ckpt), student=str(ckpt), out_dir=str(tmp_path / "c"), prompts=6,
+                              samples_per_prompt=2, reward="format", min_reward=0.0, sft_steps=2, batch_size=2,
+                              seq_len=64, max_new_tokens=6))
+    assert r["sampled"] == 12 and r["kept"] == 12 and r["student"]["step"] == 2
+
+    class Teacher(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            q = body["messages"][-1]["content"]
+            a, b = q.split("What is ")[1].split("?")[0].split(" ")[::2]
+            op = q.split("What is ")[1].split(" ")[1]
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            # right answers for even operands, wrong otherwise: the filter must keep exactly those
+            text = f"<think>{a}{op}{b}</think><answer>{value if int(a) % 2 == 0 else value + 1}</answer>"
+            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Teacher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = distill(DistillConfig(teacher=f"http://127.0.0.1:{server.server_port}/v1", student=str(ckpt),
+                                  out_dir=str(tmp_path / "e"), prompts=10, samples_per_prompt=1, sft_steps=2,
+                                  batch_size=2, seq_len=64))
+    finally:
+        server.shutdown()
+    kept = [json.loads(l) for l in (tmp_path / "e" / "traces.jsonl").read_text().splitlines()]
+    assert r["kept"] == len(kept) and 0 < len(kept) < 10
+    for conv in kept:
+        a = int(conv["messages"][0]["content"].split("What is ")[1].split(" ")[0])
+        assert a % 2 == 0
+
+
+def test_eval_tasks_cli(ckpt):
+    r = subprocess.run([sys.executable, "-m", "gasungbi", "eval-tasks", str(ckpt), "--n", "6", "--k", "2",
+                        "--max-new-tokens", "4", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["n_tasks"] == 6 and 0 <= d["pass@1"] <= d["pass@2"] <= 1 and len(d["ci95"]) == 2
+    bad = subprocess.run([sys.executable, "-m", "gasungbi", "eval-tasks", str(ckpt), "--task", "chess"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown task family 'chess'" in bad.stderr
