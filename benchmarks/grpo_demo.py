@@ -24,17 +24,8 @@ from gasungbi import build_model, get_preset, save_model
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
 from gasungbi.infer.chat import CHAT_TEMPLATE, render_chat
 from gasungbi.post.grpo import GRPOConfig, grpo
-from gasungbi.post.tasks import make_split, render_task_prompt
+from gasungbi.post.cold_start import cold_start_conversations, write_jsonl
 from gasungbi.train.trainer import TrainConfig, train
-
-
-def sft_conversations(n: int, difficulty: int, seed: int) -> list[list[dict]]:
-    convs = []
-    for t in make_split("arithmetic", n, difficulty, seed=seed, split="train"):
-        a, b, op = t.meta["a"], t.meta["b"], t.meta["op"]
-        convs.append(render_task_prompt(t, True) +
-                     [{"role": "assistant", "content": f"<think>{a} {op} {b}</think><answer>{t.answer}</answer>"}])
-    return convs
 
 
 def main() -> None:
@@ -50,10 +41,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    convs = sft_conversations(6000, args.difficulty, seed=0)
-    with open(out / "sft.jsonl", "w") as f:
-        for c in convs:
-            f.write(json.dumps({"messages": c}) + "\n")
+    convs = cold_start_conversations("arithmetic", 6000, args.difficulty, seed=0)
+    write_jsonl(convs, out / "sft.jsonl")
     tok = train_tokenizer((render_chat(c, add_generation_prompt=False) for c in convs), 320)
     save_tokenizer(tok, out / "tokenizer", chat_template=CHAT_TEMPLATE)
     cfg = get_preset("debug").replace(vocab_size=tok.get_vocab_size(), hidden_size=128, num_hidden_layers=4,

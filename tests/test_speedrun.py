@@ -19,14 +19,18 @@ def corpus(tmp_path_factory):
 
 
 TINY = dict(model="debug", batch_size=4, seq_len=32, device="cpu", eval_batches=2, sample_tokens=8, progress=False)
+TINY_POST = dict(sft_examples=40, sft_steps=2, sft_batch=4, grpo_steps=1, prompts_per_step=2, group_size=2,
+                 max_new_tokens=4, eval_tasks=4)
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_speedrun_recipe_at_tiny_size(recipe, corpus, tmp_path):
-    report = speedrun(recipe, out=tmp_path, corpus=str(corpus), steps=4, overrides=TINY)
+    report = speedrun(recipe, out=tmp_path, corpus=str(corpus), steps=4, overrides=TINY, post=TINY_POST)
     assert report["step"] == 4 and not report["interrupted"]
+    assert report["post"]["sft"]["steps"] == 2 and report["post"]["grpo"]["after"]["n"] == 4
     md = (tmp_path / "report.md").read_text()
-    for needle in ("validation bits per byte", "MFU", "device-hours", "cost", "Expert load", "Sample", "loss.png"):
+    for needle in ("validation bits per byte", "MFU", "device-hours", "cost", "Expert load", "Sample", "loss.png",
+                   "gym accuracy after GRPO"):
         assert needle in md
     assert (tmp_path / "loss.png").exists()
     final = tmp_path / "final"
@@ -43,8 +47,8 @@ def test_speedrun_recipe_at_tiny_size(recipe, corpus, tmp_path):
 
 
 def test_speedrun_rerun_reuses_data_and_resumes(corpus, tmp_path):
-    speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=3, overrides=TINY)
-    report = speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=3, overrides=TINY)
+    speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=3, overrides=TINY, post=False)
+    report = speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=3, overrides=TINY, post=False)
     assert report["step"] == 3  # nothing left to train: the finished run is reported again
     plan = json.loads((tmp_path / "speedrun.json").read_text())
     assert plan == {"corpus": str(corpus), "vocab_size": 4096, "max_steps": 3}

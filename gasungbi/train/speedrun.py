@@ -30,8 +30,18 @@ import torch
 
 from gasungbi.train.trainer import TrainConfig
 
+# Post-training after pretraining: cold-start SFT on the gym's arithmetic, then GRPO (R1's recipe
+# in miniature), so the final checkpoint answers in <think>...</think><answer>...</answer>.
+POST = {
+    "cpu": dict(difficulty=2, sft_examples=4000, sft_steps=120, sft_batch=16, grpo_steps=12, prompts_per_step=8,
+                group_size=8, max_new_tokens=24, eval_tasks=100, grpo_lr=3e-5),
+    "gpu": dict(difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, grpo_steps=200, prompts_per_step=32,
+                group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5),
+}
+POST["node"] = POST["gpu"]
+
 RECIPES = {
-    "cpu": dict(minutes=11.0, vocab_size=4096, tokenizer_bytes=20_000_000,
+    "cpu": dict(minutes=8.5, vocab_size=4096, tokenizer_bytes=20_000_000,
                 train=dict(model="cpu-tiny", batch_size=16, seq_len=256, lr=3e-3, warmup_steps=20, bias_update_speed=0.01,
                            eval_batches=16, device="cpu", sample_prompt="def ")),
     "gpu": dict(minutes=60.0, vocab_size=32768, tokenizer_bytes=200_000_000,
@@ -71,8 +81,9 @@ def measure_step_seconds(tc: TrainConfig, vocab_size: int, steps: int = 3) -> fl
 
 def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str = "stdlib",
              minutes: float | None = None, steps: int | None = None, price_per_hour: float | None = None,
-             overrides: dict | None = None) -> dict:
-    """Run the pipeline; returns the training report. ``overrides`` change TrainConfig fields."""
+             overrides: dict | None = None, post: dict | None = None) -> dict:
+    """Run the pipeline; returns the report. ``overrides`` change the pretraining TrainConfig fields,
+    ``post`` the post-training settings (``POST``); ``post=False`` skips post-training."""
     from gasungbi.data.prepare import prepare_corpus
     from gasungbi.data.shards import load_manifest
     from gasungbi.interop.hf import load_model, save_model
@@ -90,11 +101,11 @@ def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str
     plan_file = out / "speedrun.json"
     plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
     if plan.get("corpus") != corpus or plan.get("vocab_size") != r["vocab_size"] or not (data / "manifest.json").exists():
-        print(f"[1/4] tokenizer and shards from {corpus}")
+        print(f"[1/5] tokenizer and shards from {corpus}")
         prepare_corpus(corpus, data, vocab_size=r["vocab_size"], tokenizer_bytes=r["tokenizer_bytes"], val_fraction=0.02)
         plan = {"corpus": corpus, "vocab_size": r["vocab_size"]}
     else:
-        print(f"[1/4] reusing tokenizer and shards in {data}")
+        print(f"[1/5] reusing tokenizer and shards in {data}")
     t_data = time.perf_counter() - t0
     manifest = load_manifest(data)
 
@@ -109,35 +120,83 @@ def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str
         budget = (minutes if minutes is not None else r["minutes"]) * 60
         sec = measure_step_seconds(tc, manifest.vocab_size)
         steps = max(10, int(budget / (sec * 1.08)))  # ~8% for validation, samples and checkpoints
-        print(f"[2/4] measured {sec:.2f} s/step: {steps} steps fit {budget / 60:.1f} minutes")
+        print(f"[2/5] measured {sec:.2f} s/step: {steps} steps fit {budget / 60:.1f} minutes")
     if plan.get("max_steps") != steps and (out / "train").exists():
         print(f"      a different schedule than the earlier run in {out / 'train'}: starting over")
-        shutil.rmtree(out / "train")
+        for stage in ("train", "sft", "grpo"):
+            shutil.rmtree(out / stage, ignore_errors=True)
     plan["max_steps"] = steps
     plan_file.write_text(json.dumps(plan, indent=2))
     tc = dataclasses.replace(tc, max_steps=steps, eval_interval=max(1, steps // 5), ckpt_interval=max(1, steps // 5),
                              log_interval=max(1, min(10, steps // 20)))
-    print(f"[3/4] pretraining {tc.model} for {steps} steps ({steps * tc.batch_size * tc.seq_len:,} tokens)")
+    print(f"[3/5] pretraining {tc.model} for {steps} steps ({steps * tc.batch_size * tc.seq_len:,} tokens)")
     report = train(tc)
     if report["interrupted"]:
         print("speedrun interrupted; run the same command again to resume")
         return report
+    final_source = report["checkpoint"]
 
-    # 4. final checkpoint and report
+    # 4. post-training: cold-start SFT on the gym, then GRPO
+    if post is not False:
+        p = {**POST[recipe], **(post or {})}
+        report["post"] = post_train(out, tc, report["checkpoint"], p)
+        final_source = report["post"]["grpo"]["checkpoint"]
+
+    # 5. final checkpoint and report
     final = out / "final"
     if final.exists():
         shutil.rmtree(final)
-    save_model(load_model(report["checkpoint"]), final, tokenizer=data)
+    save_model(load_model(final_source), final, tokenizer=data)
     report["final_checkpoint"] = str(final)
     report["wall_clock_s"] = round(time.perf_counter() - t0, 1)
     report["data_prep_s"] = round(t_data, 1)
     write_report(out, tc, report, manifest)
-    print(f"[4/4] report: {out / 'report.md'}\n"
+    print(f"[5/5] report: {out / 'report.md'}\n"
           f"val bits/byte {report['val_bpb']:.4f} | {report['tokens']:,} tokens | {report['tokens_per_s']:,.0f} tok/s | "
           f"MFU {report['mfu']:.1%} | {report['device_hours']:.4f} device-hours = ${report['dollars']:.4f} | "
           f"total {report['wall_clock_s'] / 60:.1f} min\n"
           f"checkpoint: {final}  (transformers.AutoModelForCausalLM.from_pretrained loads it)")
     return report
+
+
+def _post_lines(report: dict) -> list[str]:
+    post = report.get("post")
+    if not post:
+        return []
+    b, a = post["grpo"]["before"], post["grpo"]["after"]
+    return [f"| cold-start SFT | {post['sft']['steps']} steps, val loss {post['sft']['val_loss']:.3f} on "
+            f"assistant tokens, {post['sft']['elapsed_s'] / 60:.1f} min |",
+            f"| gym accuracy after SFT (arithmetic, greedy, n={b['n']}) | {b['accuracy']:.3f} "
+            f"[{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] |",
+            f"| gym accuracy after GRPO ({post['grpo']['steps']} steps, {post['grpo']['elapsed_s'] / 60:.1f} min) | "
+            f"{a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] |"]
+
+
+def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
+    """Cold-start SFT on the gym's arithmetic (R1 Sec. 2.3.1), then GRPO; both resume on a rerun."""
+    from gasungbi.post.cold_start import cold_start_conversations, write_jsonl
+    from gasungbi.post.grpo import GRPOConfig, grpo
+    from gasungbi.train.trainer import train
+
+    gym = write_jsonl(cold_start_conversations("arithmetic", p["sft_examples"], p["difficulty"], seed=tc.seed),
+                      out / "gym_sft.jsonl")
+    print(f"[4/5] cold-start SFT on {p['sft_examples']} gym conversations for {p['sft_steps']} steps, "
+          f"then GRPO for {p['grpo_steps']} steps")
+    sft = train(TrainConfig(task="sft", init_from=pretrained, data=str(gym), out_dir=str(out / "sft"),
+                            batch_size=p["sft_batch"], seq_len=128, max_steps=p["sft_steps"], lr=1e-3,
+                            warmup_steps=10, eval_interval=0, ckpt_interval=0, log_interval=10,
+                            device=tc.device, resume=True, progress=tc.progress, seed=tc.seed,
+                            price_per_hour=tc.price_per_hour, sample_tokens=2))
+    g = grpo(GRPOConfig(init_from=sft["checkpoint"], out_dir=str(out / "grpo"), task="arithmetic",
+                        difficulty=p["difficulty"], steps=p["grpo_steps"], prompts_per_step=p["prompts_per_step"],
+                        group_size=p["group_size"], max_new_tokens=p["max_new_tokens"], lr=p["grpo_lr"],
+                        eval_tasks=p["eval_tasks"], ckpt_interval=0, device="cuda" if torch.cuda.is_available()
+                        and tc.device != "cpu" else "cpu", resume=True, progress=tc.progress, seed=tc.seed,
+                        price_per_hour=tc.price_per_hour))
+    return {"sft": {"steps": sft["step"], "val_loss": sft["val_loss"], "elapsed_s": sft["elapsed_s"],
+                    "dollars": sft["dollars"]},
+            "grpo": {"steps": p["grpo_steps"], "before": g["before"], "after": g["after"],
+                     "checkpoint": g["checkpoint"], "elapsed_s": g["elapsed_s"], "dollars": g["dollars"]}}
 
 
 def write_report(out: Path, tc: TrainConfig, report: dict, manifest) -> Path:
@@ -178,13 +237,16 @@ def write_report(out: Path, tc: TrainConfig, report: dict, manifest) -> Path:
         f"| device-hours | {report['device_hours']:.4f} |",
         f"| cost | ${report['dollars']:.4f} at ${report['price_per_device_hour']}/device-hour |",
         f"| max expert-load violation (last step) | {report['max_violation'] or 0:.2f} |",
-        "", "![loss curve](loss.png)", "",
+        *_post_lines(report), "", "![loss curve](loss.png)", "",
         "## Expert load on the last step (% of routed tokens per expert)", "",
         "| MoE layer | experts 0.. |", "| --- | --- |", *load_rows, "",
         "## Sample (greedy)", "", "```", report.get("sample", ""), "```", "",
         f"Checkpoint: `{report['final_checkpoint']}` (Hugging Face layout).", "",
     ]
     path = out / "report.md"
+    if report.get("post"):
+        lines += ["## Chat with the reasoning format (greedy, after GRPO)", "", "```",
+                  str((report["post"]["grpo"]["after"].get("example") or {})), "```", ""]
     path.write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return path
