@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gasungbi.config import ModelConfig, from_hf_config, to_hf_config
-from gasungbi.model.moe import Experts
+from gasungbi.model.moe import Experts, dispatch
 from gasungbi.model.transformer import Transformer, build_model
 
 MODES = ("int8", "int4")
@@ -185,24 +185,13 @@ class QuantExperts(nn.Module):
             for j, t in enumerate(w.tensors()):
                 self.register_buffer(f"_w{i}_{j}", t, persistent=False)
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up[e].mm(x)  # (n, 2I)
+        return self.down[e].mm(F.silu(gu[:, : self.inter]) * gu[:, self.inter:])
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
-        k = idx.shape[1]
-        order = idx.reshape(-1).argsort(stable=True)
-        token = order // k
-        xs = x[token]
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            gu = self.gate_up[e].mm(xs[start:start + n])  # (n, 2I)
-            h = F.silu(gu[:, : self.inter]) * gu[:, self.inter:]
-            outs.append(self.down[e].mm(h))
-            start += n
-        if not outs:
-            return torch.zeros_like(x)
-        ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return dispatch(self.expert, x, idx, weights, counts)
 
 
 # ---------------------------------------------------------------------------------------------

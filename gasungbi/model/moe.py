@@ -75,25 +75,35 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(e, i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on its tokens x (n, d) -> (n, d)."""
+        return (F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t())) @ self.down_proj[e].t()
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
-        """x (N, d), idx/weights (N, K), counts (E,) tokens per expert -> (N, d)."""
-        k = idx.shape[1]
-        order = idx.reshape(-1).argsort(stable=True)  # (N*K,) slots sorted by expert
-        token = order // k
-        xs = x[token]
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            xe = xs[start:start + n]
-            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
-            outs.append(h @ self.down_proj[e].t())
-            start += n
-        if not outs:  # no tokens at all
-            return torch.zeros_like(x)
-        ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return dispatch(self.expert, x, idx, weights, counts)
+
+
+def dispatch(expert, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Run ``expert(e, tokens)`` for every expert on the tokens routed to it and combine.
+
+    x (N, d), idx/weights (N, K), counts (E,) tokens per expert -> (N, d). Token slots are sorted by
+    expert so each expert sees one contiguous slice (a loop over experts, never over tokens).
+    """
+    k = idx.shape[1]
+    order = idx.reshape(-1).argsort(stable=True)  # (N*K,) slots sorted by expert
+    token = order // k
+    xs = x[token]
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        outs.append(expert(e, xs[start:start + n]))
+        start += n
+    if not outs:  # no tokens at all
+        return torch.zeros_like(x)
+    ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys)
 
 
 class MoE(nn.Module):
