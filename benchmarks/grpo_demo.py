@@ -31,17 +31,18 @@ from gasungbi.train.trainer import TrainConfig, train
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/grpo_demo")
+    ap.add_argument("--task", default="addition", help="gym family (addition: two-digit sums by default)")
     ap.add_argument("--difficulty", type=int, default=2)
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--grpo-steps", type=int, default=60)
     ap.add_argument("--eval-tasks", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--lr", type=float, default=1e-4)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    convs = cold_start_conversations("arithmetic", 6000, args.difficulty, seed=0)
+    convs = cold_start_conversations(args.task, 3000, args.difficulty, seed=0)
     write_jsonl(convs, out / "sft.jsonl")
     tok = train_tokenizer((render_chat(c, add_generation_prompt=False) for c in convs), 320)
     save_tokenizer(tok, out / "tokenizer", chat_template=CHAT_TEMPLATE)
@@ -55,13 +56,13 @@ def main() -> None:
                             lr=3e-3, warmup_steps=20, eval_interval=0, ckpt_interval=0, log_interval=20,
                             device="cpu", progress=False, sample_tokens=2, bias_update_speed=0.01))
     t_sft = time.perf_counter() - t0
-    report = grpo(GRPOConfig(init_from=sft["checkpoint"], out_dir=str(out / "grpo"), task="arithmetic",
+    report = grpo(GRPOConfig(init_from=sft["checkpoint"], out_dir=str(out / "grpo"), task=args.task,
                              difficulty=args.difficulty, steps=args.grpo_steps, prompts_per_step=16, group_size=8,
                              max_new_tokens=24, temperature=1.0, lr=args.lr, beta=0.0,
                              eval_tasks=args.eval_tasks, ckpt_interval=0, device="cpu", progress=True))
     b, a = report["before"], report["after"]
     total = time.perf_counter() - t0
-    print(f"\nheld-out greedy accuracy on {a['n']} test tasks (arithmetic, difficulty {args.difficulty}):")
+    print(f"\nheld-out greedy accuracy on {a['n']} test tasks ({args.task}, difficulty {args.difficulty}):")
     print(f"  after SFT ({args.sft_steps} steps, {t_sft / 60:.1f} min):   {b['accuracy']:.3f}  "
           f"95% CI [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}]")
     print(f"  after GRPO ({args.grpo_steps} steps):          {a['accuracy']:.3f}  "

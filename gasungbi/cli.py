@@ -134,6 +134,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gasungbi.plan.commands",
     "gasungbi.post.commands",
     "gasungbi.infer.commands",
+    "gasungbi.serve.commands",
 )
 
 
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gasungbi {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `gasungbi params ... | head`
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from gasungbi.post.tasks import Task, make_split, render_task_prompt
 def worked_answer(task: Task) -> str:
     """The assistant turn for ``task``: a short thought and the correct answer, in the R1 format."""
     m = task.meta
-    if task.family == "arithmetic":
+    if task.family in ("arithmetic", "addition"):
         thought = f"{m['a']} {m['op']} {m['b']}"
     elif task.family == "countdown":
         thought = f"{task.answer} = {m['target']}"

@@ -112,6 +112,19 @@ class Arithmetic(TaskFamily):
         return found[-1] if found else ""
 
 
+class Addition(Arithmetic):
+    """``What is 37 + 85?`` only: the gentlest family, for CPU-sized RL demonstrations."""
+
+    name = "addition"
+
+    def generate(self, rng: random.Random, difficulty: int) -> Task:
+        self.validate_difficulty(difficulty)
+        lo, hi = (0 if difficulty == 1 else 10 ** (difficulty - 1)), 10**difficulty - 1
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        return Task(f"What is {a} + {b}? Answer with the number.", str(a + b), self.name, difficulty,
+                    {"a": a, "b": b, "op": "+"})
+
+
 class _BadExpression(Exception):
     pass
 
@@ -206,7 +219,7 @@ class Sort(TaskFamily):
         return str(sorted(task.meta["numbers"]))
 
 
-FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Arithmetic(), Countdown(), Sort())}
+FAMILIES: dict[str, TaskFamily] = {f.name: f for f in (Arithmetic(), Addition(), Countdown(), Sort())}
 
 
 def get_family(name: str) -> TaskFamily:
