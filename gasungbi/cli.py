@@ -134,7 +134,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gasungbi.plan.commands",
     "gasungbi.post.commands",
     "gasungbi.infer.commands",
-    "gasungbi.serve.commands",
 )
 
 
