@@ -134,6 +134,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gasungbi.plan.commands",
     "gasungbi.post.commands",
     "gasungbi.infer.commands",
+    "gasungbi.serve.commands",
 )
 
 

@@ -1,0 +1,79 @@
+"""The chat page in a real browser: headless Chromium (Debian's chromium and chromium-driver) driven
+by selenium types into the page served by ``gasungbi serve`` and reads the streamed replies."""
+
+import shutil
+import tempfile
+
+import pytest
+
+from test_serve import Server, _chat_ref, checkpoint, model, one_thread, tokenizer  # noqa: F401
+
+webdriver = pytest.importorskip("selenium.webdriver")
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+if not (shutil.which(CHROMIUM) and shutil.which(DRIVER)):
+    pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.service import Service
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+LAST_REPLY = ("const a = document.querySelectorAll('.msg.assistant'); "
+              "return a.length ? a[a.length - 1].textContent : null;")
+
+
+def _say(driver, text: str) -> str:
+    """Type ``text``, send it, wait for the streamed reply to finish; returns the reply."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver.execute_script("window.updates = 0; new MutationObserver(() => window.updates++).observe("
+                          "document.getElementById('messages'), "
+                          "{subtree: true, childList: true, characterData: true});")
+    box = driver.find_element(By.ID, "prompt")
+    box.send_keys(text)
+    driver.find_element(By.ID, "send").click()
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script("return document.body.dataset.state") == "idle"
+        and "tokens/s" in d.find_element(By.ID, "stats").text)
+    assert driver.execute_script("return window.updates") > 3  # the reply grew piece by piece
+    return driver.execute_script(LAST_REPLY)
+
+
+def test_chat_page_streams_multi_turn_replies(checkpoint, model, tokenizer, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    s = Server(checkpoint)
+    try:
+        browser.get(s.url + "/")
+        WebDriverWait(browser, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model").text)
+        for field, value in (("temperature", "0"), ("max-tokens", "12")):
+            el = browser.find_element(By.ID, field)
+            el.clear()
+            el.send_keys(value)
+        first = _say(browser, "hello")
+        history = [{"role": "user", "content": "hello"}]
+        assert first == _chat_ref(model, tokenizer, history, 12).text and first
+        second = _say(browser, "the quick brown fox")
+        history += [{"role": "assistant", "content": first}, {"role": "user", "content": "the quick brown fox"}]
+        assert second == _chat_ref(model, tokenizer, history, 12).text  # the page sent the whole conversation
+        stats = browser.find_element(By.ID, "stats").text
+        assert "tokens/s" in stats and "first token" in stats, stats
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
+        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    finally:
+        s.close()
