@@ -1,10 +1,15 @@
-"""R1 in miniature on a CPU: SFT a small MoE+MLA model on the gym's arithmetic, then GRPO;
-held-out greedy accuracy before and after, with 95% Wilson intervals.
+"""R1 in miniature on a CPU: SFT a small MoE+MLA model on the gym's two-digit additions, then
+GRPO; held-out greedy accuracy before and after, with 95% Wilson intervals.
 
-    python benchmarks/grpo_demo.py [--out runs/grpo_demo] [--sft-steps 400] [--grpo-steps 60]
+    OMP_NUM_THREADS=1 python benchmarks/grpo_demo.py [--out runs/grpo_demo] [--sft-steps 800] [--grpo-steps 200]
 
-1. Data: ``arithmetic`` tasks at difficulty 2 (two-digit + - x) from the gym's train split; SFT
-   targets are ``<think>a op b</think><answer>value</answer>``.
+Measured here (one thread, 2026-11-28): after SFT 0.820 [0.773, 0.859] on 300 held-out tasks,
+after 200 GRPO steps 0.867 [0.824, 0.901], 7.1 minutes in all. With 600 SFT steps (0.547) the
+same GRPO gave 0.570: inside the interval; with 2-digit + - x (``--task arithmetic``) 1500 SFT
+steps leave the model near 2% and GRPO has no signal to work with.
+
+1. Data: ``addition`` tasks at difficulty 2 (two-digit sums) from the gym's train split; SFT
+   targets are ``<think>a + b</think><answer>value</answer>``.
 2. A byte-level BPE of 320 tokens (digits stay mostly single tokens) trained on those chats.
 3. A 4-layer MoE+MLA model (8 routed experts top-2 + 1 shared), trained by ``gasungbi sft``
    deliberately briefly, so that it is right on some problems and sometimes right on others.
@@ -33,8 +38,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/grpo_demo")
     ap.add_argument("--task", default="addition", help="gym family (addition: two-digit sums by default)")
     ap.add_argument("--difficulty", type=int, default=2)
-    ap.add_argument("--sft-steps", type=int, default=400)
-    ap.add_argument("--grpo-steps", type=int, default=60)
+    ap.add_argument("--sft-steps", type=int, default=800)
+    ap.add_argument("--grpo-steps", type=int, default=200)
     ap.add_argument("--eval-tasks", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-4)
     args = ap.parse_args()
