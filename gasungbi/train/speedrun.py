@@ -30,18 +30,18 @@ import torch
 
 from gasungbi.train.trainer import TrainConfig
 
-# Post-training after pretraining: cold-start SFT on the gym's arithmetic, then GRPO (R1's recipe
-# in miniature), so the final checkpoint answers in <think>...</think><answer>...</answer>.
+# Post-training after pretraining: cold-start SFT on the gym's two-digit additions, then GRPO (R1's
+# recipe in miniature), so the final checkpoint answers in <think>...</think><answer>...</answer>.
 POST = {
-    "cpu": dict(difficulty=2, sft_examples=4000, sft_steps=120, sft_batch=16, grpo_steps=12, prompts_per_step=8,
+    "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=200, sft_batch=16, grpo_steps=12, prompts_per_step=8,
                 group_size=8, max_new_tokens=24, eval_tasks=100, grpo_lr=3e-5),
-    "gpu": dict(difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, grpo_steps=200, prompts_per_step=32,
+    "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, grpo_steps=200, prompts_per_step=32,
                 group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5),
 }
 POST["node"] = POST["gpu"]
 
 RECIPES = {
-    "cpu": dict(minutes=8.5, vocab_size=4096, tokenizer_bytes=20_000_000,
+    "cpu": dict(minutes=8.0, vocab_size=4096, tokenizer_bytes=20_000_000,
                 train=dict(model="cpu-tiny", batch_size=16, seq_len=256, lr=3e-3, warmup_steps=20, bias_update_speed=0.01,
                            eval_batches=16, device="cpu", sample_prompt="def ")),
     "gpu": dict(minutes=60.0, vocab_size=32768, tokenizer_bytes=200_000_000,
@@ -166,19 +166,19 @@ def _post_lines(report: dict) -> list[str]:
     b, a = post["grpo"]["before"], post["grpo"]["after"]
     return [f"| cold-start SFT | {post['sft']['steps']} steps, val loss {post['sft']['val_loss']:.3f} on "
             f"assistant tokens, {post['sft']['elapsed_s'] / 60:.1f} min |",
-            f"| gym accuracy after SFT (arithmetic, greedy, n={b['n']}) | {b['accuracy']:.3f} "
+            f"| gym accuracy after SFT (greedy, held-out, n={b['n']}) | {b['accuracy']:.3f} "
             f"[{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] |",
             f"| gym accuracy after GRPO ({post['grpo']['steps']} steps, {post['grpo']['elapsed_s'] / 60:.1f} min) | "
             f"{a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] |"]
 
 
 def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
-    """Cold-start SFT on the gym's arithmetic (R1 Sec. 2.3.1), then GRPO; both resume on a rerun."""
+    """Cold-start SFT on a gym task (R1 Sec. 2.3.1), then GRPO; both resume on a rerun."""
     from gasungbi.post.cold_start import cold_start_conversations, write_jsonl
     from gasungbi.post.grpo import GRPOConfig, grpo
     from gasungbi.train.trainer import train
 
-    gym = write_jsonl(cold_start_conversations("arithmetic", p["sft_examples"], p["difficulty"], seed=tc.seed),
+    gym = write_jsonl(cold_start_conversations(p["task"], p["sft_examples"], p["difficulty"], seed=tc.seed),
                       out / "gym_sft.jsonl")
     print(f"[4/5] cold-start SFT on {p['sft_examples']} gym conversations for {p['sft_steps']} steps, "
           f"then GRPO for {p['grpo_steps']} steps")
@@ -187,7 +187,7 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
                             warmup_steps=10, eval_interval=0, ckpt_interval=0, log_interval=10,
                             device=tc.device, resume=True, progress=tc.progress, seed=tc.seed,
                             price_per_hour=tc.price_per_hour, sample_tokens=2))
-    g = grpo(GRPOConfig(init_from=sft["checkpoint"], out_dir=str(out / "grpo"), task="arithmetic",
+    g = grpo(GRPOConfig(init_from=sft["checkpoint"], out_dir=str(out / "grpo"), task=p["task"],
                         difficulty=p["difficulty"], steps=p["grpo_steps"], prompts_per_step=p["prompts_per_step"],
                         group_size=p["group_size"], max_new_tokens=p["max_new_tokens"], lr=p["grpo_lr"],
                         eval_tasks=p["eval_tasks"], ckpt_interval=0, device="cuda" if torch.cuda.is_available()
