@@ -33,7 +33,7 @@ from gasungbi.train.trainer import TrainConfig
 # Post-training after pretraining: cold-start SFT on the gym's two-digit additions, then GRPO (R1's
 # recipe in miniature), so the final checkpoint answers in <think>...</think><answer>...</answer>.
 POST = {
-    "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=200, sft_batch=16, grpo_steps=12, prompts_per_step=8,
+    "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=450, sft_batch=16, grpo_steps=24, prompts_per_step=8,
                 group_size=8, max_new_tokens=24, eval_tasks=100, grpo_lr=3e-5),
     "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, grpo_steps=200, prompts_per_step=32,
                 group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5),
