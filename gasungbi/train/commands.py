@@ -134,6 +134,8 @@ def train_cmd(args: argparse.Namespace) -> int:
         report = train(tc)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if report.get("checkpoint") is None:  # not rank 0 under torchrun: rank 0 reports
+        return 0
     if report.get("val_bpb") is not None:
         print(f"step {report['step']}: val loss {report['val_loss']:.4f}, {report['val_bpb']:.4f} bits/byte, "
               f"{report['tokens_per_s']:,.0f} tokens/s, MFU {report['mfu']:.2%}, ${report['dollars']:.4f}")

@@ -340,6 +340,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
             print(f"\ninterrupted by signal {stop.signal} at step {step}; checkpoint saved to {path}. "
                   f"Resume with the same command plus --resume.")
     log.close()
+    dist.barrier()  # every rank leaves together: a rank tearing down early aborts the others
     return report
 
 
