@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import abc
 import random
 import re
 from dataclasses import dataclass, field
@@ -48,19 +49,20 @@ class Task:
     meta: dict = field(default_factory=dict)  # e.g. countdown: numbers, target
 
 
-class TaskFamily:
+class TaskFamily(abc.ABC):
     """A kind of task. Subclasses set ``name`` and the difficulty range, and implement
     :meth:`generate` and :meth:`check`."""
 
     name = ""
     min_difficulty, max_difficulty = 1, 1
 
+    @abc.abstractmethod
     def generate(self, rng: random.Random, difficulty: int) -> Task:
-        raise NotImplementedError
+        """A task of this family at ``difficulty``, drawn with ``rng``."""
 
+    @abc.abstractmethod
     def check(self, task: Task, answer_text: str) -> bool:
         """Is ``answer_text`` (the answer alone, tags removed) a correct answer to ``task``?"""
-        raise NotImplementedError
 
     def key(self, task: Task) -> str:
         """The task's content for the train/test split; equal keys are the same problem."""
