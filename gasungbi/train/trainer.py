@@ -321,6 +321,8 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                                 _val_text(last_val))
     bar.close()
     interrupted = stop.signal is not None
+    if not cuda:  # a CPU peak measured while something else ran is too low: keep the better of two
+        meter.peak_flops = max(meter.peak_flops, device_peak(info.device, torch.float32)[0])
     if not interrupted and step == tc.max_steps:
         last_val = validate(step)
     path = save(step)
