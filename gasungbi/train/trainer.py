@@ -357,8 +357,8 @@ def _sample(model, tc: TrainConfig) -> str:
     from gasungbi.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tc.tokenizer_dir)
-    ids = [model.config.bos_token_id] if model.config.bos_token_id is not None else []
-    ids += tok.encode(tc.sample_prompt).ids
+    prompt = tok.encode(tc.sample_prompt).ids
+    ids = ([model.config.bos_token_id] if model.config.bos_token_id is not None else []) + prompt
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -371,7 +371,7 @@ def _sample(model, tc: TrainConfig) -> str:
     for moe in model.moe_layers():
         moe.tokens_per_expert.zero_()
     model.train(was_training)
-    return tok.decode(x[0, len(ids) - len(tok.encode(tc.sample_prompt).ids):].tolist())
+    return tok.decode(x[0, len(ids) - len(prompt):].tolist())  # the prompt and its continuation
 
 
 class _Logger:
