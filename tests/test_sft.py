@@ -102,3 +102,10 @@ def test_bad_sft_input_is_named(tmp_path):
         read_conversations(p)
     with pytest.raises(SFTDataError, match="does not exist"):
         read_conversations(tmp_path / "missing.jsonl")
+
+
+def test_non_utf8_sft_file_is_named(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    with pytest.raises(SFTDataError, match="latin1.jsonl is not UTF-8"):
+        read_conversations(p)

@@ -167,7 +167,7 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
     reference = load_model(cfg.init_from, device=device, dtype=torch.float32) if cfg.beta > 0 else None
     policy.train()
     opt = build_optimizers(policy, "adamw", cfg.lr, weight_decay=0.0)[0]
-    reward_fn = load_reward(cfg.reward)
+    reward_fn, accuracy_fn = load_reward(cfg.reward), load_reward("accuracy")
     family = cfg.task
     pool = make_split(family, max(1000, cfg.steps * cfg.prompts_per_step), cfg.difficulty, seed=cfg.seed, split="train")
     start = 0
@@ -223,8 +223,7 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
             opt.step()
         for moe in policy.moe_layers():
             moe.tokens_per_expert.zero_()
-        accuracy = torch.tensor([load_reward("accuracy")(batch[i // cfg.group_size], texts[i])
-                                 for i in range(len(outs))]).mean().item()
+        accuracy = sum(accuracy_fn(batch[i // cfg.group_size], texts[i]) for i in range(len(outs))) / len(outs)
         meter.update(int(mask.sum().item()))
         row = {"step": step + 1, "loss": loss.item(), "reward": rewards.mean().item(), "accuracy": accuracy,
                "zero_variance_groups": (rewards.std(dim=1) == 0).float().mean().item(),

@@ -42,8 +42,12 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise SFTDataError(f"SFT data {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SFTDataError(f"SFT data {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     convs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -122,8 +126,10 @@ class SFTLoader:
     """
 
     def __init__(self, path: str | Path, tokenizer, split: str, batch_size: int, seq_len: int, *,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, val_fraction: float = 0.05):
-        convs = read_conversations(path)
+                 seed: int = 0, rank: int = 0, world_size: int = 1, val_fraction: float = 0.05,
+                 conversations: list[list[dict]] | None = None):
+        """``conversations``: the file's already-read contents, so train and val loaders read it once."""
+        convs = conversations if conversations is not None else read_conversations(path)
         val = [c for c in convs if _is_val(c, val_fraction)]
         train = [c for c in convs if not _is_val(c, val_fraction)]
         if len(convs) >= 2 and not val:

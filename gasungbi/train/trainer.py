@@ -161,13 +161,14 @@ class _Data:
         self.tc, self.rank, self.world = tc, rank, world
         if tc.task == "sft":
             from gasungbi.data.tokenizer import load_tokenizer
-            from gasungbi.post.sft_data import SFTLoader
+            from gasungbi.post.sft_data import SFTLoader, read_conversations
             tok = load_tokenizer(tc.init_from)
+            convs = read_conversations(tc.data)
             self.vocab_size = tok.get_vocab_size()
             self.train = SFTLoader(tc.data, tok, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
-                                   rank=rank, world_size=world)
+                                   rank=rank, world_size=world, conversations=convs)
             self.val = SFTLoader(tc.data, tok, "val", max(1, tc.batch_size // world), tc.seq_len, seed=tc.seed,
-                                 rank=rank, world_size=world)
+                                 rank=rank, world_size=world, conversations=convs)
         else:
             self.vocab_size = load_manifest(tc.data).vocab_size
             self.train = TokenLoader(tc.data, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
