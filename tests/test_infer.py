@@ -390,6 +390,58 @@ def test_cpu_kernels_equal_the_dequantized_matmul(mode):
     assert (got - ref).abs().max() < 2e-2 * ref.abs().max()  # activations go through bf16
 
 
+def _dequantized(qsd: dict) -> dict:
+    """A float state dict from a portable quantized one (the reference the kernels must match)."""
+    from gasungbi.infer.quant import dequantize_int4, dequantize_int8
+    out = {}
+    for k, v in qsd.items():
+        if k.endswith(("scales", "scales_and_zeros")):
+            continue
+        base = k[: -len(".weight")] if k.endswith(".weight") else k
+        for sep in (".", "_"):
+            if f"{base}{sep}scales" in qsd:
+                v = dequantize_int8(v, qsd[f"{base}{sep}scales"])
+            elif f"{base}{sep}scales_and_zeros" in qsd:
+                v = dequantize_int4(v, qsd[f"{base}{sep}scales_and_zeros"])
+        out[k] = v
+    return out
+
+
+def _naive_ffn(ffn, x: torch.Tensor) -> torch.Tensor:
+    """A float MLP, or a MoE computed token by token: shared(x) + sum_k g_k expert_k(x)."""
+    if not hasattr(ffn, "experts"):
+        return ffn(x)
+    flat = x.reshape(-1, x.shape[-1])
+    weights, idx, _ = ffn.gate(flat)
+    rows = [sum(w * ffn.experts.expert(e, t[None])[0] for w, e in zip(wt.tolist(), it.tolist()))
+            for t, wt, it in zip(flat, weights, idx)]
+    return torch.stack(rows).view(x.shape) + ffn.shared_experts(x)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_ffns_equal_the_dequantized_float_ones(mode):
+    """The fused gate/up ``QuantMLP`` (dense layer, shared experts) and ``QuantExperts`` on one token
+    (the direct loop over its K experts) and on several (the sorted dispatch)."""
+    from gasungbi.infer.quant import QuantExperts, QuantMLP, from_quantized_state_dict, quantize_state_dict
+    cfg = gasungbi.get_preset("debug").replace(first_k_dense_replace=1)
+    model = gasungbi.build_model(cfg, seed=0).eval()
+    qsd = quantize_state_dict(model, mode, 32)
+    quant = from_quantized_state_dict(cfg, qsd)
+    ref = gasungbi.build_model(cfg, seed=1).eval()
+    ref.load_state_dict(_dequantized(qsd))
+    assert isinstance(quant.model.layers[0].mlp, QuantMLP)
+    assert isinstance(quant.model.layers[1].mlp.experts, QuantExperts)
+    assert isinstance(quant.model.layers[1].mlp.shared_experts, QuantMLP)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in (0, 1):
+            for tokens in (1, 6):
+                x = torch.randn(2 if tokens > 1 else 1, tokens, cfg.hidden_size, generator=g)
+                got, want = quant.model.layers[layer].mlp(x), _naive_ffn(ref.model.layers[layer].mlp, x)
+                assert got.dtype == x.dtype
+                assert (got - want).abs().max() < 2e-2 * want.abs().max()  # activations go through bf16
+
+
 def test_quantize_save_load(trained, tmp_path):
     from gasungbi.infer.quant import (QuantExperts, QuantLinear, load_quantized, quantize, quantize_state_dict,
                                       save_quantized)

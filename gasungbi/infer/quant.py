@@ -12,6 +12,11 @@ whose weight the absorbed attention uses as a tensor (W^UK / W^UV folded into qu
 A matrix whose shape the int4 kernels cannot take (rows not a multiple of 16, or columns not a
 multiple of 32) is stored as int8 instead.
 
+Modules. A quantized ``nn.Linear`` becomes a :class:`QuantLinear`; a SwiGLU ``MLP`` (dense layers,
+shared experts) becomes a :class:`QuantMLP` and each routed expert a gate+up pair in
+:class:`QuantExperts`, both with gate and up fused into one matmul and the activations kept in the
+compute dtype between the two matmuls (fewer kernel calls and casts per decoded token).
+
 Kernels (activations are cast to bf16 for the product, which is where PyTorch's fast CPU paths
 are; the result is cast back):
   CPU   int8: ``torch._weight_int8pack_mm``; int4: ``torch._convert_weight_to_int4pack_for_cpu`` +
@@ -38,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gasungbi.config import ModelConfig, from_hf_config, to_hf_config
+from gasungbi.model.layers import MLP
 from gasungbi.model.moe import Experts, dispatch
 from gasungbi.model.transformer import Transformer, build_model
 
@@ -134,17 +140,17 @@ class _Weight:
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype."""
-        xc = x.to(_COMPUTE)
+        return self.mm_compute(x.to(_COMPUTE)).to(x.dtype)
+
+    def mm_compute(self, xc: torch.Tensor) -> torch.Tensor:
+        """xc [M, K] already in the compute dtype (bf16) -> [M, N] in bf16."""
         if self.mode == "int8":
             if self.cuda:
-                y = F.linear(xc, self.w.to(_COMPUTE)) * self.s
-            else:
-                y = torch._weight_int8pack_mm(xc, self.w, self.s)
-        elif self.cuda:
-            y = torch._weight_int4pack_mm(xc, self.w, self.group_size, self.s)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(xc, self.w, self.group_size, self.s)
-        return y.to(x.dtype)
+                return F.linear(xc, self.w.to(_COMPUTE)) * self.s
+            return torch._weight_int8pack_mm(xc, self.w, self.s)
+        if self.cuda:
+            return torch._weight_int4pack_mm(xc, self.w, self.group_size, self.s)
+        return torch._weight_int4pack_mm_for_cpu(xc, self.w, self.group_size, self.s)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.w, self.s]
@@ -173,25 +179,47 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.qweight.mode}{g}"
 
 
+def _swiglu(gate_up: _Weight, down: _Weight, xc: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with gate and up fused into one matmul, all in the compute dtype: xc [n, d] -> [n, d]."""
+    gu = gate_up.mm_compute(xc)  # (n, 2I)
+    inter = gu.shape[-1] // 2
+    return down.mm_compute(F.silu(gu[:, :inter]) * gu[:, inter:])
+
+
+class QuantMLP(nn.Module):
+    """A quantized SwiGLU ``MLP`` (dense layers, shared experts) with gate and up fused into one
+    matmul; activations are cast to the compute dtype once on the way in and once on the way out."""
+
+    def __init__(self, gate_up: _Weight, down: _Weight):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+        for i, w in enumerate((gate_up, down)):
+            for j, t in enumerate(w.tensors()):
+                self.register_buffer(f"_w{i}_{j}", t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _swiglu(self.gate_up, self.down, x.reshape(-1, x.shape[-1]).to(_COMPUTE))
+        return y.to(x.dtype).view(x.shape)
+
+
 class QuantExperts(nn.Module):
     """Routed experts with quantized weights; the same sorted-by-expert loop as ``Experts``, with
-    each expert's gate and up projections fused into one matmul."""
+    each expert's gate and up projections fused into one matmul. Tokens are cast to the compute
+    dtype once for all experts; each expert's output is cast back before it is weighted and summed."""
 
     def __init__(self, gate_up: list[_Weight], down: list[_Weight]):
         super().__init__()
         self.gate_up, self.down = gate_up, down
-        self.inter = down[0].in_features
         for i, w in enumerate(gate_up + down):  # visible to .to()-free accounting and .device
             for j, t in enumerate(w.tensors()):
                 self.register_buffer(f"_w{i}_{j}", t, persistent=False)
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up[e].mm(x)  # (n, 2I)
-        return self.down[e].mm(F.silu(gu[:, : self.inter]) * gu[:, self.inter:])
-
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
-        return dispatch(self.expert, x, idx, weights, counts)
+        def expert(e: int, xc: torch.Tensor) -> torch.Tensor:
+            return _swiglu(self.gate_up[e], self.down[e], xc).to(x.dtype)
+
+        return dispatch(expert, x.to(_COMPUTE), idx, weights, counts).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +273,16 @@ def _portable(qsd: dict, key: str) -> tuple[str, torch.Tensor, torch.Tensor]:
     return "int4", qsd[key if key in qsd else f"{key}.weight"], s
 
 
+def _cat_weight(gate: tuple, up: tuple, device: torch.device, name: str) -> _Weight:
+    """One kernel-layout weight for a gate and an up projection stacked along the output
+    (portable (mode, q, scales) triples of the same input width)."""
+    (mg, g, gs), (mu, u, us) = gate, up
+    if mg != mu:
+        raise ValueError(f"{name}: gate_proj is {mg} but up_proj is {mu}")
+    s_dim = 0 if mg == "int8" else 1  # rows of scales [N] / scales_and_zeros [K/g, N, 2]
+    return _Weight(mg, torch.cat((g, u)), torch.cat((gs, us), dim=s_dim), device)
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -258,8 +296,15 @@ def from_quantized_state_dict(cfg: ModelConfig, qsd: dict[str, torch.Tensor], de
     device = torch.device(device)
     exp_device = torch.device(experts_device) if experts_device is not None else device
     model = build_model(cfg, device="meta")
-    linears, experts = _targets(model)
     used: set[str] = set()
+    for name in [n for n, m in model.named_modules() if isinstance(m, MLP)]:  # gate and up fused
+        gate, up, down = (f"{name}.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
+        if not all(f"{k}.scales" in qsd or f"{k}.scales_and_zeros" in qsd for k in (gate, up, down)):
+            continue
+        used |= {f"{k}.{suffix}" for k in (gate, up, down) for suffix in ("weight", "scales", "scales_and_zeros")}
+        _set_module(model, name, QuantMLP(_cat_weight(_portable(qsd, gate), _portable(qsd, up), device, name),
+                                          _Weight(*_portable(qsd, down), device)))
+    linears, experts = _targets(model)
     for name in linears:
         if f"{name}.scales" not in qsd and f"{name}.scales_and_zeros" not in qsd:
             continue  # left in floating point
@@ -276,11 +321,7 @@ def from_quantized_state_dict(cfg: ModelConfig, qsd: dict[str, torch.Tensor], de
             parts[proj] = _portable(qsd, f"{name}.{proj}")
             used |= {f"{name}.{proj}", f"{name}.{proj}_scales", f"{name}.{proj}_scales_and_zeros"}
         (mg, g, gs), (mu, u, us), (md, d, ds) = parts["gate_proj"], parts["up_proj"], parts["down_proj"]
-        if mg != mu:
-            raise ValueError(f"{name}: gate_proj is {mg} but up_proj is {mu}")
-        s_dim = 0 if mg == "int8" else 1  # rows of scales [N] / scales_and_zeros [K/g, N, 2]
-        gate_up = [_Weight(mg, torch.cat((g[e], u[e])), torch.cat((gs[e], us[e]), dim=s_dim), exp_device)
-                   for e in range(g.shape[0])]
+        gate_up = [_cat_weight((mg, g[e], gs[e]), (mu, u[e], us[e]), exp_device, name) for e in range(g.shape[0])]
         down = [_Weight(md, d[e], ds[e], exp_device) for e in range(d.shape[0])]
         _set_module(model, name, QuantExperts(gate_up, down))
     rest = {k: v for k, v in qsd.items() if k not in used}

@@ -184,15 +184,7 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, dn, r), (H, dv, r)
         if absorb:
-            q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # query in latent space
-            scores = (torch.einsum("bthr,bsr->bhts", q_lat, kv)
-                      + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.scale
-            if mask is None:
-                mask = causal_mask(T, S, start_pos, x.device)
-            scores = scores.float().masked_fill(~mask, float("-inf"))
-            probs = scores.softmax(dim=-1).type_as(x)
-            o_lat = torch.einsum("bhts,bsr->bthr", probs, kv)
-            out = torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # (B, T, H, dv)
+            out = self._absorbed(q_nope, q_pe, kv, k_pe, w_uk, w_uv, start_pos, mask)
         else:
             kv_full = self.kv_b_proj(kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
             k_nope, v = kv_full.split([self.nope_dim, self.v_dim], dim=-1)
@@ -208,6 +200,29 @@ class MLA(nn.Module):
                                                      scale=self.scale)
             out = out.transpose(1, 2)  # (B, T, H, dv)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
+
+
+    def _absorbed(self, q_nope, q_pe, kv, k_pe, w_uk, w_uv, start_pos: int, mask) -> torch.Tensor:
+        """Attention against the latent cache (V2 Sec. 2.1.2): q_nope (B, T, H, dn), q_pe (B, T, H, dr),
+        kv (B, S, r), k_pe (B, S, dr) -> (B, T, H, dv).
+
+        All heads share one key/value sequence (the latent), so the heads are folded into the rows
+        of one batched matmul per term: scores = [q^C W^UK] c^KV^T + q^R k^R^T, out = (P c^KV) W^UV^T.
+        """
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # (H, B*T, r)
+        q_lat = q_lat.transpose(0, 1).reshape(B, T * H, -1)  # rows (t, h)
+        scores = torch.baddbmm(torch.bmm(q_pe.reshape(B, T * H, -1), k_pe.transpose(1, 2)),
+                               q_lat, kv.transpose(1, 2), beta=self.scale, alpha=self.scale)  # (B, T*H, S)
+        if mask is not None:  # (B, 1, T, S) -> rows (t, h)
+            scores = scores.view(B, T, H, S).masked_fill(~mask.transpose(1, 2), float("-inf")).view(B, T * H, S)
+        elif T > 1:
+            scores = scores.view(B, T, H, S).masked_fill(~causal_mask(T, S, start_pos, kv.device)[:, None],
+                                                         float("-inf")).view(B, T * H, S)
+        probs = scores.float().softmax(dim=-1).type_as(kv)
+        o_lat = torch.bmm(probs, kv).view(B * T, H, -1).transpose(0, 1)  # (H, B*T, r)
+        return torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1).view(B, T, H, -1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,9 +87,16 @@ class Experts(nn.Module):
 def dispatch(expert, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Run ``expert(e, tokens)`` for every expert on the tokens routed to it and combine.
 
-    x (N, d), idx/weights (N, K), counts (E,) tokens per expert -> (N, d). Token slots are sorted by
-    expert so each expert sees one contiguous slice (a loop over experts, never over tokens).
+    x (N, d), idx/weights (N, K), counts (E,) tokens per expert -> (N, d) in the experts' output
+    dtype. Token slots are sorted by expert so each expert sees one contiguous slice (a loop over
+    experts, never over tokens); a single token runs its K experts directly.
     """
+    if x.shape[0] == 1 and not weights.requires_grad:  # batch-1 decode: K experts in expert order
+        y = None
+        for w, e in sorted(zip(weights[0].tolist(), idx[0].tolist()), key=lambda p: p[1]):
+            out = expert(e, x) * w
+            y = out if y is None else y + out
+        return y
     k = idx.shape[1]
     order = idx.reshape(-1).argsort(stable=True)  # (N*K,) slots sorted by expert
     token = order // k
@@ -102,8 +109,9 @@ def dispatch(expert, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
         start += n
     if not outs:  # no tokens at all
         return torch.zeros_like(x)
-    ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token, ys)
+    ys = torch.cat(outs)
+    ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+    return ys.new_zeros(x.shape[0], ys.shape[1]).index_add_(0, token, ys)
 
 
 class MoE(nn.Module):
