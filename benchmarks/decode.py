@@ -26,13 +26,15 @@ import argparse
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import gasungbi
 from gasungbi.infer.generate import generate
-from gasungbi.infer.quant import QuantExperts, perplexity, quantize
+from gasungbi.infer.quant import QuantExperts, QuantLinear, QuantMLP, _swiglu, perplexity, quantize
+from gasungbi.model.layers import MLP
 from gasungbi.model.moe import Experts
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
@@ -66,6 +68,54 @@ def bytes_per_token(model) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size() * scale
     return int(total)
+
+
+def matmul_steps(model) -> tuple[list, int]:
+    """The weight-matmul modules of one batch-1 decode step, as (callable, input width) pairs, and
+    the weight bytes they read: every projection but ``kv_b_proj`` (read by the absorbed attention
+    as a tensor), the dense/shared FFNs, the first K experts of each MoE layer, the output head."""
+    cfg, calls, total = model.config, [], 0
+    mlps = {name for name, mod in model.named_modules() if isinstance(mod, MLP)}
+    k = cfg.num_experts_per_tok
+    for name, mod in model.named_modules():
+        if (name.startswith(("model.mtp", "model.embed_tokens")) or name.endswith("kv_b_proj")
+                or name.rpartition(".")[0] in mlps):  # an MLP's projections run as the MLP
+            continue
+        if isinstance(mod, (torch.nn.Linear, QuantLinear)):
+            calls.append((mod, mod.in_features))
+        elif isinstance(mod, MLP):
+            calls.append((mod, mod.gate_proj.in_features))
+        elif isinstance(mod, QuantMLP):
+            calls.append((mod, mod.gate_up.in_features))
+        elif isinstance(mod, Experts):
+            calls += [(partial(mod.expert, e), cfg.hidden_size) for e in range(k)]
+        elif isinstance(mod, QuantExperts):
+            calls += [(partial(_swiglu, mod.gate_up[e], mod.down[e]), -cfg.hidden_size) for e in range(k)]
+        else:
+            continue
+        scale = k / cfg.n_routed_experts if isinstance(mod, (Experts, QuantExperts)) else 1.0
+        total += scale * sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers())
+                             if t.dim() >= 1)
+    return calls, int(total)
+
+
+def time_matmuls(model, repeats: int = 50) -> tuple[float, int]:
+    """Steps/s of a decode step that would be nothing but its weight matmuls (same kernels and
+    activation casts, random inputs, weights cycled through memory in the same order), and bytes."""
+    calls, nbytes = matmul_steps(model)
+    inputs = {w: torch.randn(1, abs(w)) if w > 0 else torch.randn(1, -w).to(torch.bfloat16) for _, w in calls}
+
+    def step():
+        for f, w in calls:
+            f(inputs[w])
+
+    with torch.inference_mode():
+        for _ in range(5):
+            step()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            step()
+    return repeats / (time.perf_counter() - t), nbytes
 
 
 def time_ours(model, prompts, n: int) -> float:
@@ -184,10 +234,11 @@ def main() -> None:
             for b in batches:
                 hf_tps[b] = time_hf(hf, prompts[b], args.new_tokens)
             del hf
-        rows, ours = [], {}
+        rows, ours, alone = [], {}, {}
         for mode in modes:
             model = base if mode == "fp32" else quantize(base, mode, 128)
             bpt = bytes_per_token(model)
+            alone[mode] = time_matmuls(model)
             for b in batches:
                 tps = time_ours(model, prompts[b], args.new_tokens)
                 ours[mode, b] = tps
@@ -209,6 +260,13 @@ def main() -> None:
         print(f"{mode:5} {b:5d} {tps:11.1f} {hf_b if hf_b else float('nan'):13.1f} {vs_hf:>7} {vs_fp:>11} {bw_cols}")
     print("transformers: fp32, the same checkpoint, model.generate(do_sample=False); "
           f"load average now {os.getloadavg()[0]:.2f}")
+    print("\nthe weight matmuls of one batch-1 step alone (same kernels and casts; no attention, router, "
+          "norms or Python between them): the ceiling these kernels set")
+    print(f"{'mode':5} {'steps/s':>8} {'MB/step':>8} {'GB/s':>6} {'of STREAM':>9} {'engine at':>10}")
+    for mode, (sps, nbytes) in alone.items():
+        engine = f"{ours[mode, 1] / sps:9.0%}" if (mode, 1) in ours else "-"
+        print(f"{mode:5} {sps:8.1f} {nbytes / 1e6:8.1f} {nbytes * sps / 1e9:6.1f} {nbytes * sps / 1e9 / bw:8.0%} "
+              f"{engine:>10}")
     if args.ppl:
         ppl_section(args.ppl_steps)
 
