@@ -16,7 +16,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # same math, fewer ops
+        if x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            # inference: the same math in fewer ops (its CPU backward is slower than autograd
+            # through the ops below, so training keeps them)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
