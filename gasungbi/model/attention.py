@@ -201,7 +201,6 @@ class MLA(nn.Module):
             out = out.transpose(1, 2)  # (B, T, H, dv)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))
 
-
     def _absorbed(self, q_nope, q_pe, kv, k_pe, w_uk, w_uv, start_pos: int, mask) -> torch.Tensor:
         """Attention against the latent cache (V2 Sec. 2.1.2): q_nope (B, T, H, dn), q_pe (B, T, H, dr),
         kv (B, S, r), k_pe (B, S, dr) -> (B, T, H, dv).
