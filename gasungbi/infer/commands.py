@@ -14,7 +14,8 @@ from gasungbi.cli import UserError, command
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint, device, dtype, quantization and placement flags (generate, chat, serve)."""
     p.add_argument("checkpoint", help="a Hugging Face-layout checkpoint directory (gasungbi or transformers, "
                                       "or one written by gasungbi quantize)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
@@ -51,7 +52,9 @@ def _sampling(args):
         raise UserError(str(e)) from None
 
 
-def _load(args):
+def load_for_args(args):
+    """The model the flags of :func:`add_model_args` describe (memory per device reported first);
+    a bad checkpoint or device is a :class:`UserError`. Shared with ``gasungbi serve``."""
     import torch
 
     from gasungbi.infer.placement import load_for_inference
@@ -66,7 +69,8 @@ def _load(args):
         raise UserError(str(e)) from None
 
 
-def _tokenizer(path: str, required: bool):
+def tokenizer_for(path: str, required: bool):
+    """The checkpoint's tokenizer; without tokenizer.json, None or (``required``) a UserError."""
     from gasungbi.data.tokenizer import load_tokenizer
 
     if (Path(path) / "tokenizer.json").exists():
@@ -93,7 +97,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.prompt_ids:
         raise UserError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
-    tokenizer = _tokenizer(args.checkpoint, required=bool(args.prompt))
+    tokenizer = tokenizer_for(args.checkpoint, required=bool(args.prompt))
     prompts: list = list(args.prompt)
     for s in args.prompt_ids:
         try:
@@ -101,7 +105,7 @@ def _generate(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--prompt-ids {s!r}: expected integers separated by commas") from None
     sampling = _sampling(args)
-    model = _load(args)
+    model = load_for_args(args)
     try:
         s = stream(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                    stop_strings=args.stop, tokenizer=tokenizer, add_bos=not args.no_bos,
@@ -124,7 +128,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="a prompt as token ids, e.g. 0,17,42 (for checkpoints without a tokenizer)")
@@ -147,10 +151,10 @@ def _chat(args: argparse.Namespace) -> int:
     from gasungbi.infer.chat import END, encode_chat
     from gasungbi.infer.generate import ContextLengthError, stream
 
-    tokenizer = _tokenizer(args.checkpoint, required=True)
+    tokenizer = tokenizer_for(args.checkpoint, required=True)
     end_id = tokenizer.token_to_id(END)
     sampling = _sampling(args)
-    model = _load(args)
+    model = load_for_args(args)
     stops = [t for t in (end_id, model.config.eos_token_id) if t is not None]
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
@@ -193,7 +197,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--system", default=None, help="a system message opening the conversation")
     _sampling_args(p, max_new=512)
 
@@ -223,7 +227,7 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"{args.mode}: {q.weight_bytes(model) / 2**20:.1f} MiB -> {q.weight_bytes(qmodel) / 2**20:.1f} MiB "
           f"in memory; wrote {out}")
     if args.eval_text:
-        tok = _tokenizer(args.checkpoint, required=True)
+        tok = tokenizer_for(args.checkpoint, required=True)
         ids = tok.encode(Path(args.eval_text).read_text(encoding="utf-8")).ids[: args.eval_tokens + 1]
         ids = torch.tensor(ids)
         seq = min(args.seq_len, model.config.max_position_embeddings, ids.numel() - 1)

@@ -201,7 +201,7 @@ class Detokenizer:
         return text[len(prefix):]
 
 
-class _Row:
+class RowState:
     """One prompt's output: its tokens, text, stop checks and the text already streamed."""
 
     def __init__(self, index: int, prompt: list[int], max_new: int, stop_tokens: set[int],
@@ -309,7 +309,7 @@ class Stream:
         check_context(model.config, max(len(p) for p in prompts), max_new_tokens)
         self.model, self.prompts, self.max_new, self.sampling = model, prompts, max_new_tokens, sampling
         self.speculative = speculative
-        self.rows = [_Row(i, p, max_new_tokens, stop_tokens, stop_strings, tokenizer) for i, p in enumerate(prompts)]
+        self.rows = [RowState(i, p, max_new_tokens, stop_tokens, stop_strings, tokenizer) for i, p in enumerate(prompts)]
         self.stats = GenerationStats()
         if speculative:
             from gasungbi.infer.speculative import check_speculative

@@ -44,8 +44,8 @@ def sft(args: argparse.Namespace) -> int:
 
 
 def _sft_args(p: argparse.ArgumentParser) -> None:
-    from gasungbi.train.commands import _add_train_flags
-    _add_train_flags(p, skip=("task", "model"))
+    from gasungbi.train.commands import add_train_flags
+    add_train_flags(p, skip=("task", "model"))
 
 
 sft.add_args = _sft_args

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from gasungbi.cli import UserError, command
-from gasungbi.infer.commands import _load, _model_args, _tokenizer
+from gasungbi.infer.commands import add_model_args, load_for_args, tokenizer_for
 
 API_KEY_ENV = "GASUNGBI_API_KEY"
 
@@ -40,8 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = _tokenizer(args.checkpoint, required=True)
-    model = _load(args)
+    tokenizer = tokenizer_for(args.checkpoint, required=True)
+    model = load_for_args(args)
     cfg = model.config
     max_len = min(args.max_len or min(cfg.max_position_embeddings, 4096), cfg.max_position_embeddings)
     if max_len < 2:
@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
     p.add_argument("--model-name", default=None,

@@ -17,7 +17,7 @@ releases the GIL in its kernels, so the event loop keeps serving HTTP while the 
 
 Each sequence samples with its own ``torch.Generator`` from its own row of logits, so a seeded
 request gives the same tokens whatever else is in the batch; stops and incremental detokenization
-are :mod:`gasungbi.infer.generate`'s (``_Row``), as in ``gasungbi generate``.
+are :mod:`gasungbi.infer.generate`'s (``RowState``), as in ``gasungbi generate``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from gasungbi.infer.batch import SlotBatch, prompt_logits
-from gasungbi.infer.generate import _Row, model_device_dtype, seen_mask
+from gasungbi.infer.generate import RowState, model_device_dtype, seen_mask
 from gasungbi.infer.sampling import SamplingParams, sample
 from gasungbi.serve.metrics import Metrics
 
@@ -93,7 +93,7 @@ class Sequence:
     last: int = 0
 
     def __post_init__(self) -> None:
-        self.row = _Row(self.index, list(self.prompt), max(self.max_new, 1), set(self.stop_tokens),
+        self.row = RowState(self.index, list(self.prompt), max(self.max_new, 1), set(self.stop_tokens),
                         self.stop_strings, self.tokenizer)
         self.generator: torch.Generator | None = None
         self.seen: torch.Tensor | None = None

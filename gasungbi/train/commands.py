@@ -47,7 +47,7 @@ TRAIN_HELP = {
 }
 
 
-def _add_train_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+def add_train_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip or f.name == "model_overrides":
             continue
@@ -143,7 +143,7 @@ def train_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-train_cmd.add_args = _add_train_flags
+train_cmd.add_args = add_train_flags
 command("train", "pretrain a model on token shards (works under torchrun for DDP/FSDP2)")(train_cmd)
 
 
