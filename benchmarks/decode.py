@@ -13,8 +13,9 @@ What it prints:
     embedding and the MTP block, routed experts x K/E) x tokens/s, as a share of the measured one;
   * the ceiling the kernels themselves set: one step's weight matmuls run back to back with nothing
     else (same kernels and casts, weights streamed from memory in the same order), and the share of
-    that speed the engine reaches. On this 2-core EPYC the int8 kernel alone reads ~20 GB/s from
-    memory (~43% of STREAM) at these matrix sizes (128-512 KiB per expert matrix), so the 50%
+    that speed the engine reaches. On this 2-core EPYC the int8 kernel alone reads ~20 GB/s at
+    these matrix sizes (128-512 KiB per expert matrix; 28% of STREAM at 75 GB/s, 44% at 46 GB/s,
+    both seen here on different hours), and at most ~37 GB/s on one large cold matrix: the 50%
     bandwidth target cannot be met with PyTorch's stock kernels here, whatever the engine does;
   * with --ppl (default on): a small byte-level model trained for a few hundred steps on tiny
     Shakespeare (or on the standard library's source when that file is absent), and its
