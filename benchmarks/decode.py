@@ -5,7 +5,7 @@
 
 What it prints:
   * the machine's memory bandwidth, STREAM "copy" style (b[:] = a over 2 x 512 MiB; bytes read +
-    written / time; the median of three best-of-five runs, as single runs here range 45-78 GB/s);
+    written / time; the median of three best-of-five runs, as single runs here range 45-80 GB/s);
   * decode tokens/s at batch 1 and 8 for our engine (fp32, int8, int4) and for transformers
     (fp32, the same checkpoint written by ``save_model``), both timed the same way: wall time of
     generating N tokens minus that of generating 1 (the prefill), greedy, no stop token;
@@ -77,26 +77,25 @@ def bytes_per_token(model) -> int:
 
 
 def matmul_steps(model) -> tuple[list, int]:
-    """The weight-matmul modules of one batch-1 decode step, as (callable, input width) pairs, and
-    the weight bytes they read: every projection but ``kv_b_proj`` (read by the absorbed attention
-    as a tensor), the dense/shared FFNs, the first K experts of each MoE layer, the output head."""
+    """The weight matmuls of one batch-1 decode step, as (callable, input) pairs, and the weight
+    bytes they read: every projection but ``kv_b_proj`` (read by the absorbed attention as a
+    tensor), the dense/shared FFNs, the first K experts of each MoE layer, the output head."""
     cfg, calls, total = model.config, [], 0
     mlps = {name for name, mod in model.named_modules() if isinstance(mod, MLP)}
-    k = cfg.num_experts_per_tok
+    k, d = cfg.num_experts_per_tok, cfg.hidden_size
     for name, mod in model.named_modules():
         if (name.startswith(("model.mtp", "model.embed_tokens")) or name.endswith("kv_b_proj")
                 or name.rpartition(".")[0] in mlps):  # an MLP's projections run as the MLP
             continue
         if isinstance(mod, (torch.nn.Linear, QuantLinear)):
-            calls.append((mod, mod.in_features))
-        elif isinstance(mod, MLP):
-            calls.append((mod, mod.gate_proj.in_features))
-        elif isinstance(mod, QuantMLP):
-            calls.append((mod, mod.gate_up.in_features))
+            calls.append((mod, torch.randn(1, mod.in_features)))
+        elif isinstance(mod, (MLP, QuantMLP)):
+            calls.append((mod, torch.randn(1, d)))
         elif isinstance(mod, Experts):
-            calls += [(partial(mod.expert, e), cfg.hidden_size) for e in range(k)]
-        elif isinstance(mod, QuantExperts):
-            calls += [(partial(_swiglu, mod.gate_up[e], mod.down[e]), -cfg.hidden_size) for e in range(k)]
+            calls += [(partial(mod.expert, e), torch.randn(1, d)) for e in range(k)]
+        elif isinstance(mod, QuantExperts):  # as the engine runs them: bf16 in, bf16 between
+            calls += [(partial(_swiglu, mod.gate_up[e], mod.down[e]), torch.randn(1, d).to(torch.bfloat16))
+                      for e in range(k)]
         else:
             continue
         scale = k / cfg.n_routed_experts if isinstance(mod, (Experts, QuantExperts)) else 1.0
@@ -109,11 +108,10 @@ def time_matmuls(model, repeats: int = 50) -> tuple[float, int]:
     """Steps/s of a decode step that would be nothing but its weight matmuls (same kernels and
     activation casts, random inputs, weights cycled through memory in the same order), and bytes."""
     calls, nbytes = matmul_steps(model)
-    inputs = {w: torch.randn(1, abs(w)) if w > 0 else torch.randn(1, -w).to(torch.bfloat16) for _, w in calls}
 
     def step():
-        for f, w in calls:
-            f(inputs[w])
+        for f, x in calls:
+            f(x)
 
     with torch.inference_mode():
         for _ in range(5):
