@@ -12,7 +12,7 @@ them into bytes, seconds and dollars. Conventions, stated once:
   4.5 bpw, some tensors at Q6_K's 6.56) averaging about 4.85 bpw: 671B parameters at 4.85 bpw are
   407 GB, close to the published DeepSeek-R1 Q4_K_M files.
 * **KV cache**: bf16 (2 bytes) per element unless stated. MLA stores (kv_lora_rank +
-  qk_rope_head_dim) x layers per token (``KVCache.bytes_per_token``). The "MHA equivalent" of an
+  qk_rope_head_dim) x layers per token (what ``gasungbi.infer.cache.KVCache`` allocates). The "MHA equivalent" of an
   MLA model caches full per-head keys (qk_nope + qk_rope = qk_head_dim wide) and values
   (v_head_dim wide): heads x (qk_head_dim + v_head_dim) x layers. (DeepSeek-V2 Table 1 uses
   2 x heads x d_h x layers with d_h = 128, i.e. without the RoPE part of the key.)
@@ -79,14 +79,57 @@ def parse_tokens(text: str) -> float:
 # Model accounting: parameters, weight bytes, KV bytes, FLOPs
 # ---------------------------------------------------------------------------------------------
 
+@dataclass
+class CountModel:
+    """A model known by its counts alone (``--params N --active N``, or a published run whose
+    architecture has no config here).
+
+    ``params`` are all stored weights; ``active`` the parameters one token's matmuls use (training
+    FLOPs are 6 x active; the embedding's share is not subtracted unless the counts already leave it
+    out). Attention FLOPs are counted only when ``layers`` and ``attention_width`` (heads x head
+    width) are given, over ``attention_context`` tokens (the mean attended span: a sliding window's
+    size; ``None`` = the sequence length): 3 x 2 x layers x 2 x width x context per token (PaLM
+    Appendix B, the same convention as ``attention_flops_per_token``). The KV cache is
+    ``kv_bytes_per_token`` (0 = not counted).
+    """
+
+    params: float
+    active: float
+    layers: int = 0
+    attention_width: int = 0
+    attention_context: int | None = None
+    kv_bytes_per_token: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.params > 0 and 0 < self.active <= self.params):
+            raise ValueError(f"need params > 0 and 0 < active <= params, got params={self.params:g}, "
+                             f"active={self.active:g}")
+
+    def attention_flops(self, context: int) -> float:
+        """Forward attention FLOPs per token at ``context`` (capped by ``attention_context``)."""
+        span = context if self.attention_context is None else min(context, self.attention_context)
+        return 4 * self.layers * self.attention_width * span
+
+
+Model = ModelConfig | CountModel
+
+
+def flops_per_token(model: Model, seq_len: int) -> float:
+    """Training FLOPs per token: ``training_flops_per_token`` for an architecture, else 6 x active
+    + 3 x attention forward (see :class:`CountModel`)."""
+    if isinstance(model, CountModel):
+        return 6 * model.active + 3 * model.attention_flops(seq_len)
+    return training_flops_per_token(model, seq_len)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2) -> int:
-    """KV cache bytes per token of the main model (MLA latent, or GQA K and V)."""
-    import torch
-
-    from gasungbi.infer.cache import KVCache
-
-    dtype = {4: torch.float32, 2: torch.bfloat16, 1: torch.float8_e4m3fn}[elem_bytes]
-    return KVCache.bytes_per_token(cfg, dtype=dtype)
+    """KV cache bytes per token of the main model: MLA caches the latent and the shared RoPE key,
+    (kv_lora_rank + qk_rope_head_dim) x layers; GQA caches K and V, 2 x kv_heads x head_dim x layers."""
+    if cfg.is_mla:
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    else:
+        width = 2 * cfg.gqa_kv_heads * cfg.gqa_head_dim
+    return width * cfg.num_hidden_layers * elem_bytes
 
 
 def mha_kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2) -> int:
@@ -140,9 +183,9 @@ in FP8, but MFU here is always quoted against the BF16 peak so that GPUs without
 """
 
 
-def implied_mfu(cfg: ModelConfig, tokens: float, gpu_hours: float, peak_tflops: float, seq_len: int) -> float:
+def implied_mfu(cfg: Model, tokens: float, gpu_hours: float, peak_tflops: float, seq_len: int) -> float:
     """The MFU at which ``tokens`` of training take ``gpu_hours`` on GPUs of ``peak_tflops``."""
-    return tokens * training_flops_per_token(cfg, seq_len) / (gpu_hours * 3600 * peak_tflops * 1e12)
+    return tokens * flops_per_token(cfg, seq_len) / (gpu_hours * 3600 * peak_tflops * 1e12)
 
 
 @dataclass
@@ -167,11 +210,11 @@ class TrainEstimate:
         return asdict(self)
 
 
-def estimate_train(cfg: ModelConfig, tokens: float, gpu: Gpu, count: int, mfu: float | None = None,
+def estimate_train(cfg: Model, tokens: float, gpu: Gpu, count: int, mfu: float | None = None,
                    price: float | None = None, seq_len: int = 4096) -> TrainEstimate:
     """Time and cost of training ``cfg`` on ``tokens`` with ``count`` x ``gpu`` at ``mfu``
     (default :data:`CALIBRATED_MFU`): GPU-seconds = tokens x FLOPs/token / (mfu x BF16 peak)."""
-    fpt = training_flops_per_token(cfg, seq_len)
+    fpt = flops_per_token(cfg, seq_len)
     basis = "given MFU" if mfu is not None else "calibrated on DeepSeek-V3's published H800-hours"
     mfu = CALIBRATED_MFU if mfu is None else mfu
     gpu_hours = tokens * fpt / (mfu * gpu.bf16_tflops * 1e12) / 3600
@@ -180,12 +223,12 @@ def estimate_train(cfg: ModelConfig, tokens: float, gpu: Gpu, count: int, mfu: f
                          gpu_hours / count / 24, price, gpu_hours * price, basis)
 
 
-def estimate_train_from_throughput(cfg: ModelConfig, tokens: float, tokens_per_s: float, run_devices: int,
+def estimate_train_from_throughput(cfg: Model, tokens: float, tokens_per_s: float, run_devices: int,
                                    count: int, hardware: str, mfu: float | None, price: float | None,
                                    seq_len: int = 4096) -> TrainEstimate:
     """Time and cost at a measured throughput, scaled linearly from ``run_devices`` to ``count``
     devices (per-device throughput held fixed: an optimistic assumption for large scale-ups)."""
-    fpt = training_flops_per_token(cfg, seq_len)
+    fpt = flops_per_token(cfg, seq_len)
     gpu_hours = tokens / (tokens_per_s / run_devices) / 3600
     return TrainEstimate(hardware, count, tokens, seq_len, fpt, tokens * fpt, mfu, None, gpu_hours,
                          gpu_hours / count / 24, price, None if price is None else gpu_hours * price,
@@ -324,28 +367,63 @@ class ServeEstimate:
         return asdict(self)
 
 
-def estimate_serve(cfg: ModelConfig, setup: Setup, quant: str, context: int = 4096, batch: int = 1) -> ServeEstimate:
-    """Where each part lives, whether it fits, and the decode/prefill ceilings (see module doc)."""
+def _serve_parts(model: Model, quant: str, context: int, batch: int) -> tuple[dict, dict, dict, float]:
+    """Per part: bytes stored, bytes read per decode step, FLOPs per decode step; and the forward
+    FLOPs of one prompt token (prefill). A :class:`CountModel` is one part, ``weights``: a step
+    reads ``active`` at batch 1 and at most min(params, batch x active) at batch B (which share of
+    the weights is shared and which routed is unknown)."""
     bits = quant_bits(quant)
+    if isinstance(model, CountModel):
+        kv = batch * context * model.kv_bytes_per_token
+        attn = model.attention_flops(context)
+        stored = {"weights": model.params * bits / 8, "kv_cache": kv}
+        read = {"weights": min(model.params, batch * model.active) * bits / 8, "kv_cache": kv}
+        flops = {"weights": batch * 2 * model.active, "kv_cache": batch * attn}
+        return stored, read, flops, 2 * model.active + attn
+    cfg = model
     pc = count_params(cfg)
     comps = {k: v for k, v in pc.components.items() if v}
-    kv_tok = kv_bytes_per_token(cfg)
-    place = setup.placement()
     touched = 1 - (1 - pc.routed_fraction) ** batch if "routed_experts" in comps else 1.0
+    stored = {part: n * bits / 8 for part, n in comps.items()}
+    read = {}
+    for part, n in comps.items():
+        if part == "embedding":
+            read[part] = batch * cfg.hidden_size * bits / 8
+        elif part == "routed_experts":
+            read[part] = n * bits / 8 * touched
+        else:
+            read[part] = n * bits / 8
+    kv = batch * context * kv_bytes_per_token(cfg)
+    stored["kv_cache"] = read["kv_cache"] = kv
+    # FLOPs: 2 per activated weight per token, and the attention over the context (read from the cache)
+    flops = {part: batch * 2 * (n * pc.routed_fraction if part == "routed_experts" else n)
+             for part, n in comps.items() if part != "embedding"}
+    flops["kv_cache"] = batch * attention_flops_per_token(cfg, context)
+    prefill = 2 * (pc.activated - comps["embedding"]) + attention_flops_per_token(cfg, context)
+    return stored, read, flops, prefill
+
+
+def estimate_serve(cfg: Model, setup: Setup, quant: str, context: int = 4096, batch: int = 1) -> ServeEstimate:
+    """Where each part lives, whether it fits, and the decode/prefill ceilings (see module doc).
+
+    The decode step takes the longer of its memory time (sum over memories of bytes read /
+    bandwidth) and its compute time (sum over devices of FLOPs / dense peak; a memory platform
+    without a ``tflops`` figure adds none): a roofline, which matters only at large batches."""
+    bits = quant_bits(quant)
+    parts, reads, flops, prefill_flops = _serve_parts(cfg, quant, context, batch)
+    place = setup.placement()
+    if isinstance(cfg, CountModel):
+        if setup.kind == "hybrid":
+            raise ValueError("a hybrid GPU + DDR placement needs the architecture (which parts are experts): "
+                             "pass --model instead of --params/--active")
+        place = {p: place["attention"] for p in parts}
     stored = {"gpu": 0.0, "ddr": 0.0}
     read = {"gpu": 0.0, "ddr": 0.0}
-    parts = {part: n * bits / 8 for part, n in comps.items()}
-    parts["kv_cache"] = batch * context * kv_tok
-    for part, n in comps.items():
-        stored[place[part]] += n * bits / 8
-        if part == "embedding":
-            read[place[part]] += batch * cfg.hidden_size * bits / 8
-        elif part == "routed_experts":
-            read[place[part]] += n * bits / 8 * touched
-        else:
-            read[place[part]] += n * bits / 8
-    stored[place["kv_cache"]] += batch * context * kv_tok
-    read[place["kv_cache"]] += batch * context * kv_tok
+    work = {"gpu": 0.0, "ddr": 0.0}
+    for part in parts:
+        stored[place[part]] += parts[part]
+        read[place[part]] += reads[part]
+        work[place[part]] += flops.get(part, 0.0)
 
     bandwidth, capacity, peak = {}, {}, {}
     if setup.gpu:
@@ -358,17 +436,22 @@ def estimate_serve(cfg: ModelConfig, setup: Setup, quant: str, context: int = 40
         bandwidth["ddr"] = m.bandwidth_gbs * 1e9 * n
         capacity["ddr"] = max(setup.memory_gb - DDR_RESERVE_GB, 0) * 1e9 * n
         peak["ddr"] = m.tflops * 1e12 * n if m.tflops else None
-    step = sum(read[mem] / bandwidth[mem] for mem in bandwidth)
-    decode = batch / step
+    memory_time = sum(read[mem] / bandwidth[mem] for mem in bandwidth)
+    compute_time = sum(work[mem] / peak[mem] for mem in bandwidth if peak.get(mem))
+    decode = batch / max(memory_time, compute_time)
 
-    routed_act = comps.get("routed_experts", 0) * pc.routed_fraction
-    other = 2 * (pc.activated - comps["embedding"] - routed_act) + attention_flops_per_token(cfg, context)
-    work = {"gpu": 0.0, "ddr": 0.0}
-    work[place["routed_experts"]] += 2 * routed_act
-    work[place["attention"]] += other
     prefill = None
-    if all(peak.get(mem) for mem, w in work.items() if w):
-        prefill = 1 / sum(w / peak[mem] for mem, w in work.items() if w)
+    if isinstance(cfg, CountModel):
+        mem = place["weights"]
+        prefill = peak[mem] / prefill_flops if peak.get(mem) else None
+    else:
+        pc = count_params(cfg)
+        routed_act = pc.components.get("routed_experts", 0) * pc.routed_fraction
+        pwork = {"gpu": 0.0, "ddr": 0.0}
+        pwork[place["routed_experts"]] += 2 * routed_act
+        pwork[place["attention"]] += prefill_flops - 2 * routed_act
+        if all(peak.get(mem) for mem, w in pwork.items() if w):
+            prefill = 1 / sum(w / peak[mem] for mem, w in pwork.items() if w)
 
     cost = 0.0
     if setup.gpu:
@@ -383,12 +466,15 @@ def estimate_serve(cfg: ModelConfig, setup: Setup, quant: str, context: int = 40
     gb = lambda d: {k: v / 1e9 for k, v in d.items() if k in bandwidth}  # noqa: E731
     if setup.kind == "all-HBM" and setup.gpu_count > 1:
         notes.append(f"the ceiling assumes the {setup.gpu_count} GPUs split every layer with a free interconnect")
+    if compute_time > memory_time:
+        notes.append(f"compute-bound at batch {batch}: {compute_time * 1e3:,.2f} ms of FLOPs against "
+                     f"{memory_time * 1e3:,.2f} ms of memory reads per step")
     return ServeEstimate(setup.describe(), setup.kind, quant, bits, context, batch, place,
                          {k: v / 1e9 for k, v in parts.items()}, gb(stored), gb(capacity),
                          fits, gb(read), decode, prefill, cost, cost / (decode * 3600) * 1e6, notes)
 
 
-def compare_setups(cfg: ModelConfig, hw: Hardware, quant: str, context: int = 4096, batch: int = 1,
+def compare_setups(cfg: Model, hw: Hardware, quant: str, context: int = 4096, batch: int = 1,
                    ddr_gb: float | None = None, default_gpu: Gpu | None = None,
                    default_memory: MemoryPlatform | None = None) -> list[ServeEstimate]:
     """The requested set-up plus its all-HBM, hybrid and CPU-only alternatives (same GPU type and
@@ -401,6 +487,8 @@ def compare_setups(cfg: ModelConfig, hw: Hardware, quant: str, context: int = 40
     alternatives = [Setup("all-HBM", gpu, max(need, 1)),
                     Setup("hybrid", gpu, hw.gpu_count or 1, mem, hw.memory_count or 1, ddr_gb),
                     Setup("CPU-only", None, 0, mem, hw.memory_count or 1, ddr_gb)]
+    if isinstance(cfg, CountModel):  # no architecture: no hybrid split
+        alternatives = [s for s in alternatives if s.kind != "hybrid"]
     out = [estimate_serve(cfg, requested, quant, context, batch)]
     for s in alternatives:
         if s.describe() != requested.describe():
