@@ -279,3 +279,111 @@ def test_measure_functions_are_quick_and_positive():
 
     assert measure_matmul_flops(size=128, seconds=0.05) > 1e6
     assert measure_memory_bandwidth(size_mb=16, repeats=2) > 1e7
+
+
+# ---------------------------------------------------------------------------------------------
+# backtest, any model, any machine
+# ---------------------------------------------------------------------------------------------
+
+def test_published_table_loads_and_every_row_is_cited():
+    from gasungbi.plan.backtest import CALIBRATION_KINDS, load_published
+
+    rows = load_published()
+    assert len(rows) >= 12
+    assert {r["calibrates"] for r in rows if r.get("calibrates")} == set(CALIBRATION_KINDS)
+    for r in rows:
+        assert len(r["source"]) > 20, r["name"]
+        if "hf" in r["model"] or "counts" in r["model"]:
+            assert r["model"].get("source"), f"{r['name']}: model shape has no source"
+    names = " ".join(r["name"] for r in rows)
+    for want in ("DeepSeek-V3", "DeepSeek-V2", "67B", "405B", "70B", "8B", "nanochat", "modded-nanogpt",
+                 "KTransformers", "llama.cpp", "EPYC", "DeepSeek online service"):
+        assert want in names
+
+
+def test_backtest_reproduces_calibration_and_states_its_record(catalog):
+    from gasungbi.plan.backtest import run_backtest
+
+    bt = run_backtest(catalog)
+    for r in bt.rows:
+        if r.calibrates:
+            assert r.error == pytest.approx(0, abs=1e-9)
+    assert bt.constants["train_moe"] == pytest.approx(E.CALIBRATED_MFU * 989 / 1979, abs=0.003)  # 22.8% of FP8
+    predicted = bt.predicted_rows
+    assert len(predicted) == len(bt.rows) - 3
+    # The record as it stands (deterministic: shapes, figures, formulas). Issue 18's goal is a
+    # median of 25% or less and no row beyond 2x; the planner is at 26% and Llama 3.1 8B at 2.15x
+    # (Meta's hours imply 17% MFU against 36% for the 405B). These bounds keep it from getting worse.
+    assert bt.median_abs_error <= 0.27
+    assert bt.worst.ratio <= 2.2
+    assert sum(r.ratio > 2 for r in predicted) <= 1
+    for r in predicted:  # every row off by more than 25% says what the planner misses
+        assert abs(r.error) <= 0.25 or r.misses, r.name
+
+
+def test_cli_backtest_prints_table_and_summary(tmp_path):
+    r = plan("backtest", env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "[calibrates]" in out and "median |error|" in out and "worst" in out
+    assert "rows not used for calibration" in out and "what the planner does not model" in out
+    d = json.loads(plan("backtest", "--json", env={"XDG_CONFIG_HOME": str(tmp_path)}).stdout)
+    assert len(d["calibration_rows"]) == 3 and d["median_abs_error"] > 0
+
+
+def test_backtest_here_row_from_a_run(tmp_path, catalog):
+    from gasungbi.plan.backtest import run_backtest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"tokens_per_s": 500.0, "mfu": 0.05, "device": "cpu",
+                                                 "device_count": 1, "preset": "debug",
+                                                 "peak_flops_per_device": 1e11, "flops_per_token": 1e7}))
+    bt = run_backtest(catalog, run)
+    here = bt.rows[-1]
+    assert here.name.startswith("this machine") and here.published == 500.0
+    assert here.predicted == pytest.approx(bt.constants["train_dense"] * 1e11 / 1e7)
+
+
+def test_plan_imports_no_torch():
+    code = ("import gasungbi.plan.estimate, gasungbi.plan.backtest, gasungbi.plan.models, gasungbi.plan.catalog, "
+            "gasungbi.plan.commands, sys; assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = plan("backtest")
+    assert r.returncode == 0, r.stderr
+
+
+def test_params_active_and_custom_hardware(tmp_path, capsys):
+    from gasungbi.plan.estimate import CountModel, flops_per_token
+
+    m = CountModel(params=70e9, active=70e9)
+    assert flops_per_token(m, 4096) == 6 * 70e9
+    # with attention: 12 x layers x width x span (nanochat's d24 count)
+    d24 = CountModel(729.8e6, 729.8e6, layers=24, attention_width=1536, attention_context=1280)
+    assert flops_per_token(d24, 2048) == pytest.approx(4.3308e19 / (16704 * 524288), rel=1e-3)
+    assert main(["plan", "train", "--params", "70B", "--tokens", "1T", "--peak-tflops", "500", "--bandwidth", "2000",
+                 "--count", "100", "--mfu", "0.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu_hours"] == pytest.approx(6 * 70e9 * 1e12 / (0.5 * 500e12) / 3600)
+    assert out["hardware"] == "custom" and out["total_params"] == 70e9
+    # MoE counts: decode at batch 1 reads the active weights only
+    assert main(["plan", "serve", "--params", "100B", "--active", "10B", "--quant", "int8", "--peak-tflops", "100",
+                 "--bandwidth", "1000", "--memory", "200", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["requested"]["decode_tokens_per_s"] == pytest.approx(1000e9 / 10e9)
+    assert out["requested"]["fits"] and out["requested"]["stored_gb"]["gpu"] == pytest.approx(100)
+    assert main(["plan", "serve", "--params", "100B", "--peak-tflops", "100"]) == 2
+    assert "--bandwidth" in capsys.readouterr().err
+
+
+def test_model_from_a_config_json(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                               "vocab_size": 128256, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    assert main(["plan", "model", "--model", str(tmp_path)]) == 0
+    assert "GQA, 32 layers" in capsys.readouterr().out
+    assert main(["plan", "train", "--model", str(cfg), "--tokens", "15T", "--hardware", "h100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_params"] == pytest.approx(8.03e9, rel=0.01)

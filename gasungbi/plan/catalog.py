@@ -69,11 +69,6 @@ class MemoryPlatform:
     source: dict[str, str] = field(default_factory=dict)
     kind: str = "memory"
 
-    @property
-    def purchase_price(self) -> float:
-        """USD for the platform (CPU + board) and its DRAM."""
-        return self.platform_price + self.memory_gb * self.price_per_gb
-
 
 @dataclass
 class Catalog:
@@ -101,6 +96,25 @@ class Catalog:
                 if len(_norm(n)) >= 3 and _norm(n) in text and (best is None or len(_norm(n)) > best[0]):
                     best = (len(_norm(n)), gpu)
         return best[1] if best else None
+
+
+def custom_gpu(peak_tflops: float, bandwidth_gbs: float, memory_gb: float | None = None,
+               price_per_hour: float | None = None, fp8_tflops: float | None = None) -> Gpu:
+    """An accelerator that is not in the catalog, from its dense peak (TFLOPS, in the precision
+    the work runs in), memory bandwidth (GB/s) and optionally its memory (GB; unknown = unlimited,
+    so fits are not checked) and price (USD per hour; unknown = 0, so costs read $0)."""
+    for name, value in (("peak TFLOPS", peak_tflops), ("bandwidth", bandwidth_gbs)):
+        if not value > 0:
+            raise CatalogError(f"custom hardware: {name} must be positive, got {value!r}")
+    if memory_gb is not None and not memory_gb > 0:
+        raise CatalogError(f"custom hardware: memory must be positive, got {memory_gb!r}")
+    name = f"custom ({peak_tflops:g} TFLOPS, {bandwidth_gbs:g} GB/s" + (f", {memory_gb:g} GB)" if memory_gb else ")")
+    given = "given on the command line"
+    return Gpu(key="custom", name=name, memory_gb=float("inf") if memory_gb is None else float(memory_gb),
+               bandwidth_gbs=float(bandwidth_gbs), bf16_tflops=float(peak_tflops), fp8_tflops=fp8_tflops,
+               price_per_hour=0.0 if price_per_hour is None else float(price_per_hour),
+               source={"memory_gb": given if memory_gb else "not given: unlimited", "bandwidth_gbs": given,
+                       "bf16_tflops": given, "price_per_hour": given if price_per_hour is not None else "not given: 0"})
 
 
 def _norm(s: str) -> str:

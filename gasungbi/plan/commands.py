@@ -5,6 +5,8 @@
     gasungbi plan serve --model deepseek-v3-671b --quant int4 --hardware "rtx4090 + ddr5-8ch-4800"
     gasungbi plan here --model cpu-tiny
     gasungbi plan model --model deepseek-v3-671b
+    gasungbi plan train --params 70B --tokens 2T --peak-tflops 400 --bandwidth 2000 --count 64
+    gasungbi plan backtest                       # the planner against published runs
 
 Every subcommand takes ``--json`` and ``--catalog FILE`` (extra hardware entries). The arithmetic is
 in :mod:`gasungbi.plan.estimate`; this module parses, prints and draws. Importing it is cheap.
@@ -16,13 +18,14 @@ import argparse
 import json
 from typing import Any
 
-from gasungbi.cli import UserError, command, resolve_model_config
+from gasungbi.errors import UserError
 
 
 def _plan(args: argparse.Namespace) -> int:
-    run = {"train": _train, "serve": _serve, "here": _here, "model": _model_cmd}.get(args.plan_command)
+    run = {"train": _train, "serve": _serve, "here": _here, "model": _model_cmd,
+           "backtest": _backtest}.get(args.plan_command)
     if run is None:
-        raise UserError("choose a subcommand: train, serve, here or model (gasungbi plan --help)")
+        raise UserError("choose a subcommand: train, serve, here, model or backtest (gasungbi plan --help)")
     from gasungbi.plan.catalog import CatalogError
 
     try:
@@ -31,12 +34,22 @@ def _plan(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from None
 
 
+def custom_hardware(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--peak-tflops", help="instead of --hardware: dense peak TFLOPS of an unlisted accelerator")
+    q.add_argument("--bandwidth", help="with --peak-tflops: its memory bandwidth in GB/s")
+    q.add_argument("--memory", help="with --peak-tflops: its memory in GB (default: unlimited, fit not checked)")
+
+
 def _plan_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="plan_command", metavar="SUBCOMMAND")
 
-    def common(q: argparse.ArgumentParser, model_default: str | None) -> None:
+    def common(q: argparse.ArgumentParser, model_default: str | None, counts: bool = False) -> None:
         q.add_argument("--model", default=model_default,
-                       help="a preset name or a checkpoint directory" + (f" (default {model_default})" if model_default else ""))
+                       help="a preset name, a Hugging Face config.json or its directory"
+                            + (f" (default {model_default})" if model_default else ""))
+        if counts:
+            q.add_argument("--params", help="instead of --model: total parameters, e.g. 70B")
+            q.add_argument("--active", help="with --params: parameters one token uses (default: all, a dense model)")
         q.add_argument("--catalog", action="append", default=[], metavar="FILE",
                        help="extra hardware catalog JSON (repeatable; ~/.config/gasungbi/hardware.json is read too)")
         q.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -44,9 +57,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="GPU-hours, days and dollars of a training run",
                        description="GPU-hours, days and dollars of a training run. Without --mfu, the MFU is "
                                    "the one DeepSeek-V3's published H800-hours imply.")
-    common(t, None)
+    common(t, None, counts=True)
     t.add_argument("--tokens", required=True, help="training tokens, e.g. 14.8T, 500B, 2M")
     t.add_argument("--hardware", help="a GPU from the catalog, e.g. h800")
+    custom_hardware(t)
     t.add_argument("--count", help="number of GPUs (default 1, or the run's)")
     t.add_argument("--mfu", help="model FLOPs utilization against the dense BF16 peak, 0-1")
     t.add_argument("--price", help="USD per GPU-hour (default: the catalog's)")
@@ -57,8 +71,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("serve", help="where each part lives, fit, decode/prefill ceilings, $ per 1M tokens",
                        description="Placement, fit, decode and prefill ceilings and cost of serving a model, "
                                    "with an all-HBM / hybrid GPU+DDR / CPU-only comparison.")
-    common(s, "deepseek-v3-671b")
-    s.add_argument("--hardware", required=True, help="e.g. 'rtx4090 + ddr5-8ch-4800', '8x h200', 'ddr5-12ch-5600'")
+    common(s, "deepseek-v3-671b", counts=True)
+    s.add_argument("--hardware", help="e.g. 'rtx4090 + ddr5-8ch-4800', '8x h200', 'ddr5-12ch-5600'")
+    custom_hardware(s)
+    s.add_argument("--count", help="with --peak-tflops/--bandwidth: number of such devices (default 1)")
     s.add_argument("--quant", default="int4", help="weight format: " + "fp32, bf16, fp8, int8, q8_0, int4, q4_k_m")
     s.add_argument("--context", default="4096", help="context tokens held in the KV cache per sequence")
     s.add_argument("--batch", default="1", help="sequences decoded together")
@@ -71,6 +87,15 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     common(h, "cpu-tiny")
     h.add_argument("--context", default="512", help="context tokens (default 512)")
 
+    b = sub.add_parser("backtest", help="the planner against published training runs and decode speeds",
+                       description="Predict each published measurement in gasungbi/plan/published.json (one "
+                                   "cited source per row) and print the error and implied efficiency; the median "
+                                   "and worst error are over the rows not used for calibration.")
+    b.add_argument("--run", metavar="DIR", help="add this machine: one of our training runs (its report.json)")
+    b.add_argument("--sources", action="store_true", help="print each row's source")
+    b.add_argument("--catalog", action="append", default=[], metavar="FILE", help="extra hardware catalog JSON")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     m = sub.add_parser("model", help="parameters, weight bytes per format, KV bytes, FLOPs per token",
                        description="Model accounting: parameters per component, weight bytes per format, KV "
                                    "cache bytes per token against an MHA model of the same shape, FLOPs per token.")
@@ -79,7 +104,6 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 
 _plan.add_args = _plan_args
-command("plan", "hardware and cost planner: plan train | serve | here | model")(_plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,15 +131,37 @@ def _catalog(args: argparse.Namespace):
     return load_catalog(args.catalog)
 
 
-def _config(spec: Any):
-    """A preset name, checkpoint directory or Hugging Face config dict -> ModelConfig."""
+def _config(spec: Any, args: argparse.Namespace | None = None):
+    """A preset name, config.json path or Hugging Face config dict -> ModelConfig; or the
+    ``--params/--active`` counts of ``args`` -> CountModel."""
+    from gasungbi.plan.models import resolve
+
     if isinstance(spec, dict):
         from gasungbi.config import from_hf_config
 
         return from_hf_config(spec)
-    if not isinstance(spec, str):
-        raise UserError("no model: pass --model (the run report has none)")
-    return resolve_model_config(spec)
+    params, active = getattr(args, "params", None), getattr(args, "active", None)
+    if spec is None and params is None and active is None:
+        raise UserError("no model: pass --model (or --params N [--active N])")
+    return resolve(spec, params, active)
+
+
+def _custom_gpu(args: argparse.Namespace):
+    """``--peak-tflops X --bandwidth Y [--memory Z]`` -> a Gpu, or None when not given."""
+    if getattr(args, "peak_tflops", None) is None and getattr(args, "bandwidth", None) is None:
+        if getattr(args, "memory", None) is not None:
+            raise UserError("--memory goes with --peak-tflops and --bandwidth")
+        return None
+    if args.peak_tflops is None or args.bandwidth is None:
+        raise UserError("an unlisted accelerator needs both --peak-tflops and --bandwidth")
+    if args.hardware:
+        raise UserError("give --hardware or --peak-tflops/--bandwidth, not both")
+    from gasungbi.plan.catalog import custom_gpu
+
+    return custom_gpu(_number(args.peak_tflops, "--peak-tflops", float, lo=1e-9),
+                      _number(args.bandwidth, "--bandwidth", float, lo=1e-9),
+                      _number(args.memory, "--memory", float, lo=1e-9), getattr(args, "price", None) and
+                      _number(args.price, "--price", float, lo=0.0))
 
 
 def _si(x: float, unit: str = "") -> str:
@@ -157,17 +203,21 @@ def _train(args: argparse.Namespace) -> int:
     mfu = _number(args.mfu, "--mfu", float, lo=1e-6, hi=1.0)
     price = _number(args.price, "--price", float, lo=0.0)
     run = E.read_run(args.from_run) if args.from_run else None
-    if args.model is None and run is None:
-        raise UserError("give --model (or --from-run DIR)")
-    cfg = _config(args.model if args.model is not None else run.model)
-    model_name = args.model if args.model is not None else run.name
-    gpu = catalog.lookup(args.hardware) if args.hardware else (catalog.match_device(run.device) if run else None)
+    counts = args.params is not None or args.active is not None
+    if args.model is None and run is None and not counts:
+        raise UserError("give --model, --params N [--active N] or --from-run DIR")
+    cfg = _config(args.model if args.model is not None or counts else run.model, args)
+    model_name = args.model or (f"{args.params} parameters ({args.active or args.params} active)" if counts
+                                else run.name)
+    custom = _custom_gpu(args)
+    gpu = custom or (catalog.lookup(args.hardware) if args.hardware
+                     else (catalog.match_device(run.device) if run else None))
     if args.hardware and not isinstance(gpu, Gpu):
         raise UserError(f"--hardware {args.hardware!r} is a memory platform; plan train needs a GPU: "
                         f"{', '.join(catalog.gpus)}")
     count = _number(args.count, "--count", int, lo=1, default=run.device_count if run else 1)
 
-    if run and args.hardware is None and args.model is None and mfu is None:
+    if run and args.hardware is None and custom is None and args.model is None and not counts and mfu is None:
         # The run's own model on the run's own devices: its measured throughput carries over.
         price = price if price is not None else (gpu.price_per_hour if gpu else None)
         est = E.estimate_train_from_throughput(cfg, tokens, run.tokens_per_s, run.device_count, count,
@@ -185,15 +235,19 @@ def _train(args: argparse.Namespace) -> int:
         if run and args.mfu is None:
             est.basis = f"MFU measured in {run.path}"
 
-    pc = count_params(cfg)
-    data = {"model": model_name, "total_params": pc.total, "activated_params": pc.activated, **est.to_dict()}
+    if isinstance(cfg, E.CountModel):
+        total, activated = cfg.params, cfg.active
+    else:
+        pc = count_params(cfg)
+        total, activated = pc.total, pc.activated
+    data = {"model": model_name, "total_params": total, "activated_params": activated, **est.to_dict()}
     default_mfu = args.mfu is None and run is None
     if default_mfu:
         data["calibration"] = {"deepseek_v3": E.DEEPSEEK_V3, "calibrated_mfu": E.CALIBRATED_MFU,
                                "fp8_equivalent_mfu_on_h800": E.CALIBRATED_MFU * catalog.gpus["h800"].bf16_tflops
                                / catalog.gpus["h800"].fp8_tflops}
     lines = [
-        f"model        {model_name}: {_si(pc.total)} total, {_si(pc.activated)} activated parameters",
+        f"model        {model_name}: {_si(total)} total, {_si(activated)} activated parameters",
         f"hardware     {est.count:,}x {est.hardware}" + (f" ({est.peak_bf16_tflops:g} dense BF16 TFLOPS each)"
                                                        if est.peak_bf16_tflops else ""),
         f"tokens       {_si(est.tokens)} at sequence length {est.seq_len}",
@@ -234,25 +288,40 @@ def _train(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from gasungbi.plan import estimate as E
-    from gasungbi.plan.catalog import parse_hardware
+    from gasungbi.plan.catalog import Hardware, parse_hardware
 
     catalog = _catalog(args)
-    cfg = _config(args.model)
+    counts = args.params is not None or args.active is not None
+    cfg = _config(None if counts else args.model, args)
+    model_name = f"{args.params} parameters ({args.active or args.params} active)" if counts else args.model
     E.quant_bits(args.quant)
     quant = args.quant.lower()
     context = _number(args.context, "--context", int, lo=0)
     batch = _number(args.batch, "--batch", int, lo=1)
     ddr_gb = _number(args.ddr_gb, "--ddr-gb", float, lo=1.0)
-    hw = parse_hardware(args.hardware, catalog)
+    custom = _custom_gpu(args)
+    if custom is not None:
+        hw = Hardware(gpu=custom, gpu_count=_number(args.count, "--count", int, lo=1, default=1))
+    elif args.hardware:
+        if args.count is not None:
+            raise UserError("--count goes with --peak-tflops/--bandwidth; in --hardware write '8x h200'")
+        hw = parse_hardware(args.hardware, catalog)
+    else:
+        raise UserError("give --hardware (a catalog name) or --peak-tflops X --bandwidth Y")
     defaults = dict(default_gpu=catalog.lookup(E.DEFAULT_GPU), default_memory=catalog.lookup(E.DEFAULT_MEMORY))
     results = E.compare_setups(cfg, hw, quant, context, batch, ddr_gb, **defaults)
     req = results[0]
-    kv, mha = E.kv_bytes_per_token(cfg), E.mha_kv_bytes_per_token(cfg)
+    if counts:
+        kv = mha = 0
+        kv_line = "KV cache not counted (--params/--active give no attention shape; pass --model for it)"
+    else:
+        kv, mha = E.kv_bytes_per_token(cfg), E.mha_kv_bytes_per_token(cfg)
+        kv_line = (f"KV cache {kv / 1e3:,.1f} KB/token in bf16 ({'MLA latent' if cfg.is_mla else 'GQA'}; an MHA "
+                   f"model of this shape: {mha / 1e6:,.2f} MB/token, {mha / kv:.1f}x)")
 
-    lines = [f"{args.model} at {quant} ({req.bits_per_weight:g} bits/weight), context {context:,}, batch {batch}"
-             + (" (MTP modules not served)" if cfg.num_nextn_predict_layers else ""),
-             f"KV cache {kv / 1e3:,.1f} KB/token in bf16 ({'MLA latent' if cfg.is_mla else 'GQA'}; an MHA model of "
-             f"this shape: {mha / 1e6:,.2f} MB/token, {mha / kv:.1f}x)", "",
+    lines = [f"{model_name} at {quant} ({req.bits_per_weight:g} bits/weight), context {context:,}, batch {batch}"
+             + (" (MTP modules not served)" if not counts and cfg.num_nextn_predict_layers else ""),
+             kv_line, "",
              f"requested: {req.setup}  [{req.kind}]",
              f"  {'part':<16}{'where':<7}{'GB':>10}"]
     for part, gb in req.parts_gb.items():
@@ -278,7 +347,7 @@ def _serve(args: argparse.Namespace) -> int:
         lines.append(f"  {r.setup:<44}{r.kind:<9}{'yes' if r.fits else 'no':<6}{r.stored_gb.get('gpu', 0):>8,.1f}"
                      f"{r.stored_gb.get('ddr', 0):>8,.1f}{r.decode_tokens_per_s:>10,.1f}{pre:>11}"
                      f"{r.cost_per_hour:>9,.2f}{r.usd_per_million_tokens:>10,.2f}")
-    data = {"model": args.model, "kv_bytes_per_token": kv, "mha_kv_bytes_per_token": mha,
+    data = {"model": model_name, "kv_bytes_per_token": kv, "mha_kv_bytes_per_token": mha,
             "requested": req.to_dict(), "comparison": [r.to_dict() for r in results]}
     if args.chart:
         rows: dict[str, dict[str, float]] = {}
@@ -289,7 +358,7 @@ def _serve(args: argparse.Namespace) -> int:
                 rows.setdefault(label, {})[q] = r.decode_tokens_per_s if r.fits else 0.0
         from gasungbi.plan.charts import serve_chart
 
-        serve_chart(args.chart, rows, f"{args.model}: decode ceiling, context {context:,}, batch {batch}")
+        serve_chart(args.chart, rows, f"{model_name}: decode ceiling, context {context:,}, batch {batch}")
         lines.append(f"\nchart: {args.chart}")
         data["chart"] = args.chart
     return _emit(args, data, lines)
@@ -348,3 +417,14 @@ def _model_cmd(args: argparse.Namespace) -> int:
               f"  training FLOPs per token at {seq_len}: {acc['training_flops_per_token'] / 1e9:,.4g} GFLOP"]
     return _emit(args, {"model": args.model, **acc}, lines)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# plan backtest
+# ---------------------------------------------------------------------------------------------
+
+def _backtest(args: argparse.Namespace) -> int:
+    from gasungbi.plan.backtest import format_backtest, run_backtest
+
+    bt = run_backtest(_catalog(args), args.run)
+    return _emit(args, bt.to_dict(), format_backtest(bt, sources=args.sources))
