@@ -12,7 +12,7 @@ import torch
 
 from gasungbi import build_model, get_preset, save_model
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
-from gasungbi.infer.chat import CHAT_TEMPLATE
+from gasungbi.data.chat import CHAT_TEMPLATE
 from gasungbi.post.distill import DistillConfig, distill
 from gasungbi.post.grpo import GRPOConfig, completion_logprobs, group_advantages, grpo, grpo_loss
 
@@ -100,8 +100,11 @@ def test_distill_from_checkpoint_and_from_an_endpoint(ckpt, tmp_path):
                               seq_len=64, max_new_tokens=6))
     assert r["sampled"] == 12 and r["kept"] == 12 and r["student"]["step"] == 2
 
+    keys = []
+
     class Teacher(BaseHTTPRequestHandler):
         def do_POST(self):
+            keys.append(self.headers["Authorization"])
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             q = body["messages"][-1]["content"]
             a, b = q.split("What is ")[1].split("?")[0].split(" ")[::2]
@@ -124,9 +127,10 @@ def test_distill_from_checkpoint_and_from_an_endpoint(ckpt, tmp_path):
     try:
         r = distill(DistillConfig(teacher=f"http://127.0.0.1:{server.server_port}/v1", student=str(ckpt),
                                   out_dir=str(tmp_path / "e"), prompts=10, samples_per_prompt=1, sft_steps=2,
-                                  batch_size=2, seq_len=64))
+                                  batch_size=2, seq_len=64, api_key="k3y"))
     finally:
         server.shutdown()
+    assert keys == ["Bearer k3y"] * 10  # the openai client sends the key
     kept = [json.loads(l) for l in (tmp_path / "e" / "traces.jsonl").read_text().splitlines()]
     assert r["kept"] == len(kept) and 0 < len(kept) < 10
     for conv in kept:

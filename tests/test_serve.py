@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import gasungbi
-from gasungbi.infer.chat import END, encode_chat
+from gasungbi.data.chat import END, encode_chat
 from gasungbi.infer.generate import generate
 from gasungbi.infer.sampling import SamplingParams
 
@@ -472,5 +472,7 @@ def test_metrics_are_prometheus_text(server):
                  "gasungbi_time_to_first_token_seconds", "gasungbi_generation_tokens_per_second",
                  "gasungbi_queue_depth", "gasungbi_kv_cache_usage_ratio"):
         assert f"# TYPE {name} " in text
-    assert re.search(r'^gasungbi_requests_total\{route="/v1/completions",code="200"\} \d+$', text, re.M)
+    counted = re.findall(r'^gasungbi_requests_total\{(.*)\} ([\d.]+)$', text, re.M)
+    assert any(sorted(labels.split(",")) == ['code="200"', 'route="/v1/completions"'] and float(n) >= 1
+               for labels, n in counted), counted
     assert json.loads(httpx.get(server.url + "/v1/models").text)["data"][0]["max_model_len"] == 256

@@ -3,26 +3,27 @@ ones a reward accepts (rejection sampling), and SFT a smaller student on them.
 
 The teacher is one of our checkpoints (sampled with our engine) or any OpenAI-compatible
 endpoint (``http://host:port/v1``, e.g. ``gasungbi serve`` or vLLM), asked through
-``/v1/chat/completions``.
+``/v1/chat/completions`` with the ``openai`` client (which retries failed calls).
 """
 
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gasungbi.post.rewards import load_reward
-from gasungbi.post.tasks import make_split, render_task_prompt
+from gasungbi.gym.rewards import load_reward
+from gasungbi.gym.tasks import make_split, render_task_prompt
 
 
 @dataclass
 class DistillConfig:
     teacher: str = ""  # checkpoint directory or http(s)://.../v1
     teacher_model: str = "gasungbi"  # model name sent to an endpoint
+    api_key: str | None = None  # the endpoint's API key (default: $OPENAI_API_KEY, else none)
+    retries: int = 2  # retries of a failed endpoint call (the openai client's, with backoff)
     student: str = ""  # checkpoint the student starts from (it brings the tokenizer)
     out_dir: str = "runs/distill"
     task: str = "arithmetic"
@@ -44,7 +45,7 @@ class DistillConfig:
 
 def _teacher_from_checkpoint(cfg: DistillConfig):
     from gasungbi.data.tokenizer import EOS_ID, load_tokenizer
-    from gasungbi.infer.chat import END, encode_chat
+    from gasungbi.data.chat import END, encode_chat
     from gasungbi.infer.generate import generate
     from gasungbi.infer.sampling import SamplingParams
     from gasungbi.interop.hf import load_model
@@ -63,19 +64,20 @@ def _teacher_from_checkpoint(cfg: DistillConfig):
 
 
 def _teacher_from_endpoint(cfg: DistillConfig):
-    url = cfg.teacher.rstrip("/") + "/chat/completions"
+    import openai
+
+    client = openai.OpenAI(base_url=cfg.teacher, api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY") or "none",
+                           max_retries=cfg.retries, timeout=300)
 
     def sample(messages: list[list[dict]], seed: int) -> list[str]:
         texts = []
         for i, m in enumerate(messages):
-            body = json.dumps({"model": cfg.teacher_model, "messages": m, "max_tokens": cfg.max_new_tokens,
-                               "temperature": cfg.temperature, "seed": seed + i}).encode()
-            req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=300) as r:
-                    texts.append(json.loads(r.read())["choices"][0]["message"]["content"] or "")
-            except (urllib.error.URLError, KeyError, json.JSONDecodeError) as e:
-                raise ValueError(f"teacher endpoint {url} failed: {e}") from None
+                r = client.chat.completions.create(model=cfg.teacher_model, messages=m, seed=seed + i,
+                                                   max_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+                texts.append(r.choices[0].message.content or "")
+            except (openai.OpenAIError, IndexError, AttributeError) as e:
+                raise ValueError(f"teacher endpoint {cfg.teacher} failed: {e}") from None
         return texts
 
     return sample

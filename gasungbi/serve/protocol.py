@@ -1,16 +1,24 @@
-"""The OpenAI request bodies we accept, and the OpenAI error shape.
+"""The OpenAI request bodies we accept, the checks on them, and the OpenAI error shape.
 
-Bodies are validated strictly (a string where a number belongs is an error, not a conversion);
-fields we do not implement (``user``, ``logit_bias``, ``presence_penalty``...) are ignored, as
-other OpenAI-compatible servers do. ``top_k``, ``min_p``, ``repetition_penalty`` and
-``ignore_eos`` are accepted as extensions under vLLM's names.
+Bodies are read by hand (:func:`read_body`: the size limit first, then strict validation) so that
+no input reaches the model unchecked. Validation is strict (a string where a number belongs is an
+error, not a conversion); fields we do not implement (``user``, ``logit_bias``,
+``presence_penalty``...) are ignored, as other OpenAI-compatible servers do. ``top_k``, ``min_p``,
+``repetition_penalty`` and ``ignore_eos`` are accepted as extensions under vLLM's names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gasungbi.infer.sampling import SamplingParams
+
+MAX_N = 64
+MAX_LOGPROBS = 20
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions (chat defaults to the rest of the context)
 
 
 class ApiError(Exception):
@@ -56,7 +64,7 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = COMPLETION_MAX_TOKENS  # null means the default too
     echo: bool = False
     logprobs: int | None = None
 
@@ -108,3 +116,84 @@ def validation_error(e: ValidationError) -> ApiError:
     got = got if len(got) <= 60 else got[:57] + "..."
     return ApiError(400, f"invalid '{path}': {err['msg'][0].lower() + err['msg'][1:]} (got {got})", param=path,
                     code="invalid_type")
+
+
+# --- reading and checking a request ----------------------------------------------------------
+
+async def read_body(request, model_cls: type[_Body], limit: int) -> _Body:
+    """``request``'s body (at most ``limit`` bytes, else 413) validated as ``model_cls`` (else 400)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {int(declared):,} bytes exceeds the limit of {limit:,} bytes",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit:,} bytes", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return model_cls.model_validate_json(b"".join(chunks))
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def check_model(name: str | None, served: str) -> None:
+    """A request naming a model must name the ``served`` one (404 otherwise)."""
+    if name is not None and name != served:
+        raise ApiError(404, f"the model '{name}' does not exist; this server serves '{served}'",
+                       param="model", code="model_not_found")
+
+
+def sampling_of(req: _Sampling) -> SamplingParams:
+    """The sampling parameters of a request, with its ranges checked."""
+    if not 0 <= req.temperature <= 2:
+        raise ApiError(400, f"'temperature' must be in [0, 2], got {req.temperature}", param="temperature")
+    if not 1 <= req.n <= MAX_N:
+        raise ApiError(400, f"'n' must be in [1, {MAX_N}], got {req.n}", param="n")
+    if req.seed is not None and not -2**63 <= req.seed < 2**63:
+        raise ApiError(400, f"'seed' must fit in 64 bits (-2**63 <= seed < 2**63), got {req.seed}", param="seed")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    try:
+        return SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+                              repetition_penalty=req.repetition_penalty, seed=req.seed)
+    except ValueError as e:
+        param = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), param=param) from None
+
+
+def seed_of(sampling: SamplingParams, k: int) -> SamplingParams:
+    """Choice k > 0 of a seeded request gets its own seed (choice 0 uses the seed itself)."""
+    if sampling.seed is None or k == 0:
+        return sampling
+    return dataclasses.replace(sampling, seed=(sampling.seed + k * 0x9E3779B97F4A7C15) % 2**63)
+
+
+def stops_of(req: _Sampling) -> list[str]:
+    """The request's stop strings as a list (at most 4, none empty)."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ApiError(400, "'stop' takes at most 4 non-empty strings", param="stop")
+    return stop
+
+
+def include_usage(req: _Sampling) -> bool:
+    """Whether a streamed answer ends with a usage chunk (``stream_options.include_usage``)."""
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def check_max_tokens(m: int, allow_zero: bool = False) -> None:
+    """``max_tokens`` must be >= 1 (0 only where ``allow_zero``: echo, to score a prompt)."""
+    if m < 0 or (m == 0 and not allow_zero):
+        hint = " (0 is allowed only with 'echo': true, to score the prompt)" if m == 0 else ""
+        raise ApiError(400, f"'max_tokens' must be >= 1, got {m}{hint}", param="max_tokens")
+
+
+def check_context(L: int, max_tokens: int, limit: int, param: str) -> None:
+    """A prompt of ``L`` tokens plus ``max_tokens`` must fit the ``limit`` cache slots of a sequence."""
+    if L + max_tokens > limit:
+        raise ApiError(400, f"this model's maximum context length is {limit} tokens; the prompt has {L} "
+                            f"tokens and max_tokens is {max_tokens} ({L + max_tokens} in all): shorten the "
+                            f"{param} or lower max_tokens", param=param if L > limit else "max_tokens",
+                       code="context_length_exceeded")

@@ -1,0 +1,142 @@
+"""The server's routes: ``router`` (the page, health, metrics) and ``v1`` (the OpenAI API, behind
+the API key when one is set). What they serve is read from ``request.app.state``
+(``scheduler``, ``tokenizer``, ``tokens``, ``config``, ``outboxes``, ``page``, ``created``: set by
+:func:`gasungbi.serve.app.create_app`).
+
+Each generation route checks its body, builds the scheduler's sequences and an OpenAI
+:class:`~gasungbi.serve.openai_format.Reply`, and hands both to :func:`~gasungbi.serve.respond.respond`.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, Response
+
+from gasungbi.data.chat import END, ROLES, encode_chat
+from gasungbi.serve.metrics import CONTENT_TYPE
+from gasungbi.serve.openai_format import ChatReply, CompletionReply, encode_prompts, prompt_count
+from gasungbi.serve.protocol import (COMPLETION_MAX_TOKENS, MAX_LOGPROBS, ApiError, ChatRequest, CompletionRequest,
+                                     check_context, check_max_tokens, check_model, include_usage, read_body,
+                                     sampling_of, seed_of, stops_of)
+from gasungbi.serve.respond import channel, respond
+from gasungbi.serve.scheduler import Sequence
+
+router = APIRouter()
+
+
+async def authorize(request: Request) -> None:
+    """With an API key configured, /v1 routes need ``Authorization: Bearer <key>`` (401 otherwise)."""
+    key = request.app.state.config.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+
+@router.get("/", response_class=HTMLResponse)
+async def index(request: Request):
+    return HTMLResponse(request.app.state.page)
+
+
+@router.get("/health")
+async def health(request: Request):
+    if not request.app.state.scheduler.alive:
+        raise ApiError(503, "the scheduler is not running", code="unavailable")
+    return {"status": "ok", "model": request.app.state.config.model_name}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(request.app.state.scheduler.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _model_card(state) -> dict:
+    return {"id": state.config.model_name, "object": "model", "created": state.created, "owned_by": "gasungbi",
+            "max_model_len": state.scheduler.max_len}
+
+
+@v1.get("/models")
+async def models(request: Request):
+    return {"object": "list", "data": [_model_card(request.app.state)]}
+
+
+@v1.get("/models/{model_id:path}")
+async def model(model_id: str, request: Request):
+    check_model(model_id, request.app.state.config.model_name)
+    return _model_card(request.app.state)
+
+
+@v1.post("/completions")
+async def completions(request: Request):
+    """Prompt(s) as text or token ids; n, stop, seed, stream, and echo + logprobs to score a prompt."""
+    st = request.app.state
+    scheduler, name, model_cfg = st.scheduler, st.config.model_name, st.scheduler.model.config
+    req = await read_body(request, CompletionRequest, st.config.max_body_bytes)
+    check_model(req.model, name)
+    sampling, stop = sampling_of(req), stops_of(req)
+    max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    check_max_tokens(max_tokens, allow_zero=req.echo)
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {req.logprobs}", param="logprobs")
+    n_prompts = prompt_count(req.prompt)
+    if n_prompts * req.n > scheduler.max_queue:
+        raise ApiError(400, f"{n_prompts} prompts x n={req.n} sequences exceed the server's queue of "
+                            f"{scheduler.max_queue}", param="n")
+    prompts = encode_prompts(st.tokenizer, req.prompt, model_cfg.bos_token_id, model_cfg.vocab_size)
+    for p in prompts:
+        check_context(len(p.ids), max_tokens, scheduler.max_len, "prompt")
+    stop_tokens = [] if req.ignore_eos or model_cfg.eos_token_id is None else [model_cfg.eos_token_id]
+    queue, emit = channel(st.outboxes)
+    seqs = [Sequence(i * req.n + j, p.ids, max_tokens, seed_of(sampling, j), emit, st.tokenizer, stop_tokens, stop,
+                     req.logprobs, req.echo)
+            for i, p in enumerate(prompts) for j in range(req.n)]
+    reply = CompletionReply(name, seqs, st.tokens, prompts, req.n, req.echo, req.logprobs, stop_tokens,
+                            include_usage(req))
+    if max_tokens == 0 and req.logprobs is None:  # echo only: nothing to compute
+        return reply.body()
+    return await respond(request, scheduler, queue, seqs, reply, req.stream)
+
+
+@v1.post("/chat/completions")
+async def chat_completions(request: Request):
+    """Messages through the model's chat template; n, stop, seed, logprobs, streaming."""
+    st = request.app.state
+    scheduler, name, model_cfg = st.scheduler, st.config.model_name, st.scheduler.model.config
+    req = await read_body(request, ChatRequest, st.config.max_body_bytes)
+    check_model(req.model, name)
+    sampling, stop = sampling_of(req), stops_of(req)
+    if not req.messages:
+        raise ApiError(400, "'messages' must not be empty", param="messages")
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role {m.role!r} is not supported; expected one of "
+                                f"{', '.join(ROLES)}", param=f"messages.{i}.role")
+    k = req.top_logprobs
+    if k is not None and (not req.logprobs or not 0 <= k <= MAX_LOGPROBS):
+        raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}] and needs 'logprobs': true",
+                       param="top_logprobs")
+    ids = encode_chat(st.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is None:  # the rest of the context
+        if len(ids) >= scheduler.max_len:
+            check_context(len(ids), 1, scheduler.max_len, "messages")
+        max_tokens = scheduler.max_len - len(ids)
+    check_max_tokens(max_tokens)
+    check_context(len(ids), max_tokens, scheduler.max_len, "messages")
+    if req.n > scheduler.max_queue:
+        raise ApiError(400, f"n={req.n} exceeds the server's queue of {scheduler.max_queue}", param="n")
+    end_id = st.tokenizer.token_to_id(END)
+    stop_tokens = [] if req.ignore_eos else [t for t in (end_id, model_cfg.eos_token_id) if t is not None]
+    queue, emit = channel(st.outboxes)
+    seqs = [Sequence(j, ids, max_tokens, seed_of(sampling, j), emit, st.tokenizer, stop_tokens, stop,
+                     (k or 0) if req.logprobs else None)
+            for j in range(req.n)]
+    reply = ChatReply(name, seqs, st.tokens, len(ids), req.logprobs, stop_tokens, include_usage(req))
+    return await respond(request, scheduler, queue, seqs, reply, req.stream)
+
