@@ -27,9 +27,9 @@ from pathlib import Path
 
 from gasungbi import build_model, get_preset, save_model
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
-from gasungbi.infer.chat import CHAT_TEMPLATE, render_chat
+from gasungbi.data.chat import CHAT_TEMPLATE, render_chat
 from gasungbi.post.grpo import GRPOConfig, grpo
-from gasungbi.post.cold_start import cold_start_conversations, write_jsonl
+from gasungbi.gym.cold_start import cold_start_conversations, write_jsonl
 from gasungbi.train.trainer import TrainConfig, train
 
 

@@ -1,6 +1,7 @@
 """The ``gasungbi`` command: one subcommand per job, each a thin wrapper over a library function.
 
-Heavy modules are imported inside the subcommand that needs them, so ``gasungbi --help`` is fast.
+``COMMANDS`` maps each name to ``"module:function"``; a module is imported only when its command
+runs, so ``gasungbi --help`` is fast and imports no torch.
 Errors a user can fix (bad paths, bad presets, bad checkpoints) print one clear line and exit 2.
 """
 
@@ -9,20 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, help: str):
-    """Register ``fn(args) -> exit code`` as subcommand ``name``; ``fn.add_args(parser)`` adds its flags."""
-
-    def wrap(fn):
-        COMMANDS[name] = (help, getattr(fn, "add_args", lambda p: None), fn)
-        return fn
-
-    return wrap
-
+from gasungbi.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
 # info
@@ -67,7 +56,6 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 
 _info.add_args = _info_args
-command("info", "versions, device, CPU capability and threads")(_info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +65,8 @@ command("info", "versions, device, CPU capability and threads")(_info)
 def _params(args: argparse.Namespace) -> int:
     from gasungbi.model.accounting import count_params, format_params
     from gasungbi.model.transformer import build_model
+
+    from gasungbi.config import resolve_model_config
 
     cfg = resolve_model_config(args.model)
     # Build the real module tree on the meta device (no memory) and check the formula against it.
@@ -102,73 +92,73 @@ def _params_args(p: argparse.ArgumentParser) -> None:
 
 
 _params.add_args = _params_args
-command("params", "parameter accounting (total and activated, by component) of a preset or checkpoint")(_params)
-
-
-def resolve_model_config(spec: str):
-    """A preset name or a Hugging Face checkpoint directory -> ModelConfig."""
-    from pathlib import Path
-
-    from gasungbi.config import PRESETS, get_preset
-
-    if spec in PRESETS:
-        return get_preset(spec)
-    if Path(spec).exists():
-        from gasungbi.interop.hf import read_config
-        return read_config(spec)
-    raise UserError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}) nor an existing directory")
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
-# Modules that register more subcommands with @command; each keeps its heavy imports inside the
-# command functions so that importing it is cheap.
-COMMAND_MODULES: tuple[str, ...] = (
-    "gasungbi.train.commands",
-    "gasungbi.plan.commands",
-    "gasungbi.post.commands",
-    "gasungbi.infer.commands",
-    "gasungbi.serve.commands",
-)
+# name -> ("module:function", one-line help). Each function takes the parsed arguments and returns
+# an exit code; its ``add_args(parser)`` attribute adds its flags. Modules are imported only for the
+# command that runs (and for ``COMMAND --help``), so ``gasungbi --help`` imports no torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("gasungbi.cli:_info", "versions, device, CPU capability and threads"),
+    "params": ("gasungbi.cli:_params", "parameter accounting (total and activated, by component) of a preset or checkpoint"),
+    "speedrun": ("gasungbi.pipeline:speedrun_cmd",
+                 "the whole pipeline: tokenizer, shards, pretraining, SFT, GRPO, report, checkpoint"),
+    "prepare": ("gasungbi.train.commands:prepare", "build a tokenizer and token shards from a corpus"),
+    "train": ("gasungbi.train.commands:train_cmd", "pretrain a model on token shards (works under torchrun for DDP/FSDP2)"),
+    "sft": ("gasungbi.post.commands:sft", "chat SFT on OpenAI-format conversations (JSONL); loss on assistant tokens only"),
+    "grpo": ("gasungbi.post.commands:grpo_cmd",
+             "reinforcement learning with verifiable rewards (GRPO / Dr. GRPO) on the reasoning gym"),
+    "distill": ("gasungbi.post.commands:distill_cmd",
+                "sample reasoning traces from a teacher, keep the rewarded ones, SFT a student on them"),
+    "eval-tasks": ("gasungbi.post.commands:eval_tasks_cmd",
+                   "held-out accuracy on the reasoning gym: pass@1 (greedy) and pass@k"),
+    "generate": ("gasungbi.infer.commands:_generate",
+                 "generate text from a checkpoint (batched prompts, sampling, stop strings, speculative)"),
+    "chat": ("gasungbi.infer.commands:_chat", "multi-turn chat with a checkpoint, streaming (/reset, /quit)"),
+    "quantize": ("gasungbi.infer.commands:_quantize",
+                 "weight-only int8/int4 quantization of a checkpoint, saved for generate/chat"),
+    "serve": ("gasungbi.serve.commands:_serve",
+              "OpenAI-compatible HTTP server with continuous batching, streaming and a chat page"),
+    "plan": ("gasungbi.plan.commands:_plan", "hardware and cost planner: plan train | serve | here | model | backtest"),
+}
 
 
-def _load_commands() -> None:
+def _target(name: str):
     import importlib
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(name)
+    module, fn = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), fn)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    _load_commands()
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (None: none, for the overview)."""
     parser = argparse.ArgumentParser(
         prog="gasungbi",
         description="Train, post-train, evaluate, quantize and serve DeepSeek-style models (MLA, DeepSeekMoE, "
                     "MTP) on the hardware you have, and know what it costs before you spend.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_args, _) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_args(p)
+        if name == command:
+            getattr(_target(name), "add_args", lambda p: None)(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 0
-    from gasungbi.interop.hf import CheckpointError
+    from gasungbi.config import CheckpointError
 
     try:
-        return COMMANDS[args.command][2](args)
+        return _target(args.command)(args)
     except (UserError, CheckpointError, FileNotFoundError) as e:
         print(f"gasungbi {args.command}: error: {e}", file=sys.stderr)
         return 2

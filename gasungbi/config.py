@@ -12,6 +12,9 @@ Presets are plain functions returning a ``ModelConfig``; ``PRESETS`` maps their 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -398,3 +401,36 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     if kw["topk_method"] == "greedy":
         kw["n_group"] = kw["topk_group"] = 1
     return ModelConfig(**kw)
+
+
+def resolve_model_config(spec: str) -> ModelConfig:
+    """A preset name or a Hugging Face checkpoint directory -> ModelConfig."""
+    from gasungbi.errors import UserError
+
+    if spec in PRESETS:
+        return get_preset(spec)
+    if Path(spec).exists():
+        return read_config(spec)
+    raise UserError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}) nor an existing directory")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensors at fault."""
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path} has no config.json (is it a Hugging Face model directory?)")
+    try:
+        d = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    try:
+        return from_hf_config(d)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None

@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from gasungbi.eval.tasks import evaluate_tasks, pass_at_k, wilson_interval
-from gasungbi.post.rewards import accuracy_reward, combined_reward, extract_answer, format_reward, load_reward
-from gasungbi.post.tasks import FAMILIES, Task, get_family, make_split, render_task_prompt, task_split
+from gasungbi.gym.rewards import accuracy_reward, combined_reward, extract_answer, format_reward, load_reward
+from gasungbi.gym.tasks import FAMILIES, Task, get_family, make_split, render_task_prompt, task_split
 
 
 def _countdown(numbers, target):

@@ -11,7 +11,7 @@ import torch
 
 import gasungbi
 from gasungbi.infer.cache import KVCache
-from gasungbi.infer.chat import encode_chat, render_chat
+from gasungbi.data.chat import encode_chat, render_chat
 from gasungbi.infer.generate import ContextLengthError, Detokenizer, generate, stream
 from gasungbi.infer.placement import apply_placement, offload_experts, plan_placement
 from gasungbi.infer.sampling import SamplingParams, apply_repetition_penalty, draw, filter_logits, sample

@@ -8,8 +8,8 @@ import torch
 
 from gasungbi import build_model, get_preset, save_model
 from gasungbi.data.tokenizer import train_tokenizer
-from gasungbi.infer.chat import CHAT_TEMPLATE, render_chat
-from gasungbi.post.sft_data import IGNORE, SFTDataError, SFTLoader, read_conversations, tokenize_conversation
+from gasungbi.data.chat import CHAT_TEMPLATE, render_chat
+from gasungbi.data.sft import IGNORE, SFTDataError, SFTLoader, read_conversations, tokenize_conversation
 from gasungbi.train.trainer import TrainConfig, train
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gasungbi.train.speedrun import RECIPES, speedrun
+from gasungbi.pipeline import RECIPES, speedrun
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,1 +1,1 @@
-"""Evaluation: validation loss and bits per byte, plots."""
+"""Evaluation: validation loss and bits per byte, gym accuracy (pass@k), plots."""

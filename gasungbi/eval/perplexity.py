@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 
@@ -18,12 +19,12 @@ from gasungbi.data.shards import iter_eval_batches, load_manifest
 
 
 @torch.no_grad()
-def evaluate_batches(objective, batches, amp=None, bytes_per_token: float | None = None) -> dict[str, float]:
+def evaluate_batches(objective, batches, amp=None, bytes_per_token: float | None = None,
+                     all_reduce_sum: Callable[[torch.Tensor], object] | None = None) -> dict[str, float]:
     """Mean next-token loss (nats) over ``batches`` of (x, y), y = -100 where ignored, and bits
-    per byte when ``bytes_per_token`` is known. ``objective(x, y)`` returns ``{"lm_loss"}``; under
-    torchrun each rank evaluates its share and the sums are all-reduced."""
-    from gasungbi.train.distributed import all_reduce_sum
-
+    per byte when ``bytes_per_token`` is known. ``objective(x, y)`` returns ``{"lm_loss"}``. Under
+    torchrun each rank evaluates its share and the caller passes ``all_reduce_sum`` (an in-place sum
+    over ranks) so that every rank gets the totals."""
     was_training = objective.training
     objective.eval()
     device = next(objective.parameters()).device
@@ -34,7 +35,8 @@ def evaluate_batches(objective, batches, amp=None, bytes_per_token: float | None
             loss = objective(x, y)["lm_loss"]
         n = (y != -100).sum().item()
         total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
-    all_reduce_sum(total)
+    if all_reduce_sum is not None:
+        all_reduce_sum(total)
     objective.train(was_training)
     nats = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
     out = {"loss": nats, "tokens": int(total[1].item())}
@@ -44,7 +46,9 @@ def evaluate_batches(objective, batches, amp=None, bytes_per_token: float | None
 
 
 def evaluate(objective, data: str, split: str = "val", batch_size: int = 8, seq_len: int = 256,
-             max_batches: int | None = 20, rank: int = 0, world_size: int = 1, amp=None) -> dict[str, float]:
+             max_batches: int | None = 20, rank: int = 0, world_size: int = 1, amp=None,
+             all_reduce_sum: Callable[[torch.Tensor], object] | None = None) -> dict[str, float]:
     """Validation loss and bits per byte on a token-shard split (the first ``max_batches`` windows)."""
     batches = iter_eval_batches(data, split, batch_size, seq_len, max_batches, rank=rank, world_size=world_size)
-    return evaluate_batches(objective, batches, amp, load_manifest(data).splits[split].bytes_per_token)
+    return evaluate_batches(objective, batches, amp, load_manifest(data).splits[split].bytes_per_token,
+                            all_reduce_sum)

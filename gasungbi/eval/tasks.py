@@ -10,8 +10,8 @@ import math
 from collections import defaultdict
 from typing import Callable, Sequence
 
-from gasungbi.post.rewards import RewardFn, accuracy_reward, load_reward
-from gasungbi.post.tasks import Task, render_task_prompt
+from gasungbi.gym.rewards import RewardFn, accuracy_reward, load_reward
+from gasungbi.gym.tasks import Task, render_task_prompt
 
 GenerateFn = Callable[[list[str], int, int], list[list[str]]]
 

@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from gasungbi.infer.cache import KVCache
-from gasungbi.infer.generate import model_device_dtype
+from gasungbi.infer.decode import model_device_dtype
 
 
 class RowsView:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gasungbi.cli import UserError, command
+from gasungbi.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,7 +57,7 @@ def load_for_args(args):
     a bad checkpoint or device is a :class:`UserError`. Shared with ``gasungbi serve``."""
     import torch
 
-    from gasungbi.infer.placement import load_for_inference
+    from gasungbi.infer.load import load_for_inference
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.device != "auto" and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -137,7 +137,6 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 
 _generate.add_args = _generate_args
-command("generate", "generate text from a checkpoint (batched prompts, sampling, stop strings, speculative)")(_generate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +147,7 @@ CHAT_HELP = "/reset clears the conversation, /quit (or Ctrl-D) leaves"
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from gasungbi.infer.chat import END, encode_chat
+    from gasungbi.data.chat import END, encode_chat
     from gasungbi.infer.generate import ContextLengthError, stream
 
     tokenizer = tokenizer_for(args.checkpoint, required=True)
@@ -203,7 +202,6 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 
 
 _chat.add_args = _chat_args
-command("chat", f"multi-turn chat with a checkpoint, streaming ({CHAT_HELP})")(_chat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,4 +249,3 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
 
 
 _quantize.add_args = _quantize_args
-command("quantize", "weight-only int8/int4 quantization of a checkpoint, saved for generate/chat")(_quantize)

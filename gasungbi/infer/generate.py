@@ -22,18 +22,14 @@ per step (:mod:`gasungbi.infer.speculative`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
-from gasungbi.infer.cache import KVCache
-from gasungbi.infer.sampling import GREEDY, SamplingParams, sample
-
-
-class ContextLengthError(ValueError):
-    """The prompt plus the tokens asked for do not fit the model's context."""
+from gasungbi.infer.decode import ContextLengthError, GenerationStats, check_context, decode_steps  # noqa: F401
+from gasungbi.infer.sampling import GREEDY, SamplingParams
+from gasungbi.infer.speculative import check_speculative, speculative_steps
 
 
 @dataclass
@@ -59,113 +55,6 @@ class Delta:
     token: int
     text: str
     finish_reason: str | None = None
-
-
-@dataclass
-class GenerationStats:
-    """Timings and counts of one run. ``drafted``/``accepted`` are for speculative decoding."""
-
-    batch_size: int = 0
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    """Tokens computed, all rows together (rows that finished early count until the batch ends)."""
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    forwards: int = 0
-    """Decode-phase forwards of the main model."""
-    drafted: int = 0
-    accepted: int = 0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens per second of the decode phase, all rows together (the first token comes from
-        the prefill and is not counted)."""
-        n = self.new_tokens - self.batch_size
-        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-
-def check_context(cfg, prompt_len: int, max_new_tokens: int) -> None:
-    """Raise :class:`ContextLengthError` unless ``prompt_len + max_new_tokens`` fits the context."""
-    limit = cfg.max_position_embeddings
-    if prompt_len + max_new_tokens > limit:
-        raise ContextLengthError(
-            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
-            f"tokens exceeds the model's context of {limit} tokens (max_position_embeddings); "
-            f"shorten the prompt or ask for at most {max(limit - prompt_len, 0)} new tokens")
-
-
-def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    """Where the token ids go and the activations' dtype: those of the input embedding."""
-    w = model.model.embed_tokens.weight
-    return w.device, w.dtype
-
-
-# ---------------------------------------------------------------------------------------------
-# the decode loop
-# ---------------------------------------------------------------------------------------------
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompts -> ids [B, P] right-aligned, and pad [B] (None when all have the same length)."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-    pads = [P - len(p) for p in prompts]
-    pad = torch.tensor(pads, device=device) if any(pads) else None
-    return ids.to(device), pad
-
-
-def seen_mask(prompts: Sequence[Sequence[int]], vocab_size: int, device) -> torch.Tensor:
-    """[B, V] bool: which tokens each prompt holds (for the repetition penalty)."""
-    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        seen[b, torch.as_tensor(list(p), dtype=torch.long, device=device)] = True
-    return seen
-
-
-@torch.inference_mode()
-def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams = GREEDY,
-                 stats: GenerationStats | None = None) -> Iterator[list[int]]:
-    """Yield the next token of every row, step by step (``max_new_tokens`` steps at most).
-
-    The consumer stops early by closing the iterator. One host synchronization per step (the
-    tokens are needed on the host for stops and streaming); sampling itself has none.
-    """
-    cfg = model.config
-    stats = stats if stats is not None else GenerationStats()
-    device, dtype = model_device_dtype(model)
-    B, P = len(prompts), max(len(p) for p in prompts)
-    check_context(cfg, P, max_new_tokens)
-    t0 = time.perf_counter()
-    ids, pad = left_pad(prompts, cfg.pad_token_id if cfg.pad_token_id is not None else 0, device)
-    cache = KVCache(cfg, B, P + max_new_tokens, device=device, dtype=dtype)
-    gen = sampling.generator(device)
-    seen = seen_mask(prompts, cfg.vocab_size, device) if sampling.repetition_penalty != 1.0 else None
-    stats.batch_size, stats.prompt_tokens = B, sum(len(p) for p in prompts)
-
-    h = model.hidden_states(ids, 0, cache, absorb=False, pad=pad)[:, -1]  # (B, d) only the last slot
-    nxt = sample(model.lm_head(h), sampling, gen, seen)  # (B,)
-    tokens = nxt.tolist()
-    stats.prefill_s = time.perf_counter() - t0
-    stats.new_tokens += B
-    t1 = time.perf_counter()
-    try:
-        yield tokens
-        for step in range(1, max_new_tokens):
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
-            logits = model(nxt[:, None], P + step - 1, cache, absorb=True, pad=pad)[:, -1]  # (B, V)
-            nxt = sample(logits, sampling, gen, seen)
-            tokens = nxt.tolist()
-            stats.forwards += 1
-            stats.new_tokens += B
-            yield tokens
-    finally:
-        stats.decode_s = time.perf_counter() - t1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +201,6 @@ class Stream:
         self.rows = [RowState(i, p, max_new_tokens, stop_tokens, stop_strings, tokenizer) for i, p in enumerate(prompts)]
         self.stats = GenerationStats()
         if speculative:
-            from gasungbi.infer.speculative import check_speculative
             check_speculative(model, len(prompts))
 
     @property
@@ -321,7 +209,6 @@ class Stream:
 
     def __iter__(self) -> Iterator[Delta]:
         if self.speculative:
-            from gasungbi.infer.speculative import speculative_steps
             steps = speculative_steps(self.model, self.prompts[0], self.max_new, self.sampling, self.stats)
         else:
             steps = decode_steps(self.model, self.prompts, self.max_new, self.sampling, self.stats)

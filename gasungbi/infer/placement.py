@@ -8,8 +8,8 @@ experts' inputs to the CPU and their weighted sum back (a forward pre-hook and h
 ``experts`` module), so the model code is unchanged.
 
 :func:`plan_placement` computes the bytes per device from the config alone, before anything is
-loaded; :func:`apply_placement` moves a loaded model; :func:`load_for_inference` does both (and
-quantizes or loads a quantized checkpoint). With no accelerator everything is on the CPU and the
+loaded; :func:`apply_placement` moves a loaded model (:func:`gasungbi.infer.load.load_for_inference`
+does both, and quantizes or loads a quantized checkpoint). With no accelerator everything is on the CPU and the
 split is a no-op.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -158,33 +157,3 @@ def apply_placement(model: nn.Module, placement: Placement) -> nn.Module:
         m._modules["experts"] = e
     offload_experts(model, placement.experts_device, move=True)
     return model
-
-
-def load_for_inference(path: str | os.PathLike, device: str | torch.device | None = "auto",
-                       dtype: torch.dtype | None = None, quant: str | None = None, group_size: int = 128,
-                       experts_device: str | torch.device | None = None,
-                       report: Callable[[str], None] | None = print) -> nn.Module:
-    """Load a checkpoint for generation: report the memory per device first, then load (a
-    gasungbi-quantized checkpoint as it is; otherwise quantize on the fly when ``quant`` is given)
-    and place. ``dtype`` defaults to bf16 on CUDA and to the checkpoint's on the CPU."""
-    from gasungbi.infer import quant as q
-    from gasungbi.interop.hf import load_model, read_config
-
-    device = resolve_device(device)
-    qcfg = q.quantization_config(path)
-    if qcfg is not None:
-        if quant is not None and quant != qcfg["mode"]:
-            raise ValueError(f"{path} is already quantized to {qcfg['mode']}; cannot load it as {quant}")
-        quant, group_size = qcfg["mode"], qcfg.get("group_size", group_size)
-    cfg = read_config(path)
-    if dtype is None and device.type == "cuda":
-        dtype = torch.bfloat16
-    plan = plan_placement(cfg, device, experts_device, dtype or torch.float32, quant, group_size)
-    if report is not None:
-        report(plan.format(cfg.max_position_embeddings))
-    if qcfg is not None:
-        return q.load_quantized(path, device, dtype or torch.float32, plan.experts_device)
-    model = load_model(path, "cpu", dtype)
-    if quant is not None:
-        return q.quantize(model, quant, group_size, device, plan.experts_device)
-    return apply_placement(model, plan).eval()

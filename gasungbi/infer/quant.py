@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gasungbi.config import ModelConfig, from_hf_config, to_hf_config
+from gasungbi.infer.placement import offload_experts
 from gasungbi.model.layers import MLP
 from gasungbi.model.moe import Experts, dispatch
 from gasungbi.model.transformer import Transformer, build_model
@@ -336,7 +337,6 @@ def from_quantized_state_dict(cfg: ModelConfig, qsd: dict[str, torch.Tensor], de
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()
     if exp_device != device:
-        from gasungbi.infer.placement import offload_experts
         offload_experts(model, exp_device, move=False)
     return model.eval()
 

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from gasungbi.infer.cache import KVCache
-from gasungbi.infer.generate import GenerationStats, check_context, model_device_dtype, seen_mask
+from gasungbi.infer.decode import GenerationStats, check_context, model_device_dtype, seen_mask
 from gasungbi.infer.sampling import GREEDY, SamplingParams, apply_repetition_penalty, draw, probabilities, sample
 from gasungbi.model.transformer import Block
 

@@ -24,16 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gasungbi.config import ModelConfig, from_hf_config, to_hf_config
+from gasungbi.config import CheckpointError, ModelConfig, from_hf_config, read_config, to_hf_config  # noqa: F401
 from gasungbi.model.transformer import Transformer, build_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _HF_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or tensors at fault."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,24 +111,6 @@ def _weight_files(path: Path) -> list[Path]:
                               "safetensors only and never unpickles untrusted files. Convert them with "
                               "a tool you trust, e.g. transformers' save_pretrained(safe_serialization=True).")
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
-
-def read_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of a checkpoint directory."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path} has no config.json (is it a Hugging Face model directory?)")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    try:
-        return from_hf_config(d)
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",

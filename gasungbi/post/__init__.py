@@ -1,1 +1,1 @@
-"""Post-training: chat SFT data, GRPO, distillation, and the reasoning gym (tasks and rewards)."""
+"""Post-training: chat SFT data, GRPO, distillation (the gym of tasks and rewards is ``gasungbi.gym``)."""

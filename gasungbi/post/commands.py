@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 
-from gasungbi.cli import UserError, command
+from gasungbi.errors import UserError
 
 
 def _dataclass_flags(p: argparse.ArgumentParser, cls, help: dict[str, str], required: tuple[str, ...] = ()) -> None:
@@ -49,7 +49,6 @@ def _sft_args(p: argparse.ArgumentParser) -> None:
 
 
 sft.add_args = _sft_args
-command("sft", "chat SFT on OpenAI-format conversations (JSONL); loss on assistant tokens only")(sft)
 
 
 GRPO_HELP = {
@@ -82,7 +81,6 @@ def _grpo_args(p):
 
 
 grpo_cmd.add_args = _grpo_args
-command("grpo", "reinforcement learning with verifiable rewards (GRPO / Dr. GRPO) on the reasoning gym")(grpo_cmd)
 
 
 def distill_cmd(args: argparse.Namespace) -> int:
@@ -104,11 +102,10 @@ def _distill_args(p):
 
 
 distill_cmd.add_args = _distill_args
-command("distill", "sample reasoning traces from a teacher, keep the rewarded ones, SFT a student on them")(distill_cmd)
 
 
 def eval_tasks_cmd(args: argparse.Namespace) -> int:
-    from gasungbi.post.evaluate import evaluate_checkpoint
+    from gasungbi.eval.accuracy import evaluate_checkpoint
     try:
         r = evaluate_checkpoint(args.checkpoint, args.task, args.difficulty, n=args.n, k=args.k,
                                 reasoning=args.reasoning, max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -136,4 +133,3 @@ def _eval_args(p):
 
 
 eval_tasks_cmd.add_args = _eval_args
-command("eval-tasks", "held-out accuracy on the reasoning gym: pass@1 (greedy) and pass@k")(eval_tasks_cmd)

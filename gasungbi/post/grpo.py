@@ -29,13 +29,13 @@ from typing import Any
 import torch
 
 from gasungbi.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer
-from gasungbi.infer.chat import END, encode_chat
+from gasungbi.data.chat import END, encode_chat
 from gasungbi.infer.generate import generate
 from gasungbi.infer.sampling import SamplingParams
 from gasungbi.interop.hf import load_model
-from gasungbi.post.evaluate import evaluate_model
-from gasungbi.post.rewards import load_reward
-from gasungbi.post.tasks import get_family, make_split, render_task_prompt
+from gasungbi.eval.accuracy import evaluate_model
+from gasungbi.gym.rewards import load_reward
+from gasungbi.gym.tasks import get_family, make_split, render_task_prompt
 from gasungbi.train import checkpoint as ckpt
 from gasungbi.train.meter import CostMeter, device_peak
 from gasungbi.train.optim import build_optimizers

@@ -1,7 +1,8 @@
 """``gasungbi serve``: an OpenAI-compatible HTTP server with continuous batching.
 
-``scheduler`` (one model, one thread, the running decode batch), ``app`` (FastAPI routes, request
-validation, server-sent events), ``protocol`` (request bodies, the OpenAI error shape),
-``metrics`` (Prometheus text), ``static/index.html`` (the chat page), ``commands`` (the CLI).
-Needs the ``serve`` extra: ``pip install 'gasungbi[serve]'``.
+``scheduler`` (one model, one thread, the running decode batch), ``app`` (the app factory and error
+handlers), ``routes`` (the endpoints over ``app.state``), ``respond`` (collect or stream one request),
+``openai_format`` (token text, logprobs, response and chunk builders), ``protocol`` (request bodies
+and their checks, the OpenAI error shape), ``metrics`` (Prometheus), ``static/index.html`` (the chat
+page), ``commands`` (the CLI).
 """

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from gasungbi.cli import UserError, command
+from gasungbi.errors import UserError
 from gasungbi.infer.commands import add_model_args, load_for_args, tokenizer_for
 
 API_KEY_ENV = "GASUNGBI_API_KEY"
@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         from gasungbi.serve.app import ServeConfig, create_app
     except ImportError as e:
-        raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install 'gasungbi[serve]'") \
+        raise UserError(f"serving needs {e.name}, a dependency of gasungbi: pip install -e . (or pip install gasungbi)") \
             from None
     import socket
 
@@ -92,4 +92,3 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 _serve.add_args = _serve_args
-command("serve", "OpenAI-compatible HTTP server with continuous batching, streaming and a chat page")(_serve)

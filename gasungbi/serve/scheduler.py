@@ -33,7 +33,8 @@ from typing import Callable, Sequence as Seq
 import torch
 
 from gasungbi.infer.batch import SlotBatch, prompt_logits
-from gasungbi.infer.generate import RowState, model_device_dtype, seen_mask
+from gasungbi.infer.decode import model_device_dtype, seen_mask
+from gasungbi.infer.generate import RowState
 from gasungbi.infer.sampling import SamplingParams, sample
 from gasungbi.serve.metrics import Metrics
 

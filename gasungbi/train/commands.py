@@ -1,4 +1,4 @@
-"""CLI: ``gasungbi prepare`` (corpus -> tokenizer + shards), ``gasungbi train``, ``gasungbi speedrun``."""
+"""CLI: ``gasungbi prepare`` (corpus -> tokenizer + shards) and ``gasungbi train``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from gasungbi.cli import UserError, command
+from gasungbi.errors import UserError
 from gasungbi.train.trainer import TrainConfig
 
 # Help for each TrainConfig field; the flags are generated from the dataclass (--batch-size ...).
@@ -124,7 +124,6 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 
 
 prepare.add_args = _prepare_args
-command("prepare", "build a tokenizer and token shards from a corpus")(prepare)
 
 
 def train_cmd(args: argparse.Namespace) -> int:
@@ -144,30 +143,3 @@ def train_cmd(args: argparse.Namespace) -> int:
 
 
 train_cmd.add_args = add_train_flags
-command("train", "pretrain a model on token shards (works under torchrun for DDP/FSDP2)")(train_cmd)
-
-
-def speedrun_cmd(args: argparse.Namespace) -> int:
-    from gasungbi.train.speedrun import speedrun
-    try:
-        speedrun(args.recipe, out=args.out, corpus=args.corpus, minutes=args.minutes,
-                 price_per_hour=args.price_per_hour, steps=args.steps)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return 0
-
-
-def _speedrun_args(p: argparse.ArgumentParser) -> None:
-    from gasungbi.train.speedrun import RECIPES
-    p.add_argument("--recipe", default="cpu", choices=sorted(RECIPES),
-                   help="cpu: a 2-core machine in ~15 minutes (default); gpu: one GPU; node: 8 GPUs under torchrun")
-    p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
-    p.add_argument("--corpus", default="stdlib", help="corpus source (default: the Python standard library)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="training time budget; steps are sized from a measured throughput (default: the recipe's)")
-    p.add_argument("--steps", type=int, default=None, help="fixed number of training steps (overrides --minutes)")
-    p.add_argument("--price-per-hour", type=float, default=None, help="dollars per device-hour")
-
-
-speedrun_cmd.add_args = _speedrun_args
-command("speedrun", "the whole pipeline: tokenizer, shards, pretraining, validation, report, checkpoint")(speedrun_cmd)

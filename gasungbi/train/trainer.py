@@ -161,7 +161,7 @@ class _Data:
         self.tc, self.rank, self.world = tc, rank, world
         if tc.task == "sft":
             from gasungbi.data.tokenizer import load_tokenizer
-            from gasungbi.post.sft_data import SFTLoader, read_conversations
+            from gasungbi.data.sft import SFTLoader, read_conversations
             tok = load_tokenizer(tc.init_from)
             convs = read_conversations(tc.data)
             self.vocab_size = tok.get_vocab_size()
@@ -176,10 +176,11 @@ class _Data:
 
     def evaluate(self, objective, amp) -> dict:
         if self.tc.task == "sft":
-            return evaluate_batches(objective, self.val.eval_batches(self.tc.eval_batches), amp)
+            return evaluate_batches(objective, self.val.eval_batches(self.tc.eval_batches), amp,
+                                    all_reduce_sum=dist.all_reduce_sum)
         return evaluate(objective, self.tc.data, "val", batch_size=max(1, self.tc.batch_size // self.world),
                         seq_len=self.tc.seq_len, max_batches=self.tc.eval_batches, rank=self.rank,
-                        world_size=self.world, amp=amp)
+                        world_size=self.world, amp=amp, all_reduce_sum=dist.all_reduce_sum)
 
 
 def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gasungbi.post.tasks import Task, make_split, render_task_prompt
+from gasungbi.gym.tasks import Task, make_split, render_task_prompt
 
 
 def worked_answer(task: Task) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from gasungbi.data.tokenizer import EOS_ID, load_tokenizer
 from gasungbi.eval.tasks import evaluate_tasks
-from gasungbi.infer.chat import END, encode_chat
+from gasungbi.data.chat import END, encode_chat
 from gasungbi.infer.generate import generate
 from gasungbi.infer.sampling import SamplingParams
-from gasungbi.post.rewards import accuracy_reward
-from gasungbi.post.tasks import make_split
+from gasungbi.gym.rewards import accuracy_reward
+from gasungbi.gym.tasks import make_split
 
 
 def evaluate_model(model, tok, task: str = "arithmetic", difficulty: int = 2, n: int = 200, k: int = 1,

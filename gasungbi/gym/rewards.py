@@ -13,7 +13,7 @@ import importlib
 import re
 from typing import Callable
 
-from gasungbi.post.tasks import Task, get_family
+from gasungbi.gym.tasks import Task, get_family
 
 RewardFn = Callable[[Task, str], float]
 

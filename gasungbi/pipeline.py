@@ -21,6 +21,7 @@ interruption resumes the same schedule.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from gasungbi.errors import UserError
 from gasungbi.train.trainer import TrainConfig
 
 # Post-training after pretraining: cold-start SFT on the gym's two-digit additions, then GRPO (R1's
@@ -175,7 +177,7 @@ def _post_lines(report: dict) -> list[str]:
 
 def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
     """Cold-start SFT on a gym task (R1 Sec. 2.3.1), then GRPO; both resume on a rerun."""
-    from gasungbi.post.cold_start import cold_start_conversations, write_jsonl
+    from gasungbi.gym.cold_start import cold_start_conversations, write_jsonl
     from gasungbi.post.grpo import GRPOConfig, grpo
     from gasungbi.train.trainer import train
 
@@ -251,3 +253,30 @@ def write_report(out: Path, tc: TrainConfig, report: dict, manifest) -> Path:
     path.write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+
+def speedrun_cmd(args: argparse.Namespace) -> int:
+    try:
+        speedrun(args.recipe, out=args.out, corpus=args.corpus, minutes=args.minutes,
+                 price_per_hour=args.price_per_hour, steps=args.steps)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return 0
+
+
+def _speedrun_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="cpu", choices=sorted(RECIPES),
+                   help="cpu: a 2-core machine in ~15 minutes (default); gpu: one GPU; node: 8 GPUs under torchrun")
+    p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
+    p.add_argument("--corpus", default="stdlib", help="corpus source (default: the Python standard library)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training time budget; steps are sized from a measured throughput (default: the recipe's)")
+    p.add_argument("--steps", type=int, default=None, help="fixed number of training steps (overrides --minutes)")
+    p.add_argument("--price-per-hour", type=float, default=None, help="dollars per device-hour")
+
+
+speedrun_cmd.add_args = _speedrun_args
