@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from gasungbi import load_model, save_model  # noqa: E402
 from gasungbi.interop.hf import CheckpointError  # noqa: E402
+from gasungbi.model.attention import DecodeContext  # noqa: E402
 
 TOL = 1e-4
 
@@ -95,7 +96,7 @@ def test_absorbed_mla_matches_transformers(tokens, tmp_path):
     hf.save_pretrained(tmp_path)
     with torch.no_grad():
         ref = hf(tokens).logits
-        got = load_model(tmp_path)(tokens, absorb=True)
+        got = load_model(tmp_path)(tokens, ctx=DecodeContext(absorb=True))
     assert (got - ref).abs().max().item() < TOL
 
 

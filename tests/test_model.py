@@ -8,8 +8,10 @@ import torch
 from gasungbi.config import PRESETS, ModelConfig, from_hf_config, get_preset, to_hf_config
 from gasungbi.infer.cache import KVCache
 from gasungbi.model.accounting import count_params, training_flops_per_token
-from gasungbi.model.moe import MoE
+from gasungbi.model.attention import DecodeContext
+from gasungbi.model.moe import MoE, RoutingStats
 from gasungbi.model.transformer import build_model
+from gasungbi.train.objective import Objective
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -69,7 +71,7 @@ def model():
 def test_absorbed_equals_naive(model):
     x = torch.randint(0, 512, (2, 17))
     with torch.no_grad():
-        assert (model(x) - model(x, absorb=True)).abs().max().item() < 1e-5
+        assert (model(x) - model(x, ctx=DecodeContext(absorb=True))).abs().max().item() < 1e-5
 
 
 def test_latent_cache_decode_equals_full_forward(model):
@@ -79,9 +81,9 @@ def test_latent_cache_decode_equals_full_forward(model):
         full = model(x)
         for absorb in (False, True):
             cache = KVCache(cfg, batch_size=2, max_len=16)
-            steps = [model(x[:, :7], 0, cache, absorb)]
+            steps = [model(x[:, :7], ctx=DecodeContext(cache, 0, absorb=absorb))]
             for t in range(7, 12):
-                steps.append(model(x[:, t:t + 1], t, cache, absorb))
+                steps.append(model(x[:, t:t + 1], ctx=DecodeContext(cache, t, absorb=absorb)))
             assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
     assert cache.a[0].shape == (2, 16, cfg.kv_lora_rank)  # only the latent ...
     assert cache.b[0].shape == (2, 16, cfg.qk_rope_head_dim)  # ... and the shared rope key
@@ -149,26 +151,75 @@ def test_expert_with_no_tokens_is_fine():
     moe = build_model(cfg, seed=0).model.layers[1].mlp
     with torch.no_grad():
         moe.gate.e_score_correction_bias.copy_(torch.tensor([9.0, 9.0, 0, 0, 0, 0, 0, 0]))
-        moe.tokens_per_expert.zero_()
-        y = moe(torch.randn(1, 5, cfg.hidden_size))
+        stats = RoutingStats()
+        y = moe(torch.randn(1, 5, cfg.hidden_size), stats=stats)
     assert torch.isfinite(y).all()
-    assert moe.tokens_per_expert.tolist() == [5, 5, 0, 0, 0, 0, 0, 0]
+    assert stats.counts[1].tolist() == [5, 5, 0, 0, 0, 0, 0, 0]
 
 
 def test_backward_reaches_every_part_and_balance_loss():
     cfg = get_preset("debug")
     model = build_model(cfg, seed=0).train()
     x = torch.randint(0, 512, (2, 16))
-    h = model.hidden_states(x)
-    loss = model.lm_head(h).logsumexp(-1).mean() + sum(l.logsumexp(-1).mean() for l in model.mtp_logits(h, x))
+    stats = RoutingStats()
+    h = model.hidden_states(x, stats=stats)
+    mtp = [model.lm_head(hk) for hk in model.mtp_hidden(h, x, stats=stats)]
+    loss = model.lm_head(h).logsumexp(-1).mean() + sum(l.logsumexp(-1).mean() for l in mtp)
     moe = model.moe_layers()
-    loss = loss + sum(m.balance_loss for m in moe)
+    assert len(stats.balance_losses) == len(moe)
+    loss = loss + sum(stats.balance_losses)
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
     assert moe[0].gate.weight.grad.abs().sum() > 0
     # a perfectly balanced router gives a sequence balance loss of exactly 1 (sum_i f_i P_i, f_i = P_i N_r = 1)
-    assert all(0 < m.balance_loss.item() for m in moe)
+    assert all(0 < b.item() for b in stats.balance_losses)
+
+
+def test_inference_leaves_no_state_on_the_model(model):
+    """An inference forward records nothing: no counters on the modules, every buffer unchanged."""
+    assert all(not hasattr(m, "tokens_per_expert") and not hasattr(m, "balance_loss") for m in model.moe_layers())
+    before = {k: v.clone() for k, v in model.state_dict().items()} | {k: v.clone() for k, v in model.named_buffers()}
+    x = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        first = model(x)
+        cache = KVCache(model.config, batch_size=2, max_len=9)
+        model(x, ctx=DecodeContext(cache, 0, pad=torch.tensor([0, 2]), absorb=True))
+        model.mtp_hidden(model.hidden_states(x), x)
+        assert torch.equal(model(x), first)
+    after = model.state_dict() | dict(model.named_buffers())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+
+
+def test_objective_reports_expert_counts_and_balance_loss():
+    cfg = get_preset("debug")
+    model = build_model(cfg, seed=0).train()
+    B, T = 2, 16
+    x = torch.randint(0, 512, (B, T))
+    out = Objective(model, mtp_weight=0.3, balance_alpha=0.01)(x, x)
+    moes = model.moe_layers()
+    counts = out["expert_counts"]
+    assert counts.shape == (len(moes), cfg.n_routed_experts) and not counts.requires_grad
+    main = [i for i, m in enumerate(moes) if m.layer_idx < cfg.num_hidden_layers]
+    assert main and all(counts[i].sum() == B * T * cfg.num_experts_per_tok for i in main)
+    for i, m in enumerate(moes):  # MTP depth k sees T - k positions
+        if m.layer_idx >= cfg.num_hidden_layers:
+            k = m.layer_idx - cfg.num_hidden_layers + 1
+            assert counts[i].sum() == B * (T - k) * cfg.num_experts_per_tok
+    stats = RoutingStats()  # the same forward by hand: one balance loss per layer, the objective sums them
+    model.mtp_hidden(model.hidden_states(x, stats=stats), x, stats=stats)
+    assert len(stats.balance_losses) == len(moes)
+    assert out["balance_loss"].item() == pytest.approx(torch.stack(stats.balance_losses).sum().item(), rel=1e-6)
+    stats = RoutingStats()
+    with torch.no_grad():
+        model.hidden_states(x, stats=stats)
+    assert not stats.balance_losses and len(stats.counts) == len(main)  # no grad: counts only
+    with torch.no_grad():
+        evaluated = Objective(model).eval()(x, x)["expert_counts"]  # eval: MTP does not run, counts zero
+    assert torch.equal(evaluated[main], counts[main])
+    assert all(evaluated[i].sum() == 0 for i in range(len(moes)) if i not in main)
 
 
 def test_mtp_uses_the_next_tokens():

@@ -90,13 +90,15 @@ def test_bias_update_moves_toward_even_load():
     from gasungbi import build_model, get_preset
     from gasungbi.train.objective import update_expert_bias
     model = build_model(get_preset("debug"), seed=0)
-    moe = model.moe_layers()[0]
-    moe.tokens_per_expert.copy_(torch.tensor([10.0, 0, 2, 2, 2, 2, 2, 4]))
-    stats = update_expert_bias(model, gamma=0.01)
-    bias = moe.gate.e_score_correction_bias
+    moes = model.moe_layers()
+    counts = torch.zeros(len(moes), moes[0].n_experts, dtype=torch.long)
+    counts[0] = torch.tensor([10, 0, 2, 2, 2, 2, 2, 4])
+    stats = update_expert_bias(model, counts, gamma=0.01)
+    bias = moes[0].gate.e_score_correction_bias
     assert bias[0] == pytest.approx(-0.01) and bias[1] == pytest.approx(0.01) and bias[7] == pytest.approx(-0.01)
     assert stats["max_violation"] == pytest.approx((10 - 3) / 3)
-    assert moe.tokens_per_expert.sum() == 0
+    assert stats["load"][0] == [10, 0, 2, 2, 2, 2, 2, 4]
+    assert all(m.gate.e_score_correction_bias.abs().sum() == 0 for m in moes[1:])  # no tokens: no update
 
 
 def test_schedules():

@@ -34,6 +34,7 @@ import torch
 
 from gasungbi.infer.cache import KVCache
 from gasungbi.infer.decode import model_device_dtype
+from gasungbi.model.attention import DecodeContext
 
 
 class RowsView:
@@ -120,8 +121,8 @@ class SlotBatch:
             ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         pads = [c - L for L in lengths]
         pad = torch.tensor(pads, device=self.device)
-        h = self.model.hidden_states(ids.to(self.device), c - P, RowsView(self.cache, lo, lo + k), absorb=False,
-                                     pad=pad)  # (k, P, d)
+        ctx = DecodeContext(RowsView(self.cache, lo, lo + k), c - P, pad)
+        h = self.model.hidden_states(ids.to(self.device), ctx=ctx)  # (k, P, d)
         last = self.model.lm_head(h[:, -1])  # (k, V)
         full: list[torch.Tensor | None] = [None] * k
         for i, want in enumerate(all_logits or ()):
@@ -140,7 +141,8 @@ class SlotBatch:
             self._move(max(self.clock - p for p in self.pads))
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)[:, None]  # (n, 1)
         pad = torch.tensor(self.pads, device=self.device)
-        logits = self.model(ids, self.clock, RowsView(self.cache, 0, n), absorb=True, pad=pad)[:, -1]
+        ctx = DecodeContext(RowsView(self.cache, 0, n), self.clock, pad, absorb=True)
+        logits = self.model(ids, ctx=ctx)[:, -1]
         self.clock += 1
         return logits
 

@@ -18,6 +18,7 @@ import torch
 
 from gasungbi.infer.cache import KVCache
 from gasungbi.infer.sampling import GREEDY, SamplingParams, sample
+from gasungbi.model.attention import DecodeContext
 
 
 class ContextLengthError(ValueError):
@@ -110,7 +111,7 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, s
     seen = seen_mask(prompts, cfg.vocab_size, device) if sampling.repetition_penalty != 1.0 else None
     stats.batch_size, stats.prompt_tokens = B, sum(len(p) for p in prompts)
 
-    h = model.hidden_states(ids, 0, cache, absorb=False, pad=pad)[:, -1]  # (B, d) only the last slot
+    h = model.hidden_states(ids, ctx=DecodeContext(cache, 0, pad))[:, -1]  # (B, d) only the last slot
     nxt = sample(model.lm_head(h), sampling, gen, seen)  # (B,)
     tokens = nxt.tolist()
     stats.prefill_s = time.perf_counter() - t0
@@ -121,7 +122,7 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, s
         for step in range(1, max_new_tokens):
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
-            logits = model(nxt[:, None], P + step - 1, cache, absorb=True, pad=pad)[:, -1]  # (B, V)
+            logits = model(nxt[:, None], ctx=DecodeContext(cache, P + step - 1, pad, absorb=True))[:, -1]  # (B, V)
             nxt = sample(logits, sampling, gen, seen)
             tokens = nxt.tolist()
             stats.forwards += 1

@@ -7,7 +7,7 @@ key. Only the logits of the last position go through the output head.
 
 Batches of prompts of different lengths are left-padded to the longest: row b's real tokens start
 at slot ``pad[b]``, the model gets per-row positions (slot - pad[b]) and a mask that hides the
-padding slots (``Transformer.forward(..., pad=)``), so every row decodes exactly as if it ran
+padding slots (``DecodeContext(pad=)``), so every row decodes exactly as if it ran
 alone, and all rows advance one slot per step. Rows that finish early keep decoding (their tokens
 are dropped) until every row is done or ``max_new_tokens`` is reached.
 

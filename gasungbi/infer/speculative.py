@@ -29,7 +29,7 @@ import torch
 from gasungbi.infer.cache import KVCache
 from gasungbi.infer.decode import GenerationStats, check_context, model_device_dtype, seen_mask
 from gasungbi.infer.sampling import GREEDY, SamplingParams, apply_repetition_penalty, draw, probabilities, sample
-from gasungbi.model.transformer import Block
+from gasungbi.model.attention import DecodeContext
 
 
 def check_speculative(model, batch_size: int) -> None:
@@ -48,13 +48,11 @@ def mtp_draft_logits(model, tokens: torch.Tensor, hidden: torch.Tensor, start_po
     ``tokens`` [B, T] are t_{i+1} and ``hidden`` [B, T, d] the main model's final-normed h_i for
     positions i = start_pos..start_pos+T-1; the result [B, V] predicts t_{i+2} for the last i.
     """
-    module = model.model.mtp[0]
     T = tokens.shape[1]
-    emb = module.enorm(model.model.embed_tokens(tokens))
-    x = module.eh_proj(torch.cat((emb, module.hnorm(hidden)), dim=-1))  # [Emb ; h] as the release
     cos, sin = model.model.rotary(torch.arange(start_pos, start_pos + T, device=tokens.device))
-    h = Block.forward(module, x, cos, sin, start_pos, cache, absorb)  # the MTP block, with the cache
-    return model.lm_head(module.shared_head.norm(h[:, -1]))
+    _, normed = model.model.mtp[0](model.model.embed_tokens(tokens), hidden, cos, sin,
+                                   ctx=DecodeContext(cache, start_pos, absorb=absorb))  # (B, T, d)
+    return model.lm_head(normed[:, -1])
 
 
 @torch.inference_mode()
@@ -78,7 +76,7 @@ def speculative_steps(model, prompt: list[int], max_new_tokens: int, sampling: S
             seen[0, tok] = True
 
     stats.batch_size, stats.prompt_tokens = 1, P
-    h = model.hidden_states(ids, 0, cache, absorb=False)  # (1, P, d)
+    h = model.hidden_states(ids, ctx=DecodeContext(cache, 0))  # (1, P, d)
     tok = sample(model.lm_head(h[:, -1]), sampling, gen, seen)  # (1,) t_P
     stats.prefill_s = time.perf_counter() - t0
     stats.new_tokens += 1
@@ -91,7 +89,7 @@ def speculative_steps(model, prompt: list[int], max_new_tokens: int, sampling: S
         while True:
             q = probabilities(draft_logits, sampling, seen)  # (1, V) the draft's distribution
             d = q.argmax(-1) if sampling.greedy else draw(q, gen)  # (1,)
-            h2 = model.hidden_states(torch.stack((tok, d), 1), n, cache, absorb=True)  # (1, 2, d)
+            h2 = model.hidden_states(torch.stack((tok, d), 1), ctx=DecodeContext(cache, n, absorb=True))  # (1, 2, d)
             logits = model.lm_head(h2)  # (1, 2, V)
             stats.forwards += 1
             stats.drafted += 1

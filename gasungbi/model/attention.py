@@ -10,15 +10,18 @@ Two computations of the same function:
   * absorbed: fold W^UK into the query and W^UV into the output (Sec. 2.1.2, "absorb"), so that
     attention runs against the latent c^KV and k^R only: this is what an MLA KV cache stores.
 
-A cache, when given, is any object with ``update(layer_idx, latent, rope_key, start_pos) ->
-(latent_all, rope_key_all)`` for MLA, or the same with ``(k, v)`` for GQA (see
-``gasungbi.infer.cache``). Batches of prompts of different lengths are left-padded: the model
+Training calls ``attn(x, cos, sin)``. Inference passes the state of its forward as one
+:class:`DecodeContext`: a cache, when given, is any object with ``update(layer_idx, latent,
+rope_key, start_pos) -> (latent_all, rope_key_all)`` for MLA, or the same with ``(k, v)`` for GQA
+(see ``gasungbi.infer.cache``). Batches of prompts of different lengths are left-padded: the model
 passes per-row positions (cos/sin [B, T, d/2]) and a [B, 1, T, S] mask from :func:`padded_causal_mask`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +135,24 @@ def padded_causal_mask(t: int, s: int, start_pos: int, pad: torch.Tensor) -> tor
     return ((causal[None] & real_key[:, None, :]) | own[None])[:, None]
 
 
+@dataclass(frozen=True)
+class DecodeContext:
+    """The inference state of one forward; training passes none (no cache, causal, naive MLA).
+
+    ``cache``: the object the attention writes its keys into and reads all cached ones from
+    (``update``, see the module docstring); ``start_pos``: the cache slot of the first token;
+    ``pad``: [B] left-padding slots per row; ``absorb``: the absorbed MLA computation (V2 Sec.
+    2.1.2) instead of the naive one; ``mask``: boolean [B, 1, T, S] (True = attend), filled in by
+    the model from ``pad``, default causal.
+    """
+
+    cache: Any = None
+    start_pos: int = 0
+    pad: torch.Tensor | None = None
+    absorb: bool = False
+    mask: torch.Tensor | None = None
+
+
 # ---------------------------------------------------------------------------------------------
 # MLA
 # ---------------------------------------------------------------------------------------------
@@ -172,18 +193,20 @@ class MLA(nn.Module):
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin, self.interleave)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
-                cache=None, absorb: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask``: optional boolean [B, 1, T, S] (True = attend); default causal."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                ctx: DecodeContext | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d); ``ctx``: cache, start slot, mask and computation when decoding."""
+        ctx = ctx if ctx is not None else DecodeContext()
+        start_pos, mask = ctx.start_pos, ctx.mask
         B, T, _ = x.shape
         q_nope, q_pe = self._query(x, cos, sin)
         kv, k_pe = self.latent(x, cos, sin)
-        if cache is not None:
-            kv, k_pe = cache.update(self.layer_idx, kv, k_pe, start_pos)  # (B, S, r), (B, S, dr)
+        if ctx.cache is not None:
+            kv, k_pe = ctx.cache.update(self.layer_idx, kv, k_pe, start_pos)  # (B, S, r), (B, S, dr)
         S = kv.shape[1]
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, dn, r), (H, dv, r)
-        if absorb:
+        if ctx.absorb:
             out = self._absorbed(q_nope, q_pe, kv, k_pe, w_uk, w_uv, start_pos, mask)
         else:
             kv_full = self.kv_b_proj(kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
@@ -243,14 +266,17 @@ class GQA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.attention_bias)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
-                cache=None, absorb: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                ctx: DecodeContext | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d); ``ctx.absorb`` has no meaning here (the cache holds K and V)."""
+        ctx = ctx if ctx is not None else DecodeContext()
+        start_pos, mask = ctx.start_pos, ctx.mask
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, self.interleave)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin, self.interleave)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, start_pos)  # (B, S, n_kv, hd)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v, start_pos)  # (B, S, n_kv, hd)
         S = k.shape[1]
         rep = self.n_heads // self.n_kv
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

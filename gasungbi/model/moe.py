@@ -9,9 +9,10 @@ Group-limited routing first keeps the ``topk_group`` best of ``n_group`` expert 
 sum of the top-2 biased scores in V3, the max score in V2).
 
 Auxiliary-loss-free balancing (V3 Sec. 2.1.2) is done by the trainer: after every step it nudges
-b_i by gamma toward even load using ``tokens_per_expert``, which this module accumulates. The
-optional sequence-wise balance loss (V3 eq. 17-20) is exposed as ``balance_loss`` after a
-training-mode forward.
+b_i by gamma toward even load using the step's tokens per expert. The module keeps no record of
+its own: a training forward passes a :class:`RoutingStats`, into which each MoE layer writes its
+counts and, with grad in training mode, its sequence-wise balance loss (V3 eq. 17-20). Inference
+passes none and nothing is recorded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ from torch import nn
 
 from gasungbi.config import ModelConfig
 from gasungbi.model.layers import MLP
+
+
+class RoutingStats:
+    """What the MoE layers report during one training forward (the caller creates and reads it).
+
+    ``counts``: MoE layer index -> (E,) tokens routed to each expert, summed over the layer's runs;
+    ``balance_losses``: the sequence-wise balance loss of every training-mode run with grad.
+    """
+
+    def __init__(self):
+        self.counts: dict[int, torch.Tensor] = {}
+        self.balance_losses: list[torch.Tensor] = []
+
+    def add_counts(self, layer_idx: int, counts: torch.Tensor) -> None:
+        prev = self.counts.get(layer_idx)
+        self.counts[layer_idx] = counts if prev is None else prev + counts
 
 
 class Router(nn.Module):
@@ -117,28 +134,28 @@ def dispatch(expert, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
 class MoE(nn.Module):
     """A DeepSeekMoE feed-forward: ``shared_experts(x) + sum_i g_i expert_i(x)`` (V3 eq. 12)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, stats: RoutingStats | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d); ``stats``, when given, receives this run's routing statistics."""
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx, scores = self.gate(flat)
-        counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)
-        with torch.no_grad():
-            self.tokens_per_expert += counts
+        counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)  # (E,)
         y = self.experts(flat, idx, weights, counts).view(B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        if self.training and torch.is_grad_enabled():
-            self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1))
+        if stats is not None:
+            stats.add_counts(self.layer_idx, counts)
+            if self.training and torch.is_grad_enabled():
+                stats.balance_losses.append(self._sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1)))
         return y
 
     def _sequence_balance_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

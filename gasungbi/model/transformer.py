@@ -15,13 +15,15 @@ after its final norm.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from gasungbi.config import ModelConfig
-from gasungbi.model.attention import GQA, MLA, RotaryEmbedding, padded_causal_mask, rope_frequencies
+from gasungbi.model.attention import GQA, MLA, DecodeContext, RotaryEmbedding, padded_causal_mask, rope_frequencies
 from gasungbi.model.layers import MLP, RMSNorm
-from gasungbi.model.moe import Experts, MoE, Router
+from gasungbi.model.moe import Experts, MoE, Router, RoutingStats
 
 
 class Block(nn.Module):
@@ -32,11 +34,14 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLA(cfg, layer_idx) if cfg.is_mla else GQA(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MoE(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, start_pos: int = 0, cache=None, absorb: bool = False, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, absorb, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, ctx: DecodeContext | None = None,
+                stats: RoutingStats | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d); ``ctx`` when decoding, ``stats`` to collect routing statistics."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx=ctx)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, stats=stats) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class SharedHead(nn.Module):
@@ -57,10 +62,13 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h^k, RMSNorm(h^k)) from Emb(t_{i+k}) and h^{k-1}; one forward so FSDP2 unshards once."""
-        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(hidden)), dim=-1))
-        h = super().forward(x, cos, sin)
+    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                ctx: DecodeContext | None = None,
+                stats: RoutingStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h^k, RMSNorm(h^k)) [B, T, d] from Emb(t_{i+k}) and h^{k-1} [B, T, d]; one forward so FSDP2
+        unshards once. ``ctx``: the module's own cache slot when it drafts for speculative decoding."""
+        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(hidden)), dim=-1))  # [Emb ; h] as the release
+        h = super().forward(x, cos, sin, ctx=ctx, stats=stats)
         return h, self.shared_head.norm(h)
 
 
@@ -114,34 +122,36 @@ class Transformer(nn.Module):
                 for p in (m.gate_proj, m.up_proj, m.down_proj):
                     p.normal_(0.0, std, generator=generator)
 
-    def hidden_states(self, input_ids: torch.Tensor, start_pos: int = 0, cache=None,
-                      absorb: bool = False, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-normed hidden states [B, T, d] for tokens at cache slots start_pos..
+    def hidden_states(self, input_ids: torch.Tensor, *, ctx: DecodeContext | None = None,
+                      stats: RoutingStats | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, d] for tokens at cache slots ctx.start_pos..
 
-        ``pad``: optional [B] count of left-padding slots per row (a batch of prompts of different
-        lengths). Row b's token in slot s then has position s - pad[b], and padding slots are
-        masked out as keys; without it, position = slot.
+        ``ctx.pad``: optional [B] count of left-padding slots per row (a batch of prompts of
+        different lengths). Row b's token in slot s then has position s - pad[b], and padding slots
+        are masked out as keys; without it, position = slot. ``stats`` collects the MoE layers'
+        routing statistics (training).
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor of shape [batch, seq], "
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
+        start_pos = ctx.start_pos if ctx is not None else 0
         positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
-        mask = None
-        if pad is not None:
-            positions = (positions[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
-            mask = padded_causal_mask(T, start_pos + T, start_pos, pad)  # (B, 1, T, S)
+        if ctx is not None and ctx.pad is not None:
+            positions = (positions[None, :] - ctx.pad[:, None]).clamp(min=0)  # (B, T)
+            mask = padded_causal_mask(T, start_pos + T, start_pos, ctx.pad)  # (B, 1, T, S)
+            ctx = dataclasses.replace(ctx, mask=mask)
         cos, sin = self.model.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, start_pos, cache, absorb, mask)
+            x = layer(x, cos, sin, ctx=ctx, stats=stats)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache=None,
-                absorb: bool = False, pad: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, start_pos, cache, absorb, pad))
+    def forward(self, input_ids: torch.Tensor, *, ctx: DecodeContext | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, ctx=ctx))
 
-    def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, *,
+                   stats: RoutingStats | None = None) -> list[torch.Tensor]:
         """Final-normed MTP hidden states for training. Depth k returns [B, T-k, d]: row i predicts
         token i+k+1, i.e. it is scored against ``targets[:, k:]`` where targets are the next tokens."""
         outs, h = [], hidden
@@ -149,7 +159,7 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.model.mtp, start=1):
             emb = self.model.embed_tokens(input_ids[:, k:])  # token i+k for row i
             cos, sin = self.model.rotary(torch.arange(T - k, device=input_ids.device))
-            h, normed = module(emb, h[:, : T - k], cos, sin)
+            h, normed = module(emb, h[:, : T - k], cos, sin, stats=stats)
             outs.append(normed)
         return outs
 
@@ -158,17 +168,16 @@ class Transformer(nn.Module):
         return [self.lm_head(h) for h in self.mtp_hidden(hidden, input_ids)]
 
     def moe_layers(self) -> list[MoE]:
+        """The MoE layers in layer order (main layers, then MTP modules)."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def reset_buffers(self) -> None:
-        """Recompute the non-persistent buffers (rotary frequencies, expert counters) on the
-        weights' device: needed after meta-device construction or ``load_state_dict(assign=True)``."""
+        """Recompute the non-persistent buffer (rotary frequencies) on the weights' device: needed
+        after meta-device construction or ``load_state_dict(assign=True)``."""
         device = self.lm_head.weight.device
         rotary = self.model.rotary
         rotary.inv_freq = rope_frequencies(2 * rotary.inv_freq.shape[0], self.config.rope_theta,
                                            self.config.rope_scaling)[0].to(device)
-        for m in self.moe_layers():
-            m.tokens_per_expert = torch.zeros(m.n_experts, device=device)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -221,8 +221,6 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
-        for moe in policy.moe_layers():
-            moe.tokens_per_expert.zero_()
         accuracy = sum(accuracy_fn(batch[i // cfg.group_size], texts[i]) for i in range(len(outs))) / len(outs)
         meter.update(int(mask.sum().item()))
         row = {"step": step + 1, "loss": loss.item(), "reward": rewards.mean().item(), "accuracy": accuracy,

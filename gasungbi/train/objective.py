@@ -7,7 +7,8 @@ loss = L_main + lambda x mean_k L_MTP^k + alpha x sum_layers L_bal
   t+k+1; the paper's L_MTP = lambda/D sum_k L^k is exactly the mean over depths times lambda.
 * L_bal: the complementary sequence-wise balance loss (V3 eq. 17-20), with a tiny alpha in V3.
   The main balancing mechanism, the auxiliary-loss-free bias update, is applied by the trainer
-  after each optimizer step (:func:`update_expert_bias`).
+  after each optimizer step (:func:`update_expert_bias`) to the ``expert_counts`` that
+  ``forward`` returns, summed over the step's micro-batches.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gasungbi.model.moe import RoutingStats
 from gasungbi.model.transformer import Transformer
 
 
 class Objective(nn.Module):
-    """Wraps a :class:`Transformer`; ``forward(x, y)`` returns a dict of scalar losses."""
+    """Wraps a :class:`Transformer`; ``forward(x, y)`` returns a dict of scalar losses, plus
+    ``expert_counts`` [n_moe_layers, E] (tokens per expert, layers as ``moe_layers()``) for MoE models."""
 
     def __init__(self, model: Transformer, mtp_weight: float = 0.3, balance_alpha: float = 0.0):
         super().__init__()
@@ -29,24 +32,27 @@ class Objective(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
-        h = m.hidden_states(x)  # (B, T, d)
+        stats = RoutingStats()
+        h = m.hidden_states(x, stats=stats)  # (B, T, d)
         logits = m.lm_head(h)  # (B, T, V)
         main = _cross_entropy(logits, y)
         out = {"loss": main, "lm_loss": main.detach()}
         if m.model.mtp and self.training and self.mtp_weight > 0:
             losses = []
-            for k, hk in enumerate(m.mtp_hidden(h, x), start=1):
+            for k, hk in enumerate(m.mtp_hidden(h, x, stats=stats), start=1):
                 lk = m.lm_head(hk)  # (B, T-k, V) predicts y[:, k:]
                 losses.append(_cross_entropy(lk, y[:, k:]))
             mtp = torch.stack(losses).mean()
             out["loss"] = out["loss"] + self.mtp_weight * mtp
             out["mtp_loss"] = mtp.detach()
-        if self.training and self.balance_alpha > 0:
-            bal = [moe.balance_loss for moe in m.moe_layers() if moe.balance_loss is not None]
-            if bal:
-                b = torch.stack(bal).sum()
-                out["loss"] = out["loss"] + self.balance_alpha * b
-                out["balance_loss"] = b.detach()
+        if self.balance_alpha > 0 and stats.balance_losses:
+            b = torch.stack(stats.balance_losses).sum()
+            out["loss"] = out["loss"] + self.balance_alpha * b
+            out["balance_loss"] = b.detach()
+        moes = m.moe_layers()
+        if moes:  # a layer that did not run (MTP outside training) counts no tokens
+            none = torch.zeros(moes[0].n_experts, dtype=torch.long, device=x.device)
+            out["expert_counts"] = torch.stack([stats.counts.get(moe.layer_idx, none) for moe in moes])  # (n_moe, E)
         return out
 
 
@@ -57,29 +63,29 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_expert_bias(model: Transformer, gamma: float, all_reduce=None) -> dict[str, float]:
+def update_expert_bias(model: Transformer, counts: torch.Tensor, gamma: float, all_reduce=None) -> dict[str, float]:
     """Auxiliary-loss-free balancing (V3 Sec. 2.1.2): b_i -= gamma if expert i is overloaded,
-    += gamma if underloaded, judged on this step's token counts; then the counts are reset.
+    += gamma if underloaded, judged on this step's token counts.
 
-    ``all_reduce`` (a function summing a tensor across processes in place) makes every rank see
-    the global load so biases stay identical. Returns the load statistics that the trainer logs:
-    ``max_violation`` = (max load - mean load) / mean load (V3's MaxVio, Wang et al. 2024), and
-    ``load``, the tokens per expert of each MoE layer.
+    ``counts`` [n_moe_layers, E]: tokens per expert of each layer of ``model.moe_layers()``, the
+    ``expert_counts`` of :class:`Objective` summed over the step's micro-batches. ``all_reduce`` (a
+    function summing a tensor across processes in place) makes every rank see the global load so
+    biases stay identical. Returns the load statistics that the trainer logs: ``max_violation`` =
+    (max load - mean load) / mean load (V3's MaxVio, Wang et al. 2024), and ``load``, the tokens
+    per expert of each MoE layer.
     """
-    stats: dict = {"load": []}
+    counts = counts.to(torch.float32, copy=True)  # the all-reduce must not change the caller's tensor
+    if all_reduce is not None:
+        all_reduce(counts)
+    stats: dict = {"load": counts.long().tolist()}
     violations = []
-    for i, moe in enumerate(model.moe_layers()):
-        counts = moe.tokens_per_expert.clone()
-        if all_reduce is not None:
-            all_reduce(counts)
-        stats["load"].append(counts.long().tolist())
-        mean = counts.mean()
+    for moe, c in zip(model.moe_layers(), counts, strict=True):
+        mean = c.mean()
         if mean > 0:
-            violations.append(((counts.max() - mean) / mean).item())
+            violations.append(((c.max() - mean) / mean).item())
         bias = moe.gate.e_score_correction_bias
         if bias is not None and gamma > 0 and mean > 0:
-            bias += gamma * torch.sign(mean - counts)
-        moe.tokens_per_expert.zero_()
+            bias += gamma * torch.sign(mean - c)
     if violations:
         stats["max_violation"] = max(violations)
         stats["mean_violation"] = sum(violations) / len(violations)

@@ -257,8 +257,6 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
 
     def validate(step: int) -> dict:
         res = data.evaluate(wrapped, amp)
-        for moe in model.moe_layers():  # validation must not count toward the balance update
-            moe.tokens_per_expert.zero_()
         row = {"step": step, "tokens": meter.tokens, "val_loss": res["loss"], "val_bpb": res.get("bpb")}
         history.append(row)
         log.metrics(row)
@@ -278,6 +276,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * mult
             sums: dict[str, float] = {}
+            expert_counts = None  # (n_moe_layers, E) tokens per expert over the step's micro-batches
             for micro in range(tc.grad_accum):
                 x, y = loader.next_batch()
                 x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
@@ -287,14 +286,18 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                 with sync, amp:
                     losses = wrapped(x, y)
                     (losses["loss"] / tc.grad_accum).backward()
+                counts = losses.pop("expert_counts", None)
+                if counts is not None:
+                    expert_counts = counts if expert_counts is None else expert_counts + counts
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.item() / tc.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            load_stats = update_expert_bias(model, tc.bias_update_speed,
-                                            dist.all_reduce_sum if info.enabled else None)
+            if expert_counts is not None:
+                load_stats = update_expert_bias(model, expert_counts, tc.bias_update_speed,
+                                                dist.all_reduce_sum if info.enabled else None)
             step += 1
             if info.enabled:  # report the global mean loss
                 t = torch.tensor([sums["loss"], sums["lm_loss"]], device=info.device)
@@ -370,8 +373,6 @@ def _sample(model, tc: TrainConfig) -> str:
             x = torch.cat([x, nxt], dim=1)
             if nxt.item() == model.config.eos_token_id:
                 break
-    for moe in model.moe_layers():
-        moe.tokens_per_expert.zero_()
     model.train(was_training)
     return tok.decode(x[0, len(ids) - len(prompt):].tolist())  # the prompt and its continuation
 
