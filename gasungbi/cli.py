@@ -1,109 +1,27 @@
-"""The ``gasungbi`` command: one subcommand per job, each a thin wrapper over a library function.
+"""The ``gasungbi`` command: a table of subcommands, each a typed library function.
 
-``COMMANDS`` maps each name to ``"module:function"``; a module is imported only when its command
-runs, so ``gasungbi --help`` is fast and imports no torch.
-Errors a user can fix (bad paths, bad presets, bad checkpoints) print one clear line and exit 2.
+``COMMANDS`` maps a name to ``"module:function"`` (litgpt's ``__main__`` style). The function's
+signature is the flags' schema and its docstring (``Args:``) their help; config dataclasses document
+their fields with attribute docstrings or comments, and tyro turns all of it into the parser
+(``--batch-size``, ``--compile/--no-compile``...). A command's module is imported only when the
+command runs, so ``gasungbi --help`` is fast and imports no torch. A function whose parameter ``cfg``
+is a config dataclass and which has a ``config`` parameter reads ``--config FILE`` (JSON or TOML) as
+the defaults that the flags then override. Errors a user can fix print one line and exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import sys
 
 from gasungbi.errors import UserError
 
-# ---------------------------------------------------------------------------------------------
-# info
-# ---------------------------------------------------------------------------------------------
-
-def _info(args: argparse.Namespace) -> int:
-    import platform
-
-    import torch
-
-    import gasungbi
-
-    try:
-        import transformers
-        tf = transformers.__version__
-    except ImportError:
-        tf = "not installed (pip install 'gasungbi[hf]')"
-    cuda = torch.cuda.is_available()
-    rows = {
-        "gasungbi": gasungbi.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": tf,
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu (no CUDA device)",
-        "cuda devices": torch.cuda.device_count() if cuda else 0,
-        "cpu capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu threads": torch.get_num_threads(),
-        "bf16 on cpu": "fast (AVX512-BF16/AMX)" if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
-        else "slow: train in fp32 on this CPU",
-    }
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        width = max(map(len, rows))
-        for k, v in rows.items():
-            print(f"{k:<{width}}  {v}")
-    return 0
-
-
-def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-_info.add_args = _info_args
-
-
-# ---------------------------------------------------------------------------------------------
-# params
-# ---------------------------------------------------------------------------------------------
-
-def _params(args: argparse.Namespace) -> int:
-    from gasungbi.model.accounting import count_params, format_params
-    from gasungbi.model.transformer import build_model
-
-    from gasungbi.config import resolve_model_config
-
-    cfg = resolve_model_config(args.model)
-    # Build the real module tree on the meta device (no memory) and check the formula against it.
-    model = build_model(cfg, device="meta")
-    built = sum(p.numel() for p in model.parameters())
-    pc = count_params(cfg)
-    if args.json:
-        print(json.dumps({"model": args.model, "components": pc.components, "mtp": pc.mtp, "total": pc.total,
-                          "activated": pc.activated, "total_with_mtp": pc.total_with_mtp,
-                          "built_on_meta": built}, indent=2))
-        return 0
-    print(f"{args.model}: {cfg.model_type}, {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
-          f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})" if cfg.is_mla else
-          f"{args.model}: dense {cfg.model_type}, {cfg.num_hidden_layers} layers, d={cfg.hidden_size}")
-    print(format_params(cfg))
-    print(f"built on the meta device: {built:,} parameters (formula: {pc.total_with_mtp:,})")
-    return 0
-
-
-def _params_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a preset name (gasungbi params --list) or a checkpoint directory")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-
-_params.add_args = _params_args
-
-
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
-
-# name -> ("module:function", one-line help). Each function takes the parsed arguments and returns
-# an exit code; its ``add_args(parser)`` attribute adds its flags. Modules are imported only for the
-# command that runs (and for ``COMMAND --help``), so ``gasungbi --help`` imports no torch.
+# name -> ("module:function", one-line summary). A target that is a dict of functions is a group of
+# subcommands (``gasungbi plan train``).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("gasungbi.cli:_info", "versions, device, CPU capability and threads"),
-    "params": ("gasungbi.cli:_params", "parameter accounting (total and activated, by component) of a preset or checkpoint"),
+    "info": ("gasungbi.model.commands:info", "versions, device, CPU capability and threads"),
+    "params": ("gasungbi.model.commands:params",
+               "parameter accounting (total and activated, by component) of a preset or checkpoint"),
     "speedrun": ("gasungbi.pipeline:speedrun_cmd",
                  "the whole pipeline: tokenizer, shards, pretraining, SFT, GRPO, report, checkpoint"),
     "prepare": ("gasungbi.train.commands:prepare", "build a tokenizer and token shards from a corpus"),
@@ -115,55 +33,150 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "sample reasoning traces from a teacher, keep the rewarded ones, SFT a student on them"),
     "eval-tasks": ("gasungbi.post.commands:eval_tasks_cmd",
                    "held-out accuracy on the reasoning gym: pass@1 (greedy) and pass@k"),
-    "generate": ("gasungbi.infer.commands:_generate",
+    "generate": ("gasungbi.infer.commands:generate_cmd",
                  "generate text from a checkpoint (batched prompts, sampling, stop strings, speculative)"),
-    "chat": ("gasungbi.infer.commands:_chat", "multi-turn chat with a checkpoint, streaming (/reset, /quit)"),
-    "quantize": ("gasungbi.infer.commands:_quantize",
+    "chat": ("gasungbi.infer.commands:chat_cmd", "multi-turn chat with a checkpoint, streaming (/reset, /quit)"),
+    "quantize": ("gasungbi.infer.commands:quantize_cmd",
                  "weight-only int8/int4 quantization of a checkpoint, saved for generate/chat"),
-    "serve": ("gasungbi.serve.commands:_serve",
+    "serve": ("gasungbi.serve.commands:serve_cmd",
               "OpenAI-compatible HTTP server with continuous batching, streaming and a chat page"),
-    "plan": ("gasungbi.plan.commands:_plan", "hardware and cost planner: plan train | serve | here | model | backtest"),
+    "plan": ("gasungbi.plan.commands:PLAN", "hardware and cost planner: plan train | serve | here | model | backtest"),
 }
+
+DESCRIPTION = ("Train, post-train, evaluate, quantize and serve DeepSeek-style models (MLA, DeepSeekMoE, MTP) on "
+               "the hardware you have, and know what it costs before you spend.")
 
 
 def _target(name: str):
     import importlib
 
-    module, fn = COMMANDS[name][0].split(":")
-    return getattr(importlib.import_module(module), fn)
+    module, attr = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only ``command``'s module is imported (None: none, for the overview)."""
-    parser = argparse.ArgumentParser(
-        prog="gasungbi",
-        description="Train, post-train, evaluate, quantize and serve DeepSeek-style models (MLA, DeepSeekMoE, "
-                    "MTP) on the hardware you have, and know what it costs before you spend.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == command:
-            getattr(_target(name), "add_args", lambda p: None)(p)
-    return parser
+def _overview() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items())
+    return (f"usage: gasungbi COMMAND [FLAGS]   (gasungbi COMMAND --help for its flags)\n\n{DESCRIPTION}\n\n"
+            f"commands:\n{rows}\n")
+
+
+def read_config_file(path: str) -> dict:
+    """The fields of a JSON or TOML config file (``--config FILE``); a bad file is a UserError."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(p.read_text())
+        else:
+            data = json.loads(p.read_text())
+    except Exception as e:  # noqa: BLE001 - any parse error of the user's file
+        raise UserError(f"--config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a table of fields, got {type(data).__name__}")
+    return data
+
+
+def _with_config_file(fn, argv: list[str]):
+    """``fn`` with its ``cfg`` default replaced by ``--config FILE``'s values, when given."""
+    import dataclasses
+    import functools
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if "cfg" not in params or "config" not in params:
+        return fn
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return fn
+    base = params["cfg"].default
+    values = read_config_file(path)
+    names = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"--config {path}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return functools.partial(fn, cfg=dataclasses.replace(base, **values))
+
+
+@contextlib.contextmanager
+def _one_line_parse_errors(prog: str):
+    """Turn tyro's parse errors (a box of several lines) into one-line UserErrors naming the flag.
+
+    Uses tyro's parse-error hook (``tyro._errors``, marked unstable; tyro is pinned to 1.0.x in
+    pyproject.toml); without it tyro prints its own box, still exit code 2."""
+    try:
+        from tyro import _errors as E
+    except ImportError:  # pragma: no cover - another tyro
+        yield
+        return
+
+    def flag(arg) -> str:
+        try:
+            names = arg.lowered.name_or_flags
+        except AttributeError:
+            return "an argument"
+        if names and names[0].startswith("-"):
+            return "/".join(names)
+        return (names[0] if names else "argument").split(".")[-1].upper()  # a positional: CHECKPOINT
+
+    def hook(event) -> None:
+        if isinstance(event, E.InstantiationFailure):
+            where = flag(event.argument) if event.argument is not None else "a value"
+            # tyro lists one error per type it tried ("- <class 'int'>: invalid literal ..."): keep the last
+            last = [line.strip(" -") for line in event.message.splitlines() if line.strip()][-1]
+            raise UserError(f"{where}: {last.split('>: ', 1)[-1]}")
+        if isinstance(event, E.InvalidChoice):
+            raise UserError(f"{flag(event.argument)}: invalid choice {event.value!r} "
+                            f"(choose from {', '.join(event.choices)})")
+        if isinstance(event, E.BadValue):
+            got = f" {event.offending_value!r}" if event.offending_value is not None else ""
+            raise UserError(f"{flag(event.argument)}: bad value{got} ({event.reason.replace('_', ' ')})")
+        if isinstance(event, E.UnrecognizedArgs):
+            raise UserError(f"unrecognized arguments: {' '.join(event.tokens)} (see {prog} --help)")
+        if isinstance(event, E.MissingArgs):
+            names = ", ".join(flag(a.arg) for a in event.missing_arguments)
+            raise UserError(f"missing required argument(s): {names} (see {prog} --help)")
+        if isinstance(event, E.MissingSubcommand):
+            raise UserError(f"choose a subcommand (see {prog} --help)")
+
+    with E.on_parse_error(hook):
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview(), end="")
         return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"gasungbi: error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    import tyro
+
     from gasungbi.config import CheckpointError
 
+    prog = f"gasungbi {name}"
     try:
-        return _target(args.command)(args)
+        target = _target(name)
+        with _one_line_parse_errors(prog):
+            if isinstance(target, dict):
+                return tyro.extras.subcommand_cli_from_dict(target, args=rest, prog=prog,
+                                                            description=COMMANDS[name][1]) or 0
+            return tyro.cli(_with_config_file(target, rest), args=rest, prog=prog) or 0
     except (UserError, CheckpointError, FileNotFoundError) as e:
-        print(f"gasungbi {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help, or tyro's own exit
+        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
-        print(f"gasungbi {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `gasungbi params ... | head`
         import os

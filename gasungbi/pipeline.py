@@ -21,12 +21,12 @@ interruption resumes the same schedule.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -259,24 +259,21 @@ def write_report(out: Path, tc: TrainConfig, report: dict, manifest) -> Path:
 # the command
 # ---------------------------------------------------------------------------------------------
 
-def speedrun_cmd(args: argparse.Namespace) -> int:
+def speedrun_cmd(recipe: Literal["cpu", "gpu", "node"] = "cpu", out: str = "runs/speedrun", corpus: str = "stdlib",
+                 minutes: float | None = None, steps: int | None = None, price_per_hour: float | None = None) -> int:
+    """The whole pipeline: tokenizer, shards, pretraining, cold-start SFT, GRPO, report, checkpoint.
+    Running it again resumes an interrupted run.
+
+    Args:
+        recipe: cpu: a 2-core machine in ~15 minutes; gpu: one GPU; node: 8 GPUs under torchrun
+        out: run directory
+        corpus: corpus source (default: the Python standard library)
+        minutes: pretraining time budget; steps are sized from a measured throughput (default: the recipe's)
+        steps: a fixed number of pretraining steps (overrides --minutes)
+        price_per_hour: dollars per device-hour
+    """
     try:
-        speedrun(args.recipe, out=args.out, corpus=args.corpus, minutes=args.minutes,
-                 price_per_hour=args.price_per_hour, steps=args.steps)
+        speedrun(recipe, out=out, corpus=corpus, minutes=minutes, price_per_hour=price_per_hour, steps=steps)
     except ValueError as e:
         raise UserError(str(e)) from None
     return 0
-
-
-def _speedrun_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="cpu", choices=sorted(RECIPES),
-                   help="cpu: a 2-core machine in ~15 minutes (default); gpu: one GPU; node: 8 GPUs under torchrun")
-    p.add_argument("--out", default="runs/speedrun", help="run directory (default runs/speedrun)")
-    p.add_argument("--corpus", default="stdlib", help="corpus source (default: the Python standard library)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="training time budget; steps are sized from a measured throughput (default: the recipe's)")
-    p.add_argument("--steps", type=int, default=None, help="fixed number of training steps (overrides --minutes)")
-    p.add_argument("--price-per-hour", type=float, default=None, help="dollars per device-hour")
-
-
-speedrun_cmd.add_args = _speedrun_args

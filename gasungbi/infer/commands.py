@@ -1,72 +1,75 @@
-"""Subcommands ``generate``, ``chat`` and ``quantize`` (registered with ``gasungbi.cli.command``).
+"""CLI: ``gasungbi generate``, ``gasungbi chat`` and ``gasungbi quantize``.
 
-Heavy imports stay inside the functions so that ``gasungbi --help`` stays fast.
+:class:`ModelArgs` (the checkpoint and where it runs) is shared with ``gasungbi serve``; heavy imports
+stay inside the functions.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction
 
 from gasungbi.errors import UserError
 
-DTYPES = ("float32", "bfloat16", "float16")
+
+@dataclass
+class ModelArgs:
+    """A checkpoint and how to run it: device, dtype, quantization, placement of the experts."""
+
+    checkpoint: Positional[str]
+    """a Hugging Face-layout checkpoint directory (gasungbi's, transformers', or one written by gasungbi quantize)"""
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1 ...
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bfloat16 on CUDA, the checkpoint's on CPU
+    quant: Literal["int8", "int4"] | None = None  # quantize the weights on load (weight-only; gasungbi quantize saves them)
+    group_size: int = 128  # int4 group size
+    experts_device: str | None = None  # keep routed experts here (e.g. cpu: system RAM), the rest on --device
+
+    def load(self):
+        """The model (memory per device reported on stderr first); a bad checkpoint or device is a
+        :class:`UserError`."""
+        import torch
+
+        from gasungbi.infer.load import load_for_inference
+
+        dtype = getattr(torch, self.dtype) if self.dtype else None
+        if self.device != "auto" and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {self.device}: no CUDA device on this machine")
+        try:
+            return load_for_inference(self.checkpoint, self.device, dtype, self.quant, self.group_size,
+                                      self.experts_device, report=lambda s: print(s, file=sys.stderr))
+        except (ValueError, RuntimeError) as e:
+            raise UserError(str(e)) from None
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The checkpoint, device, dtype, quantization and placement flags (generate, chat, serve)."""
-    p.add_argument("checkpoint", help="a Hugging Face-layout checkpoint directory (gasungbi or transformers, "
-                                      "or one written by gasungbi quantize)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights/activations dtype (default: bfloat16 on CUDA, the checkpoint's on CPU)")
-    p.add_argument("--quant", choices=("int8", "int4"), default=None,
-                   help="quantize the weights on load (weight-only; see gasungbi quantize to save them)")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
-    p.add_argument("--experts-device", default=None,
-                   help="keep routed experts here (e.g. cpu: system RAM) and the rest on --device")
+@dataclass
+class SamplingArgs:
+    """How tokens are drawn, and when generation stops."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set with this probability
+    min_p: float = 0.0  # drop tokens below min_p x the top probability
+    repetition_penalty: float = 1.0  # divide the logits of tokens already seen (CTRL's penalty)
+    seed: int | None = None  # seed the sampler (reproducible runs)
+    stop: Annotated[tuple[str, ...], UseAppendAction] = ()  # a stop string
+    speculative: bool = False  # draft with the model's MTP module (self-speculative; greedy output unchanged)
+    stats: bool = False  # print tokens/s (and the draft acceptance rate) to stderr
+
+    def params(self):
+        from gasungbi.infer.sampling import SamplingParams
+
+        try:
+            return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                                  repetition_penalty=self.repetition_penalty, seed=self.seed)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
-def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="seed the sampler (reproducible runs)")
-    p.add_argument("--stop", action="append", default=[], metavar="STR", help="a stop string (repeatable)")
-    p.add_argument("--speculative", action="store_true",
-                   help="draft with the model's MTP module (self-speculative decoding; greedy output unchanged)")
-    p.add_argument("--stats", action="store_true", help="print tokens/s (and the draft acceptance rate) to stderr")
-
-
-def _sampling(args):
-    from gasungbi.infer.sampling import SamplingParams
-
-    try:
-        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                              repetition_penalty=args.repetition_penalty, seed=args.seed)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def load_for_args(args):
-    """The model the flags of :func:`add_model_args` describe (memory per device reported first);
-    a bad checkpoint or device is a :class:`UserError`. Shared with ``gasungbi serve``."""
-    import torch
-
-    from gasungbi.infer.load import load_for_inference
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.device != "auto" and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: no CUDA device on this machine")
-    try:
-        return load_for_inference(args.checkpoint, args.device, dtype, args.quant, args.group_size,
-                                  args.experts_device, report=lambda s: print(s, file=sys.stderr))
-    except (ValueError, RuntimeError) as e:
-        raise UserError(str(e)) from None
+Flat = OmitArgPrefixes
 
 
 def tokenizer_for(path: str, required: bool):
@@ -76,7 +79,7 @@ def tokenizer_for(path: str, required: bool):
     if (Path(path) / "tokenizer.json").exists():
         return load_tokenizer(path)
     if required:
-        raise UserError(f"{path} has no tokenizer.json; pass token ids with --prompt-ids instead")
+        raise UserError(f"{path} has no tokenizer.json")
     return None
 
 
@@ -92,24 +95,38 @@ def _print_stats(stats) -> None:
 # generate
 # ---------------------------------------------------------------------------------------------
 
-def _generate(args: argparse.Namespace) -> int:
+def generate_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs, Flat] = SamplingArgs(),
+                 prompt: Annotated[tuple[str, ...], UseAppendAction] = (),
+                 prompt_ids: Annotated[tuple[str, ...], UseAppendAction] = (),
+                 bos: bool = True, max_new_tokens: int = 128) -> int:
+    """Generate text from a checkpoint: batched prompts, sampling, stop strings, speculative decoding.
+
+    Args:
+        model: the checkpoint and where it runs
+        sampling: sampling and stops
+        prompt: a text prompt (repeat for a batch)
+        prompt_ids: a prompt as token ids, e.g. 0,17,42 (for checkpoints without a tokenizer)
+        bos: prepend the tokenizer's BOS token to text prompts (--no-bos: don't)
+        max_new_tokens: tokens to generate at most
+    """
     from gasungbi.infer.generate import stream
 
-    if not args.prompt and not args.prompt_ids:
+    if not prompt and not prompt_ids:
         raise UserError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
-    tokenizer = tokenizer_for(args.checkpoint, required=bool(args.prompt))
-    prompts: list = list(args.prompt)
-    for s in args.prompt_ids:
+    tokenizer = tokenizer_for(model.checkpoint, required=bool(prompt))
+    if tokenizer is None and prompt:
+        raise UserError(f"{model.checkpoint} has no tokenizer.json; pass token ids with --prompt-ids instead")
+    prompts: list = list(prompt)
+    for s in prompt_ids:
         try:
             prompts.append([int(t) for t in s.replace(",", " ").split()])
         except ValueError:
             raise UserError(f"--prompt-ids {s!r}: expected integers separated by commas") from None
-    sampling = _sampling(args)
-    model = load_for_args(args)
+    params = sampling.params()
+    m = model.load()
     try:
-        s = stream(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   stop_strings=args.stop, tokenizer=tokenizer, add_bos=not args.no_bos,
-                   speculative=args.speculative)
+        s = stream(m, prompts, max_new_tokens=max_new_tokens, sampling=params, stop_strings=list(sampling.stop),
+                   tokenizer=tokenizer, add_bos=bos, speculative=sampling.speculative)
     except ValueError as e:
         raise UserError(str(e)) from None
     single = len(prompts) == 1
@@ -122,21 +139,9 @@ def _generate(args: argparse.Namespace) -> int:
         for i, c in enumerate(s.completions):
             head = f"[{i}] " if not single else ""
             print(head + (c.text if c.text is not None and tokenizer is not None else " ".join(map(str, c.tokens))))
-    if args.stats:
+    if sampling.stats:
         _print_stats(s.stats)
     return 0
-
-
-def _generate_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
-    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
-                   help="a prompt as token ids, e.g. 0,17,42 (for checkpoints without a tokenizer)")
-    p.add_argument("--no-bos", action="store_true", help="do not prepend <|bos|> to text prompts")
-    _sampling_args(p, max_new=128)
-
-
-_generate.add_args = _generate_args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,19 +151,28 @@ _generate.add_args = _generate_args
 CHAT_HELP = "/reset clears the conversation, /quit (or Ctrl-D) leaves"
 
 
-def _chat(args: argparse.Namespace) -> int:
+def chat_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs, Flat] = SamplingArgs(),
+             system: str | None = None, max_new_tokens: int = 512) -> int:
+    """Multi-turn chat with a checkpoint, streaming: /reset clears the conversation, /quit (or Ctrl-D) leaves.
+
+    Args:
+        model: the checkpoint and where it runs
+        sampling: sampling and stops
+        system: a system message opening the conversation
+        max_new_tokens: longest reply
+    """
     from gasungbi.data.chat import END, encode_chat
     from gasungbi.infer.generate import ContextLengthError, stream
 
-    tokenizer = tokenizer_for(args.checkpoint, required=True)
+    tokenizer = tokenizer_for(model.checkpoint, required=True)
     end_id = tokenizer.token_to_id(END)
-    sampling = _sampling(args)
-    model = load_for_args(args)
-    stops = [t for t in (end_id, model.config.eos_token_id) if t is not None]
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(system)
+    params = sampling.params()
+    m = model.load()
+    stops = [t for t in (end_id, m.config.eos_token_id) if t is not None]
+    opening = [{"role": "system", "content": system}] if system else []
+    messages = list(opening)
     interactive = sys.stdin.isatty()
-    print(f"chat with {args.checkpoint} ({CHAT_HELP})", file=sys.stderr)
+    print(f"chat with {model.checkpoint} ({CHAT_HELP})", file=sys.stderr)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -170,7 +184,7 @@ def _chat(args: argparse.Namespace) -> int:
         if text == "/quit":
             break
         if text == "/reset":
-            messages = list(system)
+            messages = list(opening)
             print("(conversation cleared)", file=sys.stderr)
             continue
         if text.startswith("/"):
@@ -179,8 +193,8 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": text})
         ids = encode_chat(tokenizer, messages)
         try:
-            s = stream(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stops,
-                       stop_strings=args.stop, tokenizer=tokenizer, speculative=args.speculative)
+            s = stream(m, [ids], max_new_tokens=max_new_tokens, sampling=params, stop_tokens=stops,
+                       stop_strings=list(sampling.stop), tokenizer=tokenizer, speculative=sampling.speculative)
         except ContextLengthError as e:
             messages.pop()
             print(f"(the conversation no longer fits: {e}; /reset to start over)", file=sys.stderr)
@@ -190,62 +204,52 @@ def _chat(args: argparse.Namespace) -> int:
             print(delta.text, end="", flush=True)
         print()
         messages.append({"role": "assistant", "content": s.completions[0].text})
-        if args.stats:
+        if sampling.stats:
             _print_stats(s.stats)
     return 0
-
-
-def _chat_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    p.add_argument("--system", default=None, help="a system message opening the conversation")
-    _sampling_args(p, max_new=512)
-
-
-_chat.add_args = _chat_args
 
 
 # ---------------------------------------------------------------------------------------------
 # quantize
 # ---------------------------------------------------------------------------------------------
 
-def _quantize(args: argparse.Namespace) -> int:
+def quantize_cmd(checkpoint: Positional[str], mode: Literal["int8", "int4"], out: str, group_size: int = 128,
+                 eval_text: str | None = None, eval_tokens: int = 32768, seq_len: int = 256) -> int:
+    """Weight-only int8/int4 quantization of a checkpoint, saved for generate, chat and serve.
+
+    Args:
+        checkpoint: a floating-point checkpoint directory
+        mode: int8 (per-channel) or int4 (grouped)
+        out: output directory
+        group_size: int4 group size
+        eval_text: a text file: report the perplexity change on it
+        eval_tokens: tokens of --eval-text to use
+        seq_len: window of the perplexity evaluation
+    """
     import torch
 
     from gasungbi.infer import quant as q
     from gasungbi.interop.hf import load_model
 
-    if q.quantization_config(args.checkpoint) is not None:
-        raise UserError(f"{args.checkpoint} is already quantized")
-    model = load_model(args.checkpoint, "cpu", torch.float32)
-    qsd = q.quantize_state_dict(model, args.mode, args.group_size)
-    has_tok = (Path(args.checkpoint) / "tokenizer.json").exists()
-    out = q.save_quantized(qsd, model.config, args.out, args.mode, args.group_size,
-                           tokenizer=args.checkpoint if has_tok else None)
+    if q.quantization_config(checkpoint) is not None:
+        raise UserError(f"{checkpoint} is already quantized")
+    model = load_model(checkpoint, "cpu", torch.float32)
+    qsd = q.quantize_state_dict(model, mode, group_size)
+    has_tok = (Path(checkpoint) / "tokenizer.json").exists()
+    out = q.save_quantized(qsd, model.config, out, mode, group_size,
+                           tokenizer=checkpoint if has_tok else None)
     qmodel = q.load_quantized(out)
-    print(f"{args.mode}: {q.weight_bytes(model) / 2**20:.1f} MiB -> {q.weight_bytes(qmodel) / 2**20:.1f} MiB "
+    print(f"{mode}: {q.weight_bytes(model) / 2**20:.1f} MiB -> {q.weight_bytes(qmodel) / 2**20:.1f} MiB "
           f"in memory; wrote {out}")
-    if args.eval_text:
-        tok = tokenizer_for(args.checkpoint, required=True)
-        ids = tok.encode(Path(args.eval_text).read_text(encoding="utf-8")).ids[: args.eval_tokens + 1]
+    if eval_text:
+        tok = tokenizer_for(checkpoint, required=True)
+        ids = tok.encode(Path(eval_text).read_text(encoding="utf-8")).ids[: eval_tokens + 1]
         ids = torch.tensor(ids)
-        seq = min(args.seq_len, model.config.max_position_embeddings, ids.numel() - 1)
+        seq = min(seq_len, model.config.max_position_embeddings, ids.numel() - 1)
         try:
             base, new = q.perplexity(model, ids, seq), q.perplexity(qmodel, ids, seq)
         except ValueError as e:
             raise UserError(f"--eval-text: {e}") from None
-        print(f"perplexity on {ids.numel() - 1:,} tokens of {args.eval_text}: float32 {base:.3f}, "
-              f"{args.mode} {new:.3f} ({(new / base - 1) * 100:+.2f}%)")
+        print(f"perplexity on {ids.numel() - 1:,} tokens of {eval_text}: float32 {base:.3f}, "
+              f"{mode} {new:.3f} ({(new / base - 1) * 100:+.2f}%)")
     return 0
-
-
-def _quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a floating-point checkpoint directory")
-    p.add_argument("--mode", choices=("int8", "int4"), required=True)
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--eval-text", default=None, help="a text file: report the perplexity change on it")
-    p.add_argument("--eval-tokens", type=int, default=32768, help="tokens of --eval-text to use")
-    p.add_argument("--seq-len", type=int, default=256)
-
-
-_quantize.add_args = _quantize_args

@@ -14,124 +14,149 @@ in :mod:`gasungbi.plan.estimate`; this module parses, prints and draws. Importin
 
 from __future__ import annotations
 
-import argparse
 import json
-from typing import Any
+from types import SimpleNamespace
+from typing import Annotated, Any
+
+from tyro.conf import UseAppendAction
 
 from gasungbi.errors import UserError
 
 
-def _plan(args: argparse.Namespace) -> int:
-    run = {"train": _train, "serve": _serve, "here": _here, "model": _model_cmd,
-           "backtest": _backtest}.get(args.plan_command)
-    if run is None:
-        raise UserError("choose a subcommand: train, serve, here, model or backtest (gasungbi plan --help)")
+Catalogs = Annotated[tuple[str, ...], UseAppendAction]
+
+
+def _run(body, values: dict[str, Any]) -> int:
+    """Call a subcommand's body with its flags as attributes; planner errors become one-line UserErrors."""
     from gasungbi.plan.catalog import CatalogError
 
     try:
-        return run(args)
+        return body(SimpleNamespace(**values))
     except (CatalogError, ValueError) as e:
         raise UserError(str(e)) from None
 
 
-def custom_hardware(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--peak-tflops", help="instead of --hardware: dense peak TFLOPS of an unlisted accelerator")
-    q.add_argument("--bandwidth", help="with --peak-tflops: its memory bandwidth in GB/s")
-    q.add_argument("--memory", help="with --peak-tflops: its memory in GB (default: unlimited, fit not checked)")
+def train(tokens: str, model: str | None = None, params: str | None = None, active: str | None = None,
+          hardware: str | None = None, peak_tflops: float | None = None, bandwidth: float | None = None,
+          memory: float | None = None, count: int | None = None, mfu: float | None = None, price: float | None = None,
+          seq_len: int = 4096, from_run: str | None = None, chart: str | None = None, catalog: Catalogs = (),
+          json: bool = False) -> int:
+    """GPU-hours, days and dollars of a training run. Without --mfu, the MFU is the one DeepSeek-V3's
+    published H800-hours imply.
+
+    Args:
+        tokens: training tokens, e.g. 14.8T, 500B, 2M
+        model: a preset name, a Hugging Face config.json or its directory
+        params: instead of --model: total parameters, e.g. 70B
+        active: with --params: parameters one token uses (default: all, a dense model)
+        hardware: a GPU from the catalog, e.g. h800
+        peak_tflops: instead of --hardware: dense peak TFLOPS of an unlisted accelerator
+        bandwidth: with --peak-tflops: its memory bandwidth in GB/s
+        memory: with --peak-tflops: its memory in GB (default: unlimited, fit not checked)
+        count: number of GPUs (default 1, or the run's)
+        mfu: model FLOPs utilization against the dense BF16 peak, 0-1
+        price: USD per GPU-hour (default: the catalog's)
+        seq_len: training sequence length
+        from_run: use the throughput and MFU measured in one of our runs (a run directory)
+        chart: write a dollars-against-tokens chart to this PNG
+        catalog: extra hardware catalog JSON (repeatable; ~/.config/gasungbi/hardware.json is read too)
+        json: print JSON instead of a table
+    """
+    return _run(_train, locals())
 
 
-def _plan_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="plan_command", metavar="SUBCOMMAND")
+def serve(model: str = "deepseek-v3-671b", params: str | None = None, active: str | None = None,
+          hardware: str | None = None, peak_tflops: float | None = None, bandwidth: float | None = None,
+          memory: float | None = None, count: int | None = None, quant: str = "int4", context: int = 4096,
+          batch: int = 1, ddr_gb: float | None = None, chart: str | None = None, catalog: Catalogs = (),
+          json: bool = False) -> int:
+    """Placement, fit, decode and prefill ceilings and cost of serving a model, with an all-HBM /
+    hybrid GPU+DDR / CPU-only comparison.
 
-    def common(q: argparse.ArgumentParser, model_default: str | None, counts: bool = False) -> None:
-        q.add_argument("--model", default=model_default,
-                       help="a preset name, a Hugging Face config.json or its directory"
-                            + (f" (default {model_default})" if model_default else ""))
-        if counts:
-            q.add_argument("--params", help="instead of --model: total parameters, e.g. 70B")
-            q.add_argument("--active", help="with --params: parameters one token uses (default: all, a dense model)")
-        q.add_argument("--catalog", action="append", default=[], metavar="FILE",
-                       help="extra hardware catalog JSON (repeatable; ~/.config/gasungbi/hardware.json is read too)")
-        q.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    t = sub.add_parser("train", help="GPU-hours, days and dollars of a training run",
-                       description="GPU-hours, days and dollars of a training run. Without --mfu, the MFU is "
-                                   "the one DeepSeek-V3's published H800-hours imply.")
-    common(t, None, counts=True)
-    t.add_argument("--tokens", required=True, help="training tokens, e.g. 14.8T, 500B, 2M")
-    t.add_argument("--hardware", help="a GPU from the catalog, e.g. h800")
-    custom_hardware(t)
-    t.add_argument("--count", help="number of GPUs (default 1, or the run's)")
-    t.add_argument("--mfu", help="model FLOPs utilization against the dense BF16 peak, 0-1")
-    t.add_argument("--price", help="USD per GPU-hour (default: the catalog's)")
-    t.add_argument("--seq-len", default="4096", help="training sequence length (default 4096)")
-    t.add_argument("--from-run", metavar="DIR", help="use the throughput and MFU measured in one of our runs")
-    t.add_argument("--chart", metavar="PNG", help="write a dollars-against-tokens chart")
-
-    s = sub.add_parser("serve", help="where each part lives, fit, decode/prefill ceilings, $ per 1M tokens",
-                       description="Placement, fit, decode and prefill ceilings and cost of serving a model, "
-                                   "with an all-HBM / hybrid GPU+DDR / CPU-only comparison.")
-    common(s, "deepseek-v3-671b", counts=True)
-    s.add_argument("--hardware", help="e.g. 'rtx4090 + ddr5-8ch-4800', '8x h200', 'ddr5-12ch-5600'")
-    custom_hardware(s)
-    s.add_argument("--count", help="with --peak-tflops/--bandwidth: number of such devices (default 1)")
-    s.add_argument("--quant", default="int4", help="weight format: " + "fp32, bf16, fp8, int8, q8_0, int4, q4_k_m")
-    s.add_argument("--context", default="4096", help="context tokens held in the KV cache per sequence")
-    s.add_argument("--batch", default="1", help="sequences decoded together")
-    s.add_argument("--ddr-gb", help="DRAM per CPU platform in GB (default: the catalog's)")
-    s.add_argument("--chart", metavar="PNG", help="write a tokens/s by set-up and quantization chart")
-
-    h = sub.add_parser("here", help="measure this machine and predict our engine's decode speed",
-                       description="Measure memory bandwidth and fp32 matmul FLOP/s here (a few seconds) and "
-                                   "predict our engine's decode tokens/s at fp32, int8 and int4 weights.")
-    common(h, "cpu-tiny")
-    h.add_argument("--context", default="512", help="context tokens (default 512)")
-
-    b = sub.add_parser("backtest", help="the planner against published training runs and decode speeds",
-                       description="Predict each published measurement in gasungbi/plan/published.json (one "
-                                   "cited source per row) and print the error and implied efficiency; the median "
-                                   "and worst error are over the rows not used for calibration.")
-    b.add_argument("--run", metavar="DIR", help="add this machine: one of our training runs (its report.json)")
-    b.add_argument("--sources", action="store_true", help="print each row's source")
-    b.add_argument("--catalog", action="append", default=[], metavar="FILE", help="extra hardware catalog JSON")
-    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    m = sub.add_parser("model", help="parameters, weight bytes per format, KV bytes, FLOPs per token",
-                       description="Model accounting: parameters per component, weight bytes per format, KV "
-                                   "cache bytes per token against an MHA model of the same shape, FLOPs per token.")
-    common(m, "deepseek-v3-671b")
-    m.add_argument("--seq-len", default="4096", help="sequence length for the attention FLOPs (default 4096)")
+    Args:
+        model: a preset name, a Hugging Face config.json or its directory
+        params: instead of --model: total parameters, e.g. 70B
+        active: with --params: parameters one token uses (default: all, a dense model)
+        hardware: e.g. 'rtx4090 + ddr5-8ch-4800', '8x h200', 'ddr5-12ch-5600'
+        peak_tflops: instead of --hardware: dense peak TFLOPS of an unlisted accelerator
+        bandwidth: with --peak-tflops: its memory bandwidth in GB/s
+        memory: with --peak-tflops: its memory in GB (default: unlimited, fit not checked)
+        count: with --peak-tflops/--bandwidth: number of such devices (default 1)
+        quant: weight format: fp32, bf16, fp8, int8, q8_0, int4, q4_k_m
+        context: context tokens held in the KV cache per sequence
+        batch: sequences decoded together
+        ddr_gb: DRAM per CPU platform in GB (default: the catalog's)
+        chart: write a tokens/s by set-up and quantization chart to this PNG
+        catalog: extra hardware catalog JSON
+        json: print JSON instead of a table
+    """
+    return _run(_serve, locals())
 
 
-_plan.add_args = _plan_args
+def here(model: str = "cpu-tiny", context: int = 512, catalog: Catalogs = (), json: bool = False) -> int:
+    """Measure this machine's memory bandwidth and fp32 matmul FLOP/s (a few seconds) and predict our
+    engine's decode tokens/s at fp32, int8 and int4 weights.
+
+    Args:
+        model: a preset name, a Hugging Face config.json or its directory
+        context: context tokens
+        catalog: extra hardware catalog JSON
+        json: print JSON instead of a table
+    """
+    return _run(_here, locals())
+
+
+def model(model: str = "deepseek-v3-671b", seq_len: int = 4096, catalog: Catalogs = (), json: bool = False) -> int:
+    """Model accounting: parameters per component, weight bytes per format, KV cache bytes per token
+    against an MHA model of the same shape, FLOPs per token.
+
+    Args:
+        model: a preset name, a Hugging Face config.json or its directory
+        seq_len: sequence length for the attention FLOPs
+        catalog: extra hardware catalog JSON
+        json: print JSON instead of a table
+    """
+    return _run(_model_cmd, locals())
+
+
+def backtest(run: str | None = None, sources: bool = False, catalog: Catalogs = (), json: bool = False) -> int:
+    """The planner against published training runs and decode speeds: each measurement in
+    gasungbi/plan/published.json (one cited source per row) predicted, with its error and implied
+    efficiency; the median and worst error are over the rows not used for calibration.
+
+    Args:
+        run: add this machine: one of our training runs (its report.json)
+        sources: print each row's source
+        catalog: extra hardware catalog JSON
+        json: print JSON instead of a table
+    """
+    return _run(_backtest, locals())
+
+
+PLAN = {"train": train, "serve": serve, "here": here, "model": model, "backtest": backtest}
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def _number(value: str | None, flag: str, kind=float, lo: float | None = None, hi: float | None = None,
-            default=None):
-    """Parse a numeric flag, or raise a one-line UserError naming it."""
+def _check(value, flag: str, lo: float | None = None, hi: float | None = None, default=None):
+    """``value`` (``default`` when None), or a one-line UserError naming ``flag`` when out of range."""
     if value is None:
         return default
-    try:
-        x = kind(value)
-    except ValueError:
-        raise UserError(f"{flag}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
-    if (lo is not None and x < lo) or (hi is not None and x > hi):
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
         raise UserError(f"{flag}: must be {bounds}, got {value!r}")
-    return x
+    return value
 
 
-def _catalog(args: argparse.Namespace):
+def _catalog(args: SimpleNamespace):
     from gasungbi.plan.catalog import load_catalog
 
     return load_catalog(args.catalog)
 
 
-def _config(spec: Any, args: argparse.Namespace | None = None):
+def _config(spec: Any, args: SimpleNamespace | None = None):
     """A preset name, config.json path or Hugging Face config dict -> ModelConfig; or the
     ``--params/--active`` counts of ``args`` -> CountModel."""
     from gasungbi.plan.models import resolve
@@ -146,7 +171,7 @@ def _config(spec: Any, args: argparse.Namespace | None = None):
     return resolve(spec, params, active)
 
 
-def _custom_gpu(args: argparse.Namespace):
+def _custom_gpu(args: SimpleNamespace):
     """``--peak-tflops X --bandwidth Y [--memory Z]`` -> a Gpu, or None when not given."""
     if getattr(args, "peak_tflops", None) is None and getattr(args, "bandwidth", None) is None:
         if getattr(args, "memory", None) is not None:
@@ -158,10 +183,10 @@ def _custom_gpu(args: argparse.Namespace):
         raise UserError("give --hardware or --peak-tflops/--bandwidth, not both")
     from gasungbi.plan.catalog import custom_gpu
 
-    return custom_gpu(_number(args.peak_tflops, "--peak-tflops", float, lo=1e-9),
-                      _number(args.bandwidth, "--bandwidth", float, lo=1e-9),
-                      _number(args.memory, "--memory", float, lo=1e-9), getattr(args, "price", None) and
-                      _number(args.price, "--price", float, lo=0.0))
+    return custom_gpu(_check(args.peak_tflops, "--peak-tflops", lo=1e-9),
+                      _check(args.bandwidth, "--bandwidth", lo=1e-9),
+                      _check(args.memory, "--memory", lo=1e-9), getattr(args, "price", None) and
+                      _check(args.price, "--price", lo=0.0))
 
 
 def _si(x: float, unit: str = "") -> str:
@@ -171,7 +196,7 @@ def _si(x: float, unit: str = "") -> str:
     return f"{x:,.3g}{unit}"
 
 
-def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> int:
+def _emit(args: SimpleNamespace, data: dict[str, Any], lines: list[str]) -> int:
     print(json.dumps(data, indent=2) if args.json else "\n".join(lines))
     return 0
 
@@ -189,7 +214,7 @@ def _mfu_text(est, gpu) -> str:
     return f"{est.mfu:.1%} of the dense BF16 peak{fp8}"
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: SimpleNamespace) -> int:
     from gasungbi.model.accounting import count_params
     from gasungbi.plan import estimate as E
     from gasungbi.plan.catalog import Gpu
@@ -199,9 +224,9 @@ def _train(args: argparse.Namespace) -> int:
         tokens = E.parse_tokens(args.tokens)
     except ValueError as e:
         raise UserError(f"--tokens: {e}") from None
-    seq_len = _number(args.seq_len, "--seq-len", int, lo=1)
-    mfu = _number(args.mfu, "--mfu", float, lo=1e-6, hi=1.0)
-    price = _number(args.price, "--price", float, lo=0.0)
+    seq_len = _check(args.seq_len, "--seq-len", lo=1)
+    mfu = _check(args.mfu, "--mfu", lo=1e-6, hi=1.0)
+    price = _check(args.price, "--price", lo=0.0)
     run = E.read_run(args.from_run) if args.from_run else None
     counts = args.params is not None or args.active is not None
     if args.model is None and run is None and not counts:
@@ -215,7 +240,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.hardware and not isinstance(gpu, Gpu):
         raise UserError(f"--hardware {args.hardware!r} is a memory platform; plan train needs a GPU: "
                         f"{', '.join(catalog.gpus)}")
-    count = _number(args.count, "--count", int, lo=1, default=run.device_count if run else 1)
+    count = _check(args.count, "--count", lo=1, default=run.device_count if run else 1)
 
     if run and args.hardware is None and custom is None and args.model is None and not counts and mfu is None:
         # The run's own model on the run's own devices: its measured throughput carries over.
@@ -286,7 +311,7 @@ def _train(args: argparse.Namespace) -> int:
 # plan serve
 # ---------------------------------------------------------------------------------------------
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: SimpleNamespace) -> int:
     from gasungbi.plan import estimate as E
     from gasungbi.plan.catalog import Hardware, parse_hardware
 
@@ -296,12 +321,12 @@ def _serve(args: argparse.Namespace) -> int:
     model_name = f"{args.params} parameters ({args.active or args.params} active)" if counts else args.model
     E.quant_bits(args.quant)
     quant = args.quant.lower()
-    context = _number(args.context, "--context", int, lo=0)
-    batch = _number(args.batch, "--batch", int, lo=1)
-    ddr_gb = _number(args.ddr_gb, "--ddr-gb", float, lo=1.0)
+    context = _check(args.context, "--context", lo=0)
+    batch = _check(args.batch, "--batch", lo=1)
+    ddr_gb = _check(args.ddr_gb, "--ddr-gb", lo=1.0)
     custom = _custom_gpu(args)
     if custom is not None:
-        hw = Hardware(gpu=custom, gpu_count=_number(args.count, "--count", int, lo=1, default=1))
+        hw = Hardware(gpu=custom, gpu_count=_check(args.count, "--count", lo=1, default=1))
     elif args.hardware:
         if args.count is not None:
             raise UserError("--count goes with --peak-tflops/--bandwidth; in --hardware write '8x h200'")
@@ -368,14 +393,14 @@ def _serve(args: argparse.Namespace) -> int:
 # plan here
 # ---------------------------------------------------------------------------------------------
 
-def _here(args: argparse.Namespace) -> int:
+def _here(args: SimpleNamespace) -> int:
     import torch
 
     from gasungbi.plan import estimate as E
     from gasungbi.plan.measure import measure_matmul_flops, measure_memory_bandwidth
 
     cfg = _config(args.model)
-    context = _number(args.context, "--context", int, lo=0)
+    context = _check(args.context, "--context", lo=0)
     bw = measure_memory_bandwidth()
     flops = measure_matmul_flops(torch.float32)
     rows = [E.local_decode(cfg, bw, flops, q, context) for q in ("fp32", "int8", "int4")]
@@ -396,11 +421,11 @@ def _here(args: argparse.Namespace) -> int:
 # plan model
 # ---------------------------------------------------------------------------------------------
 
-def _model_cmd(args: argparse.Namespace) -> int:
+def _model_cmd(args: SimpleNamespace) -> int:
     from gasungbi.plan import estimate as E
 
     cfg = _config(args.model)
-    seq_len = _number(args.seq_len, "--seq-len", int, lo=1)
+    seq_len = _check(args.seq_len, "--seq-len", lo=1)
     acc = E.model_accounting(cfg, seq_len)
     lines = [f"{args.model}: {'MLA' if cfg.is_mla else 'GQA'}, {cfg.num_hidden_layers} layers",
              f"  {'component':<16}{'total':>10}{'activated':>11}"]
@@ -423,7 +448,7 @@ def _model_cmd(args: argparse.Namespace) -> int:
 # plan backtest
 # ---------------------------------------------------------------------------------------------
 
-def _backtest(args: argparse.Namespace) -> int:
+def _backtest(args: SimpleNamespace) -> int:
     from gasungbi.plan.backtest import format_backtest, run_backtest
 
     bt = run_backtest(_catalog(args), args.run)

@@ -1,41 +1,40 @@
-"""CLI: ``gasungbi sft``, ``gasungbi grpo``, ``gasungbi distill``, ``gasungbi eval-tasks``."""
+"""CLI: ``gasungbi sft``, ``gasungbi grpo``, ``gasungbi distill``, ``gasungbi eval-tasks``.
+
+Each command's flags are the fields of its config dataclass (``SFT`` reuses the training fields).
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import json as json_lib
+from typing import Annotated
+
+from tyro.conf import OmitArgPrefixes, Positional
 
 from gasungbi.errors import UserError
+from gasungbi.post.distill import DistillConfig
+from gasungbi.post.grpo import GRPOConfig
+from gasungbi.train.commands import Overrides, with_model_overrides
+from gasungbi.train.trainer import TrainConfig
+
+SFT_DEFAULTS = TrainConfig(task="sft", out_dir="runs/sft", max_steps=200, lr=1e-3, warmup_steps=10, eval_interval=50,
+                           ckpt_interval=100, seq_len=512, batch_size=8)
 
 
-def _dataclass_flags(p: argparse.ArgumentParser, cls, help: dict[str, str], required: tuple[str, ...] = ()) -> None:
-    """One ``--field-name`` flag per dataclass field (booleans get --x/--no-x)."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{help.get(f.name, '')} (default: {f.default})"
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            typ = type(f.default) if f.default is not None else (float if "price" in f.name else str)
-            p.add_argument(flag, type=typ, default=f.default, required=f.name in required, help=text)
+def sft(cfg: Annotated[TrainConfig, OmitArgPrefixes] = SFT_DEFAULTS, set: Overrides = (),
+        config: str | None = None) -> int:
+    """Chat SFT on OpenAI-format conversations (JSONL: one {"messages": [...]} per line); the loss is on
+    the assistant tokens only. --init-from is the checkpoint to fine-tune (it brings the tokenizer).
 
+    Args:
+        cfg: the run (the training fields; --task is always sft)
+        set: override a model config field
+        config: a JSON or TOML file of fields; flags given here override it
+    """
+    from gasungbi.train.trainer import train
 
-def _from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
-# ---------------------------------------------------------------------------------------------
-
-def sft(args: argparse.Namespace) -> int:
-    from gasungbi.train.commands import train_config_from_args
-    from gasungbi.train.trainer import TrainConfig, train
-
-    tc = train_config_from_args(args, TrainConfig(task="sft", out_dir="runs/sft", max_steps=200, lr=1e-3,
-                                                  warmup_steps=10, eval_interval=50, ckpt_interval=100,
-                                                  seq_len=512, batch_size=8))
     try:
-        report = train(dataclasses.replace(tc, task="sft"))
+        report = train(dataclasses.replace(with_model_overrides(cfg, set), task="sft"))
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"step {report['step']}: val loss {report['val_loss']:.4f} on assistant tokens; "
@@ -43,30 +42,16 @@ def sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sft_args(p: argparse.ArgumentParser) -> None:
-    from gasungbi.train.commands import add_train_flags
-    add_train_flags(p, skip=("task", "model"))
+def grpo_cmd(cfg: Annotated[GRPOConfig, OmitArgPrefixes]) -> int:
+    """Reinforcement learning with verifiable rewards (GRPO / Dr. GRPO) on the reasoning gym.
 
+    Args:
+        cfg: the run; --init-from is required
+    """
+    from gasungbi.post.grpo import grpo
 
-sft.add_args = _sft_args
-
-
-GRPO_HELP = {
-    "init_from": "checkpoint to improve (the initial policy and the KL reference)",
-    "task": "gym task family (arithmetic, countdown, ...)", "difficulty": "task difficulty",
-    "reasoning": "ask for <think>...</think><answer>...</answer>", "reward": "accuracy, format, accuracy+format, or module:function",
-    "steps": "GRPO steps", "prompts_per_step": "prompts per step", "group_size": "completions per prompt (G)",
-    "max_new_tokens": "longest completion", "temperature": "sampling temperature of rollouts", "lr": "AdamW learning rate",
-    "clip_eps": "PPO clip epsilon", "beta": "KL weight (k3 estimator); 0 = no reference model",
-    "updates": "optimizer steps per batch of rollouts", "variant": "grpo or dr_grpo",
-    "eval_tasks": "held-out tasks for the before/after accuracy", "resume": "continue from the newest checkpoint",
-}
-
-
-def grpo_cmd(args: argparse.Namespace) -> int:
-    from gasungbi.post.grpo import GRPOConfig, grpo
     try:
-        r = grpo(_from_args(GRPOConfig, args))
+        r = grpo(cfg)
     except ValueError as e:
         raise UserError(str(e)) from None
     b, a = r["before"], r["after"]
@@ -75,18 +60,16 @@ def grpo_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grpo_args(p):
-    from gasungbi.post.grpo import GRPOConfig
-    _dataclass_flags(p, GRPOConfig, GRPO_HELP, required=("init_from",))
+def distill_cmd(cfg: Annotated[DistillConfig, OmitArgPrefixes]) -> int:
+    """Sample reasoning traces from a teacher, keep the rewarded ones, SFT a student on them.
 
+    Args:
+        cfg: the run; --teacher and --student are required
+    """
+    from gasungbi.post.distill import distill
 
-grpo_cmd.add_args = _grpo_args
-
-
-def distill_cmd(args: argparse.Namespace) -> int:
-    from gasungbi.post.distill import DistillConfig, distill
     try:
-        r = distill(_from_args(DistillConfig, args))
+        r = distill(cfg)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"kept {r['kept']} of {r['sampled']} teacher traces ({r['acceptance']:.0%}); "
@@ -94,42 +77,33 @@ def distill_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _distill_args(p):
-    from gasungbi.post.distill import DistillConfig
-    _dataclass_flags(p, DistillConfig, {"teacher": "teacher checkpoint or OpenAI-compatible URL (http://host:port/v1)",
-                                        "student": "student checkpoint (brings its tokenizer)"},
-                     required=("teacher", "student"))
+def eval_tasks_cmd(checkpoint: Positional[str], task: str = "arithmetic", difficulty: int = 2, n: int = 200,
+                   k: int = 1, reasoning: bool = True, max_new_tokens: int = 64, seed: int = 0,
+                   json: bool = False) -> int:
+    """Held-out accuracy on the reasoning gym: pass@1 (greedy) with a 95% interval, and pass@k.
 
-
-distill_cmd.add_args = _distill_args
-
-
-def eval_tasks_cmd(args: argparse.Namespace) -> int:
+    Args:
+        checkpoint: a checkpoint directory
+        task: gym task family (arithmetic, addition, countdown, sort)
+        difficulty: task difficulty
+        n: held-out tasks
+        k: pass@k (samples k per task at temperature 1)
+        reasoning: ask for <think>...</think><answer>...</answer>
+        max_new_tokens: longest completion
+        seed: seed of the task draw and the sampler
+        json: print JSON
+    """
     from gasungbi.eval.accuracy import evaluate_checkpoint
+
     try:
-        r = evaluate_checkpoint(args.checkpoint, args.task, args.difficulty, n=args.n, k=args.k,
-                                reasoning=args.reasoning, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        r = evaluate_checkpoint(checkpoint, task, difficulty, n=n, k=k, reasoning=reasoning,
+                                max_new_tokens=max_new_tokens, seed=seed)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if args.json:
-        print(json.dumps(r, indent=2))
+    if json:
+        print(json_lib.dumps(r, indent=2))
     else:
         lo, hi = r["ci95"]
-        print(f"{args.task} (difficulty {args.difficulty}), {r['n_tasks']} held-out tasks: pass@1 {r['pass@1']:.3f} "
-              f"[{lo:.3f}, {hi:.3f}]" + (f", pass@{args.k} {r[f'pass@{args.k}']:.3f}" if args.k > 1 else ""))
+        print(f"{task} (difficulty {difficulty}), {r['n_tasks']} held-out tasks: pass@1 {r['pass@1']:.3f} "
+              f"[{lo:.3f}, {hi:.3f}]" + (f", pass@{k} {r[f'pass@{k}']:.3f}" if k > 1 else ""))
     return 0
-
-
-def _eval_args(p):
-    p.add_argument("checkpoint", help="a checkpoint directory")
-    p.add_argument("--task", default="arithmetic", help="gym task family")
-    p.add_argument("--difficulty", type=int, default=2)
-    p.add_argument("--n", type=int, default=200, help="held-out tasks")
-    p.add_argument("--k", type=int, default=1, help="pass@k (samples k at temperature 1 per task)")
-    p.add_argument("--reasoning", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-
-
-eval_tasks_cmd.add_args = _eval_args

@@ -20,27 +20,29 @@ from gasungbi.gym.tasks import make_split, render_task_prompt
 
 @dataclass
 class DistillConfig:
-    teacher: str = ""  # checkpoint directory or http(s)://.../v1
+    """A distillation run: rejection-sampled traces from a teacher, then SFT of the student."""
+
+    teacher: str = ""  # teacher checkpoint, or an OpenAI-compatible URL (http://host:port/v1)
     teacher_model: str = "gasungbi"  # model name sent to an endpoint
     api_key: str | None = None  # the endpoint's API key (default: $OPENAI_API_KEY, else none)
     retries: int = 2  # retries of a failed endpoint call (the openai client's, with backoff)
-    student: str = ""  # checkpoint the student starts from (it brings the tokenizer)
-    out_dir: str = "runs/distill"
-    task: str = "arithmetic"
-    difficulty: int = 2
-    reasoning: bool = True
-    prompts: int = 200
-    samples_per_prompt: int = 4
-    temperature: float = 0.8
-    max_new_tokens: int = 64
-    reward: str = "accuracy+format"
+    student: str = ""  # the checkpoint the student starts from (it brings the tokenizer)
+    out_dir: str = "runs/distill"  # run directory: traces.jsonl and the student's SFT run
+    task: str = "arithmetic"  # a gym task family
+    difficulty: int = 2  # task difficulty
+    reasoning: bool = True  # ask for <think>...</think><answer>...</answer>
+    prompts: int = 200  # training-split tasks to ask the teacher
+    samples_per_prompt: int = 4  # teacher samples per task
+    temperature: float = 0.8  # the teacher's sampling temperature
+    max_new_tokens: int = 64  # longest teacher completion
+    reward: str = "accuracy+format"  # reward that filters the traces (name or module:function)
     min_reward: float = 1.0  # keep traces whose reward reaches this
-    sft_steps: int = 100
-    batch_size: int = 8
-    seq_len: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "cpu"
+    sft_steps: int = 100  # SFT steps of the student
+    batch_size: int = 8  # SFT sequences per step
+    seq_len: int = 128  # SFT sequence length
+    lr: float = 1e-3  # SFT learning rate
+    seed: int = 0  # seed of the task draw and the sampler
+    device: str = "cpu"  # cpu, cuda or cuda:N
 
 
 def _teacher_from_checkpoint(cfg: DistillConfig):

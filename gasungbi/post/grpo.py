@@ -24,7 +24,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -45,32 +45,32 @@ from gasungbi.train.optim import build_optimizers
 class GRPOConfig:
     """A GRPO run. Defaults suit a small model on a CPU."""
 
-    init_from: str = ""  # the SFT'd (or pretrained) checkpoint: initial policy and reference
-    out_dir: str = "runs/grpo"
-    task: str = "arithmetic"  # a gym family
-    difficulty: int = 2
+    init_from: str = ""  # the checkpoint to improve (SFT'd or pretrained): the initial policy and the KL reference
+    out_dir: str = "runs/grpo"  # run directory: checkpoints, metrics.jsonl, report.json
+    task: str = "arithmetic"  # a gym task family (arithmetic, addition, countdown, sort)
+    difficulty: int = 2  # task difficulty
     reasoning: bool = True  # ask for <think>...</think><answer>...</answer>
-    reward: str = "accuracy+format"  # built-in name or module:function
-    steps: int = 40
-    prompts_per_step: int = 8  # P
-    group_size: int = 8  # G
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    lr: float = 5e-5
-    clip_eps: float = 0.2
-    beta: float = 0.0  # KL weight; 0 drops the reference model
+    reward: str = "accuracy+format"  # accuracy, format, accuracy+format, or module:function
+    steps: int = 40  # GRPO steps
+    prompts_per_step: int = 8  # P, prompts per step
+    group_size: int = 8  # G, completions per prompt
+    max_new_tokens: int = 48  # longest completion
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    lr: float = 5e-5  # AdamW learning rate
+    clip_eps: float = 0.2  # PPO clip epsilon
+    beta: float = 0.0  # KL weight (k3 estimator); 0 drops the reference model
     updates: int = 1  # optimizer steps per batch of rollouts
-    variant: str = "grpo"  # grpo | dr_grpo
-    grad_clip: float = 1.0
-    eval_tasks: int = 100
-    eval_interval: int = 0  # 0: only before and after
-    ckpt_interval: int = 20
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "cpu"
-    price_per_hour: float | None = None
-    resume: bool = False
-    progress: bool = True
+    variant: Literal["grpo", "dr_grpo"] = "grpo"  # dr_grpo: Dr. GRPO (no std normalization, constant length norm)
+    grad_clip: float = 1.0  # gradient norm clip
+    eval_tasks: int = 100  # held-out tasks for the before/after accuracy
+    eval_interval: int = 0  # steps between held-out evaluations (0: only before and after)
+    ckpt_interval: int = 20  # steps between checkpoints
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+    seed: int = 0  # seed of the task draw and the sampler
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    price_per_hour: float | None = None  # dollars per device-hour
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    progress: bool = True  # show a progress bar
 
     def validate(self) -> None:
         if not self.init_from:

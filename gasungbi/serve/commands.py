@@ -1,25 +1,48 @@
-"""Subcommand ``serve`` (registered with ``gasungbi.cli.command``); heavy imports stay inside."""
+"""CLI: ``gasungbi serve``; heavy imports stay inside."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Annotated, Literal
+
+from tyro.conf import OmitArgPrefixes
 
 from gasungbi.errors import UserError
-from gasungbi.infer.commands import add_model_args, load_for_args, tokenizer_for
+from gasungbi.infer.commands import ModelArgs, tokenizer_for
 
 API_KEY_ENV = "GASUNGBI_API_KEY"
 
 
-def api_key_of(args: argparse.Namespace) -> str | None:
+def api_key_of(flag: str | None) -> str | None:
     """``--api-key``, else the ``GASUNGBI_API_KEY`` environment variable, else None (open)."""
-    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    key = flag if flag is not None else os.environ.get(API_KEY_ENV)
     return key or None
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0.1", port: int = 8000,
+              model_name: str | None = None, api_key: str | None = None, max_batch: int = 16,
+              max_len: int | None = None, max_queue: int = 64, max_prefill_tokens: int = 4096,
+              max_body_bytes: int = 4 * 2**20, threads: int = 0,
+              log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning") -> int:
+    """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)
+    with continuous batching, streaming and a chat page at /.
+
+    Args:
+        model: the checkpoint and where it runs
+        host: address to bind (127.0.0.1: this machine only)
+        port: port (0: any free one; the address is printed)
+        model_name: the model id clients send (default: the checkpoint's folder name)
+        api_key: require 'Authorization: Bearer KEY' on /v1 routes (default: $GASUNGBI_API_KEY if set)
+        max_batch: sequences decoded together (cache rows)
+        max_len: cache slots per sequence: prompt + max_tokens limit (default: the context, at most 4096)
+        max_queue: sequences allowed to wait for a row; beyond that requests get 429
+        max_prefill_tokens: prompt tokens prefilled between two decode steps
+        max_body_bytes: largest request body
+        threads: torch CPU threads (0: torch's choice)
+        log_level: uvicorn's log level
+    """
     try:
         import uvicorn
 
@@ -35,60 +58,37 @@ def _serve(args: argparse.Namespace) -> int:
     from gasungbi.infer.placement import format_bytes
     from gasungbi.serve.scheduler import Scheduler
 
-    for flag in ("max_batch", "max_queue", "max_prefill_tokens", "max_body_bytes"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tokenizer = tokenizer_for(args.checkpoint, required=True)
-    model = load_for_args(args)
-    cfg = model.config
-    max_len = min(args.max_len or min(cfg.max_position_embeddings, 4096), cfg.max_position_embeddings)
+    for flag, value in (("max_batch", max_batch), ("max_queue", max_queue),
+                        ("max_prefill_tokens", max_prefill_tokens), ("max_body_bytes", max_body_bytes)):
+        if value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = tokenizer_for(model.checkpoint, required=True)
+    net = model.load()
+    cfg = net.config
+    max_len = min(max_len or min(cfg.max_position_embeddings, 4096), cfg.max_position_embeddings)
     if max_len < 2:
         raise UserError(f"--max-len must be >= 2, got {max_len}")
-    scheduler = Scheduler(model, args.max_batch, max_len, args.max_queue, args.max_prefill_tokens)
+    scheduler = Scheduler(net, max_batch, max_len, max_queue, max_prefill_tokens)
     scheduler.warmup()
-    name = args.model_name or Path(args.checkpoint).resolve().name
-    app = create_app(scheduler, tokenizer, ServeConfig(name, api_key_of(args), args.max_body_bytes))
+    name = model_name or Path(model.checkpoint).resolve().name
+    app = create_app(scheduler, tokenizer, ServeConfig(name, api_key_of(api_key), max_body_bytes))
 
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock.bind((host, port))
     except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.bytes_per_token(cfg, dtype) * args.max_batch * max_len
-    print(f"gasungbi serve: {name} at http://{host}:{port} ({args.max_batch} sequences x {max_len} tokens, "
-          f"KV cache {format_bytes(cache)}; api key {'required' if api_key_of(args) else 'off'})",
+    dtype = next(net.parameters()).dtype
+    cache = KVCache.bytes_per_token(cfg, dtype) * max_batch * max_len
+    print(f"gasungbi serve: {name} at http://{host}:{port} ({max_batch} sequences x {max_len} tokens, "
+          f"KV cache {format_bytes(cache)}; api key {'required' if api_key_of(api_key) else 'off'})",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, lifespan="on")
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
     return 0
-
-
-def _serve_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
-    p.add_argument("--model-name", default=None,
-                   help="the model id clients send (default: the checkpoint's folder name)")
-    p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV} if set)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache rows; default 16)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="cache slots per sequence: prompt + max_tokens limit (default: the context, at most 4096)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="sequences allowed to wait for a row; beyond that requests get 429 (default 64)")
-    p.add_argument("--max-prefill-tokens", type=int, default=4096,
-                   help="prompt tokens prefilled between two decode steps (default 4096)")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (default 4 MiB)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn's log level (default warning)")
-
-
-_serve.add_args = _serve_args

@@ -22,7 +22,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -43,51 +43,51 @@ class TrainConfig:
     """Everything a pretraining run needs. CLI flags and ``--config FILE`` map onto these fields."""
 
     data: str = ""  # pretrain: shard directory made by `gasungbi prepare`; sft: a JSONL of conversations
-    out_dir: str = "runs/train"
-    task: str = "pretrain"  # pretrain | sft (loss on assistant tokens of chat conversations)
+    out_dir: str = "runs/train"  # run directory: checkpoints, metrics.jsonl, loss.png, report.json
+    task: Literal["pretrain", "sft"] = "pretrain"  # sft: loss on the assistant tokens of chat conversations
     init_from: str | None = None  # a Hugging Face checkpoint to start from (with its tokenizer)
-    model: str = "cpu-tiny"  # preset name, when not init_from
-    model_overrides: dict[str, Any] = field(default_factory=dict)
+    model: str = "cpu-tiny"  # model preset (see `gasungbi params`), when not init_from; vocab_size follows the tokenizer
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # model config fields to change (CLI: --set)
     # batch: tokens per optimizer step = batch_size x seq_len x grad_accum (global, all ranks)
-    batch_size: int = 16
-    seq_len: int = 256
-    grad_accum: int = 1
-    max_steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch, all processes together
+    seq_len: int = 256  # tokens per sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps of the whole run (the schedule's horizon)
     # optimizer and schedule
-    optimizer: str = "adamw"  # adamw | muon
-    lr: float = 3e-3
-    muon_lr: float = 0.02
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | wsd
-    min_lr_ratio: float = 0.1
-    decay_frac: float = 0.2  # wsd: fraction of steps in the final decay
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices + AdamW for the rest
+    lr: float = 3e-3  # AdamW peak learning rate
+    muon_lr: float = 0.02  # Muon peak learning rate
+    weight_decay: float = 0.1  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # gradient norm clip
+    warmup_steps: int = 50  # linear warmup steps
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup-stable-decay
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    decay_frac: float = 0.2  # wsd: fraction of the steps spent decaying
     # DeepSeek-V3 objectives (V3 Sec. 4.2 used gamma 0.001, alpha 0.0001, lambda 0.3 then 0.1)
-    bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing
-    balance_alpha: float = 0.0  # alpha of the sequence-wise balance loss
-    mtp_weight: float = 0.3  # lambda
+    bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing (0 disables)
+    balance_alpha: float = 0.0  # alpha of the sequence-wise balance loss (0 disables)
+    mtp_weight: float = 0.3  # lambda, the weight of the multi-token-prediction loss
     # evaluation, samples, checkpoints, logs
-    eval_interval: int = 200
-    eval_batches: int = 20
-    sample_interval: int = 0  # 0: only at the end
-    sample_prompt: str = "def "
-    sample_tokens: int = 48
-    ckpt_interval: int = 200
-    keep_checkpoints: int = 2
-    log_interval: int = 10
-    tensorboard: bool = False
-    progress: bool = True
+    eval_interval: int = 200  # steps between validations (0: only at the end)
+    eval_batches: int = 20  # validation batches per evaluation
+    sample_interval: int = 0  # steps between sample generations (0: only at the end)
+    sample_prompt: str = "def "  # prompt of the sample generations
+    sample_tokens: int = 48  # tokens per sample
+    ckpt_interval: int = 200  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+    log_interval: int = 10  # steps between metrics.jsonl rows
+    tensorboard: bool = False  # also log to out_dir/tb (needs the tensorboard package)
+    progress: bool = True  # show a progress bar
     # hardware
-    device: str = "auto"
-    compile: bool = False
-    parallel: str = "ddp"  # ddp | fsdp, under torchrun
-    price_per_hour: float | None = None  # per device; None: catalog / CPU default
-    seed: int = 1337
-    resume: bool = False
-    stop_after: int | None = None  # stop (with a checkpoint) after this step; for tests and budgets
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    compile: bool = False  # torch.compile the training step
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard)
+    price_per_hour: float | None = None  # dollars per device-hour (default: the catalog's, or 0.05 on CPU)
+    seed: int = 1337  # seed of initialization and data order
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    stop_after: int | None = None  # stop (with a checkpoint) after this step, keeping the max_steps schedule
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         cfg = get_preset(self.model).replace(**self.model_overrides)
