@@ -173,7 +173,8 @@ def test_context_limit_is_a_clear_error(model):
 def test_cache_holds_only_the_latent_and_rope_key():
     cfg = gasungbi.get_preset("small")
     cache = KVCache(gasungbi.get_preset("debug"), 1, 8)
-    assert cache.a[0].shape[-1] == 32 and cache.b[0].shape[-1] == 8
+    latent, rope_key = cache.layers[0]
+    assert cache.names == ("latent", "rope_key") and latent.shape[-1] == 32 and rope_key.shape[-1] == 8
     assert KVCache.bytes_per_token(cfg, torch.bfloat16) == (128 + 32) * 8 * 2
     assert KVCache.bytes_per_token(cfg, torch.float32) == (128 + 32) * 8 * 4
 
@@ -256,18 +257,46 @@ def trained():
     return m.eval()
 
 
-def test_speculative_on_a_trained_model_accepts_most_drafts(trained):
-    prompt = _corpus(40, seed=3).tolist()
-    plain = generate(trained, prompt, max_new_tokens=48, stop_tokens=())[0]
-    s = stream(trained, prompt, max_new_tokens=48, stop_tokens=(), speculative=True)
+CYCLE = [5, 17, 42, 9, 100, 3, 77, 250, 31, 64, 12]
+
+
+@pytest.fixture(scope="module")
+def cyclic():
+    """The debug model after 150 AdamW steps (main + MTP loss) on one repeating cycle of 11 tokens: a
+    task it learns to a loss near 0 with wide logit margins (checked on seeds 0-7: all continue the
+    cycle exactly and accept every draft), so what the tests below assert holds on any machine."""
+    torch.manual_seed(0)
+    m = gasungbi.build_model(gasungbi.get_preset("debug"), seed=0).train()
+    data = torch.tensor(CYCLE * 400)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, data.numel() - 65, (8,), generator=g)
+        batch = torch.stack([data[s:s + 65] for s in starts])
+        x, y = batch[:, :-1], batch[:, 1:]
+        h = m.hidden_states(x)
+        loss = torch.nn.functional.cross_entropy(m.lm_head(h).flatten(0, 1), y.flatten())
+        for k, lg in enumerate(m.mtp_logits(h, x), start=1):
+            loss = loss + torch.nn.functional.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def test_speculative_on_a_trained_model_accepts_its_drafts(cyclic):
+    prompt = (CYCLE * 3)[:20]
+    plain = generate(cyclic, prompt, max_new_tokens=48, stop_tokens=())[0]
+    assert plain.tokens == [(CYCLE * 10)[20 + i] for i in range(48)]  # the model learned the cycle
+    s = stream(cyclic, prompt, max_new_tokens=48, stop_tokens=(), speculative=True)
     list(s)
     assert s.completions[0].tokens == plain.tokens
-    assert s.stats.acceptance_rate > 0.5, s.stats
-    assert s.stats.forwards < 0.8 * 47  # fewer main-model forwards than tokens
+    assert s.stats.acceptance_rate > 0.9, s.stats
+    assert s.stats.forwards <= 0.6 * 47  # about one main-model forward per two tokens
     # sampling: reproducible with a seed
     sp = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
-    a = generate(trained, prompt, max_new_tokens=24, sampling=sp, stop_tokens=(), speculative=True)[0]
-    b = generate(trained, prompt, max_new_tokens=24, sampling=sp, stop_tokens=(), speculative=True)[0]
+    a = generate(cyclic, prompt, max_new_tokens=24, sampling=sp, stop_tokens=(), speculative=True)[0]
+    b = generate(cyclic, prompt, max_new_tokens=24, sampling=sp, stop_tokens=(), speculative=True)[0]
     assert a.tokens == b.tokens and len(a.tokens) == 24
 
 

@@ -32,14 +32,28 @@ def test_deepseek_v3_671b_accounting():
     assert 13e9 < mtp_release < 15e9
 
 
-def test_published_presets_are_exact():
-    v3 = get_preset("deepseek-v3-671b")
-    assert (v3.hidden_size, v3.num_hidden_layers, v3.n_routed_experts, v3.num_experts_per_tok) == (7168, 61, 256, 8)
-    assert (v3.kv_lora_rank, v3.q_lora_rank, v3.n_group, v3.topk_group, v3.routed_scaling_factor) == (512, 1536, 8, 4, 2.5)
-    lite = get_preset("deepseek-v2-lite")
-    assert lite.q_lora_rank is None and lite.n_routed_experts == 64 and lite.scoring_func == "softmax"
-    assert 15.5e9 < count_params(lite).total < 16e9
-    assert 235e9 < count_params(get_preset("deepseek-v2-236b")).total < 237e9
+def test_v3_preset_is_transformers_deepseek_v3_config():
+    """An independent source: transformers' DeepseekV3Config() defaults are DeepSeek-V3's architecture.
+    Its context (4096, no YaRN) and init std are not the release's; ours follow the released
+    config.json there (163,840 positions via YaRN factor 40 on 4,096, init std 0.006)."""
+    transformers = pytest.importorskip("transformers")
+    ours = to_hf_config(get_preset("deepseek-v3-671b"))
+    ref = transformers.DeepseekV3Config().to_dict()
+    release_only = {"architectures", "max_position_embeddings", "initializer_range", "rope_parameters"}
+    shared = sorted(k for k in ours if k in ref and k not in release_only)
+    assert len(shared) > 20
+    assert {k: ours[k] for k in shared} == {k: ref[k] for k in shared}
+    rope = ours["rope_parameters"]
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 40, 4096)
+    assert ours["max_position_embeddings"] == 40 * 4096
+
+
+def test_v2_presets_match_their_published_sizes():
+    # DeepSeek-V2 (arXiv:2405.04434): 236B total / 21B activated; V2-Lite: 15.7B / 2.4B
+    lite = count_params(get_preset("deepseek-v2-lite"))
+    assert 15.5e9 < lite.total < 16e9
+    v2 = count_params(get_preset("deepseek-v2-236b"))
+    assert 235e9 < v2.total < 237e9 and 20e9 < v2.activated < 22.5e9
 
 
 def test_small_presets_sizes():
@@ -85,8 +99,9 @@ def test_latent_cache_decode_equals_full_forward(model):
             for t in range(7, 12):
                 steps.append(model(x[:, t:t + 1], ctx=DecodeContext(cache, t, absorb=absorb)))
             assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
-    assert cache.a[0].shape == (2, 16, cfg.kv_lora_rank)  # only the latent ...
-    assert cache.b[0].shape == (2, 16, cfg.qk_rope_head_dim)  # ... and the shared rope key
+    latent, rope_key = cache.layers[0]
+    assert latent.shape == (2, 16, cfg.kv_lora_rank)  # only the latent ...
+    assert rope_key.shape == (2, 16, cfg.qk_rope_head_dim)  # ... and the shared rope key
     assert KVCache.bytes_per_token(cfg, torch.bfloat16) == (32 + 8) * 3 * 2
 
 

@@ -80,6 +80,8 @@ class Server:
         else:
             raise TimeoutError(self.log.read_text())
         while httpx.get(self.url + "/health").status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"/health did not answer 200 within 60 s\n{self.log.read_text()}")
             time.sleep(0.05)
 
     def close(self):

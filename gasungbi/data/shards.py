@@ -37,6 +37,8 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from gasungbi import atomic
+
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, tokenizer_hash
 
 MANIFEST = "manifest.json"
@@ -168,7 +170,7 @@ def build_shards(
         eos_id=eos[0] if eos else None,
         splits={split: writer.close() for split, writer in writers.items()},
     )
-    _write_atomic(out / MANIFEST, manifest.to_json())
+    atomic.write_text(out / MANIFEST, manifest.to_json(), fsync=True)
     return manifest
 
 
@@ -357,15 +359,6 @@ def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
             chunk, chars = [], 0
     if chunk:
         yield chunk
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _ShardWriter:

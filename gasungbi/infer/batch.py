@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from gasungbi.infer.cache import KVCache
-from gasungbi.infer.decode import model_device_dtype
+from gasungbi.infer.decode import left_pad, model_device_dtype
 from gasungbi.model.attention import DecodeContext
 
 
@@ -47,7 +47,7 @@ class RowsView:
         end = start_pos + a.shape[1]
         if end > self.cache.max_len:
             raise ValueError(f"slot {end} is past the cache length {self.cache.max_len}")
-        A, B = self.cache.a[layer_idx], self.cache.b[layer_idx]
+        A, B = self.cache.layers[layer_idx]
         A[self.lo:self.hi, start_pos:end] = a
         B[self.lo:self.hi, start_pos:end] = b
         return A[self.lo:self.hi, :end], B[self.lo:self.hi, :end]
@@ -92,7 +92,7 @@ class SlotBatch:
         n, w = self.size, max(self.clock - p for p in self.pads)
         if w > new_clock or new_clock > self.max_len:
             raise ValueError(f"cannot move {w} slots to end at {new_clock} (max_len {self.max_len})")
-        for buf in self.cache.a + self.cache.b:
+        for buf in (t for pair in self.cache.layers for t in pair):
             buf[:n, new_clock - w:new_clock] = buf[:n, self.clock - w:self.clock].clone()
         self.pads = [p + shift for p in self.pads]
         self.clock = new_clock
@@ -116,13 +116,11 @@ class SlotBatch:
         elif max(lengths) > self.clock:
             self._move(max(lengths))
         c, k, P, lo = self.clock, len(prompts), max(lengths), self.size
-        ids = torch.zeros(k, P, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        ids, _ = left_pad(prompts, 0, self.device)  # (k, P)
         pads = [c - L for L in lengths]
         pad = torch.tensor(pads, device=self.device)
         ctx = DecodeContext(RowsView(self.cache, lo, lo + k), c - P, pad)
-        h = self.model.hidden_states(ids.to(self.device), ctx=ctx)  # (k, P, d)
+        h = self.model.hidden_states(ids, ctx=ctx)  # (k, P, d)
         last = self.model.lm_head(h[:, -1])  # (k, V)
         full: list[torch.Tensor | None] = [None] * k
         for i, want in enumerate(all_logits or ()):
@@ -153,7 +151,7 @@ class SlotBatch:
             raise IndexError(f"row {i} is not running (batch of {self.size})")
         if i != last:
             lo = self.pads[last]
-            for buf in self.cache.a + self.cache.b:
+            for buf in (t for pair in self.cache.layers for t in pair):
                 buf[i, lo:self.clock] = buf[last, lo:self.clock]
             self.pads[i] = self.pads[last]
         self.pads.pop()

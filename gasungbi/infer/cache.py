@@ -13,7 +13,8 @@ from gasungbi.config import ModelConfig
 
 
 class KVCache:
-    """Per-layer buffers of shape [batch, max_len, ...]; ``update`` writes positions
+    """Per-layer pairs of buffers of shape [batch, max_len, ...]: ``layers[i]`` is (latent c^KV, rope key
+    k^R) for MLA, (K, V) for GQA (``names`` says which). ``update`` writes positions
     ``start_pos .. start_pos+T-1`` and returns positions ``0 .. start_pos+T-1``."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: str | torch.device = "cpu",
@@ -24,19 +25,22 @@ class KVCache:
         self.cfg, self.max_len = cfg, max_len
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         if cfg.is_mla:
-            shapes = [(cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)]
+            self.names, shapes = ("latent", "rope_key"), [(cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)]
         else:
-            shapes = [(cfg.gqa_kv_heads, cfg.gqa_head_dim)] * 2
-        self.a = [torch.zeros(batch_size, max_len, *shapes[0], device=device, dtype=dtype) for _ in range(n_layers)]
-        self.b = [torch.zeros(batch_size, max_len, *shapes[1], device=device, dtype=dtype) for _ in range(n_layers)]
+            self.names, shapes = ("key", "value"), [(cfg.gqa_kv_heads, cfg.gqa_head_dim)] * 2
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            tuple(torch.zeros(batch_size, max_len, *shape, device=device, dtype=dtype) for shape in shapes)
+            for _ in range(n_layers)]
 
-    def update(self, layer_idx: int, a: torch.Tensor, b: torch.Tensor, start_pos: int):
-        end = start_pos + a.shape[1]
+    def update(self, layer_idx: int, first: torch.Tensor, second: torch.Tensor, start_pos: int):
+        """Write (latent, rope key) or (K, V) [B, T, ...] at ``start_pos``; return slots 0..start_pos+T-1."""
+        end = start_pos + first.shape[1]
         if end > self.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache length {self.max_len}")
-        self.a[layer_idx][:, start_pos:end] = a
-        self.b[layer_idx][:, start_pos:end] = b
-        return self.a[layer_idx][:, :end], self.b[layer_idx][:, :end]
+        A, B = self.layers[layer_idx]
+        A[:, start_pos:end] = first
+        B[:, start_pos:end] = second
+        return A[:, :end], B[:, :end]
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, include_mtp: bool = False) -> int:

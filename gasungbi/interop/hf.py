@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gasungbi.config import CheckpointError, ModelConfig, from_hf_config, read_config, to_hf_config  # noqa: F401
-from gasungbi.model.transformer import Transformer, build_model
+from gasungbi import atomic
+from gasungbi.model.transformer import Transformer, build_model, from_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
@@ -152,11 +153,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + " | ".join(parts))
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, assign=True, strict=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_buffers()
-    return model.eval()
+    return from_state_dict(cfg, sd).eval()
 
 
 def save_model(model: Transformer, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
@@ -180,9 +177,9 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer: str | os.
     dtype = next(iter(tensors.values())).dtype
     hf = to_hf_config(cfg)
     hf["dtype"] = str(dtype).removeprefix("torch.")
-    _atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
+    atomic.write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    _atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    atomic.write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     shards = _split(tensors, max_shard_bytes)
     for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()
@@ -195,7 +192,7 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer: str | os.
             _atomic_save(shard, path / name)
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in tensors.values())
-        _atomic_write_text(path / "model.safetensors.index.json",
+        atomic.write_text(path / "model.safetensors.index.json",
                            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if tokenizer is not None:
         copy_tokenizer(tokenizer, path)
@@ -225,12 +222,4 @@ def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, dest)
-
-
-def _atomic_write_text(dest: Path, text: str) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, dest)
+    atomic.write_file(dest, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))

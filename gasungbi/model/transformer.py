@@ -195,3 +195,15 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     model.init_weights(gen)
     return model.to(dtype)
+
+
+def from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], strict: bool = True) -> Transformer:
+    """A Transformer that holds ``state``'s tensors themselves (no copies, their device and dtype):
+    built on the meta device, loaded with ``assign=True``, the tied head re-tied and the non-persistent
+    buffers recomputed on the weights' device. One place for what every loader needs."""
+    model = build_model(cfg, device="meta")
+    model.load_state_dict(state, assign=True, strict=strict)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers()
+    return model

@@ -22,21 +22,11 @@ from pathlib import Path
 
 import torch
 
-from gasungbi.config import ModelConfig
+from gasungbi import atomic
 from gasungbi.interop.hf import load_model, save_model
-from gasungbi.model.transformer import Transformer, build_model
+from gasungbi.model.transformer import Transformer
 
 STATE_FILE = "training_state.pt"
-
-
-def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
-    """A CPU Transformer holding ``state`` (a full state dict)."""
-    model = build_model(cfg, device="meta")
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_buffers()
-    return model
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: Transformer, training_state: dict,
@@ -44,18 +34,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: Transformer, t
     """Write ``run_dir/step_{step}`` atomically, point ``latest`` at it, prune to ``keep``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"step_{step:06d}"
-    tmp = run_dir / f".step_{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tmp, tokenizer=tokenizer)
-    torch.save(training_state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = run_dir / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, run_dir / "latest")
+    def write(tmp: Path) -> None:
+        save_model(model, tmp, tokenizer=tokenizer)
+        torch.save(training_state, tmp / STATE_FILE)
+
+    final = atomic.write_dir(run_dir / f"step_{step:06d}", write)
+    atomic.write_text(run_dir / "latest", final.name + "\n")
     ckpts = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
     for old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old)

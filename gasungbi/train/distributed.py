@@ -82,11 +82,6 @@ def wrap(objective: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
     raise ValueError(f"unknown parallel strategy {strategy!r}; choose ddp or fsdp")
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The Objective inside a DDP wrapper (FSDP2 modifies modules in place, nothing to unwrap)."""
-    return getattr(module, "module", module)
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

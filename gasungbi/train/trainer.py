@@ -30,7 +30,7 @@ from gasungbi.config import ModelConfig, get_preset, to_hf_config
 from gasungbi.data.shards import TokenLoader, load_manifest
 from gasungbi.eval.perplexity import evaluate, evaluate_batches
 from gasungbi.model.accounting import count_params, training_flops_per_token
-from gasungbi.model.transformer import build_model
+from gasungbi.model.transformer import build_model, from_state_dict
 from gasungbi.train import checkpoint as ckpt
 from gasungbi.train import distributed as dist
 from gasungbi.train.meter import CostMeter, device_peak
@@ -241,7 +241,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     def gathered_model():
         """A plain CPU copy of the model on rank 0 (collective: every rank must call it)."""
         state = dist.full_model_state(objective)
-        return ckpt.model_from_state(cfg, state) if info.is_main else None
+        return from_state_dict(cfg, state) if info.is_main else None
 
     def save(step: int) -> Path | None:
         cpu_model = gathered_model()
