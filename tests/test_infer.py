@@ -410,12 +410,14 @@ def test_quantizers_round_trip_within_half_a_step():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_cpu_kernels_equal_the_dequantized_matmul(mode):
-    from gasungbi.infer.quant import QuantLinear, _quantize, _Weight, dequantize_int4, dequantize_int8
+    from gasungbi.infer.quant import QuantLinear, _quantize, dequantize_int4, dequantize_int8
     w, x = torch.randn(48, 128), torch.randn(5, 128)
-    t = _quantize(w, mode, 32)
-    s = t.get("scales", t.get("scales_and_zeros"))
-    ref = x @ (dequantize_int8(t[""], s) if mode == "int8" else dequantize_int4(t[""], s)).T
-    got = QuantLinear(_Weight(mode, t[""], s, torch.device("cpu")), None)(x[None])[0]
+    q, s = _quantize(w, mode, 32)
+    ref = x @ (dequantize_int8(q, s) if mode == "int8" else dequantize_int4(q, s)).T
+    lin = QuantLinear(128, 48, mode, 128 // 32 if mode == "int4" else None)
+    lin.load_state_dict({"weight": q, "weight_scales": s}, strict=True, assign=True)
+    lin.prepare(torch.device("cpu"))
+    got = lin(x[None])[0]
     assert (got - ref).abs().max() < 2e-2 * ref.abs().max()  # activations go through bf16
 
 
@@ -424,14 +426,10 @@ def _dequantized(qsd: dict) -> dict:
     from gasungbi.infer.quant import dequantize_int4, dequantize_int8
     out = {}
     for k, v in qsd.items():
-        if k.endswith(("scales", "scales_and_zeros")):
+        if k.endswith("_scales"):
             continue
-        base = k[: -len(".weight")] if k.endswith(".weight") else k
-        for sep in (".", "_"):
-            if f"{base}{sep}scales" in qsd:
-                v = dequantize_int8(v, qsd[f"{base}{sep}scales"])
-            elif f"{base}{sep}scales_and_zeros" in qsd:
-                v = dequantize_int4(v, qsd[f"{base}{sep}scales_and_zeros"])
+        if f"{k}_scales" in qsd:
+            v = (dequantize_int8 if v.dtype == torch.int8 else dequantize_int4)(v, qsd[f"{k}_scales"])
         out[k] = v
     return out
 
@@ -490,6 +488,55 @@ def test_quantize_save_load(trained, tmp_path):
     prompt = _corpus(30, seed=4).tolist()
     plain = generate(loaded, prompt, max_new_tokens=16, stop_tokens=())[0].tokens
     assert generate(loaded, prompt, max_new_tokens=16, stop_tokens=(), speculative=True)[0].tokens == plain
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_checkpoint_round_trip(model, tmp_path, mode):
+    """One naming scheme (values under the float name, scales under ``<name>_scales``), and save ->
+    load gives the in-memory quantized model's logits exactly: fused MLPs, routed experts, and under
+    int4 the matrix that falls back to int8."""
+    from gasungbi.infer.quant import (QuantExperts, QuantLinear, QuantMLP, load_quantized, quantize,
+                                      quantize_state_dict, save_quantized)
+    qsd = quantize_state_dict(model, mode, 32)
+    quantized = {k for k, v in qsd.items() if v.dtype in (torch.int8, torch.uint8)}
+    assert {k for k in qsd if "scales" in k} == {f"{k}_scales" for k in quantized}
+    values = torch.int8 if mode == "int8" else torch.uint8
+    assert qsd["model.layers.1.mlp.experts.gate_proj"].dtype == qsd["model.layers.0.mlp.up_proj.weight"].dtype == values
+    assert qsd["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].dtype == torch.int8  # 40 rows: no int4
+    save_quantized(qsd, model.config, tmp_path, mode, 32)
+    loaded, q = load_quantized(tmp_path), quantize(model, mode, 32)
+    assert isinstance(loaded.model.layers[1].mlp.experts, QuantExperts)
+    assert isinstance(loaded.model.layers[0].mlp, QuantMLP) and isinstance(loaded.lm_head, QuantLinear)
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+
+
+def test_quantized_checkpoint_with_a_tensor_missing_or_renamed_does_not_load(model, tmp_path):
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from gasungbi.config import CheckpointError
+    from gasungbi.infer.quant import load_quantized, quantize_state_dict, save_quantized
+    path = save_quantized(quantize_state_dict(model, "int4", 32), model.config, tmp_path, "int4", 32)
+    f = path / "model.safetensors"
+    full = load_file(f)
+    for gone in ("model.layers.1.mlp.experts.down_proj_scales", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"):
+        save_file({k: v for k, v in full.items() if k != gone}, f)
+        with pytest.raises(CheckpointError, match=re.escape(str(f)) + ".*Missing.*" + re.escape(f'"{gone}"')):
+            load_quantized(path)
+    old, new = "model.layers.0.self_attn.o_proj.weight_scales", "model.layers.0.self_attn.o_proj.scales"
+    save_file({(new if k == old else k): v for k, v in full.items()}, f)
+    with pytest.raises(CheckpointError, match=f'Missing.*"{re.escape(old)}".*Unexpected.*"{re.escape(new)}"'):
+        load_quantized(path)
+    save_file(full, f)
+    load_quantized(path)
+    hf = json.loads((path / "config.json").read_text())
+    del hf["quantization_config"]["format_version"]  # format 1
+    (path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="format 1.*re-run `gasungbi quantize`"):
+        load_quantized(path)
 
 
 def test_perplexity_change_of_a_trained_model(trained):

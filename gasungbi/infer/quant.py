@@ -24,11 +24,22 @@ are; the result is cast back):
   CUDA  int8: dequantize-and-matmul (gpt-fast's int8 path; PyTorch's CUDA int8pack kernel is a
         naive fp32 one); int4: ``torch._convert_weight_to_int4pack`` + ``torch._weight_int4pack_mm``
 
-Files. :func:`quantize_state_dict` gives a *portable* state dict (int8 [N, K] + scales [N]; int4
-as two 4-bit values per byte [N, K/2], high nibble first, + scales_and_zeros [K/g, N, 2]), which
-:func:`save_quantized` writes with the config (``quantization_config`` in config.json) and
-:func:`load_quantized` turns into the kernels' layout for the device it loads on. A quantized
-checkpoint is gasungbi's own: transformers refuses its ``quant_method``.
+Files. :func:`quantize_state_dict` gives a *portable* state dict, one naming scheme for every
+quantized tensor: the values keep the float parameter's name (``model.layers.0.self_attn.o_proj.weight``,
+``model.layers.1.mlp.experts.gate_proj``) and its scales are ``<that name>_scales``:
+  int8  values int8 [..., N, K]; scales fp32 [..., N]
+  int4  values uint8 [..., N, K/2], two 4-bit values per byte, high nibble first;
+        scales fp32 [..., K/g, N, 2] (scale, zero per group of g input columns)
+The mode follows from the values' dtype and the int4 group size from the scales' shape; every
+other tensor is the float model's. :func:`save_quantized` writes it with the config
+(``quantization_config`` in config.json: ``quant_method``, ``mode``, the requested ``group_size``
+and ``format_version``). :func:`from_quantized_state_dict` builds the float model on the meta
+device, swaps in a quantized module wherever the state dict holds quantized tensors (its portable
+tensors are buffers under exactly those names), loads with ``load_state_dict(strict=True,
+assign=True)`` (a missing or unexpected tensor is an error naming it), then each quantized module's
+``prepare(device)`` turns its tensors into the kernel layout of its device. Format 1 (``.scales`` /
+``.scales_and_zeros`` suffixes) is refused: re-run ``gasungbi quantize``. A quantized checkpoint is
+gasungbi's own: transformers refuses its ``quant_method``.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gasungbi.config import ModelConfig, from_hf_config, to_hf_config
+from gasungbi.config import CheckpointError, ModelConfig, from_hf_config, to_hf_config
 from gasungbi.infer.placement import offload_experts
 from gasungbi.model.layers import MLP
 from gasungbi.model.moe import Experts, dispatch
@@ -51,8 +62,11 @@ from gasungbi.model.transformer import Transformer, build_model
 MODES = ("int8", "int4")
 QUANT_METHOD = "gasungbi"
 SKIP = ("kv_b_proj",)  # read as a raw weight by the absorbed MLA
+FORMAT_VERSION = 2  # 1: ".scales" / ".scales_and_zeros" suffixes, the mode spelled in the name
 _GROUPS = (256, 128, 64, 32)
 _COMPUTE = torch.bfloat16
+_PROJS = ("gate_proj", "up_proj", "down_proj")
+_MODE_OF = {torch.int8: "int8", torch.uint8: "int4"}  # the dtype of the quantized values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,27 +171,66 @@ class _Weight:
         return [self.w, self.s]
 
 
-class QuantLinear(nn.Module):
-    """A weight-only quantized ``nn.Linear`` (built from the portable tensors by the loader).
+def _portable(module: nn.Module, name: str, shape: tuple[int, ...], mode: str, groups: int | None) -> None:
+    """Register the portable tensors of a quantized float tensor ``name`` of ``shape`` [..., N, K] as
+    empty persistent buffers, to be loaded: ``name`` (int8 [..., N, K] or uint8 [..., N, K/2]) and
+    ``name_scales`` (fp32 [..., N] or [..., groups, N, 2])."""
+    *lead, n, k = shape
+    if mode == "int8":
+        specs = ((shape, torch.int8), ((*lead, n), torch.float32))
+    else:
+        specs = (((*lead, n, k // 2), torch.uint8), ((*lead, groups, n, 2), torch.float32))
+    for suffix, (size, dtype) in zip(("", "_scales"), specs):
+        module.register_buffer(name + suffix, torch.empty(size, dtype=dtype, device="meta"))
 
-    The kernel layout is specific to the device it was built for: place the float model first
+
+def _kernel_buffers(module: nn.Module, weights: list[_Weight]) -> None:
+    """Register the kernel-layout tensors as non-persistent buffers (seen by ``.device`` and memory
+    accounting, not by ``state_dict``)."""
+    for i, w in enumerate(weights):
+        for j, t in enumerate(w.tensors()):
+            module.register_buffer(f"_w{i}_{j}", t, persistent=False)
+
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized ``nn.Linear``: loads ``weight`` + ``weight_scales`` (portable), then
+    :meth:`prepare` puts them in the kernel layout of a device, under the same names.
+
+    The kernel layout is specific to the device it was prepared for: place the float model first
     (or pass ``device``/``experts_device`` to the loader), never ``.to()`` a quantized model."""
 
-    def __init__(self, weight: _Weight, bias: torch.Tensor | None):
+    def __init__(self, in_features: int, out_features: int, mode: str, groups: int | None = None,
+                 bias: bool = False):
         super().__init__()
-        self.qweight = weight
-        self.in_features, self.out_features = weight.in_features, weight.out_features
-        self.register_buffer("weight", weight.w, persistent=False)  # for .device / memory accounting
-        self.register_buffer("scales", weight.s, persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features, self.mode, self.groups = in_features, out_features, mode, groups
+        _portable(self, "weight", (out_features, in_features), mode, groups)
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
+        self.qweight: _Weight | None = None
+
+    def portable(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, self.weight_scales
+
+    def prepare(self, device: torch.device) -> None:
+        self.qweight = _Weight(self.mode, *self.portable(), device)
+        self.register_buffer("weight", self.qweight.w, persistent=False)
+        self.register_buffer("weight_scales", self.qweight.s, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.qweight.mm(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        g = f", group_size={self.qweight.group_size}" if self.qweight.mode == "int4" else ""
-        return f"{self.in_features}, {self.out_features}, {self.qweight.mode}{g}"
+        g = f", group_size={self.in_features // self.groups}" if self.mode == "int4" else ""
+        return f"{self.in_features}, {self.out_features}, {self.mode}{g}"
+
+
+def _fused(mode: str, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
+           device: torch.device) -> list[_Weight]:
+    """Kernel-layout weights for gate and up stacked along the output, from portable (values, scales)
+    of the same layout, [N, K] or [E, N, K] (then one weight per expert)."""
+    n_dim = -1 if mode == "int8" else -2  # N in scales [..., N] / [..., K/g, N, 2]
+    q, s = torch.cat((gate[0], up[0]), dim=-2), torch.cat((gate[1], up[1]), dim=n_dim)
+    return [_Weight(mode, q, s, device)] if q.dim() == 2 else [_Weight(mode, qe, se, device) for qe, se in zip(q, s)]
 
 
 def _swiglu(gate_up: _Weight, down: _Weight, xc: torch.Tensor) -> torch.Tensor:
@@ -189,14 +242,22 @@ def _swiglu(gate_up: _Weight, down: _Weight, xc: torch.Tensor) -> torch.Tensor:
 
 class QuantMLP(nn.Module):
     """A quantized SwiGLU ``MLP`` (dense layers, shared experts) with gate and up fused into one
-    matmul; activations are cast to the compute dtype once on the way in and once on the way out."""
+    matmul; activations are cast to the compute dtype once on the way in and once on the way out.
 
-    def __init__(self, gate_up: _Weight, down: _Weight):
+    Loads the portable ``gate_proj``/``up_proj``/``down_proj`` (:class:`QuantLinear` holders); after
+    :meth:`prepare` only the fused kernel-layout ``gate_up`` and ``down`` remain."""
+
+    def __init__(self, dim: int, hidden: int, layouts: dict[str, tuple[str, int | None]]):
         super().__init__()
-        self.gate_up, self.down = gate_up, down
-        for i, w in enumerate((gate_up, down)):
-            for j, t in enumerate(w.tensors()):
-                self.register_buffer(f"_w{i}_{j}", t, persistent=False)
+        self.gate_proj = QuantLinear(dim, hidden, *layouts["gate_proj"])
+        self.up_proj = QuantLinear(dim, hidden, *layouts["up_proj"])
+        self.down_proj = QuantLinear(hidden, dim, *layouts["down_proj"])
+
+    def prepare(self, device: torch.device) -> None:
+        [self.gate_up] = _fused(self.gate_proj.mode, self.gate_proj.portable(), self.up_proj.portable(), device)
+        self.down = _Weight(self.down_proj.mode, *self.down_proj.portable(), device)
+        del self.gate_proj, self.up_proj, self.down_proj
+        _kernel_buffers(self, [self.gate_up, self.down])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _swiglu(self.gate_up, self.down, x.reshape(-1, x.shape[-1]).to(_COMPUTE))
@@ -206,14 +267,24 @@ class QuantMLP(nn.Module):
 class QuantExperts(nn.Module):
     """Routed experts with quantized weights; the same sorted-by-expert loop as ``Experts``, with
     each expert's gate and up projections fused into one matmul. Tokens are cast to the compute
-    dtype once for all experts; each expert's output is cast back before it is weighted and summed."""
+    dtype once for all experts; each expert's output is cast back before it is weighted and summed.
 
-    def __init__(self, gate_up: list[_Weight], down: list[_Weight]):
+    Loads the portable stacked ``gate_proj``/``up_proj``/``down_proj`` and their ``_scales``; after
+    :meth:`prepare` one kernel-layout ``gate_up[e]`` and ``down[e]`` per expert remain."""
+
+    def __init__(self, n_experts: int, dim: int, inter: int, layouts: dict[str, tuple[str, int | None]]):
         super().__init__()
-        self.gate_up, self.down = gate_up, down
-        for i, w in enumerate(gate_up + down):  # visible to .to()-free accounting and .device
-            for j, t in enumerate(w.tensors()):
-                self.register_buffer(f"_w{i}_{j}", t, persistent=False)
+        self.layouts = layouts
+        shapes = {"gate_proj": (n_experts, inter, dim), "up_proj": (n_experts, inter, dim),
+                  "down_proj": (n_experts, dim, inter)}
+        for proj, shape in shapes.items():
+            _portable(self, proj, shape, *layouts[proj])
+
+    def prepare(self, device: torch.device) -> None:
+        gate, up, down = ((self._buffers.pop(p), self._buffers.pop(f"{p}_scales")) for p in _PROJS)
+        self.gate_up = _fused(self.layouts["gate_proj"][0], gate, up, device)
+        self.down = [_Weight(self.layouts["down_proj"][0], q, s, device) for q, s in zip(*down)]
+        _kernel_buffers(self, self.gate_up + self.down)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor) -> torch.Tensor:
@@ -236,14 +307,10 @@ def _targets(model: nn.Module) -> tuple[list[str], list[str]]:
     return linears, experts
 
 
-def _quantize(w: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
-    """{"": q, "scales" or "scales_and_zeros": ...}; int4 falls back to int8 on shapes it cannot take."""
+def _quantize(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable (values, scales) of w [..., N, K]; int4 falls back to int8 on shapes it cannot take."""
     g = int4_group_size(w.shape[-2], w.shape[-1], group_size) if mode == "int4" else None
-    if g is None:
-        q, s = quantize_int8(w)
-        return {"": q, "scales": s}
-    q, sz = quantize_int4(w, g)
-    return {"": q, "scales_and_zeros": sz}
+    return quantize_int8(w) if g is None else quantize_int4(w, g)
 
 
 @torch.no_grad()
@@ -251,37 +318,31 @@ def quantize_state_dict(model: Transformer, mode: str = "int8", group_size: int 
     """The portable quantized state dict of ``model`` (on the CPU; see the module docstring)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; supported: {', '.join(MODES)}")
-    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    out = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     linears, experts = _targets(model)
-    out = dict(sd)
-    for name in linears:
-        w = out.pop(f"{name}.weight")
-        for suffix, t in _quantize(w, mode, group_size).items():
-            out[f"{name}.weight" if not suffix else f"{name}.{suffix}"] = t
-    for name in experts:
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            w = out.pop(f"{name}.{proj}")
-            for suffix, t in _quantize(w, mode, group_size).items():
-                out[f"{name}.{proj}" if not suffix else f"{name}.{proj}_{suffix}"] = t
+    keys = [f"{n}.weight" for n in linears] + [f"{n}.{p}" for n in experts for p in _PROJS]
+    for key in keys:
+        out[key], out[f"{key}_scales"] = _quantize(out[key], mode, group_size)
     return out
 
 
-def _portable(qsd: dict, key: str) -> tuple[str, torch.Tensor, torch.Tensor]:
-    if f"{key}_scales" in qsd or f"{key}.scales" in qsd:
-        s = qsd.get(f"{key}_scales", qsd.get(f"{key}.scales"))
-        return "int8", qsd[key if key in qsd else f"{key}.weight"], s
-    s = qsd.get(f"{key}_scales_and_zeros", qsd.get(f"{key}.scales_and_zeros"))
-    return "int4", qsd[key if key in qsd else f"{key}.weight"], s
-
-
-def _cat_weight(gate: tuple, up: tuple, device: torch.device, name: str) -> _Weight:
-    """One kernel-layout weight for a gate and an up projection stacked along the output
-    (portable (mode, q, scales) triples of the same input width)."""
-    (mg, g, gs), (mu, u, us) = gate, up
-    if mg != mu:
-        raise ValueError(f"{name}: gate_proj is {mg} but up_proj is {mu}")
-    s_dim = 0 if mg == "int8" else 1  # rows of scales [N] / scales_and_zeros [K/g, N, 2]
-    return _Weight(mg, torch.cat((g, u)), torch.cat((gs, us), dim=s_dim), device)
+def _layout(qsd: dict[str, torch.Tensor], key: str, shape: torch.Size) -> tuple[str, int | None] | None:
+    """(mode, int4 groups per row) in which ``qsd`` holds the float tensor ``key`` of ``shape``
+    [..., N, K]: the mode from the values' dtype (else from the scales' rank), the groups from the
+    scales' shape; None when it is in floating point (neither quantized values nor scales)."""
+    v, s = qsd.get(key), qsd.get(f"{key}_scales")
+    mode = _MODE_OF.get(v.dtype) if v is not None else None
+    if mode is None and s is not None:
+        mode = "int4" if s.dim() == len(shape) + 1 else "int8"
+    if mode != "int4":
+        return None if mode is None else ("int8", None)
+    if s is None or s.dim() != len(shape) + 1:
+        return "int4", 1  # the strict load names the missing or misshapen scales
+    k, groups = shape[-1], s.shape[-3]
+    if groups < 1 or k % groups or k // groups not in _GROUPS:
+        raise ValueError(f"{key}_scales: {groups} groups of {k} columns; the int4 kernels take groups of "
+                         f"{', '.join(map(str, _GROUPS))}")
+    return "int4", groups
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -289,50 +350,73 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _swap_quantized(model: Transformer, qsd: dict[str, torch.Tensor]) -> list[str]:
+    """Replace every module whose weights ``qsd`` holds quantized by its quantized module, with empty
+    portable buffers to load; returns the names of the modules replaced."""
+    swapped = []
+    for name, mlp in [(n, m) for n, m in model.named_modules() if isinstance(m, MLP)]:
+        layouts = {p: _layout(qsd, f"{name}.{p}.weight", getattr(mlp, p).weight.shape) for p in _PROJS}
+        if None in layouts.values():
+            continue  # its quantized projections (if any) become QuantLinears below
+        if layouts["gate_proj"] != layouts["up_proj"]:
+            raise ValueError(f"{name}: gate_proj is {layouts['gate_proj']} but up_proj is {layouts['up_proj']}")
+        _set_module(model, name, QuantMLP(mlp.gate_proj.in_features, mlp.gate_proj.out_features, layouts))
+        swapped.append(name)
+    linears, experts = _targets(model)  # after the MLP swap: their projections are no nn.Linear now
+    for name in linears:
+        lin = model.get_submodule(name)
+        layout = _layout(qsd, f"{name}.weight", lin.weight.shape)
+        if layout is not None:
+            _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, *layout, lin.bias is not None))
+            swapped.append(name)
+    for name in experts:
+        ex = model.get_submodule(name)
+        layouts = {p: _layout(qsd, f"{name}.{p}", getattr(ex, p).shape) for p in _PROJS}
+        known = [v for v in layouts.values() if v is not None]
+        if not known:
+            continue
+        layouts = {p: v or known[0] for p, v in layouts.items()}  # a float one: the strict load names it
+        if layouts["gate_proj"] != layouts["up_proj"]:
+            raise ValueError(f"{name}: gate_proj is {layouts['gate_proj']} but up_proj is {layouts['up_proj']}")
+        E, inter, dim = ex.gate_proj.shape
+        _set_module(model, name, QuantExperts(E, dim, inter, layouts))
+        swapped.append(name)
+    return swapped
+
+
 def from_quantized_state_dict(cfg: ModelConfig, qsd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                               dtype: torch.dtype = torch.float32,
                               experts_device: str | torch.device | None = None) -> Transformer:
     """Build the model with quantized modules from a portable state dict, on ``device`` (routed
-    experts on ``experts_device`` when given; see :mod:`gasungbi.infer.placement`)."""
+    experts on ``experts_device`` when given; see :mod:`gasungbi.infer.placement`): the float model
+    on the meta device, the module swap, one strict ``load_state_dict``, then each quantized module
+    prepared for its device. ``ValueError`` naming the tensors when ``qsd`` does not fit ``cfg``."""
     device = torch.device(device)
     exp_device = torch.device(experts_device) if experts_device is not None else device
     model = build_model(cfg, device="meta")
-    used: set[str] = set()
-    for name in [n for n, m in model.named_modules() if isinstance(m, MLP)]:  # gate and up fused
-        gate, up, down = (f"{name}.{p}" for p in ("gate_proj", "up_proj", "down_proj"))
-        if not all(f"{k}.scales" in qsd or f"{k}.scales_and_zeros" in qsd for k in (gate, up, down)):
-            continue
-        used |= {f"{k}.{suffix}" for k in (gate, up, down) for suffix in ("weight", "scales", "scales_and_zeros")}
-        _set_module(model, name, QuantMLP(_cat_weight(_portable(qsd, gate), _portable(qsd, up), device, name),
-                                          _Weight(*_portable(qsd, down), device)))
-    linears, experts = _targets(model)
-    for name in linears:
-        if f"{name}.scales" not in qsd and f"{name}.scales_and_zeros" not in qsd:
-            continue  # left in floating point
-        mode, q, s = _portable(qsd, name)
-        used |= {f"{name}.weight", f"{name}.scales", f"{name}.scales_and_zeros", f"{name}.bias"}
-        bias = qsd.get(f"{name}.bias")
-        _set_module(model, name, QuantLinear(_Weight(mode, q, s, device),
-                                             None if bias is None else bias.to(device, dtype)))
-    for name in experts:
-        if f"{name}.gate_proj_scales" not in qsd and f"{name}.gate_proj_scales_and_zeros" not in qsd:
-            continue
-        parts = {}
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            parts[proj] = _portable(qsd, f"{name}.{proj}")
-            used |= {f"{name}.{proj}", f"{name}.{proj}_scales", f"{name}.{proj}_scales_and_zeros"}
-        (mg, g, gs), (mu, u, us), (md, d, ds) = parts["gate_proj"], parts["up_proj"], parts["down_proj"]
-        gate_up = [_cat_weight((mg, g[e], gs[e]), (mu, u[e], us[e]), exp_device, name) for e in range(g.shape[0])]
-        down = [_Weight(md, d[e], ds[e], exp_device) for e in range(d.shape[0])]
-        _set_module(model, name, QuantExperts(gate_up, down))
-    rest = {k: v for k, v in qsd.items() if k not in used}
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(rest)), sorted(set(rest) - expected)
-    if missing or unexpected:
-        raise ValueError(f"quantized state dict does not match the config: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
-    rest = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in rest.items()}
-    model.load_state_dict(rest, strict=False, assign=True)
+    swapped = _swap_quantized(model, qsd)
+    expected = model.state_dict()
+    for k, v in qsd.items():
+        e = expected.get(k)
+        if e is not None and (v.dtype != e.dtype if not e.is_floating_point() else not v.is_floating_point()):
+            raise ValueError(f"{k} is {v.dtype}, expected {e.dtype if not e.is_floating_point() else 'floating point'}")
+    portable = {f"{n}.{b}" for n in swapped for b, _ in model.get_submodule(n).named_buffers()}
+    experts = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (Experts, QuantExperts)))
+
+    def place(k: str, v: torch.Tensor) -> torch.Tensor:
+        if k in portable:
+            return v  # prepare() moves it, in its kernel layout
+        dev = exp_device if k.startswith(experts) else device
+        return v.to(dev, dtype) if v.is_floating_point() else v.to(dev)
+
+    try:
+        model.load_state_dict({k: place(k, v) for k, v in qsd.items()}, strict=True, assign=True)
+    except RuntimeError as e:  # "Error(s) in loading state_dict ...:\n\tMissing key(s) ...\n\tUnexpected ..."
+        why = " ".join(str(e).split("\n\t")[1:]).strip() or str(e)
+        raise ValueError(f"the quantized state dict does not match the config: {why}") from None
+    for name in swapped:
+        m = model.get_submodule(name)
+        m.prepare(exp_device if isinstance(m, QuantExperts) else device)
     if cfg.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()
@@ -370,7 +454,8 @@ def save_quantized(qsd: dict[str, torch.Tensor], cfg: ModelConfig, path: str | o
         seen.add(v.untyped_storage().data_ptr())
         tensors[k] = v
     hf = to_hf_config(cfg)
-    hf["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode, "group_size": group_size}
+    hf["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode, "group_size": group_size,
+                                 "format_version": FORMAT_VERSION}
     tmp = path / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt", "quantization": mode})
     os.replace(tmp, path / "model.safetensors")
@@ -381,12 +466,19 @@ def save_quantized(qsd: dict[str, torch.Tensor], cfg: ModelConfig, path: str | o
 
 
 def quantization_config(path: str | os.PathLike) -> dict | None:
-    """The ``quantization_config`` of a gasungbi-quantized checkpoint directory, else None."""
+    """The ``quantization_config`` of a gasungbi-quantized checkpoint directory, else None;
+    ``CheckpointError`` for one written in another format version."""
     f = Path(path) / "config.json"
     if not f.exists():
         return None
     q = json.loads(f.read_text()).get("quantization_config")
-    return q if isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD else None
+    if not (isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD):
+        return None
+    if q.get("format_version", 1) != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is a gasungbi-quantized checkpoint in format {q.get('format_version', 1)}; "
+                              f"this version reads format {FORMAT_VERSION}: re-run `gasungbi quantize` on the "
+                              f"floating-point checkpoint")
+    return q
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -396,10 +488,13 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
 
     path = Path(path)
     if quantization_config(path) is None:
-        raise ValueError(f"{path} is not a gasungbi-quantized checkpoint (no quantization_config in config.json)")
+        raise CheckpointError(f"{path} is not a gasungbi-quantized checkpoint (no quantization_config in config.json)")
     cfg = from_hf_config(json.loads((path / "config.json").read_text()))
     qsd = load_file(str(path / "model.safetensors"))
-    return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+    try:
+        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'model.safetensors'}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
