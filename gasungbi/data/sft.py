@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from gasungbi.data.chat import END, ROLES
+from gasungbi.data.conventions import Conventions
 from gasungbi.data.tokenizer import BOS_ID, PAD_ID
 
 IGNORE = -100
@@ -70,7 +71,17 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    """(ids, train_mask): the chat-template tokens and which of them are assistant targets."""
+    """(ids, train_mask): the chat-template tokens and which of them are assistant targets.
+
+    ``tokenizer``: a tokenizer (gasungbi's template), or a checkpoint's
+    :class:`~gasungbi.data.conventions.Conventions`, whose own template is used when it has one."""
+    if isinstance(tokenizer, Conventions):
+        if not tokenizer.native:
+            try:
+                return tokenizer.chat_ids_and_mask(messages)
+            except ValueError as e:
+                raise SFTDataError(str(e)) from None
+        tokenizer = tokenizer.tokenizer
     ids, mask = [BOS_ID], [False]
     for m in messages:
         marker = tokenizer.encode(ROLES[m["role"]]).ids

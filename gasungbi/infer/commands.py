@@ -83,6 +83,22 @@ def tokenizer_for(path: str, required: bool):
     return None
 
 
+def conventions_for(path: str, required: bool):
+    """The checkpoint's tokenizer with its chat template and stops
+    (:class:`~gasungbi.data.conventions.Conventions`); without tokenizer.json, None or (``required``) a
+    UserError."""
+    from gasungbi.data.conventions import Conventions
+
+    if not (Path(path) / "tokenizer.json").exists():
+        if required:
+            raise UserError(f"{path} has no tokenizer.json")
+        return None
+    try:
+        return Conventions.load(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def _print_stats(stats) -> None:
     line = (f"[{stats.new_tokens} tokens: prefill {stats.prefill_s * 1e3:.0f} ms, decode "
             f"{stats.decode_tokens_per_s:.1f} tokens/s")
@@ -106,14 +122,15 @@ def generate_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[Sampling
         sampling: sampling and stops
         prompt: a text prompt (repeat for a batch)
         prompt_ids: a prompt as token ids, e.g. 0,17,42 (for checkpoints without a tokenizer)
-        bos: prepend the tokenizer's BOS token to text prompts (--no-bos: don't)
+        bos: add the special tokens the tokenizer's own rule puts around text (<|bos|> for gasungbi's; --no-bos: none)
         max_new_tokens: tokens to generate at most
     """
     from gasungbi.infer.generate import stream
 
     if not prompt and not prompt_ids:
         raise UserError("give a prompt: --prompt TEXT or --prompt-ids 1,2,3")
-    tokenizer = tokenizer_for(model.checkpoint, required=bool(prompt))
+    conv = conventions_for(model.checkpoint, required=False)
+    tokenizer = conv.tokenizer if conv is not None else None
     if tokenizer is None and prompt:
         raise UserError(f"{model.checkpoint} has no tokenizer.json; pass token ids with --prompt-ids instead")
     prompts: list = list(prompt)
@@ -126,6 +143,7 @@ def generate_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[Sampling
     m = model.load()
     try:
         s = stream(m, prompts, max_new_tokens=max_new_tokens, sampling=params, stop_strings=list(sampling.stop),
+                   stop_tokens=conv.eos_ids if conv is not None and conv.eos_ids else None,
                    tokenizer=tokenizer, add_bos=bos, speculative=sampling.speculative)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -161,14 +179,11 @@ def chat_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs
         system: a system message opening the conversation
         max_new_tokens: longest reply
     """
-    from gasungbi.data.chat import END, encode_chat
     from gasungbi.infer.generate import ContextLengthError, stream
 
-    tokenizer = tokenizer_for(model.checkpoint, required=True)
-    end_id = tokenizer.token_to_id(END)
+    conv = conventions_for(model.checkpoint, required=True)
     params = sampling.params()
     m = model.load()
-    stops = [t for t in (end_id, m.config.eos_token_id) if t is not None]
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
     interactive = sys.stdin.isatty()
@@ -191,13 +206,18 @@ def chat_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs
             print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
-        ids = encode_chat(tokenizer, messages)
         try:
-            s = stream(m, [ids], max_new_tokens=max_new_tokens, sampling=params, stop_tokens=stops,
-                       stop_strings=list(sampling.stop), tokenizer=tokenizer, speculative=sampling.speculative)
+            # the checkpoint's template; the person typing writes every turn, so special tokens stay special
+            ids = conv.chat_ids(messages, content_as_text=False)
+            s = stream(m, [ids], max_new_tokens=max_new_tokens, sampling=params, stop_tokens=conv.stop_ids,
+                       stop_strings=list(sampling.stop), tokenizer=conv.tokenizer, speculative=sampling.speculative)
         except ContextLengthError as e:
             messages.pop()
             print(f"(the conversation no longer fits: {e}; /reset to start over)", file=sys.stderr)
+            continue
+        except ValueError as e:  # the template refused the conversation (raise_exception)
+            messages.pop()
+            print(f"({e})", file=sys.stderr)
             continue
         print("assistant> " if interactive else "", end="", flush=True)
         for delta in s:

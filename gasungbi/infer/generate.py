@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from gasungbi.data.conventions import encode
 from gasungbi.infer.decode import ContextLengthError, GenerationStats, check_context, decode_steps  # noqa: F401
 from gasungbi.infer.sampling import GREEDY, SamplingParams
 from gasungbi.infer.speculative import check_speculative, speculative_steps
@@ -150,11 +151,12 @@ class RowState:
 # public entry points
 # ---------------------------------------------------------------------------------------------
 
-def encode_prompts(prompts, tokenizer=None, bos_id: int | None = None, add_bos: bool = True) -> list[list[int]]:
+def encode_prompts(prompts, tokenizer=None, add_bos: bool = True) -> list[list[int]]:
     """A str, a list of ids, or a list of either -> a list of id lists.
 
-    Text needs ``tokenizer``; ``add_bos`` prepends ``bos_id`` to encoded text (pretraining
-    documents start with it). Id lists are used as given.
+    Text needs ``tokenizer``; it gets the special tokens the tokenizer's own rule puts around text
+    (:func:`gasungbi.data.conventions.encode`: its post-processor, as transformers; ``<|bos|>`` for
+    gasungbi's tokenizer), none with ``add_bos=False``. Id lists are used as given.
     """
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)) \
             or isinstance(prompts, torch.Tensor) and prompts.dim() == 1:
@@ -164,9 +166,7 @@ def encode_prompts(prompts, tokenizer=None, bos_id: int | None = None, add_bos: 
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError("text prompts need a tokenizer (pass tokenizer= or token ids)")
-            ids = tokenizer.encode(p).ids
-            if add_bos and bos_id is not None and (not ids or ids[0] != bos_id):
-                ids = [bos_id] + ids
+            ids = encode(tokenizer, p, add_special_tokens=add_bos).ids
         else:
             ids = [int(t) for t in (p.tolist() if isinstance(p, torch.Tensor) else p)]
         if not ids:
@@ -232,7 +232,7 @@ def stream(model, prompts, *, max_new_tokens: int = 128, sampling: SamplingParam
     with the model's MTP module (one prompt at a time; greedy output unchanged).
     """
     cfg = model.config
-    ids = encode_prompts(prompts, tokenizer, cfg.bos_token_id, add_bos)
+    ids = encode_prompts(prompts, tokenizer, add_bos)
     if stop_tokens is None:
         stop_tokens = [cfg.eos_token_id] if cfg.eos_token_id is not None else []
     return Stream(model, ids, max_new_tokens, sampling, set(stop_tokens), stop_strings, tokenizer, speculative)

@@ -46,19 +46,18 @@ class DistillConfig:
 
 
 def _teacher_from_checkpoint(cfg: DistillConfig):
-    from gasungbi.data.tokenizer import EOS_ID, load_tokenizer
-    from gasungbi.data.chat import END, encode_chat
+    from gasungbi.data.conventions import Conventions
     from gasungbi.infer.generate import generate
     from gasungbi.infer.sampling import SamplingParams
     from gasungbi.interop.hf import load_model
 
     model = load_model(cfg.teacher, device=cfg.device)
-    tok = load_tokenizer(cfg.teacher)
+    conv = Conventions.load(cfg.teacher)  # the teacher's chat template and stops
 
     def sample(messages: list[list[dict]], seed: int) -> list[str]:
-        ids = [encode_chat(tok, m) for m in messages]
-        outs = generate(model, ids, max_new_tokens=cfg.max_new_tokens, tokenizer=tok, add_bos=False,
-                        stop_tokens=[tok.token_to_id(END), EOS_ID],
+        ids = [conv.chat_ids(m, content_as_text=False) for m in messages]
+        outs = generate(model, ids, max_new_tokens=cfg.max_new_tokens, tokenizer=conv.tokenizer,
+                        stop_tokens=conv.stop_ids,
                         sampling=SamplingParams(temperature=cfg.temperature, seed=seed))
         return [o.text or "" for o in outs]
 

@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 import torch
 
-from gasungbi.data.tokenizer import EOS_ID, PAD_ID, load_tokenizer
-from gasungbi.data.chat import END, encode_chat
+from gasungbi.data.conventions import Conventions
+from gasungbi.data.tokenizer import PAD_ID
 from gasungbi.infer.generate import generate
 from gasungbi.infer.sampling import SamplingParams
 from gasungbi.interop.hf import load_model
@@ -144,9 +144,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, stats
 
 
-def evaluate_policy(model, tok, cfg: GRPOConfig, n: int) -> dict:
+def evaluate_policy(model, conv, cfg: GRPOConfig, n: int) -> dict:
     """Greedy (pass@1, fixed) accuracy on the gym's held-out test split, with its 95% interval."""
-    r = evaluate_model(model, tok, cfg.task, cfg.difficulty, n, reasoning=cfg.reasoning,
+    r = evaluate_model(model, conv, cfg.task, cfg.difficulty, n, reasoning=cfg.reasoning,
                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     return {"accuracy": r["pass@1"], "ci95": list(r["ci95"]), "n": r["n_tasks"], "example": r.get("example")}
 
@@ -157,8 +157,8 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
-    tok = load_tokenizer(cfg.init_from)
-    stop_ids = [tok.token_to_id(END), EOS_ID]
+    conv = Conventions.load(cfg.init_from)  # the checkpoint's chat template and stops
+    tok, stop_ids = conv.tokenizer, conv.stop_ids
     resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     if resume_from is not None:
         policy, state = ckpt.load_checkpoint(resume_from, device)
@@ -191,17 +191,17 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
               "grpo_config": json.dumps(dataclasses.asdict(cfg)), "before": before}
         return ckpt.save_checkpoint(out, step, policy, st, tokenizer=cfg.init_from, keep=cfg.keep_checkpoints)
 
-    before = state["before"] if state else evaluate_policy(policy.eval(), tok, cfg, cfg.eval_tasks)
+    before = state["before"] if state else evaluate_policy(policy.eval(), conv, cfg, cfg.eval_tasks)
     policy.train()
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     metrics = open(out / "metrics.jsonl", "a")
     for step in range(start, cfg.steps):
         batch = [pool[(step * cfg.prompts_per_step + i) % len(pool)] for i in range(cfg.prompts_per_step)]
-        prompts = [encode_chat(tok, render_task_prompt(t, cfg.reasoning)) for t in batch]
+        prompts = [conv.chat_ids(render_task_prompt(t, cfg.reasoning), content_as_text=False) for t in batch]
         group_prompts = [p for p in prompts for _ in range(cfg.group_size)]
         policy.eval()
-        outs = generate(policy, group_prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=tok, add_bos=False,
+        outs = generate(policy, group_prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=tok,
                         stop_tokens=stop_ids,
                         sampling=SamplingParams(temperature=cfg.temperature, seed=cfg.seed * 1_000_003 + step))
         completions = [o.tokens + ([stop_ids[0]] if o.finish_reason == "stop" else []) for o in outs]
@@ -235,13 +235,13 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
         bar.set_postfix_str(f"reward {row['reward']:.2f} | acc {accuracy:.2f} | len {row['response_length']:.0f} | "
                             f"kl {stats['kl']:.3f}")
         if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
-            history.append({"step": step + 1, "eval": evaluate_policy(policy.eval(), tok, cfg, cfg.eval_tasks)})
+            history.append({"step": step + 1, "eval": evaluate_policy(policy.eval(), conv, cfg, cfg.eval_tasks)})
             policy.train()
         if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.steps:
             save(step + 1)
     bar.close()
     metrics.close()
-    after = evaluate_policy(policy.eval(), tok, cfg, cfg.eval_tasks)
+    after = evaluate_policy(policy.eval(), conv, cfg, cfg.eval_tasks)
     path = save(cfg.steps)
     report = {"task": cfg.task, "difficulty": cfg.difficulty, "steps": cfg.steps, "before": before, "after": after,
               "improved_beyond_ci": after["accuracy"] > before["ci95"][1], "checkpoint": str(path),

@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gasungbi.data.conventions import Conventions
 from gasungbi.serve.metrics import Metrics
 from gasungbi.serve.openai_format import TokenText
 from gasungbi.serve.protocol import ApiError
@@ -40,15 +41,20 @@ ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat
 
 @dataclasses.dataclass
 class ServeConfig:
-    """What the server answers as: the model's name, the API key (None: open), the body size limit."""
+    """What the server answers as: the model's name, the API key (None: open), the body size limit,
+    and whether special-token text inside chat messages is read as control tokens (default: as text)."""
 
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
+    special_tokens_in_content: bool = False
 
 
-def create_app(scheduler: Scheduler, tokenizer, config: ServeConfig) -> FastAPI:
-    """The FastAPI app serving ``scheduler``'s model; the scheduler starts and stops with it."""
+def create_app(scheduler: Scheduler, tokenizer, config: ServeConfig, conventions=None) -> FastAPI:
+    """The FastAPI app serving ``scheduler``'s model; the scheduler starts and stops with it.
+
+    ``conventions``: the checkpoint's chat template and stops (default: gasungbi's template, the
+    config's eos)."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -59,6 +65,10 @@ def create_app(scheduler: Scheduler, tokenizer, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="gasungbi", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     st = app.state
     st.scheduler, st.tokenizer, st.config = scheduler, tokenizer, config
+    if conventions is None:
+        eos = scheduler.model.config.eos_token_id
+        conventions = Conventions(tokenizer, eos_ids=[eos] if eos is not None else [])
+    st.conventions = conventions
     st.tokens = TokenText(tokenizer)
     st.outboxes = {}  # event loop -> Outbox (see respond.channel)
     st.page = (STATIC / "index.html").read_text(encoding="utf-8")

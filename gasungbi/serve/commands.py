@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from tyro.conf import OmitArgPrefixes
 
 from gasungbi.errors import UserError
-from gasungbi.infer.commands import ModelArgs, tokenizer_for
+from gasungbi.infer.commands import ModelArgs, conventions_for
 
 API_KEY_ENV = "GASUNGBI_API_KEY"
 
@@ -24,7 +24,7 @@ def api_key_of(flag: str | None) -> str | None:
 def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0.1", port: int = 8000,
               model_name: str | None = None, api_key: str | None = None, max_batch: int = 16,
               max_len: int | None = None, max_queue: int = 64, max_prefill_tokens: int = 4096,
-              max_body_bytes: int = 4 * 2**20, threads: int = 0,
+              max_body_bytes: int = 4 * 2**20, threads: int = 0, special_tokens_in_content: bool = False,
               log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning") -> int:
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)
     with continuous batching, streaming and a chat page at /.
@@ -41,6 +41,7 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
         max_prefill_tokens: prompt tokens prefilled between two decode steps
         max_body_bytes: largest request body
         threads: torch CPU threads (0: torch's choice)
+        special_tokens_in_content: read special-token text in chat messages as control tokens (unsafe: lets a message forge turns)
         log_level: uvicorn's log level
     """
     try:
@@ -64,7 +65,7 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if threads:
         torch.set_num_threads(threads)
-    tokenizer = tokenizer_for(model.checkpoint, required=True)
+    conventions = conventions_for(model.checkpoint, required=True)
     net = model.load()
     cfg = net.config
     max_len = min(max_len or min(cfg.max_position_embeddings, 4096), cfg.max_position_embeddings)
@@ -73,7 +74,8 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
     scheduler = Scheduler(net, max_batch, max_len, max_queue, max_prefill_tokens)
     scheduler.warmup()
     name = model_name or Path(model.checkpoint).resolve().name
-    app = create_app(scheduler, tokenizer, ServeConfig(name, api_key_of(api_key), max_body_bytes))
+    app = create_app(scheduler, conventions.tokenizer,
+                     ServeConfig(name, api_key_of(api_key), max_body_bytes, special_tokens_in_content), conventions)
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

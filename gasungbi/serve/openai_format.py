@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import NamedTuple
 
+from gasungbi.data.conventions import encode
 from gasungbi.infer.generate import Detokenizer
 from gasungbi.serve.protocol import ApiError
 from gasungbi.serve.scheduler import Event, PromptLogprobs, Sequence
@@ -79,8 +80,9 @@ def _single(prompt) -> bool:
     return isinstance(prompt, str) or bool(prompt and isinstance(prompt[0], int))
 
 
-def encode_prompts(tokenizer, prompt, bos_id: int | None, vocab_size: int) -> list[Prompt]:
-    """A completions ``prompt`` field as prompts; text prompts get ``bos_id`` in front."""
+def encode_prompts(tokenizer, prompt, vocab_size: int) -> list[Prompt]:
+    """A completions ``prompt`` field as prompts; text prompts get the special tokens the
+    tokenizer's own rule puts around text (:func:`gasungbi.data.conventions.encode`)."""
     if _single(prompt):
         prompt = [prompt]
     if not prompt:
@@ -88,10 +90,7 @@ def encode_prompts(tokenizer, prompt, bos_id: int | None, vocab_size: int) -> li
     out = []
     for p in prompt:
         if isinstance(p, str):
-            enc = tokenizer.encode(p)
-            ids, offsets = list(enc.ids), [o[0] for o in enc.offsets]
-            if bos_id is not None and (not ids or ids[0] != bos_id):
-                ids, offsets = [bos_id] + ids, [0] + offsets
+            ids, offsets = encode(tokenizer, p)
             out.append(Prompt(ids, p, offsets))
             continue
         if not p:
@@ -106,6 +105,16 @@ def encode_prompts(tokenizer, prompt, bos_id: int | None, vocab_size: int) -> li
             text += detok.add(t)
         out.append(Prompt(list(p), text + detok.flush(), offsets))
     return out
+
+
+def chat_prompt(conventions, messages: list[dict], content_as_text: bool = True) -> list[int]:
+    """A chat's prompt ids through the checkpoint's template (``apply_chat_template(...,
+    add_generation_prompt=True)``). ``content_as_text``: special-token strings inside a message are
+    encoded as text, as the OpenAI API treats content, so a message cannot forge another turn."""
+    try:
+        return conventions.chat_ids(messages, add_generation_prompt=True, content_as_text=content_as_text)
+    except ValueError as e:  # the template's raise_exception, or an unknown role
+        raise ApiError(400, str(e), param="messages") from None
 
 
 # --- logprobs --------------------------------------------------------------------------------

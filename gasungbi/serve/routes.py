@@ -1,7 +1,7 @@
 """The server's routes: ``router`` (the page, health, metrics) and ``v1`` (the OpenAI API, behind
 the API key when one is set). What they serve is read from ``request.app.state``
-(``scheduler``, ``tokenizer``, ``tokens``, ``config``, ``outboxes``, ``page``, ``created``: set by
-:func:`gasungbi.serve.app.create_app`).
+(``scheduler``, ``tokenizer``, ``conventions``, ``tokens``, ``config``, ``outboxes``, ``page``, ``created``:
+set by :func:`gasungbi.serve.app.create_app`).
 
 Each generation route checks its body, builds the scheduler's sequences and an OpenAI
 :class:`~gasungbi.serve.openai_format.Reply`, and hands both to :func:`~gasungbi.serve.respond.respond`.
@@ -14,9 +14,9 @@ import hmac
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 
-from gasungbi.data.chat import END, ROLES, encode_chat
+from gasungbi.data.chat import ROLES
 from gasungbi.serve.metrics import CONTENT_TYPE
-from gasungbi.serve.openai_format import ChatReply, CompletionReply, encode_prompts, prompt_count
+from gasungbi.serve.openai_format import ChatReply, CompletionReply, chat_prompt, encode_prompts, prompt_count
 from gasungbi.serve.protocol import (COMPLETION_MAX_TOKENS, MAX_LOGPROBS, ApiError, ChatRequest, CompletionRequest,
                                      check_context, check_max_tokens, check_model, include_usage, read_body,
                                      sampling_of, seed_of, stops_of)
@@ -88,10 +88,10 @@ async def completions(request: Request):
     if n_prompts * req.n > scheduler.max_queue:
         raise ApiError(400, f"{n_prompts} prompts x n={req.n} sequences exceed the server's queue of "
                             f"{scheduler.max_queue}", param="n")
-    prompts = encode_prompts(st.tokenizer, req.prompt, model_cfg.bos_token_id, model_cfg.vocab_size)
+    prompts = encode_prompts(st.tokenizer, req.prompt, model_cfg.vocab_size)
     for p in prompts:
         check_context(len(p.ids), max_tokens, scheduler.max_len, "prompt")
-    stop_tokens = [] if req.ignore_eos or model_cfg.eos_token_id is None else [model_cfg.eos_token_id]
+    stop_tokens = [] if req.ignore_eos else st.conventions.eos_ids
     queue, emit = channel(st.outboxes)
     seqs = [Sequence(i * req.n + j, p.ids, max_tokens, seed_of(sampling, j), emit, st.tokenizer, stop_tokens, stop,
                      req.logprobs, req.echo)
@@ -121,7 +121,8 @@ async def chat_completions(request: Request):
     if k is not None and (not req.logprobs or not 0 <= k <= MAX_LOGPROBS):
         raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}] and needs 'logprobs': true",
                        param="top_logprobs")
-    ids = encode_chat(st.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+    ids = chat_prompt(st.conventions, [{"role": m.role, "content": m.text()} for m in req.messages],
+                      content_as_text=not st.config.special_tokens_in_content)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # the rest of the context
         if len(ids) >= scheduler.max_len:
@@ -131,8 +132,7 @@ async def chat_completions(request: Request):
     check_context(len(ids), max_tokens, scheduler.max_len, "messages")
     if req.n > scheduler.max_queue:
         raise ApiError(400, f"n={req.n} exceeds the server's queue of {scheduler.max_queue}", param="n")
-    end_id = st.tokenizer.token_to_id(END)
-    stop_tokens = [] if req.ignore_eos else [t for t in (end_id, model_cfg.eos_token_id) if t is not None]
+    stop_tokens = [] if req.ignore_eos else st.conventions.stop_ids
     queue, emit = channel(st.outboxes)
     seqs = [Sequence(j, ids, max_tokens, seed_of(sampling, j), emit, st.tokenizer, stop_tokens, stop,
                      (k or 0) if req.logprobs else None)

@@ -160,11 +160,11 @@ class _Data:
     def __init__(self, tc: TrainConfig, rank: int, world: int):
         self.tc, self.rank, self.world = tc, rank, world
         if tc.task == "sft":
-            from gasungbi.data.tokenizer import load_tokenizer
+            from gasungbi.data.conventions import Conventions
             from gasungbi.data.sft import SFTLoader, read_conversations
-            tok = load_tokenizer(tc.init_from)
+            tok = Conventions.load(tc.init_from)  # the checkpoint's own chat template
             convs = read_conversations(tc.data)
-            self.vocab_size = tok.get_vocab_size()
+            self.vocab_size = tok.tokenizer.get_vocab_size()
             self.train = SFTLoader(tc.data, tok, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
                                    rank=rank, world_size=world, conversations=convs)
             self.val = SFTLoader(tc.data, tok, "val", max(1, tc.batch_size // world), tc.seq_len, seed=tc.seed,

@@ -1,0 +1,267 @@
+"""A checkpoint's own conventions: how its text and chats become token ids, and when a reply ends.
+
+Read from the checkpoint folder the way transformers reads them, so that a transformers
+checkpoint gets the same prompt ids here as from ``AutoTokenizer`` and ``apply_chat_template``:
+
+- **special tokens around text** (:func:`encode`): what tokenizer.json's post-processor adds
+  (``Tokenizer.encode(text, add_special_tokens=True)``), as transformers 5 does; it ignores
+  tokenizer_config.json's ``add_bos_token`` when tokenizer.json is present, and so do we.
+  gasungbi's own tokenizer has no post-processor, but every document it was trained on opens
+  with ``<|bos|>`` (the shard builder adds it), so text prompts for it open with ``<|bos|>`` too.
+- **the chat template**: ``chat_template.jinja``, else tokenizer_config.json's ``chat_template``
+  (a string, or the one named ``default``), rendered as ``apply_chat_template`` renders it
+  (a sandboxed Jinja environment with trim_blocks/lstrip_blocks, ``raise_exception``,
+  ``strftime_now``, ``tojson``, ``bos_token``/``eos_token``/... from the tokenizer config), and
+  encoded without adding special tokens again. gasungbi's own template
+  (:mod:`gasungbi.data.chat`) is the fallback where the checkpoint has none.
+- **stops**: the ``eos_token_id`` of generation_config.json (an int or a list; else config.json's)
+  and the tokenizer's eos token; with gasungbi's template also ``<|end|>``, its end of turn.
+
+Message content can be encoded as text (``content_as_text``): special-token strings inside a
+message are then ordinary characters, never control tokens, so a message cannot forge a turn
+(the OpenAI API behaves so). The template's own special tokens are still recognised.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple
+
+from tokenizers import Tokenizer
+
+from gasungbi.data.chat import CHAT_TEMPLATE, END, render_chat as render_native
+from gasungbi.data.tokenizer import BOS_ID, SPECIAL_TOKENS, load_tokenizer
+
+NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class Encoded(NamedTuple):
+    """Token ids and each token's start offset (characters) in the text."""
+
+    ids: list[int]
+    offsets: list[int]
+
+
+def is_gasungbi_tokenizer(tokenizer: Tokenizer) -> bool:
+    """Whether ``tokenizer`` is one :func:`gasungbi.data.tokenizer.train_tokenizer` made (its special
+    tokens at ids 0.. in order, and no post-processor)."""
+    return tokenizer.post_processor is None and all(
+        tokenizer.id_to_token(i) == t for i, t in enumerate(SPECIAL_TOKENS))
+
+
+def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> Encoded:
+    """``text`` as ids with the special tokens the tokenizer's own rule puts around it (none when
+    ``add_special_tokens`` is False); special-token strings inside ``text`` become their ids."""
+    enc = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    ids, offsets = list(enc.ids), [o[0] for o in enc.offsets]
+    if add_special_tokens and is_gasungbi_tokenizer(tokenizer) and (not ids or ids[0] != BOS_ID):
+        ids, offsets = [BOS_ID] + ids, [0] + offsets
+    return Encoded(ids, offsets)
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return obj if isinstance(obj, dict) else {}
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _compile(template: str):
+    """The template compiled as transformers' ``apply_chat_template`` compiles it."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it) renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"the checkpoint's chat template does not compile: {e}") from None
+
+
+class Conventions:
+    """A tokenizer with its checkpoint's chat template, special tokens and stop ids.
+
+    ``template`` None (or gasungbi's own ``CHAT_TEMPLATE``) means gasungbi's template. Built from a
+    checkpoint folder by :meth:`load`; from a bare tokenizer (gasungbi's template, no eos ids
+    beyond the tokenizer's) by ``Conventions(tokenizer)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None,
+                 special_tokens: Mapping[str, str] | None = None, eos_ids: Iterable[int] = ()):
+        self.tokenizer = tokenizer
+        self.template = None if template == CHAT_TEMPLATE else template
+        if special_tokens is None and is_gasungbi_tokenizer(tokenizer):
+            special_tokens = {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1],
+                              "pad_token": SPECIAL_TOKENS[2]}
+        self.special_tokens = dict(special_tokens or {})
+        self.eos_ids = list(dict.fromkeys(eos_ids))
+        """The ids that end a generation (generation_config.json's eos_token_id), for plain text."""
+        stops = [tokenizer.token_to_id(END)] if self.template is None else []
+        stops += self.eos_ids + [self.tokenizer.token_to_id(self.special_tokens.get("eos_token") or "")]
+        self.stop_ids = list(dict.fromkeys(t for t in stops if t is not None))
+        """The ids that end a chat reply: (gasungbi's template) ``<|end|>`` first, eos_ids, the tokenizer's eos."""
+        self._compiled = _compile(self.template) if self.template is not None else None
+        specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        self._specials = sorted(set(specials), key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
+        self._text_tokenizer: Tokenizer | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Conventions:
+        """The conventions of the checkpoint folder ``path`` (it needs a tokenizer.json)."""
+        path = Path(path)
+        tokenizer = load_tokenizer(path)
+        config = _read_json(path / "tokenizer_config.json")
+        special = {k: _token_text(v) for k, v in _read_json(path / "special_tokens_map.json").items()}
+        special.update({k: _token_text(config[k]) for k in NAMED_SPECIAL if k in config})
+        special = {k: v for k, v in special.items() if k in NAMED_SPECIAL and v is not None}
+        template = None
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        elif isinstance(config.get("chat_template"), str):
+            template = config["chat_template"]
+        elif isinstance(config.get("chat_template"), list):  # [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
+            template = named.get("default")
+        gen = _read_json(path / "generation_config.json")
+        eos = gen["eos_token_id"] if "eos_token_id" in gen else _read_json(path / "config.json").get("eos_token_id")
+        return cls(tokenizer, template, special, _ids(eos))
+
+    # --- text ---------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``text`` as ids, with the special tokens the tokenizer's rule adds (see :func:`encode`)."""
+        return encode(self.tokenizer, text, add_special_tokens).ids
+
+    # --- chat ---------------------------------------------------------------------------------
+
+    def render_chat(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the checkpoint's template writes it (``apply_chat_template(...,
+        tokenize=False)``); a template's ``raise_exception`` is a ValueError."""
+        messages = [dict(m) for m in messages]
+        if self._compiled is None:
+            return render_native(messages, add_generation_prompt)
+        import jinja2
+
+        try:
+            return self._compiled.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"chat template: {e}") from None
+
+    def chat_ids(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True,
+                 content_as_text: bool = True) -> list[int]:
+        """Token ids of :meth:`render_chat`, with no special tokens added around it (as
+        ``apply_chat_template(..., tokenize=True)``).
+
+        ``content_as_text``: special-token strings inside message contents are encoded as
+        ordinary text. Contents are escaped before rendering (so templates may trim or split
+        them), the render is split at the template's own special tokens, and the text between
+        them is encoded with the escapes restored and special tokens not recognised.
+        """
+        messages = [dict(m) for m in messages]
+        if not content_as_text or self._special_re is None:
+            return self.tokenizer.encode(self.render_chat(messages, add_generation_prompt),
+                                         add_special_tokens=False).ids
+        originals: list[str] = []
+        escapes = re.compile("\ue000|" + self._special_re.pattern)
+
+        def escape(m: re.Match) -> str:
+            originals.append(m.group(0))
+            return f"\ue000{len(originals) - 1}\ue001"
+
+        for m in messages:
+            if isinstance(m.get("content"), str):
+                m["content"] = escapes.sub(escape, m["content"])
+        text = self.render_chat(messages, add_generation_prompt)
+        if not originals:  # nothing to protect: exactly what the tokenizer gives the whole render
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        unescape = re.compile("\ue000(\\d+)\ue001")
+        ids, pos = [], 0
+        for m in [*self._special_re.finditer(text), None]:
+            piece = text[pos:m.start() if m else len(text)]
+            if piece:
+                piece = unescape.sub(lambda e: originals[int(e.group(1))], piece)
+                ids += self._as_text().encode(piece, add_special_tokens=False).ids
+            if m is not None:
+                ids.append(self.tokenizer.token_to_id(m.group(0)))
+                pos = m.end()
+        return ids
+
+    def chat_ids_and_mask(self, messages: list[Mapping[str, Any]]) -> tuple[list[int], list[bool]]:
+        """(ids, train_mask) of a whole conversation through the checkpoint's template (no generation
+        prompt), the mask marking the assistant turns: for assistant message i, the text that
+        ``messages[:i + 1]`` renders beyond ``messages[:i]`` with its generation prompt (the reply
+        and the template's end of turn). A token is a target when it starts inside such a span. A
+        template whose renders are not prefixes of one another cannot be labelled so: ValueError."""
+        whole = self.render_chat(messages, add_generation_prompt=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = self.render_chat(messages[:i], add_generation_prompt=True)
+            upto = self.render_chat(messages[:i + 1], add_generation_prompt=False)
+            if not (upto.startswith(prefix) and whole.startswith(upto)):
+                raise ValueError("the chat template renders a conversation's turns differently as it grows "
+                                 "(not prefix-stable), so its assistant tokens cannot be found for SFT")
+            spans.append((len(prefix), len(upto)))
+        ids, offsets = encode(self.tokenizer, whole, add_special_tokens=False)
+        return ids, [any(a <= o < b for a, b in spans) for o in offsets]
+
+    def _as_text(self) -> Tokenizer:
+        """A copy of the tokenizer that encodes special-token strings as ordinary text."""
+        if self._text_tokenizer is None:
+            t = Tokenizer.from_str(self.tokenizer.to_str())
+            t.encode_special_tokens = True
+            self._text_tokenizer = t
+        return self._text_tokenizer
+
+    @property
+    def native(self) -> bool:
+        """Whether chats use gasungbi's own template (the checkpoint has none, or has ours)."""
+        return self.template is None
+
+
+__all__ = ["Conventions", "Encoded", "encode", "is_gasungbi_tokenizer"]
