@@ -1,7 +1,8 @@
 """``gasungbi serve``: the real server as a subprocess on a loopback port, driven by the official
 ``openai`` client (plain, streaming, n > 1, stop, seeds, logprobs), raw HTTP for bad input,
 16 concurrent streaming clients against their sequential runs, cancellation on disconnect,
-the bounded queue (429) and API keys; plus the slot batch itself, in process."""
+the bounded queue (429) and API keys, hostile input (huge prompts, foreign Host and Origin, slow and
+abandoned uploads); plus the slot batch itself, in process."""
 
 import asyncio
 import json
@@ -66,6 +67,8 @@ class Server:
         self.log = checkpoint.parent / f"server-{time.monotonic_ns()}.log"
         base = {k: v for k, v in os.environ.items() if k != "GASUNGBI_API_KEY"}
         env = dict(base, OMP_NUM_THREADS="1", **(env or {}))
+        key = env.get("GASUNGBI_API_KEY")
+        self.auth = {"Authorization": f"Bearer {key}"} if key else {}
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "gasungbi", "serve", str(checkpoint), "--port", "0",
                                           "--threads", "1", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -92,13 +95,14 @@ class Server:
             self.proc.kill()
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics").text
+        text = httpx.get(self.url + "/metrics", headers=self.auth).text
         return {k: float(v) for k, v in re.findall(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    s = Server(checkpoint, "--max-batch", "6")  # 16 concurrent clients: most wait, then join mid-flight
+    # 16 concurrent clients: most wait, then join mid-flight
+    s = Server(checkpoint, "--max-batch", "6", "--body-timeout", "3", "--cors-origin", "http://good.example")
     yield s
     s.close()
 
@@ -261,6 +265,7 @@ def test_echo_logprobs_score_the_prompt(server, client, model, tokenizer):
 # bad input
 # ---------------------------------------------------------------------------------------------
 
+JSON = {"Content-Type": "application/json"}
 BAD = [  # (route, body, status, words the message must contain, param)
     ("completions", b"{not json", 400, "not valid JSON", None),
     ("completions", b"", 400, "not valid JSON", None),
@@ -291,6 +296,8 @@ BAD = [  # (route, body, status, words the message must contain, param)
     ("chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "content", "messages.0.content"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x" * 2000}]}, 400, "maximum context length",
      "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x" * 20000}]}, 400, "20,000 characters",
+     "messages"),  # refused before tokenizing
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, ">= 1",
      "max_tokens"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
@@ -305,12 +312,12 @@ BAD = [  # (route, body, status, words the message must contain, param)
 def test_bad_input_gets_an_openai_error_and_the_server_lives(server):
     with httpx.Client(base_url=server.url + "/v1", timeout=30) as http:
         for route, body, status, words, param in BAD:
-            r = (http.post(route, content=body) if isinstance(body, bytes) else http.post(route, json=body))
+            r = http.post(route, content=body, headers=JSON) if isinstance(body, bytes) else http.post(route, json=body)
             assert r.status_code == status, (route, body, r.text)
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"}, err
             assert words.lower() in err["message"].lower() and err["param"] == param, (body, err)
-        big = http.post("completions", content=b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}')
+        big = http.post("completions", content=b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}', headers=JSON)
         assert big.status_code == 413 and "exceeds the limit" in big.json()["error"]["message"]
         r = http.get("completions")
         assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
@@ -318,6 +325,102 @@ def test_bad_input_gets_an_openai_error_and_the_server_lives(server):
         assert r.status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200
     assert not any(k.startswith("gasungbi_requests_total") and 'code="5' in k for k in server.metrics())
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile input: huge prompts, web pages, slow and abandoned uploads
+# ---------------------------------------------------------------------------------------------
+
+def test_health_answers_while_huge_prompts_are_refused(server):
+    """Prompts far beyond the context are refused before tokenizing; those that might fit are
+    tokenized off the event loop, so /health answers meanwhile."""
+    huge = {"prompt": "the quick brown fox 안녕 " * 150_000}  # 3.6 MB: seconds of tokenizing
+    many = {"prompt": ["the quick brown fox 안녕 " * 700] * 60}  # 60 x 16 kB, each might fit: tokenized
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as ac:
+            async def health():
+                await asyncio.sleep(0.3)
+                worst = 0.0
+                for _ in range(15):
+                    t = time.perf_counter()
+                    assert (await ac.get(server.url + "/health")).status_code == 200
+                    worst = max(worst, time.perf_counter() - t)
+                    await asyncio.sleep(0.1)
+                return worst
+
+            posts = [ac.post(server.url + "/v1/completions", json=b) for b in (huge, huge, many, many, many, many)]
+            return await asyncio.gather(health(), *posts)
+
+    worst, *answers = asyncio.run(run())
+    assert worst < 0.5, worst
+    assert all(r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded" for r in answers)
+    assert "characters" in answers[0].json()["error"]["message"]  # refused by its length alone
+
+
+def test_web_pages_cannot_drive_the_server(server):
+    """Bound to loopback: loopback Host names only (DNS rebinding); a foreign Origin is refused
+    (cross-site requests) unless --cors-origin allows it; bodies must be application/json."""
+    body = {"prompt": "x", "max_tokens": 2}
+    port = server.url.rsplit(":", 1)[1]
+    r = httpx.get(server.url + "/health", headers={"Host": f"evil.example:{port}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed"
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]", "app.localhost"):
+        assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 200, host
+    for origin in ("http://evil.example", "null", f"http://evil.example:{port}"):
+        r = httpx.post(server.url + "/v1/completions", content=json.dumps(body), headers={
+            "Origin": origin, "Content-Type": "text/plain"})  # what a page may send cross-site unasked
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", (origin, r.text)
+        assert httpx.get(server.url + "/v1/models", headers={"Origin": origin}).status_code == 403
+    r = httpx.post(server.url + "/v1/completions", content=json.dumps(body), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    assert httpx.post(server.url + "/v1/completions", content=json.dumps(body)).status_code == 415
+    assert httpx.post(server.url + "/v1/completions", json=body, headers={"Origin": server.url}).status_code == 200
+    # an allowed origin: preflight, then the request, both with CORS headers
+    pre = {"Origin": "http://good.example", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"}
+    r = httpx.options(server.url + "/v1/chat/completions", headers=pre)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://good.example"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert set(r.headers["access-control-allow-headers"].split(",")) >= {"authorization", "content-type"}
+    r = httpx.options(server.url + "/v1/chat/completions", headers=dict(pre, Origin="http://evil.example"))
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    r = httpx.post(server.url + "/v1/completions", json=body, headers={"Origin": "http://good.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://good.example"
+
+
+def test_slow_and_abandoned_uploads(server):
+    """A half-sent body gets 408 after --body-timeout; a client hanging up mid-body is one log line."""
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 1000\r\n\r\n{{\"prompt\": ").encode()
+    logged = len(server.log.read_text())
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head)
+        s.settimeout(20)
+        t = time.monotonic()
+        answer = b""
+        while chunk := s.recv(65536):  # the server answers, then closes the connection
+            answer += chunk
+        assert 2.5 < time.monotonic() - t < 10, time.monotonic() - t
+    assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer, answer
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head)
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while "hung up" not in server.log.read_text()[logged:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = server.log.read_text()[logged:]
+    assert log.count("hung up after 11 of 1,000 bytes") == 1 and "Traceback" not in log, log
+    assert len(log.strip().splitlines()) == 1, log
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_listening_beyond_loopback_without_a_key_warns():
+    from gasungbi.serve.commands import exposure_warning
+    assert "no API key" in exposure_warning("0.0.0.0", None) and "no API key" in exposure_warning("::", None)
+    assert exposure_warning("0.0.0.0", "k") is None
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +533,9 @@ def test_queue_full_is_429_and_api_keys_are_checked(checkpoint):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         key = {"Authorization": "Bearer s3cret"}
         assert httpx.get(v1 + "/models", headers=key).status_code == 200
-        assert httpx.get(s.url + "/health").status_code == 200 and httpx.get(s.url + "/metrics").status_code == 200
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert httpx.get(s.url + "/metrics").status_code == 401  # the key guards the metrics too
+        assert httpx.get(s.url + "/metrics", headers=key).status_code == 200
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=v1, api_key="wrong", max_retries=0).models.list()
 
@@ -449,14 +554,12 @@ def test_queue_full_is_429_and_api_keys_are_checked(checkpoint):
 
 
 def test_api_key_flag_wins_over_the_environment(monkeypatch):
-    import argparse
-
     from gasungbi.serve.commands import api_key_of
     monkeypatch.setenv("GASUNGBI_API_KEY", "from-env")
-    assert api_key_of(argparse.Namespace(api_key=None)) == "from-env"
-    assert api_key_of(argparse.Namespace(api_key="flag")) == "flag"
+    assert api_key_of(None) == "from-env"
+    assert api_key_of("flag") == "flag"
     monkeypatch.delenv("GASUNGBI_API_KEY")
-    assert api_key_of(argparse.Namespace(api_key=None)) is None
+    assert api_key_of(None) is None
 
 
 def test_cli_reports_a_busy_port(checkpoint, capsys):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from tyro.conf import OmitArgPrefixes
+from tyro.conf import OmitArgPrefixes, UseAppendAction
 
 from gasungbi.errors import UserError
 from gasungbi.infer.commands import ModelArgs, conventions_for
@@ -21,10 +21,21 @@ def api_key_of(flag: str | None) -> str | None:
     return key or None
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning printed when the server listens on ``host`` beyond this machine with no API key."""
+    from gasungbi.serve.app import is_loopback
+    if api_key or is_loopback(host):
+        return None
+    return (f"warning: listening on {host} with no API key: anyone who can reach this address can use the model "
+            f"(set --api-key or ${API_KEY_ENV})")
+
+
 def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0.1", port: int = 8000,
               model_name: str | None = None, api_key: str | None = None, max_batch: int = 16,
               max_len: int | None = None, max_queue: int = 64, max_prefill_tokens: int = 4096,
               max_body_bytes: int = 4 * 2**20, threads: int = 0, special_tokens_in_content: bool = False,
+              body_timeout: float = 30.0, allowed_host: Annotated[tuple[str, ...], UseAppendAction] = (),
+              cors_origin: Annotated[tuple[str, ...], UseAppendAction] = (),
               log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning") -> int:
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)
     with continuous batching, streaming and a chat page at /.
@@ -34,7 +45,7 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
         host: address to bind (127.0.0.1: this machine only)
         port: port (0: any free one; the address is printed)
         model_name: the model id clients send (default: the checkpoint's folder name)
-        api_key: require 'Authorization: Bearer KEY' on /v1 routes (default: $GASUNGBI_API_KEY if set)
+        api_key: require 'Authorization: Bearer KEY' on /v1 routes and /metrics (default: $GASUNGBI_API_KEY if set)
         max_batch: sequences decoded together (cache rows)
         max_len: cache slots per sequence: prompt + max_tokens limit (default: the context, at most 4096)
         max_queue: sequences allowed to wait for a row; beyond that requests get 429
@@ -42,12 +53,15 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
         max_body_bytes: largest request body
         threads: torch CPU threads (0: torch's choice)
         special_tokens_in_content: read special-token text in chat messages as control tokens (unsafe: lets a message forge turns)
+        body_timeout: seconds a client may take to send its request body (408 after)
+        allowed_host: a Host name to answer besides loopback ones (with none given, a non-loopback bind answers any)
+        cors_origin: a web origin (http://host:port) whose pages may call the API (CORS); '*' for any
         log_level: uvicorn's log level
     """
     try:
         import uvicorn
 
-        from gasungbi.serve.app import ServeConfig, create_app
+        from gasungbi.serve.app import ServeConfig, create_app, is_loopback
     except ImportError as e:
         raise UserError(f"serving needs {e.name}, a dependency of gasungbi: pip install -e . (or pip install gasungbi)") \
             from None
@@ -63,6 +77,17 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
                         ("max_prefill_tokens", max_prefill_tokens), ("max_body_bytes", max_body_bytes)):
         if value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if body_timeout <= 0:
+        raise UserError(f"--body-timeout must be > 0, got {body_timeout}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    host, port = sock.getsockname()[:2]
+    allowed = None if not is_loopback(host) and not allowed_host else allowed_host  # None: any Host
     if threads:
         torch.set_num_threads(threads)
     conventions = conventions_for(model.checkpoint, required=True)
@@ -75,22 +100,18 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
     scheduler.warmup()
     name = model_name or Path(model.checkpoint).resolve().name
     app = create_app(scheduler, conventions.tokenizer,
-                     ServeConfig(name, api_key_of(api_key), max_body_bytes, special_tokens_in_content), conventions)
+                     ServeConfig(name, api_key_of(api_key), max_body_bytes, special_tokens_in_content,
+                                 body_timeout=body_timeout, allowed_hosts=allowed, cors_origins=cors_origin),
+                     conventions)
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(2048)
-    host, port = sock.getsockname()[:2]
     dtype = next(net.parameters()).dtype
     cache = KVCache.bytes_per_token(cfg, dtype) * max_batch * max_len
     print(f"gasungbi serve: {name} at http://{host}:{port} ({max_batch} sequences x {max_len} tokens, "
           f"KV cache {format_bytes(cache)}; api key {'required' if api_key_of(api_key) else 'off'})",
           file=sys.stderr, flush=True)
+    if warning := exposure_warning(host, api_key_of(api_key)):
+        print(warning, file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
     return 0

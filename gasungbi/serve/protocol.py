@@ -1,7 +1,7 @@
 """The OpenAI request bodies we accept, the checks on them, and the OpenAI error shape.
 
-Bodies are read by hand (:func:`read_body`: the size limit first, then strict validation) so that
-no input reaches the model unchecked. Validation is strict (a string where a number belongs is an
+Bodies are read by hand (:func:`read_body`: JSON only, the size limit, a time limit, then strict
+validation) so that no input reaches the model unchecked. Validation is strict (a string where a number belongs is an
 error, not a conversion); fields we do not implement (``user``, ``logit_bias``,
 ``presence_penalty``...) are ignored, as other OpenAI-compatible servers do. ``top_k``, ``min_p``,
 ``repetition_penalty`` and ``ignore_eos`` are accepted as extensions under vLLM's names.
@@ -9,12 +9,17 @@ error, not a conversion); fields we do not implement (``user``, ``logit_bias``,
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.requests import ClientDisconnect
 
 from gasungbi.infer.sampling import SamplingParams
+
+log = logging.getLogger("gasungbi.serve")
 
 MAX_N = 64
 MAX_LOGPROBS = 20
@@ -120,18 +125,40 @@ def validation_error(e: ValidationError) -> ApiError:
 
 # --- reading and checking a request ----------------------------------------------------------
 
-async def read_body(request, model_cls: type[_Body], limit: int) -> _Body:
-    """``request``'s body (at most ``limit`` bytes, else 413) validated as ``model_cls`` (else 400)."""
+async def read_body(request, model_cls: type[_Body], limit: int, timeout: float) -> _Body:
+    """``request``'s JSON body validated as ``model_cls`` (else 400): 415 if it is not
+    ``application/json``, 413 beyond ``limit`` bytes, 408 if it takes over ``timeout`` seconds to arrive.
+    A client that hangs up mid-body is logged in one line (499, never sent)."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"the request body must be JSON sent as 'Content-Type: application/json', "
+                            f"not {kind or 'no content type'!r}", code="unsupported_media_type")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {int(declared):,} bytes exceeds the limit of {limit:,} bytes",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit:,} bytes", code="request_too_large")
-        chunks.append(chunk)
+
+    async def read():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit:,} bytes", code="request_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s ({size:,} bytes came)",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        client = request.client
+        log.warning("%s hung up after %s of %s bytes of its %s body", f"{client.host}:{client.port}" if client
+                    else "a client", f"{size:,}", f"{int(declared):,}" if declared.isdigit() else "?",
+                    request.url.path)
+        raise ApiError(499, "the client hung up while sending its request body", code="client_closed_request") \
+            from None
     try:
         return model_cls.model_validate_json(b"".join(chunks))
     except ValidationError as e:
@@ -197,3 +224,21 @@ def check_context(L: int, max_tokens: int, limit: int, param: str) -> None:
                             f"tokens and max_tokens is {max_tokens} ({L + max_tokens} in all): shorten the "
                             f"{param} or lower max_tokens", param=param if L > limit else "max_tokens",
                        code="context_length_exceeded")
+
+
+MAX_CHARS_PER_TOKEN = 64  # generous: a token of a real vocabulary rarely spans more characters
+
+
+def check_prompt_size(prompt, limit: int, param: str) -> None:
+    """Refuse a prompt that cannot fit the ``limit`` cache slots before spending seconds tokenizing
+    it: a token-id list longer than ``limit``, or a text of more characters than ``limit`` tokens of
+    :data:`MAX_CHARS_PER_TOKEN` characters hold. ``prompt``: a text, an id list, or a list of either."""
+    single = isinstance(prompt, str) or bool(prompt and isinstance(prompt[0], int))
+    for p in [prompt] if single else prompt:
+        if isinstance(p, str) and len(p) > limit * MAX_CHARS_PER_TOKEN:
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the {param} of "
+                                f"{len(p):,} characters is far longer: shorten the {param}", param=param,
+                           code="context_length_exceeded")
+        if isinstance(p, list) and len(p) > limit:
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the {param} has "
+                                f"{len(p):,} tokens: shorten the {param}", param=param, code="context_length_exceeded")

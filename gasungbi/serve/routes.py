@@ -1,7 +1,7 @@
-"""The server's routes: ``router`` (the page, health, metrics) and ``v1`` (the OpenAI API, behind
-the API key when one is set). What they serve is read from ``request.app.state``
-(``scheduler``, ``tokenizer``, ``conventions``, ``tokens``, ``config``, ``outboxes``, ``page``, ``created``:
-set by :func:`gasungbi.serve.app.create_app`).
+"""The server's routes: ``router`` (the page, health, metrics) and ``v1`` (the OpenAI API); /v1 and
+/metrics are behind the API key when one is set. What they serve is read from ``request.app.state``
+(``scheduler``, ``tokenizer``, ``conventions``, ``tokens``, ``config``, ``outboxes``, ``tokenizing``, ``page``,
+``created``: set by :func:`gasungbi.serve.app.create_app`).
 
 Each generation route checks its body, builds the scheduler's sequences and an OpenAI
 :class:`~gasungbi.serve.openai_format.Reply`, and hands both to :func:`~gasungbi.serve.respond.respond`.
@@ -9,6 +9,8 @@ Each generation route checks its body, builds the scheduler's sequences and an O
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 
 from fastapi import APIRouter, Depends, Request
@@ -18,8 +20,8 @@ from gasungbi.data.chat import ROLES
 from gasungbi.serve.metrics import CONTENT_TYPE
 from gasungbi.serve.openai_format import ChatReply, CompletionReply, chat_prompt, encode_prompts, prompt_count
 from gasungbi.serve.protocol import (COMPLETION_MAX_TOKENS, MAX_LOGPROBS, ApiError, ChatRequest, CompletionRequest,
-                                     check_context, check_max_tokens, check_model, include_usage, read_body,
-                                     sampling_of, seed_of, stops_of)
+                                     check_context, check_max_tokens, check_model, check_prompt_size, include_usage,
+                                     read_body, sampling_of, seed_of, stops_of)
 from gasungbi.serve.respond import channel, respond
 from gasungbi.serve.scheduler import Sequence
 
@@ -27,7 +29,7 @@ router = APIRouter()
 
 
 async def authorize(request: Request) -> None:
-    """With an API key configured, /v1 routes need ``Authorization: Bearer <key>`` (401 otherwise)."""
+    """With an API key configured, /v1 routes and /metrics need ``Authorization: Bearer <key>`` (401 otherwise)."""
     key = request.app.state.config.api_key
     if key is None:
         return
@@ -37,6 +39,12 @@ async def authorize(request: Request) -> None:
 
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+
+async def off_loop(request: Request, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in the app's tokenizing threads, so that the event loop keeps answering."""
+    work = functools.partial(fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(request.app.state.tokenizing, work)
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -51,7 +59,7 @@ async def health(request: Request):
     return {"status": "ok", "model": request.app.state.config.model_name}
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(authorize)])
 async def metrics(request: Request):
     return Response(request.app.state.scheduler.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -77,7 +85,7 @@ async def completions(request: Request):
     """Prompt(s) as text or token ids; n, stop, seed, stream, and echo + logprobs to score a prompt."""
     st = request.app.state
     scheduler, name, model_cfg = st.scheduler, st.config.model_name, st.scheduler.model.config
-    req = await read_body(request, CompletionRequest, st.config.max_body_bytes)
+    req = await read_body(request, CompletionRequest, st.config.max_body_bytes, st.config.body_timeout)
     check_model(req.model, name)
     sampling, stop = sampling_of(req), stops_of(req)
     max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
@@ -88,7 +96,8 @@ async def completions(request: Request):
     if n_prompts * req.n > scheduler.max_queue:
         raise ApiError(400, f"{n_prompts} prompts x n={req.n} sequences exceed the server's queue of "
                             f"{scheduler.max_queue}", param="n")
-    prompts = encode_prompts(st.tokenizer, req.prompt, model_cfg.vocab_size)
+    check_prompt_size(req.prompt, scheduler.max_len, "prompt")  # then tokenize off the event loop
+    prompts = await off_loop(request, encode_prompts, st.tokenizer, req.prompt, model_cfg.vocab_size)
     for p in prompts:
         check_context(len(p.ids), max_tokens, scheduler.max_len, "prompt")
     stop_tokens = [] if req.ignore_eos else st.conventions.eos_ids
@@ -108,7 +117,7 @@ async def chat_completions(request: Request):
     """Messages through the model's chat template; n, stop, seed, logprobs, streaming."""
     st = request.app.state
     scheduler, name, model_cfg = st.scheduler, st.config.model_name, st.scheduler.model.config
-    req = await read_body(request, ChatRequest, st.config.max_body_bytes)
+    req = await read_body(request, ChatRequest, st.config.max_body_bytes, st.config.body_timeout)
     check_model(req.model, name)
     sampling, stop = sampling_of(req), stops_of(req)
     if not req.messages:
@@ -121,8 +130,10 @@ async def chat_completions(request: Request):
     if k is not None and (not req.logprobs or not 0 <= k <= MAX_LOGPROBS):
         raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}] and needs 'logprobs': true",
                        param="top_logprobs")
-    ids = chat_prompt(st.conventions, [{"role": m.role, "content": m.text()} for m in req.messages],
-                      content_as_text=not st.config.special_tokens_in_content)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    check_prompt_size("".join(m["content"] for m in messages), scheduler.max_len, "messages")
+    ids = await off_loop(request, chat_prompt, st.conventions, messages,
+                         content_as_text=not st.config.special_tokens_in_content)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # the rest of the context
         if len(ids) >= scheduler.max_len:
