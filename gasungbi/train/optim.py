@@ -7,6 +7,8 @@
   projections, FFNs, and each routed expert, batched over the expert dimension); embeddings,
   output head, router, norms and biases stay on AdamW, as modded-nanogpt does.
   Deviation: Newton-Schulz runs in fp32 on CPU (bf16 is slow there) and bf16 on CUDA.
+* ``moments="bf16"``: AdamW's first and second moments stored in BF16, computed in FP32, as
+  DeepSeek-V3 does (Sec. 3.3.3); master weights stay FP32. Muon's momentum stays FP32.
 """
 
 from __future__ import annotations
@@ -58,6 +60,39 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"] * scale)
 
 
+class AdamWBF16Moments(torch.optim.Optimizer):
+    """AdamW (decoupled decay, bias-corrected) whose ``exp_avg``/``exp_avg_sq`` are kept in BF16:
+    each step reads them to FP32, updates, and rounds them back (half the optimizer memory)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["step"] += 1
+                t = state["step"].item()
+                g = p.grad.float()
+                m = state["exp_avg"].float().lerp_(g, 1 - b1)
+                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+                p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - b1 ** t))
+
+
 def _split_params(model: nn.Module) -> tuple[list, list, list]:
     """(hidden matrices, other decayed matrices, no-decay params)."""
     hidden, other, no_decay = [], [], []
@@ -74,21 +109,29 @@ def _split_params(model: nn.Module) -> tuple[list, list, list]:
 
 
 def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float = 0.1,
-                     betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02) -> list[torch.optim.Optimizer]:
+                     betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02,
+                     moments: str = "fp32") -> list[torch.optim.Optimizer]:
     """``adamw``: one AdamW; ``muon``: Muon for hidden matrices + AdamW for the rest.
+    ``moments``: ``fp32``, or ``bf16`` for :class:`AdamWBF16Moments` in place of AdamW.
 
     Each param group remembers its base ``initial_lr`` so that schedules multiply it.
     """
     hidden, other, no_decay = _split_params(model)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    if moments not in ("fp32", "bf16"):
+        raise ValueError(f"unknown moments dtype {moments!r}; choose fp32 or bf16")
+
+    def adamw(groups, **kw):
+        return AdamWBF16Moments(groups, **kw) if moments == "bf16" else torch.optim.AdamW(groups, **kw, **fused)
+
     if name == "adamw":
-        opt = torch.optim.AdamW([{"params": hidden + other, "weight_decay": weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, **fused)
+        opt = adamw([{"params": hidden + other, "weight_decay": weight_decay},
+                     {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
         opts = [opt]
     elif name == "muon":
         opts = [Muon(hidden, lr=muon_lr),
-                torch.optim.AdamW([{"params": other, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, **fused)]
+                adamw([{"params": other, "weight_decay": weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)]
     else:
         raise ValueError(f"unknown optimizer {name!r}; choose adamw or muon")
     for opt in opts:

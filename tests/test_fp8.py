@@ -1,0 +1,186 @@
+"""FP8 (issue 14): block-scaled quantizers, the FP8 Linear and its gradients, the model pass,
+BF16 AdamW moments, DeepSeek's FP8 checkpoint format, and the planner's FP8 peak."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from gasungbi.config import get_preset
+from gasungbi.model.transformer import build_model
+from gasungbi.train import fp8
+
+E4M3_EPS = 2.0 ** -4  # half an ulp of E4M3's 3-bit mantissa: the relative rounding error of one value
+
+
+def reference_quantize(x: torch.Tensor, br: int, bc: int):
+    """The published recipe, one block at a time: zero-pad the block, s = max|block| / 448, q = x / s."""
+    M, K = x.shape
+    scale = torch.empty(-(-M // br), -(-K // bc))
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            blk = torch.zeros(br, bc)
+            part = x[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
+            blk[:part.shape[0], :part.shape[1]] = part
+            s = blk.abs().max() / 448.0
+            scale[i, j] = s
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (part / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+@pytest.mark.parametrize("block", [(1, 128), (128, 128)])
+def test_quantize_matches_reference_on_ragged_shapes(block):
+    torch.manual_seed(0)
+    x = torch.randn(130, 260) * torch.logspace(-3, 2, 260)  # channels of very different magnitude
+    q, s = fp8.quantize(x, block)
+    rq, rs = reference_quantize(x, *block)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape
+    assert s.dtype == torch.float32 and s.shape == (-(-130 // block[0]), 3)  # 260 = 2 x 128 + a ragged 4
+    assert torch.equal(s, rs)
+    assert torch.equal(q.float(), rq.float())
+    # every tile's largest magnitude lands on the top of the E4M3 range, and x ~ q * s
+    assert q.float().abs().amax().item() == 448.0
+    err = (fp8.dequantize(q, s, block) - x).abs() / x.abs().clamp(min=1e-30)
+    big = x.abs() > fp8.expand_scale(s, block, *x.shape) * 2.0 ** -6  # normal E4M3 range
+    assert err[big].max().item() <= E4M3_EPS
+
+
+def test_e4m3_saturates_at_448_and_keeps_subnormals():
+    x = torch.tensor([1e6, -1e6, 500.0, 449.0, 448.0, float("inf"), 3 * 2.0 ** -9, 2.0 ** -9, 2.0 ** -11, 0.0])
+    got = fp8.to_e4m3(x).float()
+    assert got[:6].tolist() == [448.0, -448.0, 448.0, 448.0, 448.0, 448.0]
+    # E4M3 subnormals are k * 2^-9: 3 * 2^-9 and 2^-9 are exact, 2^-11 rounds to zero
+    assert got[6:].tolist() == [3 * 2.0 ** -9, 2.0 ** -9, 0.0, 0.0]
+    # a tile with max 448 has scale 1: its small values become subnormals, not zero
+    tile = torch.zeros(1, 128)
+    tile[0, 0], tile[0, 1], tile[0, 2] = 448.0, 5 * 2.0 ** -9, 2.0 ** -12
+    q, s = fp8.quantize(tile, (1, 128))
+    assert s.item() == 1.0 and q.float()[0, :3].tolist() == [448.0, 5 * 2.0 ** -9, 0.0]
+    # an all-zero tile gets a finite scale and zeros
+    q, s = fp8.quantize(torch.zeros(2, 128), (1, 128))
+    assert torch.isfinite(s).all() and not q.float().any()
+
+
+def test_scale_rounding():
+    torch.manual_seed(1)
+    x = torch.randn(4, 256) * 3
+    amax = x.abs().view(4, 2, 128).amax(-1)
+    _, s = fp8.quantize(x, (1, 128))
+    assert torch.equal(s, amax / 448.0)  # FP32 division, no rounding of the scale
+    q2, s2 = fp8.quantize(x, (1, 128), pow2_scales=True)
+    assert torch.equal(s2, torch.exp2(torch.log2(s2).round()))  # powers of two
+    assert (s2 >= amax / 448).all() and (s2 < 2 * amax / 448).all()  # rounded up: no saturation
+    # x / s is exact for a power-of-two s: only the E4M3 rounding of x / s remains
+    assert torch.equal(q2.float(), (x / fp8.expand_scale(s2, (1, 128), 4, 256)).to(torch.float8_e4m3fn).float())
+
+
+def test_emulated_gemm_is_the_chunked_fp32_product():
+    torch.manual_seed(2)
+    a, b = torch.randn(33, 300), torch.randn(20, 300)
+    (qa, sa), (qb, sb) = fp8.quantize(a, (1, 128)), fp8.quantize(b, (128, 128))
+    got = fp8.fp8_gemm_emulated(qa, sa, (1, 128), qb, sb, (128, 128))
+    da, db = fp8.dequantize(qa, sa, (1, 128)).double(), fp8.dequantize(qb, sb, (128, 128)).double()
+    want = sum(da[:, k:k + 128] @ db[:, k:k + 128].t() for k in range(0, 300, 128))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_linear_output_and_gradients_vs_fp32():
+    torch.manual_seed(3)
+    x = torch.randn(2, 150, 200, requires_grad=True)
+    w = (torch.randn(96, 200) * 0.05).requires_grad_()
+    b = torch.randn(96, requires_grad=True)
+    lin = fp8.Fp8Linear(200, 96)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    y = lin(x)
+    y0 = torch.nn.functional.linear(x, w, b)
+    g = torch.randn_like(y)
+    dx, dw, db = torch.autograd.grad(y, (x, lin.weight, lin.bias), g)
+    dx0, dw0, db0 = torch.autograd.grad(y0, (x, w, b), g)
+    # one product of two E4M3 values carries up to ~2 x 2^-4 relative error; random signs average
+    # it over the dot product, so the relative error of the result is about its RMS
+    bound = 2 * E4M3_EPS
+    for got, want in ((y, y0), (dx, dx0), (dw, dw0)):
+        rel = ((got - want).norm() / want.norm()).item()
+        assert 1e-3 < rel < bound, rel  # quantized (not exact), within what FP8 implies
+    torch.testing.assert_close(db, db0)  # the bias is added in high precision
+
+
+def test_backward_gemms_take_fp8_inputs_with_their_tilings():
+    """dX = Q(dY; 1x128) Q(W; 128x128) and dW = Q(dY^T; 1x128) Q(X^T; 1x128) with X read back from
+    its FP8 forward copy: the gradients equal these products of dequantized operands."""
+    torch.manual_seed(4)
+    x = torch.randn(160, 256, requires_grad=True)
+    w = (torch.randn(136, 256) * 0.1).requires_grad_()
+    y = fp8.fp8_linear(x, w)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+
+    def dq(t, block):
+        return fp8.dequantize(*fp8.quantize(t, block), block).double()
+
+    w_q = dq(w.detach(), (128, 128))
+    assert torch.allclose(dx.double(), dq(g, (1, 128)) @ w_q, rtol=1e-4, atol=1e-4)
+    x_fwd = dq(x.detach(), (1, 128)).float()  # the FP8 copy the forward cached
+    want_dw = dq(g.t().contiguous(), (1, 128)) @ dq(x_fwd.t().contiguous(), (1, 128)).t()
+    assert torch.allclose(dw.double(), want_dw, rtol=1e-4, atol=1e-4)
+
+
+def test_apply_fp8_swaps_the_right_modules_and_trains():
+    cfg = get_preset("debug")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = build_model(cfg, seed=0)
+    model = build_model(cfg, seed=0)
+    keys = list(model.state_dict())
+    params = {n: id(p) for n, p in model.named_parameters()}
+    fp8.apply_fp8(model)
+    assert list(model.state_dict()) == keys  # same names: checkpoints unchanged
+    assert {n: id(p) for n, p in model.named_parameters()} == params  # same tensors
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["lm_head"] == "Linear" and kinds["model.embed_tokens"] == "Embedding"
+    assert kinds["model.layers.1.mlp.gate"] == "Router" and kinds["model.norm"] == "RMSNorm"
+    assert kinds["model.layers.0.self_attn.kv_b_proj"] == "Fp8Linear"
+    assert kinds["model.layers.0.self_attn.o_proj"] == "Fp8Linear"
+    assert kinds["model.layers.0.mlp.gate_proj"] == "Fp8Linear"  # dense MLP
+    assert kinds["model.layers.1.mlp.shared_experts.down_proj"] == "Fp8Linear"
+    assert kinds["model.layers.1.mlp.experts"] == "Fp8Experts"
+    assert kinds["model.mtp.0.eh_proj"] == "Fp8Linear"
+    out, out0 = model(ids), ref(ids)
+    assert not torch.equal(out, out0)
+    assert ((out - out0).norm() / out0.norm()).item() < 0.05
+    loss = out.logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in model.named_parameters()
+               if "mtp" not in n and "e_score" not in n)
+
+
+def test_fp8_under_bf16_autocast_returns_bf16():
+    lin = fp8.Fp8Linear(128, 64)
+    x = torch.randn(8, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32
+
+
+def test_adamw_bf16_moments_tracks_fp32_adamw():
+    from gasungbi.train.optim import AdamWBF16Moments, build_optimizers
+
+    torch.manual_seed(5)
+    w0 = torch.randn(64, 32)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    oa = torch.optim.AdamW([a], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ob = AdamWBF16Moments([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(20):
+        g = torch.randn(64, 32)
+        a.grad, b.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    assert ob.state[b]["exp_avg"].dtype == torch.bfloat16 and ob.state[b]["exp_avg_sq"].dtype == torch.bfloat16
+    assert b.dtype == torch.float32
+    assert ((a - b).norm() / (a - w0).norm()).item() < 0.02
+    opts = build_optimizers(build_model(get_preset("debug"), seed=0), "adamw", 1e-3, moments="bf16")
+    assert isinstance(opts[0], AdamWBF16Moments)
