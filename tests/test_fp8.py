@@ -3,8 +3,10 @@ BF16 AdamW moments, DeepSeek's FP8 checkpoint format, and the planner's FP8 peak
 
 from __future__ import annotations
 
-import torch
+import math
+
 import pytest
+import torch
 
 from gasungbi.config import get_preset
 from gasungbi.model.transformer import build_model
@@ -184,3 +186,29 @@ def test_adamw_bf16_moments_tracks_fp32_adamw():
     assert ((a - b).norm() / (a - w0).norm()).item() < 0.02
     opts = build_optimizers(build_model(get_preset("debug"), seed=0), "adamw", 1e-3, moments="bf16")
     assert isinstance(opts[0], AdamWBF16Moments)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from gasungbi.data.prepare import prepare_corpus
+
+    root = tmp_path_factory.mktemp("fp8data")
+    (root / "corpus.txt").write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(3000)))
+    prepare_corpus(str(root / "corpus.txt"), root / "shards", vocab_size=400, val_fraction=0.1, progress=False)
+    return root / "shards"
+
+
+def test_train_with_precision_fp8_and_bf16_moments(shards, tmp_path):
+    from gasungbi.interop.hf import load_model
+    from gasungbi.train.trainer import TrainConfig, train
+
+    def run(out, **kw):
+        return train(TrainConfig(data=str(shards), out_dir=str(tmp_path / out), model="debug", batch_size=4, seq_len=32,
+                                 max_steps=4, warmup_steps=1, eval_interval=0, eval_batches=2, ckpt_interval=0,
+                                 log_interval=1, progress=False, sample_tokens=2, device="cpu", price_per_hour=1.0, **kw))
+
+    base = run("fp32")
+    low = run("fp8", precision="fp8", adam_moments="bf16")
+    assert math.isfinite(low["val_loss"]) and abs(low["val_loss"] - base["val_loss"]) / base["val_loss"] < 0.02
+    model = load_model(low["checkpoint"])  # an FP8-trained checkpoint is a plain one
+    assert {type(m).__name__ for m in model.modules()}.isdisjoint({"Fp8Linear", "Fp8Experts"})

@@ -15,11 +15,14 @@ with one update the ratio is 1 and the clip is inactive, as in R1's setting).
 
 Deviations, stated: the reference model is the initial checkpoint and is never refreshed; the
 routing bias of MoE layers is frozen during RL (no balancing updates); rollouts use the same
-weights in fp32 (no separate inference engine), so pi_old is exact.
+weights in fp32 (no separate inference engine), so pi_old is exact. ``precision``: ``bf16`` runs the
+log-probability forwards (pi_old and the update) under bf16 autocast; ``fp8`` swaps in DeepSeek-V3's
+block-scaled FP8 GEMMs (:mod:`gasungbi.train.fp8`) for rollouts and updates alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -71,6 +74,8 @@ class GRPOConfig:
     price_per_hour: float | None = None  # dollars per device-hour
     resume: bool = False  # continue from the newest checkpoint in out_dir
     progress: bool = True  # show a progress bar
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"  # bf16: autocast for the policy's log-probabilities; fp8: DeepSeek-V3's block-scaled FP8 GEMMs (emulated off CUDA)
+    adam_moments: Literal["fp32", "bf16"] = "fp32"  # dtype of AdamW's moments (DeepSeek-V3 keeps them in bf16)
 
     def validate(self) -> None:
         if not self.init_from:
@@ -80,6 +85,8 @@ class GRPOConfig:
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16", "fp8"):
+            raise ValueError(f"precision={self.precision!r}; choose fp32, bf16 or fp8")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages compare completions within a group")
         get_family(self.task)
@@ -165,8 +172,13 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
     else:
         policy, state = load_model(cfg.init_from, device=device, dtype=torch.float32), None
     reference = load_model(cfg.init_from, device=device, dtype=torch.float32) if cfg.beta > 0 else None
+    if cfg.precision == "fp8":
+        from gasungbi.train.fp8 import apply_fp8
+        apply_fp8(policy)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+           else contextlib.nullcontext())
     policy.train()
-    opt = build_optimizers(policy, "adamw", cfg.lr, weight_decay=0.0)[0]
+    opt = build_optimizers(policy, "adamw", cfg.lr, weight_decay=0.0, moments=cfg.adam_moments)[0]
     reward_fn, accuracy_fn = load_reward(cfg.reward), load_reward("accuracy")
     family = cfg.task
     pool = make_split(family, max(1000, cfg.steps * cfg.prompts_per_step), cfg.difficulty, seed=cfg.seed, split="train")
@@ -210,11 +222,13 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
                                device=device).view(cfg.prompts_per_step, cfg.group_size)
         adv = group_advantages(rewards, cfg.variant).flatten()
         with torch.no_grad():
-            old_logp, mask = completion_logprobs(policy, group_prompts, completions)
+            with amp:
+                old_logp, mask = completion_logprobs(policy, group_prompts, completions)
             ref_logp = completion_logprobs(reference, group_prompts, completions)[0] if reference is not None else None
         policy.train()
         for _ in range(cfg.updates):
-            logp, _ = completion_logprobs(policy, group_prompts, completions)
+            with amp:
+                logp, _ = completion_logprobs(policy, group_prompts, completions)
             loss, stats = grpo_loss(logp, old_logp, ref_logp, mask, adv, cfg.clip_eps, cfg.beta, cfg.variant,
                                     cfg.max_new_tokens)
             opt.zero_grad(set_to_none=True)

@@ -21,7 +21,8 @@ CPU_PRICE_PER_HOUR = 0.05
 
 
 def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, float | None, str]:
-    """(peak FLOP/s, typical $/hour or None, device name) of one device."""
+    """(peak FLOP/s, typical $/hour or None, device name) of one device; ``float8_e4m3fn`` asks for
+    the catalog's dense FP8 peak (FP8 training)."""
     from gasungbi.plan.measure import measure_matmul_flops
 
     if device.type == "cuda":
@@ -30,7 +31,10 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, float 
         name = torch.cuda.get_device_name(device)
         gpu = load_catalog().match_device(name)
         if gpu is not None:
-            return gpu.bf16_tflops * 1e12, gpu.price_per_hour, name
+            fp8 = dtype == torch.float8_e4m3fn and gpu.fp8_tflops
+            return (gpu.fp8_tflops if fp8 else gpu.bf16_tflops) * 1e12, gpu.price_per_hour, name
+        if dtype == torch.float8_e4m3fn:
+            dtype = torch.bfloat16  # measured as BF16: a GPU missing from the catalog has no FP8 figure
         return _measure_cuda_flops(device, dtype), None, name
     import platform
     name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

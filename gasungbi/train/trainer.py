@@ -7,8 +7,11 @@ text, checkpoints. SIGINT/SIGTERM finish the current step, save a checkpoint and
 ``resume=True`` continues from the newest checkpoint and reproduces the uninterrupted run exactly
 on CPU (same weights, bit for bit).
 
-Precision: fp32 on CPU (bf16 autocast is ~14x slower without AVX512-BF16), bf16 autocast with
-fp32 master weights on CUDA.
+Precision (``precision``): ``auto`` is fp32 on CPU (bf16 autocast is ~14x slower without
+AVX512-BF16) and bf16 autocast with fp32 master weights on CUDA; ``fp32`` and ``bf16`` force one;
+``fp8`` swaps in DeepSeek-V3's block-scaled FP8 GEMMs (:mod:`gasungbi.train.fp8`) after the model is
+built and before the optimizer, with the rest as ``auto``. ``adam_moments=bf16`` keeps AdamW's
+moments in BF16 (V3 Sec. 3.3.3).
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class TrainConfig:
     # hardware
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     compile: bool = False  # torch.compile the training step
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp8: DeepSeek-V3's block-scaled FP8 GEMMs (emulated off CUDA)
+    adam_moments: Literal["fp32", "bf16"] = "fp32"  # dtype of AdamW's moments (DeepSeek-V3 keeps them in bf16)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard)
     price_per_hour: float | None = None  # dollars per device-hour (default: the catalog's, or 0.05 on CPU)
     seed: int = 1337  # seed of initialization and data order
@@ -105,6 +110,10 @@ class TrainConfig:
             bad(f"optimizer={self.optimizer!r}; choose adamw or muon")
         if self.schedule not in ("cosine", "wsd"):
             bad(f"schedule={self.schedule!r}; choose cosine or wsd")
+        if self.precision not in ("auto", "fp32", "bf16", "fp8"):
+            bad(f"precision={self.precision!r}; choose auto, fp32, bf16 or fp8")
+        if self.adam_moments not in ("fp32", "bf16"):
+            bad(f"adam_moments={self.adam_moments!r}; choose fp32 or bf16")
         if self.parallel not in ("ddp", "fsdp"):
             bad(f"parallel={self.parallel!r}; choose ddp or fsdp")
         if self.task not in ("pretrain", "sft"):
@@ -189,7 +198,8 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     if tc.batch_size % world:
         raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {world} processes")
     cuda = info.device.type == "cuda"
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    bf16 = tc.precision == "bf16" or (tc.precision in ("auto", "fp8") and cuda)
+    amp = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     # --- model, optimizer, data, possibly resumed ----------------------------------------------
     torch.manual_seed(tc.seed)
@@ -208,12 +218,16 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     else:
         cfg = tc.model_config(data.vocab_size)
         model = build_model(cfg, device=info.device, seed=tc.seed)
+    if tc.precision == "fp8":
+        from gasungbi.train.fp8 import apply_fp8
+        apply_fp8(model)
     model.train()
     objective = Objective(model, tc.mtp_weight, tc.balance_alpha)
     wrapped = dist.wrap(objective, info, tc.parallel)
     if tc.compile:
         wrapped = torch.compile(wrapped)
-    optimizers = build_optimizers(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.muon_lr)
+    optimizers = build_optimizers(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.muon_lr,
+                                  moments=tc.adam_moments)
     loader = data.train
     if state is not None:
         dist.load_optimizer_state(objective, optimizers, state["optimizers"])
@@ -222,7 +236,8 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         random.setstate(state["rng"]["python"])
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    peak, catalog_price, device_name = device_peak(info.device, torch.bfloat16 if cuda else torch.float32)
+    peak_dtype = torch.float8_e4m3fn if tc.precision == "fp8" and cuda else torch.bfloat16 if bf16 else torch.float32
+    peak, catalog_price, device_name = device_peak(info.device, peak_dtype)
     meter = CostMeter(training_flops_per_token(cfg, tc.seq_len), peak,
                       tc.price_per_hour if tc.price_per_hour is not None else (catalog_price or 0.0), world,
                       elapsed_before=state["meter"]["elapsed"] if state else 0.0,
