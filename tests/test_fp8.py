@@ -212,3 +212,123 @@ def test_train_with_precision_fp8_and_bf16_moments(shards, tmp_path):
     assert math.isfinite(low["val_loss"]) and abs(low["val_loss"] - base["val_loss"]) / base["val_loss"] < 0.02
     model = load_model(low["checkpoint"])  # an FP8-trained checkpoint is a plain one
     assert {type(m).__name__ for m in model.modules()}.isdisjoint({"Fp8Linear", "Fp8Experts"})
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek's FP8 checkpoint format
+# ---------------------------------------------------------------------------------------------
+
+def _published_weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 inference/kernel.py weight_quant, one 128x128 block at a time: s = max|block| / 448,
+    y = x / s in E4M3, s stored as ``weight_scale_inv`` (README_WEIGHTS.md: ragged blocks padded)."""
+    return reference_quantize(w.float(), 128, 128)
+
+
+def _write_dir(path, cfg_json: dict, tensors: dict, tokenizer_from=None):
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg_json))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    for f in ("generation_config.json",):
+        if tokenizer_from is not None and (tokenizer_from / f).exists():
+            shutil.copyfile(tokenizer_from / f, path / f)
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(tmp_path_factory):
+    """A debug checkpoint quantized by the published formula, and its dequantized twin (bf16 written)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from gasungbi.interop.hf import save_model
+
+    root = tmp_path_factory.mktemp("fp8ckpt")
+    cfg = get_preset("debug").replace(hidden_size=160, intermediate_size=200)  # ragged 128-blocks
+    model = build_model(cfg, seed=0)
+    save_model(model, root / "float")
+    hf_cfg = json.loads((root / "float" / "config.json").read_text())
+    tensors = load_file(str(root / "float" / "model.safetensors"))
+    fp8_t, twin = {}, {}
+    for k, v in tensors.items():
+        quantized = (v.dim() == 2 and (k.endswith("_proj.weight") or k.endswith("_proj_with_mqa.weight"))
+                     and "eh_proj" not in k)  # every projection but MTP's eh_proj, as in the release
+        if quantized:
+            q, s = _published_weight_quant(v)
+            fp8_t[k], fp8_t[k + "_scale_inv"] = q, s
+            twin[k] = (q.float() * s.repeat_interleave(128, 0)[:v.shape[0]].repeat_interleave(128, 1)[:, :v.shape[1]])
+        else:  # embedding, head, router, norms, eh_proj: bf16 as in the release
+            fp8_t[k] = twin[k] = v.to(torch.bfloat16)
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    _write_dir(root / "fp8", {**hf_cfg, "quantization_config": qc}, fp8_t, root / "float")
+    _write_dir(root / "twin", hf_cfg, twin, root / "float")
+    return root, model, fp8_t
+
+
+def test_fp8_checkpoint_loads_with_logits_equal_to_its_dequantized_twin(fp8_pair, capsys):
+    from gasungbi.interop.hf import load_model
+
+    root, _, _ = fp8_pair
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    a = load_model(root / "fp8", dtype=torch.float32)
+    assert "dequantized to float32 one at a time; peak process memory" in capsys.readouterr().err
+    b = load_model(root / "twin", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(a(ids), b(ids))
+    assert load_model(root / "fp8").lm_head.weight.dtype == torch.bfloat16  # the default run dtype
+
+
+def test_our_fp8_writer_matches_the_published_formula_and_reloads_equal(fp8_pair, tmp_path):
+    from safetensors.torch import load_file
+
+    from gasungbi.interop.fp8 import fp8_config
+    from gasungbi.interop.hf import load_model, save_model
+
+    root, model, reference = fp8_pair
+    save_model(model, tmp_path / "ours", fp8=True)
+    assert fp8_config(tmp_path / "ours") == {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                                              "activation_scheme": "dynamic"}
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    fp8_names = sorted(k for k, v in reference.items() if v.dtype == torch.float8_e4m3fn)
+    assert sorted(k for k, v in ours.items() if v.dtype == torch.float8_e4m3fn) == fp8_names
+    assert any("experts.3.down_proj" in k for k in fp8_names) and any("kv_b_proj" in k for k in fp8_names)
+    for k in fp8_names:
+        assert torch.equal(ours[k].float(), reference[k].float()), k
+        assert torch.equal(ours[k + "_scale_inv"], reference[k + "_scale_inv"]), k
+        assert ours[k + "_scale_inv"].shape == (-(-ours[k].shape[0] // 128), -(-ours[k].shape[1] // 128))
+    assert ours["model.embed_tokens.weight"].dtype == torch.bfloat16 and "lm_head.weight_scale_inv" not in ours
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "ours", dtype=torch.float32)(ids),
+                           load_model(root / "fp8", dtype=torch.float32)(ids))
+
+
+def test_quantize_command_writes_fp8_and_generate_reads_it(fp8_pair, tmp_path):
+    from gasungbi.infer.commands import quantize_cmd
+    from gasungbi.infer.load import load_for_inference
+
+    root, _, _ = fp8_pair
+    assert quantize_cmd(str(root / "float"), "fp8", str(tmp_path / "q")) == 0
+    model = load_for_inference(tmp_path / "q", device="cpu", quant="int8", report=None)  # FP8 -> int8
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_transformers_reads_our_fp8_checkpoint(fp8_pair, tmp_path):
+    pytest.importorskip("accelerate", reason="transformers loads FP8 checkpoints on a CPU (dequantized to bf16) "
+                                             "only through accelerate, which is not installed here")
+    import transformers
+
+    from gasungbi.interop.hf import load_model, save_model
+
+    root, model, _ = fp8_pair
+    save_model(model, tmp_path / "ours", fp8=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = load_model(tmp_path / "ours", dtype=torch.float32)(ids)
+        torch.testing.assert_close(hf(ids).logits.float(), ref, rtol=0.05, atol=0.05)

@@ -9,6 +9,8 @@ The state-dict adapter between gasungbi's names and the HF checkpoint names:
     ``shared_head.head``); we write those copies for vLLM/SGLang and ignore them on load.
 
 Weights are read with safetensors only; pickle checkpoints (``*.bin``, ``*.pt``) are refused.
+DeepSeek's FP8 checkpoints (E4M3 weights with 128x128 block scales, :mod:`gasungbi.interop.fp8`)
+are read dequantized to the run dtype one tensor at a time, and ``save_model(fp8=True)`` writes them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safetensors.torch import save_file
 
 from gasungbi.config import CheckpointError, ModelConfig, from_hf_config, read_config, to_hf_config  # noqa: F401
 from gasungbi import atomic
+from gasungbi.interop import fp8 as fp8_format
 from gasungbi.model.transformer import Transformer, build_model, from_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -120,12 +123,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     :class:`Transformer`. ``dtype`` defaults to the checkpoint's.
 
     MTP weights are optional: a checkpoint whose config declares MTP modules but stores none
-    (transformers does not save them) loads with ``num_nextn_predict_layers = 0``.
+    (transformers does not save them) loads with ``num_nextn_predict_layers = 0``. A DeepSeek FP8
+    checkpoint is dequantized one tensor at a time to ``dtype`` (default bf16).
     """
     path = Path(path)
     cfg = read_config(path)
     tensors: dict[str, torch.Tensor] = {}
-    for f in _weight_files(path):
+    fp8 = fp8_format.fp8_config(path) is not None
+    if fp8:  # DeepSeek's FP8 format: dequantized while read
+        dtype = dtype or torch.bfloat16
+        tensors = fp8_format.read_fp8(_weight_files(path), device, dtype)
+    for f in [] if fp8 else _weight_files(path):
         try:
             with safe_open(str(f), framework="pt", device=str(device)) as sf:
                 for k in sf.keys():
@@ -157,17 +165,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def save_model(model: Transformer, path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-               max_shard_bytes: int = 5 * 2**30) -> Path:
+               max_shard_bytes: int = 5 * 2**30, fp8: bool = False) -> Path:
     """Write ``model`` as a Hugging Face directory that transformers loads unchanged.
 
     Files are written to temporary names and renamed, so a crash never leaves a half-written
     ``model.safetensors``. Above ``max_shard_bytes`` the weights are sharded with an index.
     ``tokenizer``: a directory (or tokenizer.json) whose tokenizer files are copied alongside.
+    ``fp8``: DeepSeek's FP8 format (projection weights E4M3 with ``_scale_inv`` per 128x128 block,
+    the rest bf16, ``quantization_config`` in config.json).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_hf_state_dict(model).items()}
+    if fp8:
+        tensors = fp8_format.to_fp8_state_dict(tensors)
     # safetensors refuses aliased storage: give every tensor its own
     seen: set[int] = set()
     for k, v in tensors.items():
@@ -177,6 +189,8 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer: str | os.
     dtype = next(iter(tensors.values())).dtype
     hf = to_hf_config(cfg)
     hf["dtype"] = str(dtype).removeprefix("torch.")
+    if fp8:
+        hf["quantization_config"] = dict(fp8_format.QUANTIZATION_CONFIG)
     atomic.write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     atomic.write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
