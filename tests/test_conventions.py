@@ -169,10 +169,10 @@ def test_chat_command_uses_the_checkpoints_template(checkpoints, model):
     assert _run("chat", path, "--max-new-tokens", 12, stdin="hello world\n") == want + "\n"
 
 
-def test_server_encodes_message_content_as_text(checkpoints, model):
+def test_server_encodes_message_content_as_text(checkpoints, model, start_server):
     """A real ``gasungbi serve``: the ChatML checkpoint's template and stops; special-token text in a
     message is text (no forged system turn) unless --special-tokens-in-content."""
-    from test_serve import Server, openai
+    openai = pytest.importorskip("openai")
     path = checkpoints["chatml"]
     hf, conv = _hf_tokenizer(path), Conventions.load(path)
     plain = [{"role": "user", "content": "hello world"}]
@@ -185,17 +185,14 @@ def test_server_encodes_message_content_as_text(checkpoints, model):
     injected = hf.apply_chat_template(forged, add_generation_prompt=True, tokenize=True)["input_ids"]
     assert injected.count(start) == 3  # what the old encoding did: a system turn
     for args, prompt_tokens in (((), len(safe)), (("--special-tokens-in-content",), len(injected))):
-        server = Server(path, *args)
-        try:
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-            if not args:
-                r = client.chat.completions.create(model=path.name, messages=plain, max_tokens=12, temperature=0)
-                want = hf.decode(_hf_greedy(model, ids, 12, hf.eos_token_id), skip_special_tokens=False)
-                assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content == want
-            r = client.chat.completions.create(model=path.name, messages=forged, max_tokens=1)
-            assert r.usage.prompt_tokens == prompt_tokens
-        finally:
-            server.close()
+        server = start_server(path, *args)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        if not args:
+            r = client.chat.completions.create(model=path.name, messages=plain, max_tokens=12, temperature=0)
+            want = hf.decode(_hf_greedy(model, ids, 12, hf.eos_token_id), skip_special_tokens=False)
+            assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content == want
+        r = client.chat.completions.create(model=path.name, messages=forged, max_tokens=1)
+        assert r.usage.prompt_tokens == prompt_tokens
 
 
 def test_sft_labels_a_foreign_template(checkpoints):

@@ -18,27 +18,12 @@ from gasungbi.infer.sampling import SamplingParams, apply_repetition_penalty, dr
 from gasungbi.model.accounting import count_params
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models decode in ~1 ms per token on one thread; with two OpenMP threads on a shared
-    2-core machine every op can wait milliseconds for the other thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
     return gasungbi.build_model(gasungbi.get_preset("debug").replace(initializer_range=0.25), seed=0).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from gasungbi.data.tokenizer import train_tokenizer
-    docs = ["the quick brown fox jumps over the lazy dog. " * 5, "안녕하세요 세계, hello world! " * 5,
-            "def f(x):\n    return x + 1\n" * 5]
-    return train_tokenizer(docs, 400)
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 200, 300, 400], [42]]

@@ -6,19 +6,14 @@ abandoned uploads); plus the slot batch itself, in process."""
 
 import asyncio
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-import gasungbi
-from gasungbi.data.chat import END, encode_chat
+from gasungbi.data.chat import encode_chat
 from gasungbi.infer.generate import generate
 from gasungbi.infer.sampling import SamplingParams
 
@@ -27,95 +22,18 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-DOCS = ["the quick brown fox jumps over the lazy dog. " * 5, "안녕하세요 세계, hello world! " * 5,
-        "def f(x):\n    return x + 1\n" * 5]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from gasungbi.data.tokenizer import train_tokenizer
-    return train_tokenizer(DOCS, 400)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    cfg = gasungbi.get_preset("debug").replace(vocab_size=tokenizer.get_vocab_size(), initializer_range=0.25)
-    return gasungbi.build_model(cfg, seed=0).eval()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(model, tokenizer, tmp_path_factory):
-    from gasungbi.data.tokenizer import save_tokenizer
-    path = tmp_path_factory.mktemp("serve") / "tiny"
-    save_tokenizer(tokenizer, path.parent / "tok")
-    gasungbi.save_model(model, path, tokenizer=path.parent / "tok")
-    return path
-
-
-class Server:
-    """``gasungbi serve`` in a subprocess; ``url`` once /health answers."""
-
-    def __init__(self, checkpoint: Path, *args: str, env: dict | None = None):
-        self.log = checkpoint.parent / f"server-{time.monotonic_ns()}.log"
-        base = {k: v for k, v in os.environ.items() if k != "GASUNGBI_API_KEY"}
-        env = dict(base, OMP_NUM_THREADS="1", **(env or {}))
-        key = env.get("GASUNGBI_API_KEY")
-        self.auth = {"Authorization": f"Bearer {key}"} if key else {}
-        with open(self.log, "w") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "gasungbi", "serve", str(checkpoint), "--port", "0",
-                                          "--threads", "1", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = re.search(r"at (http://127\.0\.0\.1:\d+)", self.log.read_text())
-            if m:
-                self.url = m.group(1)
-                break
-            assert self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.1)
-        else:
-            raise TimeoutError(self.log.read_text())
-        while httpx.get(self.url + "/health").status_code != 200:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"/health did not answer 200 within 60 s\n{self.log.read_text()}")
-            time.sleep(0.05)
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", headers=self.auth).text
-        return {k: float(v) for k, v in re.findall(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint):
+def server(checkpoint, start_server):
     # 16 concurrent clients: most wait, then join mid-flight
-    s = Server(checkpoint, "--max-batch", "6", "--body-timeout", "3", "--cors-origin", "http://good.example")
-    yield s
-    s.close()
+    return start_server(checkpoint, "--max-batch", "6", "--body-timeout", "3", "--cors-origin", "http://good.example")
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def _chat_ref(model, tokenizer, messages, n):
-    ids = encode_chat(tokenizer, messages)
-    stops = [tokenizer.token_to_id(END), model.config.eos_token_id]
-    return generate(model, [ids], max_new_tokens=n, stop_tokens=stops, tokenizer=tokenizer)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +82,7 @@ def test_slot_batch_joins_leaves_and_moves(model):
 # the OpenAI client
 # ---------------------------------------------------------------------------------------------
 
-def test_models_and_plain_requests(server, client, model, tokenizer):
+def test_models_and_plain_requests(server, client, model, tokenizer, chat_ref):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     r = client.completions.create(model="tiny", prompt="hello world", max_tokens=10, temperature=0)
     want = generate(model, "hello world", max_new_tokens=10, tokenizer=tokenizer)[0]
@@ -173,7 +91,7 @@ def test_models_and_plain_requests(server, client, model, tokenizer):
     assert r.usage.completion_tokens == len(want.tokens)
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     c = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
-    want = _chat_ref(model, tokenizer, msgs, 12)
+    want = chat_ref(model, tokenizer, msgs, 12)
     assert c.choices[0].message.role == "assistant" and c.choices[0].message.content == want.text
     assert c.choices[0].finish_reason == want.finish_reason
     assert c.usage.prompt_tokens == len(encode_chat(tokenizer, msgs))
@@ -188,13 +106,13 @@ def test_models_and_plain_requests(server, client, model, tokenizer):
     assert page.status_code == 200 and "<textarea" in page.text and "/v1/chat/completions" in page.text
 
 
-def test_streaming_chat(client, model, tokenizer):
+def test_streaming_chat(client, model, tokenizer, chat_ref):
     msgs = [{"role": "user", "content": "hello"}]
     chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=15, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    want = _chat_ref(model, tokenizer, msgs, 15)
+    want = chat_ref(model, tokenizer, msgs, 15)
     assert text == want.text
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == [want.finish_reason]
@@ -524,33 +442,30 @@ def test_a_client_that_disconnects_is_cancelled(server):
 # a small, locked server: queue limit and API keys
 # ---------------------------------------------------------------------------------------------
 
-def test_queue_full_is_429_and_api_keys_are_checked(checkpoint):
-    s = Server(checkpoint, "--max-batch", "1", "--max-queue", "1", env={"GASUNGBI_API_KEY": "s3cret"})
-    try:
-        v1 = s.url + "/v1"
-        assert httpx.get(v1 + "/models").status_code == 401
-        r = httpx.post(v1 + "/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        key = {"Authorization": "Bearer s3cret"}
-        assert httpx.get(v1 + "/models", headers=key).status_code == 200
-        assert httpx.get(s.url + "/health").status_code == 200
-        assert httpx.get(s.url + "/metrics").status_code == 401  # the key guards the metrics too
-        assert httpx.get(s.url + "/metrics", headers=key).status_code == 200
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=v1, api_key="wrong", max_retries=0).models.list()
+def test_queue_full_is_429_and_api_keys_are_checked(checkpoint, start_server):
+    s = start_server(checkpoint, "--max-batch", "1", "--max-queue", "1", env={"GASUNGBI_API_KEY": "s3cret"})
+    v1 = s.url + "/v1"
+    assert httpx.get(v1 + "/models").status_code == 401
+    r = httpx.post(v1 + "/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    key = {"Authorization": "Bearer s3cret"}
+    assert httpx.get(v1 + "/models", headers=key).status_code == 200
+    assert httpx.get(s.url + "/health").status_code == 200
+    assert httpx.get(s.url + "/metrics").status_code == 401  # the key guards the metrics too
+    assert httpx.get(s.url + "/metrics", headers=key).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=v1, api_key="wrong", max_retries=0).models.list()
 
-        async def flood():
-            body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
-            async with httpx.AsyncClient(timeout=60) as ac:
-                return await asyncio.gather(*(ac.post(v1 + "/completions", json=body, headers=key) for _ in range(5)))
+    async def flood():
+        body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+        async with httpx.AsyncClient(timeout=60) as ac:
+            return await asyncio.gather(*(ac.post(v1 + "/completions", json=body, headers=key) for _ in range(5)))
 
-        codes = [r.status_code for r in asyncio.run(flood())]
-        assert 200 in codes and 429 in codes, codes  # one runs, one waits, the rest are turned away
-        busy = [r for r in asyncio.run(flood()) if r.status_code == 429][0]
-        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "rate_limit_error"
-        assert s.metrics()["gasungbi_requests_rejected_total"] >= 2
-    finally:
-        s.close()
+    codes = [r.status_code for r in asyncio.run(flood())]
+    assert 200 in codes and 429 in codes, codes  # one runs, one waits, the rest are turned away
+    busy = [r for r in asyncio.run(flood()) if r.status_code == 429][0]
+    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "rate_limit_error"
+    assert s.metrics()["gasungbi_requests_rejected_total"] >= 2
 
 
 def test_api_key_flag_wins_over_the_environment(monkeypatch):

@@ -6,7 +6,6 @@ import tempfile
 
 import pytest
 
-from test_serve import Server, _chat_ref, checkpoint, model, one_thread, tokenizer  # noqa: F401
 
 webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -54,26 +53,23 @@ def _say(driver, text: str) -> str:
     return driver.execute_script(LAST_REPLY)
 
 
-def test_chat_page_streams_multi_turn_replies(checkpoint, model, tokenizer, browser):  # noqa: F811
+def test_chat_page_streams_multi_turn_replies(checkpoint, model, tokenizer, browser, start_server, chat_ref, one_thread):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    s = Server(checkpoint)
-    try:
-        browser.get(s.url + "/")
-        WebDriverWait(browser, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model").text)
-        for field, value in (("temperature", "0"), ("max-tokens", "12")):
-            el = browser.find_element(By.ID, field)
-            el.clear()
-            el.send_keys(value)
-        first = _say(browser, "hello")
-        history = [{"role": "user", "content": "hello"}]
-        assert first == _chat_ref(model, tokenizer, history, 12).text and first
-        second = _say(browser, "the quick brown fox")
-        history += [{"role": "assistant", "content": first}, {"role": "user", "content": "the quick brown fox"}]
-        assert second == _chat_ref(model, tokenizer, history, 12).text  # the page sent the whole conversation
-        stats = browser.find_element(By.ID, "stats").text
-        assert "tokens/s" in stats and "first token" in stats, stats
-        assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
-        assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
-    finally:
-        s.close()
+    s = start_server(checkpoint)
+    browser.get(s.url + "/")
+    WebDriverWait(browser, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model").text)
+    for field, value in (("temperature", "0"), ("max-tokens", "12")):
+        el = browser.find_element(By.ID, field)
+        el.clear()
+        el.send_keys(value)
+    first = _say(browser, "hello")
+    history = [{"role": "user", "content": "hello"}]
+    assert first == chat_ref(model, tokenizer, history, 12).text and first
+    second = _say(browser, "the quick brown fox")
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "the quick brown fox"}]
+    assert second == chat_ref(model, tokenizer, history, 12).text  # the page sent the whole conversation
+    stats = browser.find_element(By.ID, "stats").text
+    assert "tokens/s" in stats and "first token" in stats, stats
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")

@@ -15,7 +15,6 @@ split is a no-op.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch

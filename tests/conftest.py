@@ -1,0 +1,132 @@
+"""Fixtures shared by the test files: a tiny tokenizer, model and checkpoint, one torch thread, and a
+real ``gasungbi serve`` subprocess (``start_server``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import gasungbi
+
+DOCS = ["the quick brown fox jumps over the lazy dog. " * 5, "안녕하세요 세계, hello world! " * 5,
+        "def f(x):\n    return x + 1\n" * 5]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models decode in ~1 ms per token on one thread; with two OpenMP threads on a shared
+    2-core machine every op can wait milliseconds for the other thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """gasungbi's byte-level BPE (400 tokens) trained on English, Korean and code."""
+    from gasungbi.data.tokenizer import train_tokenizer
+    return train_tokenizer(DOCS, 400)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """The ``debug`` preset over that vocabulary, with large weights (every layer moves the logits)."""
+    cfg = gasungbi.get_preset("debug").replace(vocab_size=tokenizer.get_vocab_size(), initializer_range=0.25)
+    return gasungbi.build_model(cfg, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tokenizer, tmp_path_factory):
+    """``model`` and ``tokenizer`` saved as a checkpoint directory."""
+    from gasungbi.data.tokenizer import save_tokenizer
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    save_tokenizer(tokenizer, path.parent / "tok")
+    gasungbi.save_model(model, path, tokenizer=path.parent / "tok")
+    return path
+
+
+class Server:
+    """``gasungbi serve CHECKPOINT ARGS`` in a subprocess on a free loopback port; ``url`` once /health
+    answers (within 60 s, else TimeoutError with the server's log)."""
+
+    def __init__(self, checkpoint: Path, *args: str, env: dict | None = None):
+        import httpx
+
+        self.log = checkpoint.parent / f"server-{time.monotonic_ns()}.log"
+        base = {k: v for k, v in os.environ.items() if k != "GASUNGBI_API_KEY"}
+        env = dict(base, OMP_NUM_THREADS="1", **(env or {}))
+        key = env.get("GASUNGBI_API_KEY")
+        self.auth = {"Authorization": f"Bearer {key}"} if key else {}
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "gasungbi", "serve", str(checkpoint), "--port", "0",
+                                          "--threads", "1", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            m = re.search(r"at (http://127\.0\.0\.1:\d+)", self.log.read_text())
+            if m:
+                self.url = m.group(1)
+                break
+            assert self.proc.poll() is None, self.log.read_text()
+            time.sleep(0.1)
+        else:
+            self.close()
+            raise TimeoutError(self.log.read_text())
+        while httpx.get(self.url + "/health").status_code != 200:
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"/health did not answer 200 within 60 s\n{self.log.read_text()}")
+            time.sleep(0.05)
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def metrics(self) -> dict[str, float]:
+        import httpx
+
+        text = httpx.get(self.url + "/metrics", headers=self.auth).text
+        return {k: float(v) for k, v in re.findall(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
+@pytest.fixture(scope="module")
+def start_server():
+    """``start_server(checkpoint, *args, env=None) -> Server``; every server started is stopped when
+    the module's tests are done."""
+    pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    started: list[Server] = []
+
+    def start(checkpoint: Path, *args: str, env: dict | None = None) -> Server:
+        started.append(Server(checkpoint, *args, env=env))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.close()
+
+
+def chat_reference(model, tokenizer, messages, n: int):
+    """What the server's chat endpoint must answer: greedy generation on gasungbi's chat template."""
+    from gasungbi.data.chat import END, encode_chat
+    from gasungbi.infer.generate import generate
+
+    ids = encode_chat(tokenizer, messages)
+    stops = [tokenizer.token_to_id(END), model.config.eos_token_id]
+    return generate(model, [ids], max_new_tokens=n, stop_tokens=stops, tokenizer=tokenizer)[0]
+
+
+@pytest.fixture(scope="module")
+def chat_ref():
+    """:func:`chat_reference` as a fixture, for test files (which do not import each other)."""
+    return chat_reference
