@@ -332,3 +332,35 @@ def test_transformers_reads_our_fp8_checkpoint(fp8_pair, tmp_path):
     with torch.no_grad():
         ref = load_model(tmp_path / "ours", dtype=torch.float32)(ids)
         torch.testing.assert_close(hf(ids).logits.float(), ref, rtol=0.05, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner
+# ---------------------------------------------------------------------------------------------
+
+def test_plan_train_precision_uses_the_matching_peak_and_calibration():
+    from gasungbi.plan import estimate as E
+    from gasungbi.plan.catalog import load_catalog
+
+    cat = load_catalog()
+    h800, a100 = cat.gpus["h800"], cat.gpus["a100-80gb"]
+    v3, d = get_preset("deepseek-v3-671b"), E.DEEPSEEK_V3
+    implied = E.implied_mfu(v3, d["tokens"], d["pretrain_gpu_hours"], h800.fp8_tflops, 4096)
+    assert abs(implied - E.CALIBRATED_FP8_MFU) < 5e-4  # the FP8 MFU DeepSeek-V3's H800-hours imply
+    bf16 = E.estimate_train(v3, d["tokens"], h800, 2048)
+    fp8 = E.estimate_train(v3, d["tokens"], h800, 2048, precision="fp8")
+    assert fp8.precision == "fp8" and abs(fp8.gpu_hours / d["pretrain_gpu_hours"] - 1) < 0.005
+    assert abs(fp8.gpu_hours / bf16.gpu_hours - 1) < 0.005  # one calibration, stated both ways
+    given = E.estimate_train(v3, 1e12, h800, 8, mfu=0.3, precision="fp8")
+    assert given.gpu_hours == pytest.approx(E.estimate_train(v3, 1e12, h800, 8, mfu=0.3).gpu_hours
+                                            * h800.bf16_tflops / h800.fp8_tflops)
+    with pytest.raises(ValueError, match="no FP8"):
+        E.estimate_train(v3, 1e12, a100, 8, precision="fp8")
+
+
+def test_params_states_fp8_bytes(capsys):
+    from gasungbi.model.commands import params
+
+    assert params("deepseek-v3-671b") == 0
+    out = capsys.readouterr().out
+    assert "DeepSeek FP8" in out

@@ -59,16 +59,41 @@ def params(model: Positional[str], json: bool = False) -> int:
     from gasungbi.model.transformer import build_model
 
     cfg = resolve_model_config(model)
-    built = sum(p.numel() for p in build_model(cfg, device="meta").parameters())
+    meta = build_model(cfg, device="meta")
+    built = sum(p.numel() for p in meta.parameters())
     pc = count_params(cfg)
+    fp8 = _fp8_bytes(meta)
     if json:
         print(json_lib.dumps({"model": model, "components": pc.components, "mtp": pc.mtp, "total": pc.total,
                               "activated": pc.activated, "total_with_mtp": pc.total_with_mtp,
-                              "built_on_meta": built}, indent=2))
+                              "built_on_meta": built, "bf16_bytes": 2 * built, "fp8_bytes": fp8}, indent=2))
         return 0
     print(f"{model}: {cfg.model_type}, {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
           f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})" if cfg.is_mla else
           f"{model}: dense {cfg.model_type}, {cfg.num_hidden_layers} layers, d={cfg.hidden_size}")
     print(format_params(cfg))
     print(f"built on the meta device: {built:,} parameters (formula: {pc.total_with_mtp:,})")
+    gb = 1e9 if built > 5e8 else 1e6
+    unit = "GB" if gb == 1e9 else "MB"
+    print(f"weights: {2 * built / gb:,.2f} {unit} in bf16; {fp8 / gb:,.2f} {unit} in DeepSeek FP8 (projections and "
+          f"experts E4M3 with a float32 scale per 128x128 block, the rest bf16)")
     return 0
+
+
+def _fp8_bytes(model) -> int:
+    """Bytes of ``model``'s weights in DeepSeek's FP8 checkpoint format (``gasungbi.interop.fp8``):
+    every attention/FFN projection (routed experts one by one) at 1 byte an element plus 4 per
+    128x128 block, everything else (embedding, head, router, norms, MTP's eh_proj) at 2. For
+    deepseek-v3-671b: 684.9 GB; the released files hold 688.6 GB, the difference being MTP's copies
+    of the embedding and head."""
+    import re
+
+    proj = re.compile(r"(_proj|_proj_with_mqa)(\.weight)?$")
+    total = 0
+    for name, p in model.named_parameters():
+        if proj.search(name) and "eh_proj" not in name and p.dim() >= 2:
+            rows, cols = p.shape[-2:]
+            total += (p.numel() // (rows * cols)) * (rows * cols + 4 * -(-rows // 128) * -(-cols // 128))
+        else:
+            total += 2 * p.numel()
+    return total

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from tyro.conf import UseAppendAction
 
@@ -40,9 +40,9 @@ def train(tokens: str, model: str | None = None, params: str | None = None, acti
           hardware: str | None = None, peak_tflops: float | None = None, bandwidth: float | None = None,
           memory: float | None = None, count: int | None = None, mfu: float | None = None, price: float | None = None,
           seq_len: int = 4096, from_run: str | None = None, chart: str | None = None, catalog: Catalogs = (),
-          json: bool = False) -> int:
+          json: bool = False, precision: Literal["bf16", "fp8"] = "bf16") -> int:
     """GPU-hours, days and dollars of a training run. Without --mfu, the MFU is the one DeepSeek-V3's
-    published H800-hours imply.
+    published H800-hours imply (against the BF16 peak, or the FP8 peak with --precision fp8).
 
     Args:
         tokens: training tokens, e.g. 14.8T, 500B, 2M
@@ -61,6 +61,7 @@ def train(tokens: str, model: str | None = None, params: str | None = None, acti
         chart: write a dollars-against-tokens chart to this PNG
         catalog: extra hardware catalog JSON (repeatable; ~/.config/gasungbi/hardware.json is read too)
         json: print JSON instead of a table
+        precision: the GEMMs' precision: bf16, or fp8 (DeepSeek-V3's FP8 training; MFU against the FP8 peak)
     """
     return _run(_train, locals())
 
@@ -210,6 +211,9 @@ def _mfu_text(est, gpu) -> str:
         return "n/a"
     if est.peak_bf16_tflops is None:  # measured throughput: the MFU is whatever the run reported
         return f"{est.mfu:.1%} (as the run reported it)"
+    if est.precision == "fp8":
+        return (f"{est.mfu:.1%} of the dense FP8 peak ({gpu.fp8_tflops:g} TFLOPS; "
+                f"{est.mfu * gpu.fp8_tflops / est.peak_bf16_tflops:.1%} of the BF16 peak equivalent)")
     fp8 = f" ({est.mfu * est.peak_bf16_tflops / gpu.fp8_tflops:.1%} of the FP8 peak)" if gpu.fp8_tflops else ""
     return f"{est.mfu:.1%} of the dense BF16 peak{fp8}"
 
@@ -256,7 +260,10 @@ def _train(args: SimpleNamespace) -> int:
             if run.mfu <= 0:
                 raise UserError(f"{run.path}: mfu is {run.mfu}; pass --mfu")
             mfu = run.mfu
-        est = E.estimate_train(cfg, tokens, gpu, count, mfu, price, seq_len)
+        try:
+            est = E.estimate_train(cfg, tokens, gpu, count, mfu, price, seq_len, precision=args.precision)
+        except ValueError as e:
+            raise UserError(f"--precision {args.precision}: {e}") from None
         if run and args.mfu is None:
             est.basis = f"MFU measured in {run.path}"
 
@@ -290,7 +297,9 @@ def _train(args: SimpleNamespace) -> int:
         lines.append(f"calibration  DeepSeek-V3 reports {d['pretrain_gpu_hours'] / 1e6:.3f}M H800-hours for "
                      f"pre-training on 14.8T tokens (${d['pretrain_usd'] / 1e6:.3f}M at $2/h); "
                      f"{d['total_gpu_hours'] / 1e6:.3f}M (${d['total_usd'] / 1e6:.3f}M) with context extension "
-                     "and post-training.")
+                     "and post-training; that is an implied MFU of "
+                     f"{E.CALIBRATED_MFU:.1%} of the H800's dense BF16 peak, {E.CALIBRATED_FP8_MFU:.1%} of its FP8 "
+                     "peak (DeepSeek-V3 ran its GEMMs in FP8).")
     if args.chart:
         if est.dollars is None:
             raise UserError("--chart needs a price: pass --price")

@@ -182,6 +182,10 @@ in FP8, but MFU here is always quoted against the BF16 peak so that GPUs without
 ``implied_mfu`` recomputes it; ``tests/test_plan.py`` checks the two agree.
 """
 
+CALIBRATED_FP8_MFU = 0.2274
+"""The same calibration against the H800's dense FP8 peak (45.5% x 989 / 1,979): the default MFU
+of ``precision="fp8"``, whose GPU-seconds divide by the FP8 peak."""
+
 
 def implied_mfu(cfg: Model, tokens: float, gpu_hours: float, peak_tflops: float, seq_len: int) -> float:
     """The MFU at which ``tokens`` of training take ``gpu_hours`` on GPUs of ``peak_tflops``."""
@@ -205,22 +209,30 @@ class TrainEstimate:
     price_per_hour: float | None
     dollars: float | None
     basis: str
+    precision: str = "bf16"  # the peak the MFU is quoted against: bf16, or fp8 (FP8 GEMMs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def estimate_train(cfg: Model, tokens: float, gpu: Gpu, count: int, mfu: float | None = None,
-                   price: float | None = None, seq_len: int = 4096) -> TrainEstimate:
-    """Time and cost of training ``cfg`` on ``tokens`` with ``count`` x ``gpu`` at ``mfu``
-    (default :data:`CALIBRATED_MFU`): GPU-seconds = tokens x FLOPs/token / (mfu x BF16 peak)."""
+                   price: float | None = None, seq_len: int = 4096, precision: str = "bf16") -> TrainEstimate:
+    """Time and cost of training ``cfg`` on ``tokens`` with ``count`` x ``gpu`` at ``mfu``:
+    GPU-seconds = tokens x FLOPs/token / (mfu x peak). ``precision`` picks the peak, BF16 or FP8 (the
+    GEMMs in FP8, as DeepSeek-V3 trained), and the default MFU (:data:`CALIBRATED_MFU` or
+    :data:`CALIBRATED_FP8_MFU`); ``ValueError`` for FP8 on a GPU without it."""
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"precision {precision!r}: choose bf16 or fp8")
+    if precision == "fp8" and not gpu.fp8_tflops:
+        raise ValueError(f"{gpu.key} has no FP8 tensor cores (no fp8_tflops in the catalog)")
     fpt = flops_per_token(cfg, seq_len)
     basis = "given MFU" if mfu is not None else "calibrated on DeepSeek-V3's published H800-hours"
-    mfu = CALIBRATED_MFU if mfu is None else mfu
-    gpu_hours = tokens * fpt / (mfu * gpu.bf16_tflops * 1e12) / 3600
+    mfu = (CALIBRATED_MFU if precision == "bf16" else CALIBRATED_FP8_MFU) if mfu is None else mfu
+    peak = gpu.bf16_tflops if precision == "bf16" else gpu.fp8_tflops
+    gpu_hours = tokens * fpt / (mfu * peak * 1e12) / 3600
     price = gpu.price_per_hour if price is None else price
     return TrainEstimate(gpu.key, count, tokens, seq_len, fpt, tokens * fpt, mfu, gpu.bf16_tflops, gpu_hours,
-                         gpu_hours / count / 24, price, gpu_hours * price, basis)
+                         gpu_hours / count / 24, price, gpu_hours * price, basis, precision)
 
 
 def estimate_train_from_throughput(cfg: Model, tokens: float, tokens_per_s: float, run_devices: int,
