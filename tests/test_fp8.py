@@ -325,13 +325,16 @@ def test_transformers_reads_our_fp8_checkpoint(fp8_pair, tmp_path):
 
     from gasungbi.interop.hf import load_model, save_model
 
-    root, model, _ = fp8_pair
+    # transformers' CPU dequantizer infers the block size from the weight and scale shapes, which
+    # misreads a weight with more than one 128-block along a dimension and a ragged last one (the
+    # format pads it): the debug preset, whose dimensions are all <= 128, avoids that case
+    model = build_model(get_preset("debug"), seed=0)
     save_model(model, tmp_path / "ours", fp8=True)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.bfloat16).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
     ids = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = load_model(tmp_path / "ours", dtype=torch.float32)(ids)
-        torch.testing.assert_close(hf(ids).logits.float(), ref, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(hf(ids).logits, ref, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,47 +108,57 @@ def fp8_gemm_emulated(a: torch.Tensor, sa: torch.Tensor, block_a: tuple[int, int
     return acc.to(out_dtype)
 
 
-_SCALED_MM_OK: dict[tuple, bool] = {}  # (device, block_a, block_b) -> torch._scaled_mm takes these scales
+_SCALED_MM: dict[tuple, str | None] = {}  # (device, block_a, block_b) -> the scale layout _scaled_mm takes, or None
 
 
-def _scaled_mm(a, sa, block_a, b, sb, block_b, out_dtype):
-    """``torch._scaled_mm`` with block scales (torch's layout: mat2 = b^T column-major, scale_b = sb^T)."""
-    return torch._scaled_mm(a, b.t(), scale_a=sa.contiguous(), scale_b=sb.t().contiguous(), out_dtype=out_dtype)
+def _scaled_mm(a, sa, b, sb, out_dtype, layout: str = "row"):
+    """``torch._scaled_mm`` with block scales in torch's convention (mat2 = b^T column-major,
+    scale_a (M|M/128, K/128), scale_b = sb^T (K/128, N|N/128)); ``layout`` "col" passes the scales
+    outer-dimension-major, which some builds require."""
+    sa, sb = sa.contiguous(), sb.t().contiguous()
+    if layout == "col":
+        sa, sb = sa.t().contiguous().t(), sb.t().contiguous().t()
+    return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
 
 
-def _cuda_blockwise_ok(device: torch.device, block_a, block_b) -> bool:
-    """Whether this GPU and torch run ``_scaled_mm`` with these block scales, and agree with the
-    emulation on a probe (decided once per device and tiling; a refusal warns once)."""
+def _cuda_blockwise_layout(device: torch.device, block_a, block_b) -> str | None:
+    """The scale layout with which this GPU and torch run ``_scaled_mm`` with these block scales and
+    agree with the emulation on a probe, or None (decided once per device and tiling; None warns once)."""
     key = (str(device), block_a, block_b)
-    if key not in _SCALED_MM_OK:
-        ok, why = False, "needs an SM89/SM90 GPU"
+    if key not in _SCALED_MM:
+        found, why = None, "needs an SM89/SM90 GPU"
         if torch.cuda.get_device_capability(device) >= (8, 9):
-            try:
-                g = torch.Generator(device=device).manual_seed(0)
-                x = torch.randn(256, 384, device=device, generator=g)
-                w = torch.randn(256, 384, device=device, generator=g)
-                (qa, sa), (qb, sb) = quantize(x, block_a), quantize(w, block_b)
-                got = _scaled_mm(qa, sa, block_a, qb, sb, block_b, torch.float32)
-                want = fp8_gemm_emulated(qa, sa, block_a, qb, sb, block_b)
-                ok = bool(torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()))
-                why = "" if ok else "its result differs from the emulation"
-            except Exception as e:  # torch raises RuntimeError/NotImplementedError by build and GPU
-                why = f"torch refuses it ({str(e).splitlines()[0][:120]})"
-        if not ok:
+            g = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(256, 384, device=device, generator=g)
+            w = torch.randn(256, 384, device=device, generator=g)
+            (qa, sa), (qb, sb) = quantize(x, block_a), quantize(w, block_b)
+            want = fp8_gemm_emulated(qa, sa, block_a, qb, sb, block_b)
+            for layout in ("row", "col"):
+                try:
+                    got = _scaled_mm(qa, sa, qb, sb, torch.float32, layout)
+                except Exception as e:  # torch raises RuntimeError/NotImplementedError by build and GPU
+                    why = f"torch refuses it ({str(e).splitlines()[0][:120]})"
+                    continue
+                if torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
+                    found = layout
+                    break
+                why = "its result differs from the emulation"
+        if found is None:
             warnings.warn(f"FP8 GEMM with {block_a[0]}x{block_a[1]} x {block_b[0]}x{block_b[1]} scales: "
                           f"torch._scaled_mm not used on {device} ({why}); using the exact emulation instead",
                           RuntimeWarning, stacklevel=3)
-        _SCALED_MM_OK[key] = ok
-    return _SCALED_MM_OK[key]
+        _SCALED_MM[key] = found
+    return _SCALED_MM[key]
 
 
 def fp8_gemm(a, sa, block_a, b, sb, block_b, out_dtype=torch.float32) -> torch.Tensor:
     """a (M, K) @ b (N, K)^T on FP8 operands: ``torch._scaled_mm`` where the GPU takes these block
     scales and the shapes suit it (multiples of 16, K of 128), else the emulation."""
     M, K = a.shape
-    if (a.is_cuda and K % BLOCK == 0 and M % 16 == 0 and b.shape[0] % 16 == 0
-            and _cuda_blockwise_ok(a.device, block_a, block_b)):
-        return _scaled_mm(a, sa, block_a, b, sb, block_b, out_dtype)
+    if a.is_cuda and K % BLOCK == 0 and M % 16 == 0 and b.shape[0] % 16 == 0:
+        layout = _cuda_blockwise_layout(a.device, block_a, block_b)
+        if layout is not None:
+            return _scaled_mm(a, sa, b, sb, out_dtype, layout)
     return fp8_gemm_emulated(a, sa, block_a, b, sb, block_b, out_dtype)
 
 
