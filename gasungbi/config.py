@@ -157,6 +157,13 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ValueError(f"invalid model config: {msg}")
 
+        kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
+        for f in dataclasses.fields(self):  # a config.json or --set value of the wrong type, named
+            value = getattr(self, f.name)
+            allowed = [kinds.get(t.strip(), dict) for t in f.type.split("|")]  # "dict[str, Any]" -> dict
+            wrong_bool = isinstance(value, bool) and bool not in allowed  # isinstance(True, int) holds
+            if wrong_bool or not any(isinstance(value, a) for a in allowed):
+                bad(f"{f.name} must be {f.type.replace('dict[str, Any]', 'an object')}, got {value!r}")
         if self.model_type not in ARCHITECTURES:
             bad(f"model_type={self.model_type!r}; supported: {sorted(ARCHITECTURES)}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
@@ -322,6 +329,7 @@ _MOE_FIELDS = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", 
 _COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "rms_norm_eps",
            "max_position_embeddings", "tie_word_embeddings", "initializer_range", "bos_token_id",
            "eos_token_id", "pad_token_id", "num_attention_heads", "attention_bias")
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")  # the shape; no defaults
 
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -354,6 +362,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     Raises ``ValueError`` naming the supported architectures for anything else, and for
     features gasungbi does not implement (non-SiLU activations, unknown RoPE scaling).
     """
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object of config fields, got {type(d).__name__} {str(d)[:40]}")
     model_type = d.get("model_type")
     if model_type not in ARCHITECTURES:
         arch = d.get("architectures") or model_type
@@ -361,6 +371,12 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
                          f"supported: {', '.join(ARCHITECTURES.values())}")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {d['hidden_act']!r}; only silu (SwiGLU) is implemented")
+    missing = [k for k in _REQUIRED if k not in d]
+    if missing:  # a default here would only surface later as a shape mismatch with the weights
+        raise ValueError(f"missing required field(s): {', '.join(missing)}")
+    for k in ("rope_parameters", "rope_scaling"):
+        if d.get(k) is not None and not isinstance(d[k], dict):
+            raise ValueError(f"{k} must be an object (or null), got {d[k]!r}")
     kw: dict[str, Any] = {"model_type": model_type}
     for k in _COMMON:
         if k in d:
@@ -369,7 +385,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         kw["eos_token_id"] = kw["eos_token_id"][0]
     rope = d.get("rope_parameters") or {}
     legacy = d.get("rope_scaling") or {}
-    kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    kw["rope_theta"] = float(theta) if isinstance(theta, (int, float)) and not isinstance(theta, bool) else theta
     scaling = {**legacy, **{k: v for k, v in rope.items() if k != "rope_theta"}}
     kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
@@ -427,10 +444,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not cfg_file.exists():
         raise CheckpointError(f"{path} has no config.json (is it a Hugging Face model directory?)")
     try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
     try:
         return from_hf_config(d)
-    except ValueError as e:
+    except (ValueError, TypeError, AttributeError) as e:  # a field of the wrong type met before validation
         raise CheckpointError(f"{cfg_file}: {e}") from None

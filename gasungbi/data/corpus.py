@@ -113,10 +113,32 @@ def _counted(raw: Iterator[tuple[str, str | None]], source: str, stats: CorpusSt
         yielded += 1
         yield text
     if yielded == 0:
+        problem = _file_problem(Path(source)) if Path(source).is_file() else None
+        if problem:
+            raise CorpusError(f"corpus source {source!r} yielded no documents: it {problem}")
+        named = f"; e.g. {', '.join(stats.skipped_paths[:3])}" if stats.skipped_paths else ""
         raise CorpusError(
             f"corpus source {source!r} yielded no documents "
-            f"(skipped so far: {stats.skipped_empty} empty, {stats.skipped_undecodable} not UTF-8)"
+            f"(skipped so far: {stats.skipped_empty} empty, {stats.skipped_undecodable} binary or not UTF-8{named})"
         )
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why a file holds no text: empty, binary (NUL bytes), or not UTF-8 (where); None if it is text."""
+    if path.suffix.lower() in RECORD_SUFFIXES:
+        return None  # records: their own errors name the line
+    with open(path, "rb") as f:
+        head = f.read(PIECE_BYTES)
+    if not head.strip():
+        return "is empty" if not head else "holds only whitespace"
+    if b"\0" in head:
+        return "is a binary file (it holds NUL bytes), not text"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.end < len(head) or len(head) < PIECE_BYTES:  # not just a character cut at the end of the block
+            return f"is not UTF-8 text (byte {head[e.start]:#04x} at offset {e.start}); convert it, e.g. iconv -t utf-8"
+    return None if _is_utf8(path) else "is not UTF-8 text; convert it, e.g. iconv -t utf-8"
 
 
 def _open_source(source: str, text_field: str, stats: CorpusStats) -> Iterator[tuple[str, str | None]]:
@@ -179,6 +201,8 @@ def _iter_text_file(path: Path, stats: CorpusStats) -> Iterator[tuple[str, str |
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:  # not UTF-8, or binary that happens to decode
         stats.skipped_undecodable += 1
         stats.note_skip(str(path))
         return

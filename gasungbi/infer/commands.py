@@ -77,7 +77,10 @@ def tokenizer_for(path: str, required: bool):
     from gasungbi.data.tokenizer import load_tokenizer
 
     if (Path(path) / "tokenizer.json").exists():
-        return load_tokenizer(path)
+        try:
+            return load_tokenizer(path)
+        except ValueError as e:  # a garbage, empty or {} tokenizer.json: the message names the file
+            raise UserError(str(e)) from None
     if required:
         raise UserError(f"{path} has no tokenizer.json")
     return None

@@ -469,9 +469,11 @@ def quantization_config(path: str | os.PathLike) -> dict | None:
     """The ``quantization_config`` of a gasungbi-quantized checkpoint directory, else None;
     ``CheckpointError`` for one written in another format version."""
     f = Path(path) / "config.json"
-    if not f.exists():
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or not JSON: read_config names the problem
         return None
-    q = json.loads(f.read_text()).get("quantization_config")
+    q = d.get("quantization_config") if isinstance(d, dict) else None
     if not (isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD):
         return None
     if q.get("format_version", 1) != FORMAT_VERSION:

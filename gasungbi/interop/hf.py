@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -117,6 +118,15 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
+def _warn_non_finite(path: Path, sd: dict[str, torch.Tensor]) -> None:
+    """Warn (once per load) when weights hold NaN or Inf: such a model loads but outputs garbage."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warnings.warn(f"{path}: {len(bad)} tensor(s) hold NaN or Inf values: {', '.join(bad[:5])}"
+                      f"{' ...' if len(bad) > 5 else ''}; the model's outputs will not be meaningful",
+                      RuntimeWarning, stacklevel=3)
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
     """Load a Hugging Face-layout directory (ours, or transformers' DeepseekV3/V2/Llama) as a
@@ -159,6 +169,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         if bad_shape:
             parts.append(f"misshapen tensors ({len(bad_shape)}): {'; '.join(bad_shape[:10])}")
         raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + " | ".join(parts))
+    _warn_non_finite(path, sd)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     return from_state_dict(cfg, sd).eval()

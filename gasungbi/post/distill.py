@@ -43,6 +43,7 @@ class DistillConfig:
     lr: float = 1e-3  # SFT learning rate
     seed: int = 0  # seed of the task draw and the sampler
     device: str = "cpu"  # cpu, cuda or cuda:N
+    overwrite: bool = False  # replace the traces and student run already in out_dir; without it, they are refused
 
 
 def _teacher_from_checkpoint(cfg: DistillConfig):
@@ -106,10 +107,15 @@ def collect_traces(cfg: DistillConfig) -> tuple[Path, dict[str, Any]]:
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """Collect accepted traces from the teacher, then SFT the student on them."""
+    from gasungbi.train.checkpoint import holds_run
     from gasungbi.train.trainer import TrainConfig, train
 
     if not cfg.teacher or not cfg.student:
         raise ValueError("distill needs a teacher (checkpoint or endpoint URL) and a student checkpoint")
+    out = Path(cfg.out_dir)
+    if not cfg.overwrite and ((out / "traces.jsonl").exists() or holds_run(out / "student")):
+        raise ValueError(f"{out} already holds a distillation run (traces.jsonl, student/): add --overwrite to "
+                         "replace it, or choose another --out-dir")
     traces, stats = collect_traces(cfg)
     if stats["kept"] < 2:
         raise ValueError(f"the teacher produced {stats['kept']} accepted traces out of {stats['sampled']}: "
@@ -118,5 +124,5 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                                out_dir=str(Path(cfg.out_dir) / "student"), batch_size=cfg.batch_size,
                                seq_len=cfg.seq_len, max_steps=cfg.sft_steps, lr=cfg.lr,
                                warmup_steps=max(1, cfg.sft_steps // 10), eval_interval=0, device=cfg.device,
-                               seed=cfg.seed, progress=False))
+                               seed=cfg.seed, progress=False, overwrite=cfg.overwrite))
     return {"traces": str(traces), **stats, "student": report}

@@ -73,6 +73,7 @@ class GRPOConfig:
     device: str = "cpu"  # cpu, cuda or cuda:N
     price_per_hour: float | None = None  # dollars per device-hour
     resume: bool = False  # continue from the newest checkpoint in out_dir
+    overwrite: bool = False  # replace the run in out_dir (without this or --resume, an existing run is refused)
     progress: bool = True  # show a progress bar
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"  # bf16: autocast for the policy's log-probabilities; fp8: DeepSeek-V3's block-scaled FP8 GEMMs (emulated off CUDA)
     adam_moments: Literal["fp32", "bf16"] = "fp32"  # dtype of AdamW's moments (DeepSeek-V3 keeps them in bf16)
@@ -162,6 +163,7 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
     """Run (or resume) GRPO; returns the report (also out_dir/report.json)."""
     cfg.validate()
     out = Path(cfg.out_dir)
+    ckpt.claim_run_dir(out, cfg.resume, cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     conv = Conventions.load(cfg.init_from)  # the checkpoint's chat template and stops
@@ -207,6 +209,8 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
     policy.train()
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    if cfg.resume:  # rows logged after the checkpoint (before a kill) are logged again
+        ckpt.truncate_metrics(out / "metrics.jsonl", start)
     metrics = open(out / "metrics.jsonl", "a")
     for step in range(start, cfg.steps):
         batch = [pool[(step * cfg.prompts_per_step + i) % len(pool)] for i in range(cfg.prompts_per_step)]

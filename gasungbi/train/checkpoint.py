@@ -16,6 +16,7 @@ never leaves a half-written checkpoint that ``latest`` points to; only the last 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -40,8 +41,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: Transformer, t
 
     final = atomic.write_dir(run_dir / f"step_{step:06d}", write)
     atomic.write_text(run_dir / "latest", final.name + "\n")
+    # prune to `keep`, oldest first, but never the checkpoint just written (`latest` names it) nor the
+    # highest-numbered one: a rewound run (`latest` edited back) has checkpoints above the one it writes
     ckpts = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
-    for old in ckpts[:-keep] if keep > 0 else []:
+    kept = {final, ckpts[-1]}
+    surplus = max(0, len(ckpts) - max(keep, len(kept)))
+    for old in [p for p in ckpts if p not in kept][:surplus] if keep > 0 else []:
         shutil.rmtree(old)
     return final
 
@@ -56,6 +61,58 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
             return path
     ckpts = sorted(p for p in run_dir.glob("step_*") if (p / STATE_FILE).exists())
     return ckpts[-1] if ckpts else None
+
+
+# what a run writes into its directory (train, sft, grpo); --overwrite removes exactly these
+RUN_FILES = ("latest", "latest.tmp", "metrics.jsonl", "samples.txt", "report.json", "report.md", "loss.png",
+             "config.json", "tb")
+
+
+def holds_run(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` already holds a run: checkpoints, ``latest`` or ``metrics.jsonl``."""
+    run_dir = Path(run_dir)
+    return run_dir.is_dir() and ((run_dir / "latest").exists() or (run_dir / "metrics.jsonl").exists()
+                                 or any(run_dir.glob("step_*")))
+
+
+def claim_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool, remove: bool = True) -> None:
+    """Make ``run_dir`` ready for a run. A directory that holds an earlier run is refused (ValueError)
+    unless ``resume`` (continue it) or ``overwrite`` (remove its checkpoints and logs first, when
+    ``remove``: the main process of a distributed run), so a rerun never mixes into or prunes
+    another run's checkpoints and metrics."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in the output directory and --overwrite replaces it: choose one")
+    if resume or not holds_run(run_dir):
+        return
+    if not overwrite:
+        raise ValueError(f"{run_dir} already holds a run (checkpoints, latest or metrics.jsonl): add --resume to "
+                         "continue it or --overwrite to replace it, or choose another output directory")
+    if remove:
+        for p in [*run_dir.glob("step_*"), *run_dir.glob(".step_*.tmp"), *(run_dir / f for f in RUN_FILES)]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> None:
+    """Keep the rows of a ``metrics.jsonl`` up to ``step`` (those a resumed checkpoint already holds), so the
+    steps replayed after a kill are not logged twice; a torn last line is dropped too."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(rows), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:

@@ -49,9 +49,16 @@ def prepare(out: str, corpus: str = "stdlib", vocab_size: int = 4096, tokenizer_
         val_fraction: share of documents for validation
     """
     from gasungbi.data.prepare import prepare_corpus
+    from gasungbi.data.tokenizer import N_BYTES, SPECIAL_TOKENS
 
-    prepare_corpus(corpus, out, vocab_size=vocab_size, tokenizer_bytes=tokenizer_bytes, max_bytes=max_bytes,
-                   text_field=text_field, val_fraction=val_fraction)
+    if vocab_size <= N_BYTES + len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab-size {vocab_size}: must exceed {N_BYTES} bytes + {len(SPECIAL_TOKENS)} special "
+                        f"tokens = {N_BYTES + len(SPECIAL_TOKENS)} (e.g. 4096)")
+    try:
+        prepare_corpus(corpus, out, vocab_size=vocab_size, tokenizer_bytes=tokenizer_bytes, max_bytes=max_bytes,
+                       text_field=text_field, val_fraction=val_fraction)
+    except ValueError as e:  # CorpusError and the shard builder's checks name the input
+        raise UserError(str(e)) from None
     return 0
 
 

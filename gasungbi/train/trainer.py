@@ -92,6 +92,7 @@ class TrainConfig:
     price_per_hour: float | None = None  # dollars per device-hour (default: the catalog's, or 0.05 on CPU)
     seed: int = 1337  # seed of initialization and data order
     resume: bool = False  # continue from the newest checkpoint in out_dir
+    overwrite: bool = False  # replace the run in out_dir (without this or --resume, an existing run is refused)
     stop_after: int | None = None  # stop (with a checkpoint) after this step, keeping the max_steps schedule
 
     def model_config(self, vocab_size: int) -> ModelConfig:
@@ -120,6 +121,8 @@ class TrainConfig:
             bad(f"task={self.task!r}; choose pretrain or sft")
         if not self.data:
             bad("data (a shard directory made by `gasungbi prepare`, or a JSONL for sft) is required")
+        if self.resume and self.overwrite:
+            bad("resume continues the run in out_dir and overwrite replaces it: choose one")
         if self.task == "sft" and not self.init_from:
             bad("sft needs init_from, the checkpoint to fine-tune (it also provides the tokenizer)")
 
@@ -194,6 +197,7 @@ class _Data:
 
 def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     out = Path(tc.out_dir)
+    ckpt.claim_run_dir(out, tc.resume, tc.overwrite, remove=info.is_main)
     world = info.world_size
     if tc.batch_size % world:
         raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {world} processes")
@@ -243,6 +247,8 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                       elapsed_before=state["meter"]["elapsed"] if state else 0.0,
                       tokens_before=state["meter"]["tokens"] if state else 0)
     history: list[dict] = state["history"] if state else []
+    if tc.resume and info.is_main:  # rows logged after the checkpoint (before a kill) are logged again
+        ckpt.truncate_metrics(out / "metrics.jsonl", start_step)
     log = _Logger(out, tc, info.is_main)
     if info.is_main:
         pc = count_params(cfg)
@@ -343,8 +349,8 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     interrupted = stop.signal is not None
     if not cuda:  # a CPU peak measured while something else ran is too low: keep the better of two
         meter.peak_flops = max(meter.peak_flops, device_peak(info.device, torch.float32)[0])
-    if not interrupted and step == tc.max_steps:
-        last_val = validate(step)
+    if not interrupted and step == tc.max_steps and not any(h["step"] == step and "val_loss" in h for h in history):
+        last_val = validate(step)  # (a rerun of a finished run has it already)
     path = save(step)
     report = {"step": step, "max_steps": tc.max_steps, "interrupted": interrupted, "checkpoint": str(path),
               "preset": tc.model, "model": to_hf_config(cfg),
