@@ -1,1 +1,1 @@
-"""Evaluation: validation loss and bits per byte, gym accuracy (pass@k), plots."""
+"""Evaluation: validation loss and bits per byte, gym accuracy (pass@k), lm-evaluation-harness tasks, plots."""

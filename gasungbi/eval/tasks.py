@@ -1,7 +1,7 @@
 """Held-out task accuracy on the reasoning gym: pass@1, pass@k, and a confidence interval.
 
 Free of torch: :func:`evaluate_tasks` takes a ``generate_fn(prompts, n, seed) -> completions`` that
-the caller wires to a model (``gasungbi eval-tasks`` wires it to the inference engine).
+the caller wires to a model (``gasungbi eval-gym`` wires it to the inference engine).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CLI: ``gasungbi sft``, ``gasungbi grpo``, ``gasungbi distill``, ``gasungbi eval-tasks``.
+"""CLI: ``gasungbi sft``, ``gasungbi grpo``, ``gasungbi distill``, ``gasungbi eval-gym`` (alias ``eval-tasks``).
 
 Each command's flags are the fields of its config dataclass (``SFT`` reuses the training fields).
 """
