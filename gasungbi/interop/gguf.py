@@ -1,0 +1,362 @@
+"""GGUF export: a checkpoint as one file that llama.cpp (and Ollama on top of it) runs.
+
+Written with the ``gguf`` package (llama.cpp's own writer), following the layout llama.cpp's
+``convert_hf_to_gguf.py`` gives the same models:
+
+* MLA/MoE checkpoints (DeepSeek-V2/V3 and ours) as architecture ``deepseek2``. MLA goes in as
+  llama.cpp's absorbed form: MQA with one KV head whose key is the latent plus the rope key
+  (``key_length = kv_lora_rank + qk_rope_head_dim``), and ``kv_b_proj`` split per head into
+  ``attn_k_b`` [H, r, d_nope] (W^UK, transposed) and ``attn_v_b`` [H, d_v, r] (W^UV). Routed experts
+  are stacked ([E, I, d] as we store them), the router's correction bias is ``exp_probs_b``,
+  scoring ``expert_gating_func`` (sigmoid for V3, softmax for V2), then group-limited routing, routed
+  scaling, top-k normalization, shared experts and the leading dense blocks. YaRN keys as the
+  converter writes them (``yarn_log_mul`` = 0.1 x mscale_all_dim). MTP modules are not written:
+  llama.cpp's deepseek2 graph has no use for them (its converter skips them too).
+* Dense (Llama-style) checkpoints as ``llama``; Q and K rows are permuted from the Hugging Face
+  rotate-half layout to llama.cpp's adjacent pairs, as the converter does.
+* The tokenizer whole: byte-level BPE vocabulary ("gpt2" model), merges, the pre-tokenizer llama.cpp
+  must apply (read from tokenizer.json), token types (special tokens are control tokens), BOS/EOS/PAD
+  ids, whether BOS is added (the tokenizer's own rule) and the chat template.
+
+Types: ``f32``, ``f16``, ``bf16`` or ``q8_0`` for the matrices; vectors (norms, biases, the
+router's bias) stay f32, and so do the router and, under q8_0, the per-head MLA factors ``attn_k_b`` /
+``attn_v_b`` and any matrix whose rows are not a multiple of 32 (f16 there): see :data:`KEEP_FLOAT`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gasungbi.config import ModelConfig
+
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+# Matrices that stay in float under q8_0: the router (tiny; its scores decide which experts run, and
+# the converter keeps it f32 too) and MLA's per-head factors attn_k_b / attn_v_b, which every head's
+# attention goes through twice (measured on a random DeepseekV3 with d_nope = 32: top-1 agreement with
+# the float model 0.875 with them in Q8_0, 0.9375 in f16). The q8_0 abort at the first decode reported
+# with llama.cpp's own converter (GGML_ASSERT(*cur_backend_id != -1)) did not reproduce here with
+# llama-cpp-python 0.3.36 built natively: both its q8_0 files and ours decode.
+KEEP_FLOAT = ("attn_k_b", "attn_v_b", "ffn_gate_inp")
+
+# tokenizer.json pre-tokenizers -> the name llama.cpp applies the same split under
+_GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
+
+
+class GGUFExportError(ValueError):
+    """A checkpoint that cannot be written as GGUF; the message says what is missing or unsupported."""
+
+
+def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: str = "f32",
+                progress: Callable[[str], None] | None = None) -> Path:
+    """Write ``checkpoint`` (a Hugging Face-layout directory with tokenizer.json) as a GGUF file, and an
+    Ollama ``Modelfile`` beside it. Returns the GGUF path."""
+    import gguf
+
+    from gasungbi.interop.hf import load_model
+
+    if dtype not in DTYPES:
+        raise GGUFExportError(f"unknown GGUF type {dtype!r}; choose from {', '.join(DTYPES)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    tok = read_tokenizer(checkpoint)
+    model = load_model(checkpoint, "cpu", torch.float32)
+    cfg = model.config
+    arch = "deepseek2" if cfg.is_mla else "llama"
+    if cfg.is_mla and not cfg.rope_interleave:
+        raise GGUFExportError(f"{checkpoint}: MLA with rotate-half rope (rope_interleave=false) is not exported")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_name(checkpoint.resolve().name)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    _hparams(writer, cfg, gguf)
+    _tokenizer(writer, tok, cfg)
+    n = 0
+    for name, array in _tensors(model, arch):
+        qtype = _type_for(name, array, dtype, gguf)
+        data = _convert(array, qtype, gguf)
+        writer.add_tensor(name, data, raw_dtype=qtype if qtype not in (gguf.GGMLQuantizationType.F32,
+                                                                          gguf.GGMLQuantizationType.F16) else None)
+        n += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+    write_modelfile(out, tok)
+    if progress:
+        progress(f"wrote {out} ({arch}, {n} tensors, {dtype}, {out.stat().st_size / 2**20:.1f} MiB) and "
+                 f"{out.parent / 'Modelfile'}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# hyperparameters
+# ---------------------------------------------------------------------------------------------
+
+def _hparams(w, cfg: ModelConfig, gguf) -> None:
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    if not cfg.is_mla:
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count_kv(cfg.gqa_kv_heads)
+        w.add_rope_dimension_count(cfg.gqa_head_dim)
+        w.add_key_length(cfg.gqa_head_dim)
+        w.add_value_length(cfg.gqa_head_dim)
+        _rope_scaling(w, cfg, gguf)
+        return
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count_kv(1)  # MLA as MQA over the latent
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    # llama.cpp requires the key unless the model has 26 or 27 layers (how it recognizes V2-Lite);
+    # 0 selects the plain query projection (attn_q), as V2-Lite has
+    w.add_q_lora_rank(cfg.q_lora_rank or 0)
+    w.add_kv_lora_rank(cfg.kv_lora_rank)
+    w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    w.add_value_length(cfg.kv_lora_rank)
+    w.add_key_length_mla(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    w.add_value_length_mla(cfg.v_head_dim)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.scoring_func == "sigmoid"
+                             else gguf.ExpertGatingFuncType.SOFTMAX)
+    if cfg.n_group > 1 and cfg.topk_method != "greedy":
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+    _rope_scaling(w, cfg, gguf)
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("mscale_all_dim"):
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(scaling["mscale_all_dim"]))
+
+
+def _rope_scaling(w, cfg: ModelConfig, gguf) -> None:
+    s = cfg.rope_scaling
+    if not s:
+        return
+    kind = s.get("rope_type", s.get("type"))
+    if kind != "yarn":
+        raise GGUFExportError(f"rope scaling {kind!r} is not exported (only YaRN is)")
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(float(s["factor"]))
+    w.add_rope_scaling_orig_ctx_len(int(s["original_max_position_embeddings"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------
+
+def _tensors(model, arch: str):
+    """(GGUF name, float32 numpy array) for every tensor llama.cpp reads, MTP modules left out."""
+    import gguf
+
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2 if arch == "deepseek2" else gguf.MODEL_ARCH.LLAMA,
+                                     cfg.num_hidden_layers)
+    sd = model.state_dict()
+    for key, t in sd.items():
+        if key.startswith("model.mtp.") or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+            continue
+        t = t.detach().float()
+        if key.endswith("kv_b_proj.weight"):  # split per head: W^UK (transposed) and W^UV
+            H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+            kv = t.view(H, dn + dv, cfg.kv_lora_rank)
+            k_b, v_b = kv.split([dn, dv], dim=1)
+            base = key.removesuffix("kv_b_proj.weight")
+            yield _name(names, base + "k_b_proj.weight"), k_b.transpose(1, 2).contiguous().numpy()
+            yield _name(names, base + "v_b_proj.weight"), v_b.contiguous().numpy()
+            continue
+        if arch == "llama" and key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")) \
+                and not cfg.rope_interleave:
+            heads = cfg.num_attention_heads if key.endswith("q_proj.weight") else cfg.gqa_kv_heads
+            t = _rotate_half_to_pairs(t, heads)
+        if key.endswith("e_score_correction_bias"):
+            key = key.replace("e_score_correction_bias", "e_score_correction.bias")
+        elif key.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
+            key = key + ".weight"
+        yield _name(names, key), t.contiguous().numpy()
+
+
+def _name(names, key: str) -> str:
+    stem, _, suffix = key.rpartition(".")
+    mapped = names.get_name(stem)
+    if mapped is None:
+        raise GGUFExportError(f"no GGUF name for tensor {key}")
+    return f"{mapped}.{suffix}"
+
+
+def _rotate_half_to_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a Q/K projection from the rotate-half layout (x_i, x_{i+d/2}) to adjacent pairs."""
+    out, d = w.shape
+    return w.view(heads, 2, out // heads // 2, d).transpose(1, 2).reshape(out, d)
+
+
+def _type_for(name: str, array: np.ndarray, dtype: str, gguf):
+    T = gguf.GGMLQuantizationType
+    if array.ndim < 2 or name.endswith(".bias") or dtype == "f32" or "ffn_gate_inp" in name:
+        return T.F32
+    if dtype == "q8_0":
+        if any(k in name for k in KEEP_FLOAT) or array.shape[-1] % 32:
+            return T.F16
+        return T.Q8_0
+    return {"f16": T.F16, "bf16": T.BF16}[dtype]
+
+
+def _convert(array: np.ndarray, qtype, gguf) -> np.ndarray:
+    T = gguf.GGMLQuantizationType
+    if qtype == T.F32:
+        return array.astype(np.float32)
+    if qtype == T.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array.astype(np.float32), qtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def read_tokenizer(checkpoint: Path) -> dict:
+    """What GGUF needs of a checkpoint's tokenizer files: vocabulary, merges, special tokens, BOS rule,
+    chat template, pre-tokenizer."""
+    f = checkpoint / "tokenizer.json"
+    if not f.is_file():
+        raise GGUFExportError(f"{checkpoint} has no tokenizer.json: GGUF files carry their tokenizer")
+    data = json.loads(f.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"{f}: only byte-level BPE tokenizers are exported, this one is {model.get('type')!r}")
+    config = _json(checkpoint / "tokenizer_config.json")
+    template_file = checkpoint / "chat_template.jinja"
+    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
+    gen = _json(checkpoint / "generation_config.json")
+    added = {a["content"]: a for a in data.get("added_tokens", [])}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    def special(role: str) -> str | None:
+        v = config.get(role)
+        return v.get("content") if isinstance(v, dict) else v
+
+    return {"vocab": model["vocab"], "merges": merges, "added": added, "template": template,
+            "bos": special("bos_token"), "eos": special("eos_token"), "pad": special("pad_token"),
+            "add_bos": _adds_bos(checkpoint, special("bos_token") or _gasungbi_bos(added)), "eos_ids": gen.get("eos_token_id"),
+            "pre": _pre_tokenizer(data, f)}
+
+
+def _gasungbi_bos(added: dict) -> str | None:
+    """gasungbi's tokenizer names no bos_token in an older tokenizer_config.json: its <|bos|>."""
+    return "<|bos|>" if "<|bos|>" in added else None
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _adds_bos(checkpoint: Path, bos: str | None) -> bool:
+    """The tokenizer's own rule, as gasungbi and transformers apply it (gasungbi.data.conventions):
+    whether encoding text puts the BOS token in front."""
+    from gasungbi.data.conventions import Conventions
+
+    conv = Conventions.load(checkpoint)
+    bos_id = conv.tokenizer.token_to_id(bos) if bos else None
+    ids = conv.encode("a")
+    return bos_id is not None and bool(ids) and ids[0] == bos_id
+
+
+def _pre_tokenizer(data: dict, f: Path) -> str:
+    """The llama.cpp name of the tokenizer's pre-tokenization: GPT-2's byte-level regex split is
+    "gpt-2"; the Llama-3 and DeepSeek-V3 splits are recognized by their regexes."""
+    pre = data.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    regexes = [p.get("pattern", {}).get("Regex", "") for p in parts if p.get("type") == "Split"]
+    joined = " ".join(regexes)
+    if "\\p{N}{1,3}" in joined and "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in joined:
+        return "llama-bpe"
+    if "\\p{N}{1,3}" in joined and "[一-龥぀-ゟ゠-ヿ]+" in joined:
+        return "deepseek-v3"
+    raise GGUFExportError(f"{f}: pre-tokenizer {kinds} is not one llama.cpp is known to apply the same way "
+                          "(supported: GPT-2 byte-level, Llama-3, DeepSeek-V3)")
+
+
+def _tokenizer(w, tok: dict, cfg: ModelConfig) -> None:
+    import gguf
+
+    T = gguf.TokenType
+    by_id = {i: s for s, i in tok["vocab"].items()}
+    for s, a in tok["added"].items():
+        by_id[a["id"]] = s
+    tokens, types = [], []
+    for i in range(cfg.vocab_size):  # the embedding may be padded past the tokenizer
+        s = by_id.get(i)
+        if s is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(T.UNUSED)
+        else:
+            tokens.append(s)
+            a = tok["added"].get(s)
+            types.append(T.NORMAL if a is None else T.CONTROL if a.get("special") else T.USER_DEFINED)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(tok["merges"])
+    ids = {s: i for i, s in enumerate(tokens)}
+    bos = ids.get(tok["bos"]) if tok["bos"] else cfg.bos_token_id
+    eos = tok["eos_ids"] if tok["eos_ids"] is not None else (ids.get(tok["eos"]) if tok["eos"] else cfg.eos_token_id)
+    eos = eos[0] if isinstance(eos, list) else eos
+    if bos is not None:
+        w.add_bos_token_id(bos)
+    if eos is not None:
+        w.add_eos_token_id(eos)
+    if tok["pad"] and tok["pad"] in ids:
+        w.add_pad_token_id(ids[tok["pad"]])
+    w.add_add_bos_token(tok["add_bos"])
+    w.add_add_eos_token(False)
+    if "<|end|>" in ids and tok["template"] and "<|end|>" in tok["template"]:
+        w.add_eot_token_id(ids["<|end|>"])  # gasungbi's chat turns end with <|end|>
+    if tok["template"]:
+        w.add_chat_template(tok["template"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Ollama
+# ---------------------------------------------------------------------------------------------
+
+# gasungbi's own chat format (gasungbi.data.chat) in Ollama's Go template language
+OLLAMA_TEMPLATE = ('{{- if .System }}<|system|>{{ .System }}<|end|>{{ end }}'
+                   '{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>')
+
+
+def write_modelfile(gguf_file: Path, tok: dict) -> Path:
+    """An Ollama ``Modelfile`` beside the GGUF: ``FROM``, the chat template and the stop tokens. For
+    gasungbi's own chat format the template is written in Ollama's Go template language; for another
+    template Ollama reads the Jinja template stored in the GGUF itself."""
+    ours = "<|assistant|>" in (tok["template"] or "") and "<|end|>" in (tok["template"] or "")
+    stops = [s for s in ("<|end|>", tok["eos"]) if s and (s in tok["added"] or s in tok["vocab"])]
+    lines = [f"FROM ./{gguf_file.name}"]
+    if ours:
+        lines.append(f'TEMPLATE """{OLLAMA_TEMPLATE}"""')
+    else:
+        lines.append("# the chat template is the one stored in the GGUF (tokenizer.chat_template)")
+    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops)]
+    path = gguf_file.parent / "Modelfile"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
