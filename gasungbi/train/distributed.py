@@ -64,13 +64,16 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(objective: nn.Module, info: DistInfo, strategy: str) -> nn.Module:
+def wrap(objective: nn.Module, info: DistInfo, strategy: str, ignore: list[str] = ()) -> nn.Module:
     """``ddp``: replicate and all-reduce gradients; ``fsdp``: shard parameters, gradients and
-    optimizer state (FSDP2 ``fully_shard`` per block, then the root)."""
+    optimizer state (FSDP2 ``fully_shard`` per block, then the root). ``ignore``: names of
+    parameters that DDP leaves alone (expert shards, reduced by the expert-parallel pass)."""
     if not info.enabled:
         return objective
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
+        if ignore:
+            DDP._set_params_and_buffers_to_ignore_for_model(objective, list(ignore))
         return DDP(objective, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard

@@ -89,6 +89,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp8: DeepSeek-V3's block-scaled FP8 GEMMs (emulated off CUDA)
     adam_moments: Literal["fp32", "bf16"] = "fp32"  # dtype of AdamW's moments (DeepSeek-V3 keeps them in bf16)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard)
+    expert_parallel: int = 1  # under torchrun: shard the routed experts over this many ranks (EP; the rest is DDP over all ranks)
     price_per_hour: float | None = None  # dollars per device-hour (default: the catalog's, or 0.05 on CPU)
     seed: int = 1337  # seed of initialization and data order
     resume: bool = False  # continue from the newest checkpoint in out_dir
@@ -117,6 +118,10 @@ class TrainConfig:
             bad(f"adam_moments={self.adam_moments!r}; choose fp32 or bf16")
         if self.parallel not in ("ddp", "fsdp"):
             bad(f"parallel={self.parallel!r}; choose ddp or fsdp")
+        if self.expert_parallel < 1:
+            bad(f"expert_parallel must be >= 1, got {self.expert_parallel}")
+        if self.expert_parallel > 1 and (self.parallel != "ddp" or self.precision == "fp8" or self.compile):
+            bad("expert_parallel > 1 works with --parallel ddp, without --precision fp8 and --compile (for now)")
         if self.task not in ("pretrain", "sft"):
             bad(f"task={self.task!r}; choose pretrain or sft")
         if not self.data:
@@ -186,13 +191,18 @@ class _Data:
             self.train = TokenLoader(tc.data, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
                                      rank=rank, world_size=world)
 
-    def evaluate(self, objective, amp) -> dict:
+    def evaluate(self, objective, amp, alone: bool = False) -> dict:
+        """Validation on every rank's share, or (``alone``) all of it by this process."""
+        rank, world, reduce = (0, 1, None) if alone else (self.rank, self.world, dist.all_reduce_sum)
         if self.tc.task == "sft":
-            return evaluate_batches(objective, self.val.eval_batches(self.tc.eval_batches), amp,
-                                    all_reduce_sum=dist.all_reduce_sum)
+            saved = self.val.rank, self.val.world_size
+            self.val.rank, self.val.world_size = rank, world
+            batches = list(self.val.eval_batches(self.tc.eval_batches))
+            self.val.rank, self.val.world_size = saved
+            return evaluate_batches(objective, batches, amp, all_reduce_sum=reduce)
         return evaluate(objective, self.tc.data, "val", batch_size=max(1, self.tc.batch_size // self.world),
-                        seq_len=self.tc.seq_len, max_batches=self.tc.eval_batches, rank=self.rank,
-                        world_size=self.world, amp=amp, all_reduce_sum=dist.all_reduce_sum)
+                        seq_len=self.tc.seq_len, max_batches=self.tc.eval_batches, rank=rank,
+                        world_size=world, amp=amp, all_reduce_sum=reduce)
 
 
 def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
@@ -227,13 +237,20 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         apply_fp8(model)
     model.train()
     objective = Objective(model, tc.mtp_weight, tc.balance_alpha)
-    wrapped = dist.wrap(objective, info, tc.parallel)
+    mesh = None  # the (dp, ep) mesh of expert parallelism
+    if tc.expert_parallel > 1:
+        from gasungbi.train import expert_parallel as ep
+        mesh = ep.ep_mesh(world, tc.expert_parallel, info.device.type)
+        ep.apply_expert_parallel(model, mesh)
+    wrapped = dist.wrap(objective, info, tc.parallel, ignore=ep.expert_param_names(objective) if mesh is not None else ())
     if tc.compile:
         wrapped = torch.compile(wrapped)
     optimizers = build_optimizers(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.muon_lr,
                                   moments=tc.adam_moments)
     loader = data.train
     if state is not None:
+        if mesh is not None:
+            ep.shard_optimizer_state(objective, state["optimizers"], mesh)
         dist.load_optimizer_state(objective, optimizers, state["optimizers"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -261,12 +278,14 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
 
     def gathered_model():
         """A plain CPU copy of the model on rank 0 (collective: every rank must call it)."""
-        state = dist.full_model_state(objective)
+        state = ep.full_model_state(objective, mesh) if mesh is not None else dist.full_model_state(objective)
         return from_state_dict(cfg, state) if info.is_main else None
 
     def save(step: int) -> Path | None:
         cpu_model = gathered_model()
         optim_state = dist.full_optimizer_state(objective, optimizers)
+        if mesh is not None:
+            ep.gather_optimizer_state(objective, optimizers, optim_state, mesh)
         if not info.is_main:
             return None
         training_state = {"step": step, "optimizers": optim_state, "loader": loader.state_dict(),
@@ -277,7 +296,13 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                                     keep=tc.keep_checkpoints)
 
     def validate(step: int) -> dict:
-        res = data.evaluate(wrapped, amp)
+        if mesh is None:
+            res = data.evaluate(wrapped, amp)
+        else:  # ranks may hold unequal shares of the validation set: rank 0 evaluates all of it
+            cpu_model = gathered_model()
+            res = [data.evaluate(Objective(cpu_model.to(info.device)), amp, alone=True) if info.is_main else None]
+            torch.distributed.broadcast_object_list(res, src=0)
+            res = res[0]
         row = {"step": step, "tokens": meter.tokens, "val_loss": res["loss"], "val_bpb": res.get("bpb")}
         history.append(row)
         log.metrics(row)
@@ -312,7 +337,11 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                     expert_counts = counts if expert_counts is None else expert_counts + counts
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.item() / tc.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            if mesh is None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            else:
+                ep.reduce_expert_grads(model, mesh)
+                grad_norm = ep.clip_grad_norm(model, tc.grad_clip, mesh)
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -336,7 +365,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
             if tc.eval_interval and step % tc.eval_interval == 0 and step < end_step:
                 last_val = validate(step)
             if tc.sample_interval and step % tc.sample_interval == 0:
-                sampler = gathered_model() if tc.parallel == "fsdp" and info.enabled else model
+                sampler = gathered_model() if (tc.parallel == "fsdp" or mesh is not None) and info.enabled else model
                 if info.is_main:
                     log.sample(step, _sample(sampler, tc))
             if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < end_step:
@@ -358,7 +387,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
               "final_train_loss": next((h["lm_loss"] for h in reversed(history) if "lm_loss" in h), None),
               "val_loss": last_val.get("val_loss"), "val_bpb": last_val.get("val_bpb"),
               "expert_load": load_stats.get("load", []), "max_violation": load_stats.get("max_violation")}
-    sampler = gathered_model() if tc.parallel == "fsdp" and info.enabled else model
+    sampler = gathered_model() if (tc.parallel == "fsdp" or mesh is not None) and info.enabled else model
     if info.is_main:
         report["sample"] = _sample(sampler, tc)
         log.sample(step, report["sample"])
