@@ -90,3 +90,51 @@ def test_checkpoints_move_between_one_process_and_expert_parallel(data_dir, sing
     _run(_args(data_dir, tmp_path, "--resume", "--stop-after", "14"))
     _run(_args(data_dir, tmp_path, "--resume", "--expert-parallel", "2"), nproc=2)  # shards again
     _close(single[0], _losses(tmp_path))
+
+
+def _skewed_worker(rank: int, init_file: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from gasungbi.config import get_preset
+    from gasungbi.model.moe import Experts
+    from gasungbi.train.expert_parallel import EPExperts
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cfg = get_preset("debug")
+        torch.manual_seed(0)
+        ref = Experts(cfg)
+        for p in ref.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        ep = EPExperts(ref, init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "ep"))["ep"].get_group(), rank, 2)
+        torch.manual_seed(1 + rank)
+        n, d = 6 + 3 * rank, cfg.hidden_size
+        x = torch.randn(n, d, requires_grad=True)
+        idx = torch.stack([torch.randperm(4)[:2] for _ in range(n)])  # only rank 0's experts: rank 1 gets none
+        w = torch.rand(n, 2)
+        counts = torch.bincount(idx.reshape(-1), minlength=cfg.n_routed_experts)
+        y = ep(x, idx, w, counts)
+        y_ref = ref(x, idx, w, counts)
+        torch.testing.assert_close(y, y_ref)
+        g = torch.randn_like(y)
+        (gx,) = torch.autograd.grad((y * g).sum(), x, retain_graph=True)
+        y.mul(g).sum().backward()
+        y_ref.mul(g).sum().backward()
+        torch.testing.assert_close(gx, torch.autograd.grad((ref(x, idx, w, counts) * g).sum(), x)[0])
+        for name in ("gate_proj", "up_proj", "down_proj"):  # shard grads = the sum over ranks of the full grads
+            full = getattr(ref, name).grad.clone()
+            dist.all_reduce(full)
+            grad = getattr(ep, name).grad  # None on rank 1: no token reached its experts
+            torch.testing.assert_close(torch.zeros_like(full[:4]) if grad is None else grad, full[4 * rank:4 * rank + 4])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_exchange_with_a_rank_that_receives_nothing(tmp_path):
+    """Forward and backward of EPExperts equal the single-device Experts when every token goes to
+    rank 0's experts (rank 1 sends and receives no slot), with unequal token counts per rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_skewed_worker, args=(str(tmp_path / "init"),), nprocs=2)

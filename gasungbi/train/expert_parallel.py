@@ -135,12 +135,15 @@ def _expert_params(module: nn.Module) -> list[nn.Parameter]:
 
 
 def reduce_expert_grads(module: nn.Module, mesh) -> None:
-    """Sum the expert gradients over the W/K replicas and divide by W (DDP's convention)."""
+    """Sum the expert gradients over the W/K replicas and divide by W (DDP's convention).
+
+    A shard whose experts got no token has no gradient; it gets zeros, as the single-process
+    stacked tensor does (so AdamW still steps it, and every replica joins the all-reduce)."""
     world = mesh.size()
     dp = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
     for p in _expert_params(module):
         if p.grad is None:
-            continue
+            p.grad = torch.zeros_like(p)
         if dp is not None:
             dist.all_reduce(p.grad, group=dp)
         p.grad.div_(world)
