@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ARCHITECTURES = {

@@ -130,3 +130,29 @@ def chat_reference(model, tokenizer, messages, n: int):
 def chat_ref():
     """:func:`chat_reference` as a fixture, for test files (which do not import each other)."""
     return chat_reference
+
+
+def _run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gasungbi", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, command: str) -> str:
+    """The error line of a failed command, checked to be the only one and no traceback."""
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith(f"gasungbi {command}: error: ")]
+    assert len(errors) == 1, r.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli(*args, timeout=300)``: ``python -m gasungbi ARGS`` as a user runs it (a CompletedProcess)."""
+    return _run_cli
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """``one_line_error(result, command)``: a failed command's one error line (exit 2, no traceback)."""
+    return _one_line_error

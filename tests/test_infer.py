@@ -532,3 +532,17 @@ def test_perplexity_change_of_a_trained_model(trained):
     assert base < 5  # trained: the untrained model is at ~512
     assert perplexity(quantize(trained, "int8"), val, 128) < 1.01 * base
     assert perplexity(quantize(trained, "int4", 128), val, 128) < 1.05 * base
+
+
+def test_quantize_leaves_widths_the_int8_kernel_cannot_take_in_float():
+    """q_lora_rank 24: q_b_proj's input width is not a multiple of 16, where torch's CPU int8 kernel
+    segfaults; it stays in floating point and the model generates (as its float twin does for it)."""
+    from gasungbi.infer.quant import quantize, quantize_state_dict
+
+    cfg = gasungbi.get_preset("debug").replace(q_lora_rank=24, initializer_range=0.25)
+    m = gasungbi.build_model(cfg, seed=0).eval()
+    qsd = quantize_state_dict(m, "int8")
+    q_b = [k for k in qsd if k.endswith("q_b_proj.weight")]
+    assert q_b and all(qsd[k].is_floating_point() and f"{k}_scales" not in qsd for k in q_b)
+    out = generate(quantize(m, "int8"), [list(range(5, 69))] * 2, max_new_tokens=4, stop_tokens=())[0]  # M = 128 rows
+    assert len(out.tokens) == 4

@@ -18,20 +18,6 @@ from gasungbi.data.prepare import prepare_corpus
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
 
 
-def gasungbi(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "gasungbi", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def one_line_error(r, command: str) -> str:
-    """The error line of a failed command, checked to be the only one and no traceback."""
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith(f"gasungbi {command}: error: ")]
-    assert len(errors) == 1, r.stderr
-    return errors[0]
-
-
 def rows(run: Path, key: str = "lm_loss") -> list[int]:
     """The steps of the metrics.jsonl rows that hold ``key``, in file order."""
     return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
@@ -66,22 +52,22 @@ def train_args(shards, out, *extra):
             *extra]
 
 
-def test_train_rerun_is_refused_unless_resume_or_overwrite(shards, tmp_path):
+def test_train_rerun_is_refused_unless_resume_or_overwrite(shards, tmp_path, cli, one_line_error):
     run = tmp_path / "R"
     args = train_args(shards, run, "--max-steps", "8", "--ckpt-interval", "2", "--keep-checkpoints", "2",
                       "--eval-interval", "0")
-    assert gasungbi(*args).returncode == 0
+    assert cli(*args).returncode == 0
     before = sorted(p.name for p in run.iterdir())
     metrics = (run / "metrics.jsonl").read_text()
     assert {"step_000006", "step_000008"} <= set(before)
 
-    err = one_line_error(gasungbi(*args, "--stop-after", "2"), "train")
+    err = one_line_error(cli(*args, "--stop-after", "2"), "train")
     assert str(run) in err and "--resume" in err and "--overwrite" in err
     assert sorted(p.name for p in run.iterdir()) == before and (run / "metrics.jsonl").read_text() == metrics
-    assert "choose one" in one_line_error(gasungbi(*args, "--resume", "--overwrite"), "train")
+    assert "choose one" in one_line_error(cli(*args, "--resume", "--overwrite"), "train")
 
     # --overwrite replaces the run: its checkpoint survives pruning and metrics hold this run only
-    r = gasungbi(*args, "--overwrite", "--stop-after", "2")
+    r = cli(*args, "--overwrite", "--stop-after", "2")
     assert r.returncode == 0, r.stderr
     assert f"checkpoint: {run / 'step_000002'}" in r.stdout
     assert (run / "latest").read_text().strip() == "step_000002" and (run / "step_000002").is_dir()
@@ -89,13 +75,13 @@ def test_train_rerun_is_refused_unless_resume_or_overwrite(shards, tmp_path):
     assert rows(run) == [1, 2]
 
 
-def test_pruning_never_removes_latest_or_newest(shards, tmp_path):
+def test_pruning_never_removes_latest_or_newest(shards, tmp_path, cli):
     run = tmp_path / "R"
     args = train_args(shards, run, "--max-steps", "10", "--ckpt-interval", "2", "--eval-interval", "0")
-    assert gasungbi(*args, "--keep-checkpoints", "5").returncode == 0
+    assert cli(*args, "--keep-checkpoints", "5").returncode == 0
     # rewind to step 4 (as after a loss spike) and keep fewer checkpoints from now on
     (run / "latest").write_text("step_000004\n")
-    r = gasungbi(*args, "--resume", "--keep-checkpoints", "2", "--stop-after", "5")
+    r = cli(*args, "--resume", "--keep-checkpoints", "2", "--stop-after", "5")
     assert r.returncode == 0, r.stderr
     assert f"checkpoint: {run / 'step_000005'}" in r.stdout
     assert (run / "latest").read_text().strip() == "step_000005" and (run / "step_000005").is_dir()
@@ -104,7 +90,7 @@ def test_pruning_never_removes_latest_or_newest(shards, tmp_path):
     assert rows(run) == [1, 2, 3, 4, 5]  # the rewound steps' rows are gone, each step logged once
 
 
-def test_kill_9_then_resume_logs_each_step_once(shards, tmp_path):
+def test_kill_9_then_resume_logs_each_step_once(shards, tmp_path, cli):
     run = tmp_path / "R"
     args = train_args(shards, run, "--max-steps", "100000", "--ckpt-interval", "25", "--eval-interval", "10",
                       "--eval-batches", "1")
@@ -126,37 +112,37 @@ def test_kill_9_then_resume_logs_each_step_once(shards, tmp_path):
         proc.wait()
     assert logged_past_checkpoint()
     saved = int((run / "latest").read_text().strip().split("_")[1])
-    r = gasungbi(*[a if a != "100000" else str(saved + 12) for a in args], "--resume")
+    r = cli(*[a if a != "100000" else str(saved + 12) for a in args], "--resume")
     assert r.returncode == 0, r.stderr
     assert rows(run) == list(range(1, saved + 13))
     val = rows(run, "val_loss")
     assert len(val) == len(set(val)) and val[-1] == saved + 12
 
 
-def test_sft_grpo_and_distill_refuse_an_existing_run(chat_ckpt, tmp_path):
+def test_sft_grpo_and_distill_refuse_an_existing_run(chat_ckpt, tmp_path, cli, one_line_error):
     ckpt = chat_ckpt / "ckpt"
     sft = ["sft", "--init-from", ckpt, "--data", chat_ckpt / "chats.jsonl", "--out-dir", tmp_path / "sft",
            "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--sample-tokens", "2",
            "--log-interval", "1", "--no-progress", "--device", "cpu"]
-    assert gasungbi(*sft).returncode == 0
-    assert "--overwrite" in one_line_error(gasungbi(*sft), "sft")
+    assert cli(*sft).returncode == 0
+    assert "--overwrite" in one_line_error(cli(*sft), "sft")
     assert rows(tmp_path / "sft") == [1, 2]
 
     grpo = ["grpo", "--init-from", ckpt, "--out-dir", tmp_path / "grpo", "--steps", "2", "--prompts-per-step", "2",
             "--group-size", "2", "--max-new-tokens", "4", "--eval-tasks", "2", "--ckpt-interval", "1",
             "--keep-checkpoints", "3", "--no-progress"]
-    assert gasungbi(*grpo).returncode == 0
-    assert "--resume" in one_line_error(gasungbi(*grpo), "grpo")
+    assert cli(*grpo).returncode == 0
+    assert "--resume" in one_line_error(cli(*grpo), "grpo")
     # a resume from step 1 (as after a kill during step 2) logs step 2 once
     (tmp_path / "grpo" / "latest").write_text("step_000001\n")
-    assert gasungbi(*grpo, "--resume").returncode == 0
+    assert cli(*grpo, "--resume").returncode == 0
     assert rows(tmp_path / "grpo", "reward") == [1, 2]
 
     distill = ["distill", "--teacher", ckpt, "--student", ckpt, "--out-dir", tmp_path / "distill", "--prompts", "3",
                "--samples-per-prompt", "1", "--reward", "format", "--min-reward", "0", "--sft-steps", "1",
                "--batch-size", "2", "--seq-len", "64", "--max-new-tokens", "4"]
-    assert gasungbi(*distill).returncode == 0
-    err = one_line_error(gasungbi(*distill), "distill")
+    assert cli(*distill).returncode == 0
+    err = one_line_error(cli(*distill), "distill")
     assert str(tmp_path / "distill") in err and "--overwrite" in err
     assert rows(tmp_path / "distill" / "student") == [1]
 

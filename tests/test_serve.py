@@ -271,7 +271,8 @@ def test_health_answers_while_huge_prompts_are_refused(server):
             return await asyncio.gather(health(), *posts)
 
     worst, *answers = asyncio.run(run())
-    assert worst < 0.5, worst
+    # a deadline, not a speed figure: blocked behind the tokenizer, /health took 5-14 s here; answered, ~0.05 s
+    assert worst < 3.0, worst
     assert all(r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded" for r in answers)
     assert "characters" in answers[0].json()["error"]["message"]  # refused by its length alone
 

@@ -1,8 +1,6 @@
 """Pretraining: exact resume, clean interruption, MoE balancing, optimizers, schedules, CLI."""
 
 import json
-import math
-import os
 import signal
 import subprocess
 import sys
@@ -80,8 +78,8 @@ def test_metrics_report_and_cost_meter(data_dir, tmp_path):
 
 def test_loss_decreases_with_both_optimizers(data_dir, tmp_path):
     for opt in ("adamw", "muon"):
-        report = train(_cfg(data_dir, tmp_path / opt, optimizer=opt, max_steps=30, eval_interval=0,
-                            lr=1e-2, muon_lr=0.02, log_interval=1))
+        train(_cfg(data_dir, tmp_path / opt, optimizer=opt, max_steps=30, eval_interval=0,
+                   lr=1e-2, muon_lr=0.02, log_interval=1))
         rows = [json.loads(l) for l in (tmp_path / opt / "metrics.jsonl").read_text().splitlines() if "lm_loss" in l]
         assert rows[-1]["lm_loss"] < rows[0]["lm_loss"] - 0.5, opt
 

@@ -4,8 +4,6 @@ Foreign checkpoints are written by transformers (a tiny DeepseekV3, save_pretrai
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,20 +11,6 @@ import torch
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
-
-
-def gasungbi(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "gasungbi", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def one_line_error(r, command: str) -> str:
-    """The error line of a failed command, checked to be the only one and no traceback."""
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith(f"gasungbi {command}: error: ")]
-    assert len(errors) == 1, r.stderr
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -69,29 +53,29 @@ CONFIGS = {  # case -> (edit of config.json, what the error must name)
 }
 
 
-def test_bad_config_json_is_one_line_naming_file_and_field(hf_ckpt, tmp_path):
+def test_bad_config_json_is_one_line_naming_file_and_field(hf_ckpt, tmp_path, cli, one_line_error):
     for i, (case, (edit, needle)) in enumerate(CONFIGS.items()):
         ckpt = _copy(hf_ckpt, tmp_path / f"c{i}")
         _edit_config(ckpt, edit)
-        err = one_line_error(gasungbi("generate", ckpt, "--prompt", "hi", "--max-new-tokens", "2"), "generate")
+        err = one_line_error(cli("generate", ckpt, "--prompt", "hi", "--max-new-tokens", "2"), "generate")
         assert str(ckpt / "config.json") in err and needle in err, (case, err)
 
 
-def test_bad_tokenizer_json_is_one_line_naming_the_file(hf_ckpt, tmp_path):
+def test_bad_tokenizer_json_is_one_line_naming_the_file(hf_ckpt, tmp_path, cli, one_line_error):
     for i, content in enumerate([b"\x00garbage{", b"", b"{}"]):
         ckpt = _copy(hf_ckpt, tmp_path / f"t{i}")
         (ckpt / "tokenizer.json").write_bytes(content)
         args = ("serve", ckpt, "--port", "0") if i == 0 else ("generate", ckpt, "--prompt", "hi")
-        err = one_line_error(gasungbi(*args), args[0])
+        err = one_line_error(cli(*args), args[0])
         assert str(ckpt / "tokenizer.json") in err, err
     # serve has no --prompt-ids flag, so it must not suggest one
     ckpt = _copy(hf_ckpt, tmp_path / "no_tokenizer")
     (ckpt / "tokenizer.json").unlink()
-    err = one_line_error(gasungbi("serve", ckpt, "--port", "0"), "serve")
+    err = one_line_error(cli("serve", ckpt, "--port", "0"), "serve")
     assert "tokenizer.json" in err and "--prompt-ids" not in err
 
 
-def test_prepare_names_what_is_wrong_with_the_corpus(tmp_path):
+def test_prepare_names_what_is_wrong_with_the_corpus(tmp_path, cli, one_line_error):
     (tmp_path / "binary.dat").write_bytes(bytes(range(256)) * 8)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("café olé\n".encode("latin-1"))
@@ -100,25 +84,25 @@ def test_prepare_names_what_is_wrong_with_the_corpus(tmp_path):
     cases = {"missing.txt": "does not exist", "binary.dat": "binary", "empty.txt": "empty",
              "latin1.txt": "not UTF-8", "bad.jsonl": "bad.jsonl:3"}
     for name, needle in cases.items():
-        err = one_line_error(gasungbi("prepare", "--corpus", tmp_path / name, "--out", tmp_path / "out",
+        err = one_line_error(cli("prepare", "--corpus", tmp_path / name, "--out", tmp_path / "out",
                                       "--vocab-size", "300"), "prepare")
         assert name in err and needle in err, err
     for v in ("0", "10"):
-        err = one_line_error(gasungbi("prepare", "--corpus", tmp_path / "ok.txt", "--out", tmp_path / "out",
+        err = one_line_error(cli("prepare", "--corpus", tmp_path / "ok.txt", "--out", tmp_path / "out",
                                       "--vocab-size", v), "prepare")
         assert f"--vocab-size {v}" in err, err
 
 
-def test_bad_sft_jsonl_line_names_file_and_line(hf_ckpt, tmp_path):
+def test_bad_sft_jsonl_line_names_file_and_line(hf_ckpt, tmp_path, cli, one_line_error):
     data = tmp_path / "chats.jsonl"
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     data.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"messages": [\n')
-    err = one_line_error(gasungbi("sft", "--init-from", hf_ckpt, "--data", data, "--out-dir", tmp_path / "run",
+    err = one_line_error(cli("sft", "--init-from", hf_ckpt, "--data", data, "--out-dir", tmp_path / "run",
                                   "--max-steps", "1"), "sft")
     assert f"{data}:3" in err, err
 
 
-def test_non_finite_weights_warn_on_load(hf_ckpt, tmp_path):
+def test_non_finite_weights_warn_on_load(hf_ckpt, tmp_path, cli):
     from safetensors.torch import load_file, save_file
 
     ckpt = _copy(hf_ckpt, tmp_path / "nan")
@@ -126,8 +110,8 @@ def test_non_finite_weights_warn_on_load(hf_ckpt, tmp_path):
     sd["model.norm.weight"][0] = float("nan")
     sd["model.layers.1.mlp.shared_experts.down_proj.weight"][0, 0] = float("inf")
     save_file(sd, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    r = gasungbi("generate", ckpt, "--prompt", "hi", "--max-new-tokens", "1")
+    r = cli("generate", ckpt, "--prompt", "hi", "--max-new-tokens", "1")
     assert r.returncode == 0, r.stderr
     assert "NaN or Inf" in r.stderr and "model.norm.weight" in r.stderr and str(ckpt) in r.stderr
-    clean = gasungbi("generate", hf_ckpt, "--prompt", "hi", "--max-new-tokens", "1")
+    clean = cli("generate", hf_ckpt, "--prompt", "hi", "--max-new-tokens", "1")
     assert clean.returncode == 0 and "NaN" not in clean.stderr

@@ -10,7 +10,8 @@ experts, the MTP projection, the output head unless tied) and the routed experts
 point: the embedding (one row is read per token), norms, the router, and MLA's ``kv_b_proj``,
 whose weight the absorbed attention uses as a tensor (W^UK / W^UV folded into query and output).
 A matrix whose shape the int4 kernels cannot take (rows not a multiple of 16, or columns not a
-multiple of 32) is stored as int8 instead.
+multiple of 32) is stored as int8 instead; one whose input width is not a multiple of 16 stays in
+floating point (torch's CPU int8 kernel crashes on it: :data:`INT8_K_MULTIPLE`).
 
 Modules. A quantized ``nn.Linear`` becomes a :class:`QuantLinear`; a SwiGLU ``MLP`` (dense layers,
 shared experts) becomes a :class:`QuantMLP` and each routed expert a gate+up pair in
@@ -53,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gasungbi import atomic
 from gasungbi.config import CheckpointError, ModelConfig, from_hf_config, to_hf_config
 from gasungbi.infer.placement import offload_experts
 from gasungbi.model.layers import MLP
@@ -65,6 +67,9 @@ SKIP = ("kv_b_proj",)  # read as a raw weight by the absorbed MLA
 FORMAT_VERSION = 2  # 1: ".scales" / ".scales_and_zeros" suffixes, the mode spelled in the name
 _GROUPS = (256, 128, 64, 32)
 _COMPUTE = torch.bfloat16
+# torch 2.13's CPU _weight_int8pack_mm segfaults when a weight's input width is not a multiple of 16
+# (seen for 8, 24, 40; 16, 32, 48, 64, 96 work): such matrices stay in floating point
+INT8_K_MULTIPLE = 16
 _PROJS = ("gate_proj", "up_proj", "down_proj")
 _MODE_OF = {torch.int8: "int8", torch.uint8: "int4"}  # the dtype of the quantized values
 
@@ -322,6 +327,8 @@ def quantize_state_dict(model: Transformer, mode: str = "int8", group_size: int 
     linears, experts = _targets(model)
     keys = [f"{n}.weight" for n in linears] + [f"{n}.{p}" for n in experts for p in _PROJS]
     for key in keys:
+        if out[key].shape[-1] % INT8_K_MULTIPLE:
+            continue  # left in floating point: the CPU int8 kernel crashes on such widths
         out[key], out[f"{key}_scales"] = _quantize(out[key], mode, group_size)
     return out
 
@@ -456,10 +463,9 @@ def save_quantized(qsd: dict[str, torch.Tensor], cfg: ModelConfig, path: str | o
     hf = to_hf_config(cfg)
     hf["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode, "group_size": group_size,
                                  "format_version": FORMAT_VERSION}
-    tmp = path / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "quantization": mode})
-    os.replace(tmp, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    atomic.write_file(path / "model.safetensors",
+                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "quantization": mode}))
+    atomic.write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     if tokenizer is not None:
         copy_tokenizer(tokenizer, path)
     return path

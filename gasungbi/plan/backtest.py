@@ -19,7 +19,6 @@ Importing this module needs no torch.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path

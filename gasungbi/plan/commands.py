@@ -287,9 +287,9 @@ def _train(args: SimpleNamespace) -> int:
         f" = {est.total_flops:.3g} in all",
         f"MFU          {_mfu_text(est, gpu)}  [{est.basis}]",
         f"GPU-hours    {est.gpu_hours / 1e6:,.4g}M" if est.gpu_hours >= 1e5 else f"GPU-hours    {est.gpu_hours:,.1f}",
-        f"wall clock   " + (f"{est.days:,.1f} days" if est.days >= 1 else f"{est.days * 24:,.2f} hours")
+        "wall clock   " + (f"{est.days:,.1f} days" if est.days >= 1 else f"{est.days * 24:,.2f} hours")
         + f" on {est.count:,} GPU{'s' if est.count != 1 else ''}",
-        f"cost         " + (f"${est.dollars:,.{0 if est.dollars >= 100 else 2}f} at ${est.price_per_hour:g}/GPU-hour" if est.dollars is not None
+        "cost         " + (f"${est.dollars:,.{0 if est.dollars >= 100 else 2}f} at ${est.price_per_hour:g}/GPU-hour" if est.dollars is not None
                             else "n/a (no price for this device: pass --price)"),
     ]
     if default_mfu:
@@ -368,7 +368,7 @@ def _serve(args: SimpleNamespace) -> int:
                      f"{'fits' if ok else 'DOES NOT FIT'}; reads {req.read_gb_per_step[mem]:,.2f} GB per step "
                      f"at {bw[mem]:,.0f} GB/s")
     lines += [f"  decode ceiling   {req.decode_tokens_per_s:,.1f} tokens/s (sum over memories of bytes read / bandwidth)",
-              f"  prefill ceiling  " + (f"{req.prefill_tokens_per_s:,.0f} tokens/s (FLOPs / dense peak)"
+              "  prefill ceiling  " + (f"{req.prefill_tokens_per_s:,.0f} tokens/s (FLOPs / dense peak)"
                                         if req.prefill_tokens_per_s else "n/a (no FLOPS figure for the CPU)"),
               f"  cost             ${req.cost_per_hour:,.3f}/hour -> ${req.usd_per_million_tokens:,.2f} per 1M output "
               "tokens at the ceiling (GPUs rented; DDR platforms bought, 3 years 24/7, no power)"]

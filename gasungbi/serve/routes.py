@@ -116,7 +116,7 @@ async def completions(request: Request):
 async def chat_completions(request: Request):
     """Messages through the model's chat template; n, stop, seed, logprobs, streaming."""
     st = request.app.state
-    scheduler, name, model_cfg = st.scheduler, st.config.model_name, st.scheduler.model.config
+    scheduler, name = st.scheduler, st.config.model_name
     req = await read_body(request, ChatRequest, st.config.max_body_bytes, st.config.body_timeout)
     check_model(req.model, name)
     sampling, stop = sampling_of(req), stops_of(req)

@@ -110,9 +110,7 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             rows.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(rows))
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
