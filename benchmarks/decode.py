@@ -154,6 +154,46 @@ def time_hf(hf, prompts, n: int) -> float:
     return len(prompts) * (n - 1) / best
 
 
+def time_llama_cpp(gguf: Path, prompt: list[int], n: int, threads: int) -> float:
+    """llama.cpp's decode tokens/s on ``gguf`` (llama-cpp-python), batch 1, greedy, timed as ours:
+    (N - 1) tokens / (time(N tokens) - time(1 token)); its default KV cache (f16)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(prompt) + n + 8, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+
+    def run(k: int) -> float:
+        t = time.perf_counter()
+        for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), 1):
+            if i == k:
+                break
+        return time.perf_counter() - t
+
+    try:
+        run(4)  # warm up
+        return (n - 1) / min(run(n) - run(1) for _ in range(2))
+    finally:
+        llm.close()
+
+
+def with_tokenizer(path: str | Path, out: Path) -> Path:
+    """``path`` with a byte-level BPE tokenizer added when it has none (GGUF files carry one; its ids
+    beyond the tokenizer's are written as unused tokens, so the decode work is the model's)."""
+    if (Path(path) / "tokenizer.json").exists():
+        return Path(path)
+    import shutil
+    import sysconfig
+
+    from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(path).iterdir():
+        shutil.copy(f, out / f.name)
+    docs = [p.read_text(errors="replace") for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]]
+    save_tokenizer(train_tokenizer(docs, 1024), out)
+    return out
+
+
 def ppl_section(steps: int, seed: int = 0) -> None:
     if SHAKESPEARE.exists():
         text, source = SHAKESPEARE.read_bytes(), "tiny Shakespeare"
@@ -205,6 +245,8 @@ def main() -> None:
     ap.add_argument("--no-ppl", dest="ppl", action="store_false")
     ap.add_argument("--ppl-steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
+                    help="skip llama.cpp on the exported GGUF (f32 beside our fp32, q8_0 beside our int8)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,6 +282,15 @@ def main() -> None:
             for b in batches:
                 hf_tps[b] = time_hf(hf, prompts[b], args.new_tokens)
             del hf
+        llama_tps = {}
+        if args.llama_cpp:  # the field's CPU engine on the same weights, exported by gasungbi export
+            from gasungbi.interop.gguf import export_gguf
+            ckpt = with_tokenizer(path, Path(tmp) / "with-tokenizer")
+            for mode, gguf_type in (("fp32", "f32"), ("int8", "q8_0")):
+                if mode in modes:
+                    gguf = export_gguf(ckpt, Path(tmp) / f"model-{gguf_type}.gguf", gguf_type)
+                    llama_tps[mode] = time_llama_cpp(gguf, prompts[1][0] if 1 in prompts else prompts[batches[0]][0],
+                                                     args.new_tokens, torch.get_num_threads())
         rows, ours, alone = [], {}, {}
         for mode in modes:
             model = base if mode == "fp32" else quantize(base, mode, 128)
@@ -266,6 +317,13 @@ def main() -> None:
         print(f"{mode:5} {b:5d} {tps:11.1f} {hf_b if hf_b else float('nan'):13.1f} {vs_hf:>7} {vs_fp:>11} {bw_cols}")
     print("transformers: fp32, the same checkpoint, model.generate(do_sample=False); "
           f"load average now {os.getloadavg()[0]:.2f}")
+    if llama_tps:
+        print(f"\nbatch 1 beside llama.cpp (llama-cpp-python, the GGUF of `gasungbi export`, "
+              f"{torch.get_num_threads()} threads):")
+        print(f"{'ours':5} {'tok/s':>8}   {'llama.cpp':12} {'tok/s':>8} {'ours / llama.cpp':>17}")
+        for mode, tps in llama_tps.items():
+            kind = {"fp32": "f32", "int8": "q8_0"}[mode]
+            print(f"{mode:5} {ours[mode, 1]:8.1f}   {kind:12} {tps:8.1f} {ours[mode, 1] / tps:16.2f}x")
     print("\nthe weight matmuls of one batch-1 step alone (same kernels and casts; no attention, router, "
           "norms or Python between them): the ceiling these kernels set")
     print(f"{'mode':5} {'steps/s':>8} {'MB/step':>8} {'GB/s':>6} {'of STREAM':>9} {'engine at':>10}")
