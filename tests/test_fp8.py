@@ -367,3 +367,25 @@ def test_params_states_fp8_bytes(capsys):
     assert params("deepseek-v3-671b") == 0
     out = capsys.readouterr().out
     assert "DeepSeek FP8" in out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fp8_checkpoint_goes_straight_to_int8_and_int4(fp8_pair, mode, monkeypatch):
+    """--quant on an FP8 checkpoint quantizes each weight as it is dequantized (no float model is
+    built: load_model is never called), and gives exactly the model that quantizing the dequantized
+    float model gives."""
+    import gasungbi.infer.load as load
+    from gasungbi.infer.quant import quantize
+    from gasungbi.interop.hf import load_model
+
+    root, _, _ = fp8_pair
+    reference = quantize(load_model(root / "fp8", dtype=torch.float32), mode, 128)
+
+    def no_float_model(*args, **kwargs):
+        raise AssertionError("the whole float model was built")
+
+    monkeypatch.setattr(load, "load_model", no_float_model)
+    streamed = load.load_for_inference(root / "fp8", device="cpu", dtype=torch.float32, quant=mode, report=None)
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(streamed(x), reference(x))

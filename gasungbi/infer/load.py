@@ -11,6 +11,7 @@ from torch import nn
 from gasungbi.config import read_config
 from gasungbi.infer import quant as q
 from gasungbi.infer.placement import apply_placement, plan_placement, resolve_device
+from gasungbi.interop.fp8 import fp8_config
 from gasungbi.interop.hf import load_model
 
 
@@ -35,6 +36,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device | Non
         report(plan.format(cfg.max_position_embeddings))
     if qcfg is not None:
         return q.load_quantized(path, device, dtype or torch.float32, plan.experts_device)
+    if quant is not None and fp8_config(path) is not None:  # DeepSeek's FP8 straight to int8/int4
+        return q.load_fp8_quantized(path, quant, group_size, device, dtype or torch.float32, plan.experts_device)
     model = load_model(path, "cpu", dtype)
     if quant is not None:
         return q.quantize(model, quant, group_size, device, plan.experts_device)

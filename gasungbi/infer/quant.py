@@ -505,6 +505,52 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise CheckpointError(f"{path / 'model.safetensors'}: {e}") from None
 
 
+def load_fp8_quantized(path: str | os.PathLike, mode: str, group_size: int = 128, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32,
+                       experts_device: str | torch.device | None = None) -> Transformer:
+    """A DeepSeek FP8 checkpoint (:mod:`gasungbi.interop.fp8`) straight to ``mode`` (int8/int4), one
+    tensor at a time: each FP8 weight is dequantized (in float32) and at once quantized, so the largest
+    float tensor alive is one weight matrix, never the model. Equal to quantizing the dequantized model."""
+    import re
+
+    from gasungbi.config import read_config
+    from gasungbi.interop.fp8 import read_fp8
+    from gasungbi.interop.hf import _HF_EXPERT, from_hf_state_dict, weight_files
+
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; supported: {', '.join(MODES)}")
+    path = Path(path)
+    cfg = read_config(path)
+    linears, experts = _targets(build_model(cfg, device="meta"))
+    targets = {f"{n}.weight" for n in linears} | {f"{n}.{p}" for n in experts for p in _PROJS}
+    L = cfg.num_hidden_layers
+
+    def ours(name: str) -> str:  # our name of an HF tensor: MTP renumbered, expert index dropped
+        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+        if m and int(m.group(1)) >= L:
+            name = f"model.mtp.{int(m.group(1)) - L}.{m.group(2)}"
+        m = _HF_EXPERT.match(name)
+        return f"{m.group(1)}.{m.group(3)}" if m else name
+
+    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        if ours(name) in targets and t.shape[-1] % INT8_K_MULTIPLE == 0:
+            values, scales = _quantize(t, mode, group_size)
+            return {name: values, name + "_scales": scales}
+        return {name: t.to(dtype) if t.is_floating_point() else t}
+
+    tensors = read_fp8(weight_files(path), "cpu", torch.float32, convert=convert)
+    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):
+        cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP declared but not stored (see load_model)
+    values = {k: v for k, v in tensors.items() if not k.endswith("_scales")}
+    scales = {k.removesuffix("_scales"): v for k, v in tensors.items() if k.endswith("_scales")}
+    qsd = from_hf_state_dict(cfg, values)
+    qsd.update({k + "_scales": v for k, v in from_hf_state_dict(cfg, scales).items()})
+    try:
+        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------

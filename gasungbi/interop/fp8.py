@@ -78,10 +78,12 @@ def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype 
 
 
 def read_fp8(files: list[Path], device: str | torch.device, dtype: torch.dtype,
-             report=lambda msg: print(msg, file=sys.stderr)) -> dict[str, torch.Tensor]:
+             report=lambda msg: print(msg, file=sys.stderr), convert=None) -> dict[str, torch.Tensor]:
     """All tensors of an FP8 checkpoint's safetensors files in ``dtype``: each FP8 weight is
     dequantized with its ``_scale_inv`` (found in whichever file holds it) as soon as it is read,
-    the other tensors are cast; ``report`` gets a line with the count and the peak memory."""
+    the other tensors are cast; ``report`` gets a line with the count and the peak memory.
+    ``convert(name, tensor) -> {name: tensor, ...}``, when given, replaces each tensor as soon as it
+    is read (e.g. quantizes it to int8), so that no float copy of the whole model ever exists."""
     out: dict[str, torch.Tensor] = {}
     n = 0
     with contextlib.ExitStack() as stack:
@@ -106,11 +108,14 @@ def read_fp8(files: list[Path], device: str | torch.device, dtype: torch.dtype,
                 n += 1
             elif t.is_floating_point():
                 t = t.to(dtype)
-            out[k] = t
+            if convert is None:
+                out[k] = t
+            else:
+                out.update(convert(k, t))
     if report is not None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         report(f"FP8 checkpoint: {n} block-scaled weights dequantized to {str(dtype).removeprefix('torch.')} "
-               f"one at a time; peak process memory {peak:.2f} GiB")
+               f"one at a time{' and converted' if convert else ''}; peak process memory {peak:.2f} GiB")
     return out
 
 

@@ -97,7 +97,7 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> di
 # files
 # ---------------------------------------------------------------------------------------------
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -142,8 +142,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     fp8 = fp8_format.fp8_config(path) is not None
     if fp8:  # DeepSeek's FP8 format: dequantized while read
         dtype = dtype or torch.bfloat16
-        tensors = fp8_format.read_fp8(_weight_files(path), device, dtype)
-    for f in [] if fp8 else _weight_files(path):
+        tensors = fp8_format.read_fp8(weight_files(path), device, dtype)
+    for f in [] if fp8 else weight_files(path):
         try:
             with safe_open(str(f), framework="pt", device=str(device)) as sf:
                 for k in sf.keys():
