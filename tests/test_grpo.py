@@ -76,6 +76,32 @@ def test_completion_logprobs_match_a_direct_forward(ckpt):
     assert torch.allclose(logp[1], torch.stack(want), atol=1e-5)
 
 
+def test_logprobs_are_those_of_the_sampling_temperature(ckpt, tmp_path, monkeypatch):
+    """Rollouts sampled at temperature T: pi_old, pi_ref and pi_theta are all log_softmax(logits / T)."""
+    from gasungbi import load_model
+    import gasungbi.post.grpo as grpo_module
+    model = load_model(ckpt)
+    prompts, completions = [[0, 5, 6], [0, 7]], [[8, 9], [10, 11, 12]]
+    logp, _ = completion_logprobs(model, prompts, completions, temperature=0.5)
+    with torch.no_grad():
+        logits = model(torch.tensor([[0, 7, 10, 11, 12]]))[0]
+    want = torch.stack([torch.log_softmax(logits[i] / 0.5, -1)[t] for i, t in ((1, 10), (2, 11), (3, 12))])
+    assert torch.allclose(logp[1], want, atol=1e-5)
+    assert not torch.allclose(logp[1], torch.log_softmax(logits[1:4], -1)[[0, 1, 2], [10, 11, 12]], atol=1e-3)
+    # the run computes every log-probability (old, reference, update) at its sampling temperature
+    seen = []
+
+    def spy(model, prompts, completions, temperature=1.0):
+        seen.append(temperature)
+        return completion_logprobs(model, prompts, completions, temperature)
+
+    monkeypatch.setattr(grpo_module, "completion_logprobs", spy)
+    grpo(GRPOConfig(init_from=str(ckpt), out_dir=str(tmp_path / "t"), reward=SEVENS, steps=1, prompts_per_step=2,
+                    group_size=2, max_new_tokens=4, eval_tasks=1, ckpt_interval=0, progress=False, temperature=0.7,
+                    beta=0.1))
+    assert seen == [0.7, 0.7, 0.7]
+
+
 def test_grpo_raises_a_learnable_reward_and_resumes(ckpt, tmp_path):
     base = dict(init_from=str(ckpt), task="arithmetic", difficulty=2, reward=SEVENS, prompts_per_step=4,
                 group_size=6, max_new_tokens=8, lr=3e-3, eval_tasks=8, ckpt_interval=3, progress=False, seed=1)

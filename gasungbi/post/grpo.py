@@ -88,6 +88,8 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("fp32", "bf16", "fp8"):
             raise ValueError(f"precision={self.precision!r}; choose fp32, bf16 or fp8")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (GRPO compares sampled completions), got {self.temperature}")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages compare completions within a group")
         get_family(self.task)
@@ -101,9 +103,12 @@ def group_advantages(rewards: torch.Tensor, variant: str = "grpo") -> torch.Tens
     return centered / (rewards.std(dim=1, keepdim=True) + 1e-4)
 
 
-def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]],
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of each completion given its prompt: (logp [N, L], mask [N, L]),
-    L = the longest completion. Sequences are right-padded (causal attention ignores the padding)."""
+    L = the longest completion. Sequences are right-padded (causal attention ignores the padding).
+    ``temperature``: the rollouts' sampling temperature; the logits are divided by it (as TRL's
+    GRPOTrainer does), so the ratio and the KL are those of the distribution that was sampled."""
     seqs = [p + c for p, c in zip(prompts, completions)]
     T = max(map(len, seqs))
     L = max(1, max(map(len, completions)))
@@ -112,7 +117,7 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
     ids = ids.to(device)
-    logp_all = torch.log_softmax(model(ids).float(), dim=-1)  # (N, T, V)
+    logp_all = torch.log_softmax(model(ids).float() / temperature, dim=-1)  # (N, T, V)
     logp = torch.zeros(len(seqs), L, device=device)
     mask = torch.zeros(len(seqs), L, device=device)
     rows, cols, targets, slots = [], [], [], []
@@ -227,12 +232,12 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
         adv = group_advantages(rewards, cfg.variant).flatten()
         with torch.no_grad():
             with amp:
-                old_logp, mask = completion_logprobs(policy, group_prompts, completions)
-            ref_logp = completion_logprobs(reference, group_prompts, completions)[0] if reference is not None else None
+                old_logp, mask = completion_logprobs(policy, group_prompts, completions, cfg.temperature)
+            ref_logp = completion_logprobs(reference, group_prompts, completions, cfg.temperature)[0] if reference is not None else None
         policy.train()
         for _ in range(cfg.updates):
             with amp:
-                logp, _ = completion_logprobs(policy, group_prompts, completions)
+                logp, _ = completion_logprobs(policy, group_prompts, completions, cfg.temperature)
             loss, stats = grpo_loss(logp, old_logp, ref_logp, mask, adv, cfg.clip_eps, cfg.beta, cfg.variant,
                                     cfg.max_new_tokens)
             opt.zero_grad(set_to_none=True)
