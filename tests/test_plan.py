@@ -312,13 +312,36 @@ def test_backtest_reproduces_calibration_and_states_its_record(catalog):
     predicted = bt.predicted_rows
     assert len(predicted) == len(bt.rows) - 3
     # The record as it stands (deterministic: shapes, figures, formulas). Issue 18's goal is a
-    # median of 25% or less and no row beyond 2x; the planner is at 26% and Llama 3.1 8B at 2.15x
-    # (Meta's hours imply 17% MFU against 36% for the 405B). These bounds keep it from getting worse.
-    assert bt.median_abs_error <= 0.27
-    assert bt.worst.ratio <= 2.2
+    # median of 25% or less and no row beyond 2x. With Llama 3.1's long-context stages counted and
+    # DeepSeek's data-parallel attention read per GPU, the median is 25.4% (nanochat's single-node
+    # 50% MFU, +31%, is the sixth of ten) and Llama 3.1 8B is 2.04x (Meta's hours imply 19% MFU
+    # against 38% for the 405B, a gap already in Llama 3 8B's 8K-only hours). Not met; these
+    # bounds keep it from getting worse.
+    assert bt.median_abs_error == pytest.approx(0.254, abs=0.005)
+    assert bt.constants["train_dense"] == pytest.approx(0.382, abs=0.002)  # Llama 3 paper Table 4: 38-43%
+    assert bt.worst.name == "Llama 3.1 8B" and bt.worst.ratio <= 2.05
     assert sum(r.ratio > 2 for r in predicted) <= 1
+    service = next(r for r in predicted if r.name.startswith("DeepSeek online service"))
+    assert service.error <= 0.45  # +96% before each GPU read its own copy of MLA and the shared expert
     for r in predicted:  # every row off by more than 25% says what the planner misses
         assert abs(r.error) <= 0.25 or r.misses, r.name
+
+
+def test_backtest_data_parallel_parts_are_read_by_every_gpu(catalog):
+    from gasungbi.plan.backtest import decode_ceiling, load_published
+
+    row = next(r for r in load_published() if r.get("data_parallel"))
+    split = {k: v for k, v in row.items() if k != "data_parallel"}
+    n, gpu = 144, catalog.lookup("h800")
+    est = E.estimate_serve(get_preset("deepseek-v3-671b"), E.Setup("s", gpu, n), "fp8", row["context"], row["batch"])
+    copy = sum(est.parts_gb[p] for p in row["data_parallel"]) * 1e9
+
+    def step(r: dict) -> float:  # seconds per decode step of the whole unit
+        return row["batch"] / (decode_ceiling(r, catalog) * row["per_unit"])
+
+    # memory-bound at this batch: the step grows by the N - 1 extra copies over the N GPUs' bandwidth
+    assert step(row) - step(split) == pytest.approx((n - 1) * copy / (n * gpu.bandwidth_gbs * 1e9), rel=1e-6)
+    assert 13e9 < copy < 15e9  # MLA 11.4B + shared experts 2.6B + router and norms, at 1 byte (FP8)
 
 
 def test_cli_backtest_prints_table_and_summary(tmp_path):

@@ -11,7 +11,12 @@ shape and the hardware alone, with three constants, each set by one row (``calib
 
 MFU here is against the dense peak *of the precision the run's matmuls used* (FP8 for
 DeepSeek-V3: 22.8% of 1,979 TFLOPS; ``plan train`` quotes the same run as 45.5% of the BF16
-peak). Training FLOPs are ``flops_per_token`` (6 x activated + attention, PaLM's convention).
+peak). Training FLOPs are ``flops_per_token`` (6 x activated + attention, PaLM's convention),
+summed over a row's phases, each at its own sequence length: attention is 12 x layers x width x
+seq per token (forward and backward over the full T x T, no causal halving, for every row and
+calibrator alike), so a long-context stage (Llama 3.1's, up to 128K) costs a small model far more
+per token than its 8K pass. A decode row may name ``data_parallel`` parts, held whole by every GPU
+(see ``decode_ceiling``).
 Every other row is a prediction; the summary gives the median and the worst error over them.
 Importing this module needs no torch.
 """
@@ -25,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gasungbi.config import from_hf_config, get_preset
-from gasungbi.plan.catalog import Catalog, Gpu, parse_hardware
+from gasungbi.plan.catalog import Catalog, Gpu, Hardware, parse_hardware
 from gasungbi.plan.estimate import CountModel, Model, Setup, estimate_serve, flops_per_token, read_run
 
 PUBLISHED = Path(__file__).with_name("published.json")
@@ -152,13 +157,38 @@ def implied_mfu(row: dict[str, Any], catalog: Catalog) -> float:
 
 
 def decode_ceiling(row: dict[str, Any], catalog: Catalog) -> float:
-    """tokens/s at the roofline ceiling, per ``per_unit`` (e.g. per node of an 18-node unit)."""
+    """tokens/s at the roofline ceiling, per ``per_unit`` (e.g. per node of an 18-node unit).
+
+    ``data_parallel`` names the parts (``estimate_serve``'s ``parts_gb`` keys) that every GPU of the
+    set-up holds whole, as DeepSeek's decode units replicate MLA and the shared expert on each of
+    144 GPUs while only the routed experts are sharded. ``estimate_serve`` (and so ``plan serve``)
+    splits every part across the GPUs; here each copy is read once per step."""
     hw = parse_hardware(row["hardware"], catalog)
     setup = Setup(row["name"], hw.gpu, hw.gpu_count, hw.memory, hw.memory_count)
     est = estimate_serve(row_model(row["model"]), setup, row["quant"], row["context"], row["batch"])
     if not est.fits:
         raise ValueError(f"{row['name']}: the model does not fit the set-up ({'; '.join(est.notes)})")
-    return est.decode_tokens_per_s / row.get("per_unit", 1)
+    step = row["batch"] / est.decode_tokens_per_s  # max(memory time, compute time), every part split
+    replicated = row.get("data_parallel", ())
+    if replicated and hw.gpu_count > 1:
+        # Data-parallel parts: every GPU holds and reads its own copy each step, so the N GPUs read
+        # N copies where the split ceiling counts one. The memory time grows by (N - 1) copies over
+        # the N GPUs' bandwidth; a compute-bound step stays as long as it was.
+        copy_bytes = sum(est.parts_gb[p] for p in replicated) * 1e9
+        extra = (hw.gpu_count - 1) * copy_bytes / (hw.gpu_count * hw.gpu.bandwidth_gbs * 1e9)
+        memory_time = sum(est.read_gb_per_step[m] * 1e9 / bw for m, bw in _bandwidths(hw).items())
+        step = max(step, memory_time + extra)
+    return row["batch"] / step / row.get("per_unit", 1)
+
+
+def _bandwidths(hw: Hardware) -> dict[str, float]:
+    """Bytes/s of each memory of a set-up, as ``estimate_serve`` sums them."""
+    out = {}
+    if hw.gpu:
+        out["gpu"] = hw.gpu.bandwidth_gbs * 1e9 * hw.gpu_count
+    if hw.memory:
+        out["ddr"] = hw.memory.bandwidth_gbs * 1e9 * hw.memory_count
+    return out
 
 
 def calibrate(rows: list[dict[str, Any]], catalog: Catalog) -> dict[str, float]:
@@ -232,7 +262,7 @@ def format_backtest(bt: Backtest, sources: bool = False) -> list[str]:
               f"  dense training MFU  {c['train_dense']:.1%}  ({_calibrator(bt, 'train_dense')})",
               f"  decode efficiency   {c['decode']:.1%} of the roofline ceiling  ({_calibrator(bt, 'decode')})",
               "", f"over the {len(bt.predicted_rows)} rows not used for calibration: median |error| "
-                  f"{bt.median_abs_error:.0%}, worst {bt.worst.name} ({bt.worst.error:+.0%}, "
+                  f"{bt.median_abs_error:.1%}, worst {bt.worst.name} ({bt.worst.error:+.0%}, "
                   f"{bt.worst.ratio:.2f}x)"]
     off = [r for r in bt.predicted_rows if abs(r.error) > 0.25 and r.misses]
     if off:
