@@ -64,6 +64,41 @@ def test_loss_gradient_direction_clip_and_kl():
     assert s0["kl"] == pytest.approx(0.0) and s1["kl"] > 0
 
 
+def test_k3_gradient_is_reverse_kl_and_the_corrected_k3_is_forward_kl():
+    """Exact expectations: pi_old = (1/2, 1/4, 1/8, 1/8), so 8 one-token completions [0,0,0,0,1,1,2,3]
+    weigh each token by its probability and the loss's mean is E_old[.] exactly."""
+    tokens = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3])
+    old = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    ref = torch.log_softmax(torch.tensor([0.3, -0.2, 1.0, 0.1]), -1)
+    mask, adv = torch.ones(8, 1), torch.zeros(8)
+
+    def kl_loss(theta, estimator):
+        logp = torch.log_softmax(theta, -1)[tokens][:, None]
+        loss, stats = grpo_loss(logp, old[tokens][:, None], ref[tokens][:, None], mask, adv, 0.2, 1.0, "grpo", 1,
+                                kl_estimator=estimator)
+        grad, = torch.autograd.grad(loss, theta)
+        return loss, grad, stats
+
+    def exact(theta, forward):  # KL(pi || ref) or KL(ref || pi), and its gradient
+        lp = torch.log_softmax(theta, -1)
+        kl = (lp.exp() * (lp - ref)).sum() if forward else (ref.exp() * (ref - lp)).sum()
+        return kl, torch.autograd.grad(kl, theta)[0]
+
+    # pi_theta has moved away from pi_old (as after one of several updates)
+    theta = torch.tensor([0.1, 0.4, -0.3, 0.2], requires_grad=True)
+    loss, grad, stats = kl_loss(theta, "k3_corrected")
+    kl, kl_grad = exact(theta, forward=True)
+    assert loss.item() == pytest.approx(kl.item(), rel=1e-5) and stats["kl"] == pytest.approx(kl.item(), rel=1e-5)
+    assert torch.allclose(grad, kl_grad, atol=1e-6)
+    # plain k3 on pi_theta = pi_old: the value is KL(pi || ref), the gradient that of KL(ref || pi)
+    theta = old.clone().requires_grad_()
+    loss, grad, _ = kl_loss(theta, "k3")
+    assert loss.item() == pytest.approx(exact(theta, forward=True)[0].item(), rel=1e-5)
+    assert torch.allclose(grad, exact(theta, forward=False)[1], atol=1e-6)
+    assert not torch.allclose(grad, exact(theta, forward=True)[1], atol=1e-3)
+    assert torch.allclose(kl_loss(theta, "k3_corrected")[1], exact(theta, forward=True)[1], atol=1e-6)
+
+
 def test_completion_logprobs_match_a_direct_forward(ckpt):
     from gasungbi import load_model
     model = load_model(ckpt)

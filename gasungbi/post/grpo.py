@@ -5,9 +5,16 @@ completion from a program (answer accuracy, R1's format reward, or a user callab
 
     A_i = (r_i - mean(r)) / (std(r) + 1e-4)                 group-normalized advantage (GRPO)
     A_i =  r_i - mean(r)                                     Dr. GRPO (Liu et al. 2025): no std
-    ratio_t = pi_theta(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
+    ratio_t = pi_theta(o_t | q, o_<t) / pi_old(o_t | q, o_<t)   every pi at the sampling temperature (logits / T)
     L = -1/G sum_i 1/|o_i| sum_t [ min(ratio_t A_i, clip(ratio_t, 1-eps, 1+eps) A_i) - beta KL_t ]
     KL_t = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1       the unbiased k3 estimator (Schulman 2020)
+
+The k3 term's value estimates KL(pi_theta || pi_ref) on samples of pi_theta, but its gradient, with
+the samples held fixed, is that of KL(pi_ref || pi_theta): grad E[k3] = E[(1 - pi_ref/pi_theta)
+grad log pi_theta] = -sum pi_ref grad log pi_theta. ``kl_estimator="k3_corrected"`` multiplies k3 by
+the importance ratio pi_theta/pi_old (not detached), TRL's ``use_bias_correction_kl`` (after
+DeepSeek-V3.2): E_old[ratio k3] = KL(pi_theta || pi_ref) in value, and its gradient is that of the same KL,
+also when pi_theta has moved away from pi_old during ``updates`` > 1.
 
 Dr. GRPO replaces 1/|o_i| by one constant (1 / max_new_tokens), removing the length bias.
 ``updates`` optimizer steps reuse each batch of rollouts (pi_old is the policy that sampled them;
@@ -62,6 +69,7 @@ class GRPOConfig:
     lr: float = 5e-5  # AdamW learning rate
     clip_eps: float = 0.2  # PPO clip epsilon
     beta: float = 0.0  # KL weight (k3 estimator); 0 drops the reference model
+    kl_estimator: Literal["k3", "k3_corrected"] = "k3"  # k3: gradient of KL(ref || policy); k3_corrected: k3 x ratio, gradient of KL(policy || ref) (TRL's use_bias_correction_kl)
     updates: int = 1  # optimizer steps per batch of rollouts
     variant: Literal["grpo", "dr_grpo"] = "grpo"  # dr_grpo: Dr. GRPO (no std normalization, constant length norm)
     grad_clip: float = 1.0  # gradient norm clip
@@ -86,6 +94,8 @@ class GRPOConfig:
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kl_estimator not in ("k3", "k3_corrected"):
+            raise ValueError(f"kl_estimator={self.kl_estimator!r}; choose k3 or k3_corrected")
         if self.precision not in ("fp32", "bf16", "fp8"):
             raise ValueError(f"precision={self.precision!r}; choose fp32, bf16 or fp8")
         if self.temperature <= 0:
@@ -136,8 +146,11 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, mask: torch.Tensor,
-              adv: torch.Tensor, clip_eps: float, beta: float, variant: str, max_new_tokens: int) -> tuple[torch.Tensor, dict]:
-    """The clipped surrogate with the k3 KL penalty; inputs are [N, L] (adv [N])."""
+              adv: torch.Tensor, clip_eps: float, beta: float, variant: str, max_new_tokens: int,
+              kl_estimator: str = "k3") -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate with the k3 KL penalty; inputs are [N, L] (adv [N]). ``kl_estimator``:
+    ``k3`` (its gradient is that of KL(ref || policy)) or ``k3_corrected`` (k3 x ratio: value and
+    gradient of KL(policy || ref)); see the module docstring."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
@@ -146,6 +159,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     if ref_logp is not None and beta > 0:
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1
+        if kl_estimator == "k3_corrected":
+            kl = kl * ratio
         per_token = surrogate - beta * kl
     if variant == "dr_grpo":
         loss = -(per_token * mask).sum() / (mask.shape[0] * max_new_tokens)
@@ -239,7 +254,7 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
             with amp:
                 logp, _ = completion_logprobs(policy, group_prompts, completions, cfg.temperature)
             loss, stats = grpo_loss(logp, old_logp, ref_logp, mask, adv, cfg.clip_eps, cfg.beta, cfg.variant,
-                                    cfg.max_new_tokens)
+                                    cfg.max_new_tokens, cfg.kl_estimator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
