@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 
 from gasungbi.errors import UserError
+from gasungbi.train.budget import measure_step_seconds
 from gasungbi.train.trainer import TrainConfig
 
 # Post-training after pretraining: cold-start SFT on the gym's two-digit additions, then GRPO (R1's
@@ -54,32 +55,6 @@ RECIPES = {
                  train=dict(model="small", batch_size=256, seq_len=1024, lr=3e-3, warmup_steps=100,
                             eval_batches=50, device="auto", parallel="fsdp", sample_prompt="def ")),
 }
-
-
-def measure_step_seconds(tc: TrainConfig, vocab_size: int, steps: int = 3) -> float:
-    """Seconds per optimizer step of ``tc``'s model on random tokens (best of ``steps`` - 1)."""
-    from gasungbi.model.transformer import build_model
-    from gasungbi.train.objective import Objective
-    from gasungbi.train.optim import build_optimizers
-
-    device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if tc.device == "auto" else tc.device))
-    model = build_model(tc.model_config(vocab_size), device=device, seed=0).train()
-    obj = Objective(model, tc.mtp_weight)
-    opt = build_optimizers(model, tc.optimizer, tc.lr)
-    x = torch.randint(0, vocab_size, (tc.batch_size, tc.seq_len), device=device)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        for _ in range(tc.grad_accum):
-            obj(x, x)["loss"].backward()
-        for o in opt:
-            o.step()
-            o.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times[1:]) if len(times) > 1 else times[0]
 
 
 def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str = "stdlib",

@@ -84,6 +84,26 @@ def test_loss_decreases_with_both_optimizers(data_dir, tmp_path):
         assert rows[-1]["lm_loss"] < rows[0]["lm_loss"] - 0.5, opt
 
 
+def test_time_budget_sizes_steps_from_a_measured_step_time(data_dir, tmp_path):
+    from gasungbi.train.budget import steps_for_budget
+    # 100 s: 1 s steps, a 1 s validation batch x 2 batches every 10 steps and at the end: 2 + n + 2 n / 10 <= 100
+    assert steps_for_budget(100, 1.0, 1.0, 10, 2) == 81 and steps_for_budget(1, 1.0, 1.0, 0, 2) == 1
+    report = train(_cfg(data_dir, tmp_path / "a", time_budget=0.03, max_steps=10**6, warmup_steps=10**6,
+                        eval_interval=0, stop_after=None))
+    b = report["time_budget"]
+    assert b["step_s"] > 0 and b["eval_batch_s"] > 0 and b["minutes"] == 0.03
+    assert report["step"] == report["max_steps"] == b["max_steps"] == steps_for_budget(
+        1.8, b["step_s"], b["eval_batch_s"], 0, 2)
+    assert b["warmup_steps"] == max(1, b["max_steps"] // 5)  # the schedule follows the sized horizon
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["time_budget"] == b
+    assert report["elapsed_s"] < 60  # a 1.8 s budget, loosely (a shared machine)
+    # a resumed run keeps the steps it was sized to, whatever a new measurement would say
+    first = train(_cfg(data_dir, tmp_path / "b", time_budget=0.03, eval_interval=0, stop_after=2))
+    resumed = train(_cfg(data_dir, tmp_path / "b", time_budget=0.05, eval_interval=0, resume=True))
+    assert resumed["max_steps"] == first["max_steps"] == first["time_budget"]["max_steps"]
+    assert resumed["time_budget"]["resumed"]
+
+
 def test_bias_update_moves_toward_even_load():
     from gasungbi import build_model, get_preset
     from gasungbi.train.objective import update_expert_bias

@@ -55,6 +55,7 @@ class TrainConfig:
     seq_len: int = 256  # tokens per sequence
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps of the whole run (the schedule's horizon)
+    time_budget: float | None = None  # minutes: set max_steps from a measured step time so training and its validations fit (train/budget.py)
     # optimizer and schedule
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices + AdamW for the rest
     lr: float = 3e-3  # AdamW peak learning rate
@@ -117,6 +118,8 @@ class TrainConfig:
             bad(f"adam_moments={self.adam_moments!r}; choose fp32 or bf16")
         if self.parallel not in ("ddp", "fsdp"):
             bad(f"parallel={self.parallel!r}; choose ddp or fsdp")
+        if self.time_budget is not None and self.time_budget <= 0:
+            bad(f"time_budget must be > 0 minutes, got {self.time_budget}")
         if self.expert_parallel < 1:
             bad(f"expert_parallel must be >= 1, got {self.expert_parallel}")
         if self.expert_parallel > 1 and (self.parallel != "ddp" or self.precision == "fp8" or self.compile):
@@ -255,6 +258,10 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
 
+    budget: dict | None = None
+    if tc.time_budget is not None:
+        tc, budget = _size_to_budget(tc, cfg, info, amp, state)
+
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     peak_dtype = torch.float8_e4m3fn if tc.precision == "fp8" and cuda else torch.bfloat16 if bf16 else torch.float32
     peak, catalog_price, device_name = device_peak(info.device, peak_dtype)
@@ -289,7 +296,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
             return None
         training_state = {"step": step, "optimizers": optim_state, "loader": loader.state_dict(),
                           "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                          "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens},
+                          "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens}, "time_budget": budget,
                           "history": history, "train_config": json.dumps(dataclasses.asdict(tc))}
         return ckpt.save_checkpoint(out, step, cpu_model, training_state, tokenizer=tc.tokenizer_dir,
                                     keep=tc.keep_checkpoints)
@@ -386,6 +393,8 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
               "final_train_loss": next((h["lm_loss"] for h in reversed(history) if "lm_loss" in h), None),
               "val_loss": last_val.get("val_loss"), "val_bpb": last_val.get("val_bpb"),
               "expert_load": load_stats.get("load", []), "max_violation": load_stats.get("max_violation")}
+    if budget is not None:
+        report["time_budget"] = budget
     sampler = gathered_model() if (tc.parallel == "fsdp" or mesh is not None) and info.enabled else model
     if info.is_main:
         report["sample"] = _sample(sampler, tc)
@@ -398,6 +407,32 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     log.close()
     dist.barrier()  # every rank leaves together: a rank tearing down early aborts the others
     return report
+
+
+def _size_to_budget(tc: TrainConfig, cfg: ModelConfig, info: dist.DistInfo, amp, state: dict | None):
+    """``tc`` with max_steps sized to ``tc.time_budget`` minutes (the warmup capped at a fifth of the
+    steps), and the sizing's record; a resumed run keeps the steps it was sized to."""
+    from gasungbi.train.budget import measure_seconds, steps_for_budget
+
+    if state is not None:
+        sized = json.loads(state["train_config"])
+        return (dataclasses.replace(tc, max_steps=sized["max_steps"], warmup_steps=sized["warmup_steps"]),
+                {**(state.get("time_budget") or {}), "resumed": True})
+    step_s, eval_s = measure_seconds(tc, cfg, info.device, amp=amp, batch_size=tc.batch_size // info.world_size)
+    if info.enabled:  # every rank must run the same number of steps: the mean of their timings
+        t = dist.all_reduce_sum(torch.tensor([step_s, eval_s], device=info.device)) / info.world_size
+        step_s, eval_s = t.tolist()
+    seconds = tc.time_budget * 60
+    steps = steps_for_budget(seconds, step_s, eval_s, tc.eval_interval, tc.eval_batches)
+    warmup = min(tc.warmup_steps, max(1, steps // 5))
+    evals = (steps // tc.eval_interval if tc.eval_interval else 0) + 1
+    record = {"minutes": tc.time_budget, "step_s": step_s, "eval_batch_s": eval_s,
+              "max_steps": steps, "warmup_steps": warmup,
+              "validation_s_estimate": round(evals * tc.eval_batches * eval_s, 2)}
+    if info.is_main:
+        print(f"time budget {tc.time_budget:g} min: measured {step_s:.3f} s/step and {eval_s:.3f} s per validation "
+              f"batch: {steps} steps ({record['validation_s_estimate']:.0f} s of it validation), warmup {warmup}")
+    return dataclasses.replace(tc, max_steps=steps, warmup_steps=warmup), record
 
 
 def _val_text(row: dict) -> str:

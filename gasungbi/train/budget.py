@@ -1,0 +1,76 @@
+"""Sizing a run to a time budget: measure a step, then fit the steps (the schedule's horizon).
+
+Used by ``gasungbi train --time-budget MINUTES`` and by the speedrun. A step is timed on random
+tokens with a fresh model of the run's configuration (the first of ``steps`` timings is a warm-up
+and dropped); a validation batch (a forward pass without gradients) is timed the same way, so the
+validations the run will do are subtracted from the budget:
+
+    budget = n x step_s + (n // eval_interval + 1) x eval_batches x eval_batch_s   solved for n
+
+Checkpoints and sample generations are not counted (a few seconds each at the sizes this fits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from gasungbi.config import ModelConfig
+
+
+def measure_seconds(tc, model_config: ModelConfig, device: torch.device, steps: int = 3,
+                    amp=None, batch_size: int | None = None) -> tuple[float, float]:
+    """(seconds per optimizer step, seconds per validation batch) of ``tc``'s settings for a model
+    of ``model_config``: the best of ``steps`` - 1 timings each. ``batch_size``: sequences per
+    micro-batch (default ``tc.batch_size``; under data parallelism, one process's share)."""
+    from gasungbi.model.transformer import build_model
+    from gasungbi.train.objective import Objective
+    from gasungbi.train.optim import build_optimizers
+
+    amp = amp if amp is not None else contextlib.nullcontext()
+    model = build_model(model_config, device=device, seed=0).train()
+    obj = Objective(model, tc.mtp_weight)
+    opt = build_optimizers(model, tc.optimizer, tc.lr)
+    x = torch.randint(0, model_config.vocab_size, (batch_size or tc.batch_size, tc.seq_len), device=device)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times[1:]) if len(times) > 1 else times[0]
+
+    def train_step():
+        for _ in range(tc.grad_accum):
+            with amp:
+                loss = obj(x, x)["loss"]
+            loss.backward()
+        for o in opt:
+            o.step()
+            o.zero_grad()
+
+    def eval_batch():
+        with torch.no_grad(), amp:
+            obj(x, x)
+
+    return timed(train_step), timed(eval_batch)
+
+
+def measure_step_seconds(tc, vocab_size: int, steps: int = 3) -> float:
+    """Seconds per optimizer step of ``tc``'s preset model on random tokens (best of ``steps`` - 1)."""
+    device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if tc.device == "auto" else tc.device))
+    return measure_seconds(tc, tc.model_config(vocab_size), device, steps)[0]
+
+
+def steps_for_budget(seconds: float, step_s: float, eval_batch_s: float, eval_interval: int,
+                     eval_batches: int) -> int:
+    """The most optimizer steps (>= 1) whose training and validations fit ``seconds``."""
+    per_eval = eval_batches * eval_batch_s
+    per_step = step_s + (per_eval / eval_interval if eval_interval else 0.0)
+    return max(1, int((seconds - per_eval) / per_step))  # - per_eval: the validation at the end
