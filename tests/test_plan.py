@@ -40,9 +40,12 @@ def plan(*args, env=None):
 def test_catalog_has_the_hardware_and_a_source_for_every_figure(catalog):
     for name in ("h100-sxm", "h800", "h20", "h200", "b200", "a100-80gb", "l40s", "rtx4090", "rtx3090"):
         gpu = catalog.gpus[name]
-        for f in ("memory_gb", "bandwidth_gbs", "bf16_tflops", "fp8_tflops", "price_per_hour"):
+        for f in ("memory_gb", "bandwidth_gbs", "bf16_tflops", "fp8_tflops", "price_per_hour", "nvlink_gbs",
+                  "network_gbs"):
             assert gpu.source.get(f), f"{name}.{f} has no source"
     assert catalog.gpus["a100-80gb"].fp8_tflops is None
+    assert (catalog.gpus["h800"].nvlink_gbs, catalog.gpus["h800"].network_gbs) == (400, 50)  # NVIDIA spec; IB 50 GB/s: DeepSeek-V3 Sec. 3.2.1
+    assert (catalog.gpus["h100-sxm"].nvlink_gbs, catalog.gpus["h100-sxm"].network_gbs) == (900, 50)
     for name, bw in (("ddr5-2ch-5600", 89.6), ("ddr5-8ch-4800", 307.2), ("ddr5-12ch-4800", 460.8),
                      ("ddr5-12ch-5600", 537.6)):
         m = catalog.memory[name]
@@ -140,6 +143,85 @@ def test_deepseek_v3_published_cost_is_reproduced(catalog):
     # The default is the MFU the published figure implies under our FLOP count, rounded.
     implied = E.implied_mfu(V3, d["tokens"], d["pretrain_gpu_hours"], catalog.gpus["h800"].bf16_tflops, 4096)
     assert implied == pytest.approx(E.CALIBRATED_MFU, abs=0.005)
+
+
+def test_expert_parallel_bytes_by_hand():
+    # debug preset: hidden 64, top-2 of 8 experts, 3 layers (the first dense) + 1 MTP module = 3 MoE layers.
+    cfg = get_preset("debug")
+    assert (cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts) == (64, 2, 8)
+    gpu = Gpu("toy", "toy", memory_gb=10, bandwidth_gbs=100, bf16_tflops=100, fp8_tflops=None, price_per_hour=1.0,
+              nvlink_gbs=4, network_gbs=1)  # NVLink 2 GB/s each way
+    est = E.estimate_train(cfg, 1e9, gpu, count=4, mfu=0.5, seq_len=256)
+    # EP 4 over nodes of 2 GPUs: 2 nodes. A copy is 64 x (1 byte fp8 dispatch + 2 bytes bf16 combine) = 192 bytes.
+    plain = E.estimate_expert_parallel(cfg, est, gpu, 4, gpus_per_node=2, two_hop=False)
+    assert (plain.nodes, plain.moe_layers) == (2, 3)
+    assert plain.cross_node_copies == 1.0      # 2 slots x (4 - 2)/4
+    assert plain.within_node_copies == 0.5     # 2 slots x (2 - 1)/4
+    assert (plain.cross_node_bytes, plain.within_node_bytes) == (192, 96)
+    # Two hops: distinct nodes among 2 uniform draws over 2 nodes = 2 x (1 - 1/4) = 1.5, half of them remote;
+    # every slot not on the landing GPU (1 of 2) takes an NVLink hop: 2 x 1/2 = 1 copy.
+    ep = E.estimate_expert_parallel(cfg, est, gpu, 4, gpus_per_node=2)
+    assert ep.cross_node_copies == 0.75 and ep.within_node_copies == 1.0
+    assert (ep.cross_node_bytes, ep.within_node_bytes) == (144, 192)
+    # per MoE layer: network 144 B / 1 GB/s = 144 ns, NVLink 192 B / 2 GB/s = 96 ns, run at once: 144 ns;
+    # x 3 MoE layers x 2 (forward and backward)
+    assert ep.comm_s_per_token == pytest.approx(2 * 3 * 144e-9)
+    compute = est.flops_per_token / (0.5 * 100e12)
+    assert ep.compute_s_per_token == pytest.approx(compute)
+    assert ep.overlap_ratio == pytest.approx(compute / (2 * 3 * 144e-9))
+    assert ep.comm_s_per_step == pytest.approx(256 * 2 * 3 * 144e-9)  # one 256-token sequence per GPU
+    # node-limited to 1 node: 1 x 1/2 remote copy; bf16 dispatch: 64 x 4 bytes a copy
+    assert E.estimate_expert_parallel(cfg, est, gpu, 4, 2, node_limit=1).cross_node_bytes == 96
+    assert E.estimate_expert_parallel(cfg, est, gpu, 4, 2, dispatch="bf16", two_hop=False).cross_node_bytes == 256
+    # one node: nothing crosses, the network figure is not needed
+    one = E.estimate_expert_parallel(cfg, est, Gpu("nv", "nv", 10, 100, 100, None, 1.0, nvlink_gbs=4), 4)
+    assert one.cross_node_bytes == 0 and one.within_node_copies == 1.5  # 2 x 3/4
+    with pytest.raises(ValueError, match="no network_gbs"):
+        E.estimate_expert_parallel(cfg, est, Gpu("nv", "nv", 10, 100, 100, None, 1.0, nvlink_gbs=4), 4, 2)
+    with pytest.raises(ValueError, match="cannot be split"):
+        E.estimate_expert_parallel(cfg, est, gpu, 3)
+
+
+def test_deepseek_v3_expert_parallel_can_be_hidden(catalog):
+    # EP 64 over 8-GPU H800 nodes. V3's 8 expert groups sit one to a node and a token picks 4 groups:
+    # node-limited to 4 nodes. 8 slots over 8 nodes would touch 5.25 nodes, so the cap binds: 4 x 7/8 = 3.5
+    # copies cross InfiniBand, 3.5 x 7168 x (1 + 2) bytes = 75,264 B per token and MoE layer (1.505 us at
+    # 50 GB/s); 8 x 7/8 = 7 copies over NVLink, 150,528 B (0.753 us at 200 GB/s each way).
+    # 58 MoE layers + the MTP module, forward and backward: 2 x 59 x 1.505 us = 177.6 us per token.
+    h800, d = catalog.gpus["h800"], E.DEEPSEEK_V3
+    assert E.node_limit_of(V3, 64) == 4
+    est = E.estimate_train(V3, d["tokens"], h800, 2048, precision="fp8")
+    ep = E.estimate_expert_parallel(V3, est, h800, 64, node_limit=4)
+    assert (ep.nodes, ep.moe_layers, ep.cross_node_copies, ep.within_node_copies) == (8, 59, 3.5, 7.0)
+    assert (ep.cross_node_bytes, ep.within_node_bytes) == (75_264, 150_528)
+    assert ep.comm_s_per_token == pytest.approx(2 * 59 * 75_264 / 50e9)
+    # The paper (Sec. 3.2.1): cross-node EP gives "a computation-to-communication ratio of approximately 1:1",
+    # which DualPipe overlaps. With the FP8 GEMMs at their dense peak (1,979 TFLOPS) the planner says 0.83:1
+    # (292 GFLOP / 1,979 TFLOPS = 147 us of compute against 178 us), roughly 1:1. At the 22.7% FP8 MFU that
+    # DeepSeek's published hours imply the compute takes 649 us, 3.65x the all-to-all: overlapped, it is hidden.
+    assert 0.5 < ep.peak_overlap_ratio < 2
+    assert ep.peak_overlap_ratio == pytest.approx(est.flops_per_token / 1979e12 / ep.comm_s_per_token)
+    assert ep.overlap_ratio == pytest.approx(3.65, rel=0.01) and ep.can_hide
+    # One copy per expert slot (no per-node deduplication) doubles the network bytes: 8 x 56/64 = 7 copies.
+    plain = E.estimate_expert_parallel(V3, est, h800, 64, node_limit=4, two_hop=False)
+    assert plain.cross_node_copies == 7 and plain.overlap_ratio == pytest.approx(ep.overlap_ratio / 2)
+
+
+def test_cli_train_expert_parallel(tmp_path):
+    base = ["train", "--model", "deepseek-v3-671b", "--tokens", "14.8T", "--hardware", "h800", "--count", "2048"]
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    plain, ep = plan(*base, env=env), plan(*base, "--expert-parallel", "64", env=env)
+    assert plain.returncode == 0 == ep.returncode, ep.stderr
+    assert "all-to-all" not in plain.stdout
+    lines = ep.stdout.splitlines()
+    assert [line for line in lines if not line.startswith(("all-to-all", "overlap", " "))] == plain.stdout.splitlines()
+    assert "3.5 copies across nodes = 75.3 KB" in ep.stdout and "can hide it" in ep.stdout
+    d = json.loads(plan(*base, "--expert-parallel", "64", "--json", env=env).stdout)
+    assert d["expert_parallel"]["cross_node_bytes"] == 75_264 and d["expert_parallel"]["can_hide"] is True
+    assert "expert_parallel" not in json.loads(plan(*base, "--json", env=env).stdout)
+    bad = plan("train", "--model", "debug", "--tokens", "1B", "--hardware", "rtx4090", "--count", "4",
+               "--expert-parallel", "4", env=env)
+    assert bad.returncode == 2 and "no nvlink_gbs" in bad.stderr
 
 
 def test_train_from_run_report(tmp_path, capsys):

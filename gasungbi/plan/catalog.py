@@ -7,8 +7,11 @@ applied in that order. Every field is checked; a bad one raises :class:`CatalogE
 file, the entry and the field.
 
 Units: ``memory_gb`` in GB (1e9 bytes), ``bandwidth_gbs`` in GB/s, ``*_tflops`` dense peak in
-1e12 FLOP/s, ``price_per_hour`` in USD per GPU-hour (rental), ``price_per_gb`` and
-``platform_price`` in USD (purchase: the planner amortizes them, see ``estimate.py``).
+1e12 FLOP/s, ``nvlink_gbs`` (GPU to GPU in a node, both directions together, as NVIDIA quotes it)
+and ``network_gbs`` (the scale-out NIC per GPU, one direction: 400 Gb/s = 50 GB/s) in GB/s, optional
+(null: none or unknown; the expert-parallel estimate needs them), ``price_per_hour`` in USD per
+GPU-hour (rental), ``price_per_gb`` and ``platform_price`` in USD (purchase: the planner amortizes
+them, see ``estimate.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class CatalogError(ValueError):
 
 # field -> (required, may be null). ``name``, ``aliases`` and ``source`` are handled separately.
 GPU_FIGURES = {"memory_gb": (True, False), "bandwidth_gbs": (True, False), "bf16_tflops": (True, False),
-               "fp8_tflops": (False, True), "price_per_hour": (True, False)}
+               "fp8_tflops": (False, True), "price_per_hour": (True, False),
+               "nvlink_gbs": (False, True), "network_gbs": (False, True)}
 MEMORY_FIGURES = {"channels": (False, False), "mts": (False, False), "bandwidth_gbs": (False, False),
                   "memory_gb": (True, False), "price_per_gb": (True, False), "platform_price": (False, False),
                   "tflops": (False, True)}
@@ -49,6 +53,8 @@ class Gpu:
     aliases: list[str] = field(default_factory=list)
     source: dict[str, str] = field(default_factory=dict)
     kind: str = "gpu"
+    nvlink_gbs: float | None = None   # GPU-to-GPU within a node, both directions together (vendor figure)
+    network_gbs: float | None = None  # scale-out network (InfiniBand/RoCE) per GPU, each direction
 
 
 @dataclass
@@ -213,7 +219,11 @@ def _gpu(key: str, d: dict) -> Gpu:
                bandwidth_gbs=float(d["bandwidth_gbs"]), bf16_tflops=float(d["bf16_tflops"]),
                fp8_tflops=None if d.get("fp8_tflops") is None else float(d["fp8_tflops"]),
                price_per_hour=float(d["price_per_hour"]), aliases=list(d.get("aliases", [])),
-               source=dict(d["source"]))
+               source=dict(d["source"]), nvlink_gbs=_opt(d.get("nvlink_gbs")), network_gbs=_opt(d.get("network_gbs")))
+
+
+def _opt(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _memory(key: str, d: dict) -> MemoryPlatform:

@@ -40,7 +40,8 @@ def train(tokens: str, model: str | None = None, params: str | None = None, acti
           hardware: str | None = None, peak_tflops: float | None = None, bandwidth: float | None = None,
           memory: float | None = None, count: int | None = None, mfu: float | None = None, price: float | None = None,
           seq_len: int = 4096, from_run: str | None = None, chart: str | None = None, catalog: Catalogs = (),
-          json: bool = False, precision: Literal["bf16", "fp8"] = "bf16") -> int:
+          json: bool = False, precision: Literal["bf16", "fp8"] = "bf16", expert_parallel: int | None = None,
+          gpus_per_node: int = 8, dispatch: Literal["fp8", "bf16"] = "fp8") -> int:
     """GPU-hours, days and dollars of a training run. Without --mfu, the MFU is the one DeepSeek-V3's
     published H800-hours imply (against the BF16 peak, or the FP8 peak with --precision fp8).
 
@@ -62,6 +63,10 @@ def train(tokens: str, model: str | None = None, params: str | None = None, acti
         catalog: extra hardware catalog JSON (repeatable; ~/.config/gasungbi/hardware.json is read too)
         json: print JSON instead of a table
         precision: the GEMMs' precision: bf16, or fp8 (DeepSeek-V3's FP8 training; MFU against the FP8 peak)
+        expert_parallel: K: also count the all-to-all of experts sharded over K GPUs, per token and MoE
+            layer, across nodes and within one, and whether the computation can hide it
+        gpus_per_node: with --expert-parallel: GPUs per node (NVLink within, the network across)
+        dispatch: with --expert-parallel: precision of the dispatch (DeepSeek: fp8); the combine is bf16
     """
     return _run(_train, locals())
 
@@ -292,6 +297,9 @@ def _train(args: SimpleNamespace) -> int:
         "cost         " + (f"${est.dollars:,.{0 if est.dollars >= 100 else 2}f} at ${est.price_per_hour:g}/GPU-hour" if est.dollars is not None
                             else "n/a (no price for this device: pass --price)"),
     ]
+    if args.expert_parallel is not None:  # beside the GPU-hours, before the calibration note
+        data["expert_parallel"], more = _expert_parallel(args, cfg, est, gpu, count)
+        lines += more
     if default_mfu:
         d = E.DEEPSEEK_V3
         lines.append(f"calibration  DeepSeek-V3 reports {d['pretrain_gpu_hours'] / 1e6:.3f}M H800-hours for "
@@ -314,6 +322,44 @@ def _train(args: SimpleNamespace) -> int:
         lines.append(f"chart        {args.chart}")
         data["chart"] = args.chart
     return _emit(args, data, lines)
+
+
+def _expert_parallel(args: SimpleNamespace, cfg, est, gpu, count: int) -> tuple[dict[str, Any], list[str]]:
+    """``--expert-parallel K``: the all-to-all estimate as JSON and as lines of the table."""
+    from gasungbi.plan import estimate as E
+
+    K = _check(args.expert_parallel, "--expert-parallel", lo=1)
+    G = _check(args.gpus_per_node, "--gpus-per-node", lo=1)
+    if K > count:
+        raise UserError(f"--expert-parallel {K} needs at least {K} GPUs; --count is {count}")
+    if gpu is None or isinstance(cfg, E.CountModel):
+        raise UserError("--expert-parallel needs --model (an MoE architecture) and --hardware (a GPU)")
+    ep = E.estimate_expert_parallel(cfg, est, gpu, K, G, E.node_limit_of(cfg, K, G), dispatch=args.dispatch)
+    limit = f", node-limited routing: at most {ep.node_limit} nodes per token" if ep.node_limit else ""
+    links = ", ".join(x for x in (f"network {ep.network_gbs:g} GB/s" if ep.nodes > 1 else "",
+                                   f"NVLink {ep.nvlink_gbs_each_way:g} GB/s" if ep.within_node_bytes else "") if x)
+    us = lambda s: f"{s * 1e6:,.3g} us"  # noqa: E731
+    peak = "FP8" if est.precision == "fp8" else "BF16"
+    lines = [
+        f"all-to-all   EP {K} over {ep.nodes} node{'s' if ep.nodes > 1 else ''} of {min(K, G)} GPUs"
+        f" ({gpu.key}: {links or 'no links needed'} per GPU each way){limit}",
+        f"             per token and MoE layer, dispatch {ep.dispatch} + combine {ep.combine}: "
+        f"{ep.cross_node_copies:.3g} copies across nodes = {ep.cross_node_bytes / 1e3:,.1f} KB, "
+        f"{ep.within_node_copies:.3g} within a node = {ep.within_node_bytes / 1e3:,.1f} KB",
+        f"             {ep.moe_layers} MoE layers, forward and backward: {us(ep.comm_s_per_token)} of all-to-all per "
+        f"token against {us(ep.compute_s_per_token)} of compute; per {ep.tokens_per_gpu:,} tokens on a GPU: "
+        f"{ep.comm_s_per_step:,.3g} s against {ep.compute_s_per_step:,.3g} s",
+    ]
+    if ep.comm_s_per_token:
+        verdict = ("the computation can hide it when the two overlap (DeepSeek's DualPipe)" if ep.can_hide
+                   else "the computation cannot hide it: the all-to-all is the bottleneck")
+        lines.append(f"overlap      computation : communication = {ep.overlap_ratio:.2f} : 1 "
+                     f"({ep.peak_overlap_ratio:.2f} : 1 at the dense {peak} peak); {verdict}; without overlap it "
+                     f"adds {ep.comm_s_per_token / ep.compute_s_per_token:.0%} to the GPU-hours")
+    data = ep.to_dict()
+    for key in ("overlap_ratio", "peak_overlap_ratio"):  # JSON has no infinity
+        data[key] = None if data[key] == float("inf") else data[key]
+    return data, lines
 
 
 # ---------------------------------------------------------------------------------------------
