@@ -63,8 +63,7 @@ def train(tokens: str, model: str | None = None, params: str | None = None, acti
         catalog: extra hardware catalog JSON (repeatable; ~/.config/gasungbi/hardware.json is read too)
         json: print JSON instead of a table
         precision: the GEMMs' precision: bf16, or fp8 (DeepSeek-V3's FP8 training; MFU against the FP8 peak)
-        expert_parallel: K: also count the all-to-all of experts sharded over K GPUs, per token and MoE
-            layer, across nodes and within one, and whether the computation can hide it
+        expert_parallel: K: also the all-to-all of experts sharded over K GPUs and whether compute hides it
         gpus_per_node: with --expert-parallel: GPUs per node (NVLink within, the network across)
         dispatch: with --expert-parallel: precision of the dispatch (DeepSeek: fp8); the combine is bf16
     """
