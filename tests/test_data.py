@@ -494,6 +494,10 @@ def test_eval_batches_are_sequential_windows(shard_dir):
     assert x.tolist() == [w[:-1].tolist() for w in expected] and y.tolist() == [w[1:].tolist() for w in expected]
     assert all(b[0].shape[0] == 5 for b in batches[:-1]) and 1 <= batches[-1][0].shape[0] <= 5
     assert len(list(iter_eval_batches(shard_dir, "val", batch_size=1, seq_len=T, max_batches=3))) == 3
-    by_rank = [list(iter_eval_batches(shard_dir, "val", 5, T, rank=r, world_size=2)) for r in range(2)]
-    interleaved = [b for pair in itertools.zip_longest(*by_rank) for b in pair if b is not None]
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(interleaved, batches)) and len(interleaved) == len(batches)
+    for world, cap in ((2, None), (2, 3), (3, 1)):
+        by_rank = [list(iter_eval_batches(shard_dir, "val", 5, T, cap, rank=r, world_size=world)) for r in range(world)]
+        assert len({len(b) for b in by_rank}) == 1  # every rank runs as many forwards (collectives)
+        interleaved = [b for group in zip(*by_rank) for b in group]
+        n = len(batches) if cap is None else min(cap, len(batches))
+        assert len(interleaved) == -(-n // world) * world
+        assert all(torch.equal(a[0], batches[k % len(batches)][0]) for k, a in enumerate(interleaved))

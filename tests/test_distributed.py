@@ -31,7 +31,8 @@ def data_dir(tmp_path_factory):
 def _args(data_dir, out, steps=6, *extra):
     return ["train", "--data", str(data_dir), "--out-dir", str(out), "--model", "debug", "--batch-size", "8",
             "--seq-len", "32", "--max-steps", str(steps), "--warmup-steps", "2", "--eval-interval", "0",
-            "--log-interval", "1", "--no-progress", "--sample-tokens", "2", "--device", "cpu", "--lr", "3e-3", *extra]
+            "--log-interval", "1", "--no-progress", "--sample-tokens", "2", "--device", "cpu", "--lr", "3e-3",
+            "--eval-batches", "3", *extra]  # an odd count: 2 processes must still run as many forwards each
 
 
 def _run(args, nproc=1):

@@ -283,7 +283,10 @@ def iter_eval_batches(
     """Yields (x, y) [b, seq_len] batches of the split's windows in order (the windows of TokenLoader).
 
     The last batch may be smaller. Global batch k goes to rank k % world_size, and `max_batches`
-    caps the global batches, so the windows evaluated do not depend on world_size.
+    caps the global batches, so the windows evaluated do not depend on world_size; except that the
+    count is rounded up to a multiple of world_size (batches past the end wrap to the start), as every
+    rank must run the same number of forwards: DDP and FSDP forwards are collective operations, and a
+    rank left without a batch would leave the others waiting forever.
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
@@ -291,11 +294,11 @@ def iter_eval_batches(
     windows = [(shard, i * seq_len) for shard in shards for i in range(_num_windows(len(shard), seq_len))]
     if not windows:
         raise ValueError(_too_short(shard_dir, split, manifest, seq_len))
-    n_batches = -(-len(windows) // batch_size)
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
+    total = -(-len(windows) // batch_size)
+    n_batches = total if max_batches is None else min(total, max_batches)
+    n_batches = -(-n_batches // world_size) * world_size
     for k in range(rank, n_batches, world_size):
-        batch = windows[k * batch_size : (k + 1) * batch_size]
+        batch = windows[(k % total) * batch_size : (k % total + 1) * batch_size]
         buf = np.stack([shard[i : i + seq_len + 1] for shard, i in batch]).astype(np.int64)  # (b, T+1)
         yield torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
 
