@@ -107,7 +107,8 @@ class EPExperts(nn.Module):
 def ep_mesh(world_size: int, ep_size: int, device_type: str):
     """The (dp, ep) device mesh: EP groups of ``ep_size`` consecutive ranks, replicated W/K times."""
     if ep_size < 1 or world_size % ep_size:
-        raise ValueError(f"expert_parallel={ep_size} must divide the {world_size} processes")
+        raise ValueError(f"expert_parallel={ep_size} must divide the {world_size} processes"
+                         + (" (launch with torchrun --nproc_per_node=N, N a multiple of it)" if world_size == 1 else ""))
     from torch.distributed.device_mesh import init_device_mesh
     return init_device_mesh(device_type, (world_size // ep_size, ep_size), mesh_dim_names=("dp", "ep"))
 
@@ -155,9 +156,9 @@ def clip_grad_norm(module: nn.Module, max_norm: float, mesh) -> torch.Tensor:
     experts = {id(p) for p in _expert_params(module)}
     grads = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in experts]
     expert_grads = [p.grad for p in _expert_params(module) if p.grad is not None]
-    dense = sum((g.detach().float().pow(2).sum() for g in grads), torch.zeros(()))
-    sharded = sum((g.detach().float().pow(2).sum() for g in expert_grads), torch.zeros(()))
-    sharded = sharded.to(dense.device)
+    zero = torch.zeros((), device=next(module.parameters()).device)
+    dense = sum((g.detach().float().pow(2).sum() for g in grads), zero)
+    sharded = sum((g.detach().float().pow(2).sum() for g in expert_grads), zero)
     dist.all_reduce(sharded, group=mesh["ep"].get_group())
     total = (dense + sharded).sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
