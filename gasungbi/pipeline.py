@@ -38,7 +38,7 @@ from gasungbi.train.trainer import TrainConfig
 # recipe in miniature), so the final checkpoint answers in <think>...</think><answer>...</answer>.
 POST = {
     "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=450, sft_batch=16, grpo_steps=24, prompts_per_step=8,
-                group_size=8, max_new_tokens=24, eval_tasks=100, grpo_lr=3e-5),
+                group_size=8, max_new_tokens=24, eval_tasks=300, grpo_lr=3e-5),
     "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, grpo_steps=200, prompts_per_step=32,
                 group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5),
 }
@@ -99,6 +99,9 @@ def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str
         sec = measure_step_seconds(tc, manifest.vocab_size)
         steps = max(10, int(budget / (sec * 1.08)))  # ~8% for validation, samples and checkpoints
         print(f"[2/5] measured {sec:.2f} s/step: {steps} steps fit {budget / 60:.1f} minutes")
+        plan["sized"] = {"minutes": budget / 60, "step_s": sec, "steps": steps}
+    elif "sized" in plan and plan.get("max_steps") != steps:
+        del plan["sized"]  # a fixed --steps replaces an earlier sizing
     if plan.get("max_steps") != steps and (out / "train").exists():
         print(f"      a different schedule than the earlier run in {out / 'train'}: starting over")
         for stage in ("train", "sft", "grpo"):
@@ -109,6 +112,11 @@ def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str
                              log_interval=max(1, min(10, steps // 20)))
     print(f"[3/5] pretraining {tc.model} for {steps} steps ({steps * tc.batch_size * tc.seq_len:,} tokens)")
     report = train(tc)
+    sized = plan.get("sized")
+    report["stages"] = {"pretrain": {
+        "steps": report["step"], "elapsed_s": report["elapsed_s"], "dollars": report["dollars"],
+        "note": (f"sized to the {sized['minutes']:g}-minute budget at a measured {sized['step_s']:.3f} s/step"
+                 if sized else "a fixed number of steps (--steps)")}}
     if report["interrupted"]:
         print("speedrun interrupted; run the same command again to resume")
         return report
@@ -119,6 +127,12 @@ def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str
         p = {**POST[recipe], **(post or {})}
         report["post"] = post_train(out, tc, report["checkpoint"], p)
         final_source = report["post"]["grpo"]["checkpoint"]
+        price = report["price_per_device_hour"]
+        for stage in ("eval_base", "sft", "grpo"):
+            s = report["post"][stage]
+            report["stages"][stage] = {"steps": s.get("steps", 0), "elapsed_s": s["elapsed_s"],
+                                       "dollars": s.get("dollars", round(s["elapsed_s"] / 3600 * price, 5)),
+                                       "note": s.get("note", "")}
 
     # 5. final checkpoint and report
     final = out / "final"
@@ -138,26 +152,67 @@ def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str
 
 
 def _post_lines(report: dict) -> list[str]:
-    post = report.get("post")
-    if not post:
-        return []
-    b, a = post["grpo"]["before"], post["grpo"]["after"]
-    return [f"| cold-start SFT | {post['sft']['steps']} steps, val loss {post['sft']['val_loss']:.3f} on "
-            f"assistant tokens, {post['sft']['elapsed_s'] / 60:.1f} min |",
-            f"| gym accuracy after SFT (greedy, held-out, n={b['n']}) | {b['accuracy']:.3f} "
-            f"[{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] |",
-            f"| gym accuracy after GRPO ({post['grpo']['steps']} steps, {post['grpo']['elapsed_s'] / 60:.1f} min) | "
-            f"{a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] |"]
+    """report.md's held-out accuracy table (paired gains) and per-stage time and cost table."""
+    post, stages = report.get("post"), report.get("stages") or {}
+    lines = []
+    if post:
+        h, g = post["held_out"], post["held_out"]["gains"]
+        rows = [("base (pretrained)", post["eval_base"], None), ("after cold-start SFT", post["grpo"]["before"], g["sft"]),
+                (f"after GRPO ({post['grpo']['steps']} steps)", post["grpo"]["after"], g["grpo"])]
+        lines += ["", f"## Held-out gym accuracy: {h['n']} {h['task']} tasks (difficulty {h['difficulty']}) of the "
+                  f"test split, greedy", "",
+                  "No stage trained on these tasks (SFT and GRPO draw from the train split). Gains are paired on the "
+                  "same tasks: Newcombe's 95% interval for a paired difference, McNemar's exact p.", "",
+                  "| model | accuracy [95% Wilson] | gain over the row above [paired 95%] | tasks gained / lost | "
+                  "McNemar p |", "| --- | --- | --- | --- | --- |"]
+        for name, r, gain in rows:
+            acc = f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+            if gain is None:
+                lines.append(f"| {name} | {acc} | | | |")
+            else:
+                lines.append(f"| {name} | {acc} | {gain['gain']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}] | "
+                             f"{gain['gained']} / {gain['lost']} | {gain['mcnemar_p']:.3g} |")
+        t = g["total"]
+        lines.append(f"| base to GRPO | | {t['gain']:+.3f} [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}] | "
+                     f"{t['gained']} / {t['lost']} | {t['mcnemar_p']:.3g} |")
+    if stages:
+        lines += ["", "## Stages", "", "| stage | steps | wall-clock | cost | note |", "| --- | --- | --- | --- | --- |"]
+        names = {"pretrain": "pretraining", "eval_base": "held-out eval of the base model", "sft": "cold-start SFT",
+                 "grpo": "GRPO"}
+        for key, st in stages.items():
+            t = st["elapsed_s"]
+            lines.append(f"| {names.get(key, key)} | {st['steps'] or ''} | "
+                         f"{f'{t / 60:.1f} min' if t >= 120 else f'{t:.0f} s'} | "
+                         f"${st['dollars']:.4f} | {st['note']} |")
+    return lines
 
 
 def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
-    """Cold-start SFT on a gym task (R1 Sec. 2.3.1), then GRPO; both resume on a rerun."""
+    """Cold-start SFT on a gym task (R1 Sec. 2.3.1), then GRPO; both resume on a rerun.
+
+    Held-out accuracy: the base (pretrained) model, the SFT'd model (GRPO's "before") and the GRPO'd
+    model are scored greedily on the same ``eval_tasks`` tasks of the gym's test split (SFT and GRPO
+    draw from the train split; pretraining saw no gym task), so each gain has a paired 95% interval
+    (:func:`gasungbi.eval.tasks.paired_gain`)."""
+    from gasungbi.eval.accuracy import evaluate_checkpoint
+    from gasungbi.eval.tasks import paired_gain
     from gasungbi.gym.cold_start import cold_start_conversations, write_jsonl
     from gasungbi.post.grpo import GRPOConfig, grpo
     from gasungbi.train.trainer import train
 
     gym = write_jsonl(cold_start_conversations(p["task"], p["sft_examples"], p["difficulty"], seed=tc.seed),
                       out / "gym_sft.jsonl")
+    device = "cuda" if torch.cuda.is_available() and tc.device != "cpu" else "cpu"
+    base_file = out / "eval_base.json"  # kept, so a rerun does not score the base model again
+    if base_file.exists():
+        base = json.loads(base_file.read_text())
+    else:
+        t = time.perf_counter()
+        r = evaluate_checkpoint(pretrained, p["task"], p["difficulty"], n=p["eval_tasks"],
+                                max_new_tokens=p["max_new_tokens"], seed=tc.seed, device=device)
+        base = {"accuracy": r["pass@1"], "ci95": list(r["ci95"]), "n": r["n_tasks"], "per_task": r["per_task"],
+                "elapsed_s": round(time.perf_counter() - t, 2)}
+        base_file.write_text(json.dumps(base))
     print(f"[4/5] cold-start SFT on {p['sft_examples']} gym conversations for {p['sft_steps']} steps, "
           f"then GRPO for {p['grpo_steps']} steps")
     sft = train(TrainConfig(task="sft", init_from=pretrained, data=str(gym), out_dir=str(out / "sft"),
@@ -168,13 +223,21 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
     g = grpo(GRPOConfig(init_from=sft["checkpoint"], out_dir=str(out / "grpo"), task=p["task"],
                         difficulty=p["difficulty"], steps=p["grpo_steps"], prompts_per_step=p["prompts_per_step"],
                         group_size=p["group_size"], max_new_tokens=p["max_new_tokens"], lr=p["grpo_lr"],
-                        eval_tasks=p["eval_tasks"], ckpt_interval=0, device="cuda" if torch.cuda.is_available()
-                        and tc.device != "cpu" else "cpu", resume=True, progress=tc.progress, seed=tc.seed,
-                        price_per_hour=tc.price_per_hour))
-    return {"sft": {"steps": sft["step"], "val_loss": sft["val_loss"], "elapsed_s": sft["elapsed_s"],
-                    "dollars": sft["dollars"]},
+                        eval_tasks=p["eval_tasks"], ckpt_interval=0, device=device, resume=True,
+                        progress=tc.progress, seed=tc.seed, price_per_hour=tc.price_per_hour))
+    outcomes = {"base": base["per_task"], "sft": g["before"]["per_task"], "grpo": g["after"]["per_task"]}
+    held_out = {"task": p["task"], "difficulty": p["difficulty"], "n": base["n"], "split": "test",
+                "decoding": "greedy", "gains": {"sft": paired_gain(outcomes["base"], outcomes["sft"]),
+                                                "grpo": paired_gain(outcomes["sft"], outcomes["grpo"]),
+                                                "total": paired_gain(outcomes["base"], outcomes["grpo"])}}
+    return {"eval_base": {k: v for k, v in base.items() if k != "per_task"},
+            "sft": {"steps": sft["step"], "val_loss": sft["val_loss"], "elapsed_s": sft["elapsed_s"],
+                    "dollars": sft["dollars"], "note": "fixed steps (the recipe's)"},
             "grpo": {"steps": p["grpo_steps"], "before": g["before"], "after": g["after"],
-                     "checkpoint": g["checkpoint"], "elapsed_s": g["elapsed_s"], "dollars": g["dollars"]}}
+                     "checkpoint": g["checkpoint"], "elapsed_s": g["elapsed_s"], "dollars": g["dollars"],
+                     "note": "fixed steps (the recipe's); the time includes its held-out evaluations "
+                             "(after SFT, after GRPO)"},
+            "held_out": held_out}
 
 
 def write_report(out: Path, tc: TrainConfig, report: dict, manifest) -> Path:

@@ -166,3 +166,26 @@ def test_evaluate_tasks_with_a_fake_model():
     assert r["ci95"][0] < r["pass@1"] < r["ci95"][1]
     with pytest.raises(ValueError, match="at least 2 samples"):
         evaluate_tasks(generate_fn, tasks, k=2, n=1)
+    assert r["per_task"] == [0.25] * 6 + [0.0] * 4  # in task order, for paired comparisons
+
+
+def test_paired_gain_interval_and_mcnemar():
+    import random
+    from gasungbi.eval.tasks import paired_gain
+    rng = random.Random(0)
+    before = [rng.random() < 0.4 for _ in range(300)]
+    after = [(x and rng.random() < 0.9) or (not x and rng.random() < 0.3) for x in before]
+    g = paired_gain(before, after)
+    assert g["gain"] == pytest.approx((sum(after) - sum(before)) / 300)
+    assert g["gained"] == sum(1 for x, y in zip(before, after) if y and not x)
+    # an independent check: the paired bootstrap's 95% percentile interval (resampling tasks, pairs kept)
+    diffs = [int(y) - int(x) for x, y in zip(before, after)]
+    boots = sorted(sum(diffs[rng.randrange(300)] for _ in range(300)) / 300 for _ in range(2000))
+    assert g["ci95"][0] == pytest.approx(boots[50], abs=0.01) and g["ci95"][1] == pytest.approx(boots[1949], abs=0.01)
+    # pairing narrows the interval: the same marginals, perfectly correlated outcomes
+    same = paired_gain(before, before)
+    assert same["gain"] == 0 and same["mcnemar_p"] == 1.0 and same["ci95"][1] - same["ci95"][0] < 0.02
+    # McNemar's exact test: 10 gained, none lost -> 2 x 0.5^10
+    assert paired_gain([0] * 20, [1] * 10 + [0] * 10)["mcnemar_p"] == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError):
+        paired_gain([1, 0], [1])

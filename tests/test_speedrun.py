@@ -30,8 +30,18 @@ def test_speedrun_recipe_at_tiny_size(recipe, corpus, tmp_path):
     assert report["post"]["sft"]["steps"] == 2 and report["post"]["grpo"]["after"]["n"] == 4
     md = (tmp_path / "report.md").read_text()
     for needle in ("validation bits per byte", "MFU", "device-hours", "cost", "Expert load", "Sample", "loss.png",
-                   "gym accuracy after GRPO"):
+                   "Held-out gym accuracy", "after GRPO", "paired", "## Stages", "a fixed number of steps"):
         assert needle in md
+    # base, SFT and GRPO scored on the same held-out tasks; each gain with a paired interval
+    post, held = report["post"], report["post"]["held_out"]
+    assert held["n"] == 4 and held["split"] == "test"
+    for gain in held["gains"].values():
+        assert gain["n"] == 4 and gain["ci95"][0] <= gain["gain"] <= gain["ci95"][1]
+    assert held["gains"]["total"]["gain"] == pytest.approx(post["grpo"]["after"]["accuracy"] - post["eval_base"]["accuracy"])
+    assert held["gains"]["sft"]["after"] == post["grpo"]["before"]["accuracy"]
+    assert set(report["stages"]) == {"pretrain", "eval_base", "sft", "grpo"}
+    assert all(s["elapsed_s"] >= 0 and s["dollars"] >= 0 for s in report["stages"].values())
+    assert json.loads((tmp_path / "report.json").read_text())["post"]["held_out"] == held
     assert (tmp_path / "loss.png").exists()
     final = tmp_path / "final"
     assert (final / "tokenizer.json").exists()
@@ -44,6 +54,12 @@ def test_speedrun_recipe_at_tiny_size(recipe, corpus, tmp_path):
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["val_bpb"] == report["val_bpb"] > 0
+
+
+def test_speedrun_report_says_when_pretraining_was_sized_to_the_budget(corpus, tmp_path):
+    report = speedrun("cpu", out=tmp_path, corpus=str(corpus), minutes=0.01, overrides=TINY, post=False)
+    note = report["stages"]["pretrain"]["note"]
+    assert note.startswith("sized to the 0.01-minute budget") and note in (tmp_path / "report.md").read_text()
 
 
 def test_speedrun_rerun_reuses_data_and_resumes(corpus, tmp_path):

@@ -38,6 +38,33 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def paired_gain(before: Sequence[float], after: Sequence[float], z: float = 1.96) -> dict:
+    """The change in accuracy between two evaluations of the same tasks (per-task 0/1 outcomes in
+    the same order): ``gain`` = after - before, ``ci95`` by Newcombe's hybrid score interval for a
+    paired difference (Stat. Med. 1998, method 10: Wilson intervals of both marginals, combined with
+    the phi correlation of the pairs), and McNemar's exact two-sided p-value on the discordant pairs
+    (``gained``: wrong before, right after; ``lost``: the reverse)."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_gain needs two equally long, non-empty outcome lists, got {len(before)}, {len(after)}")
+    n = len(before)
+    a = sum(1 for x, y in zip(before, after) if x and y)
+    gained = sum(1 for x, y in zip(before, after) if not x and y)
+    lost = sum(1 for x, y in zip(before, after) if x and not y)
+    d = n - a - gained - lost
+    p1, p2 = (a + gained) / n, (a + lost) / n  # after, before
+    l1, u1 = wilson_interval(a + gained, n, z)
+    l2, u2 = wilson_interval(a + lost, n, z)
+    den = (a + gained) * (lost + d) * (a + lost) * (gained + d)
+    phi = (a * d - gained * lost) / math.sqrt(den) if den else 0.0
+    lo = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    hi = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    m = gained + lost
+    p_value = min(1.0, 2 * sum(math.comb(m, i) for i in range(min(gained, lost) + 1)) / 2 ** m) if m else 1.0
+    gain = p1 - p2
+    return {"n": n, "before": p2, "after": p1, "gain": gain, "ci95": [max(-1.0, gain - lo), min(1.0, gain + hi)],
+            "gained": gained, "lost": lost, "mcnemar_p": p_value}
+
+
 def evaluate_tasks(generate_fn: GenerateFn, tasks: Sequence[Task], k: int = 1, n: int | None = None,
                    reward: RewardFn | str = accuracy_reward, reasoning: bool = True, seed: int = 0,
                    threshold: float = 1.0) -> dict:
@@ -69,6 +96,7 @@ def evaluate_tasks(generate_fn: GenerateFn, tasks: Sequence[Task], k: int = 1, n
         "pass@1": sum(p1) / len(tasks),
         "ci95": list(wilson_interval(sum(p1), len(tasks))),
         "by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_level.items())},
+        "per_task": p1,  # pass@1 of each task, in order (for paired comparisons: paired_gain)
         "example": {"prompt": prompts[0], "completion": completions[0][0], "answer": tasks[0].answer},
     }
     if k > 1:

@@ -176,7 +176,8 @@ def evaluate_policy(model, conv, cfg: GRPOConfig, n: int) -> dict:
     """Greedy (pass@1, fixed) accuracy on the gym's held-out test split, with its 95% interval."""
     r = evaluate_model(model, conv, cfg.task, cfg.difficulty, n, reasoning=cfg.reasoning,
                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    return {"accuracy": r["pass@1"], "ci95": list(r["ci95"]), "n": r["n_tasks"], "example": r.get("example")}
+    return {"accuracy": r["pass@1"], "ci95": list(r["ci95"]), "n": r["n_tasks"], "example": r.get("example"),
+            "per_task": r["per_task"]}
 
 
 def grpo(cfg: GRPOConfig) -> dict[str, Any]:
