@@ -1,8 +1,8 @@
 """Expert parallelism under torchrun on CPU (gloo): ``--expert-parallel 2`` on 2 processes (EP 2)
-and on 4 (EP 2 x DP 2) follows the single-process run with the same global batch: per-step losses
-within 1e-5 relative over 20 steps (measured 1.6e-7) and the same expert weights after training
-(measured < 1e-6). Checkpoints hold the full model and full optimizer state, so a run moves
-between 1 process and EP 2 at a checkpoint.
+and on 4 (EP 2 x DP 2), with DDP or FSDP2 for the other parameters, follows the single-process
+run with the same global batch: per-step losses within 1e-5 relative over 20 steps (measured
+1.6e-7) and the same weights after training (measured < 1e-6). Checkpoints hold the full model
+and full optimizer state, so a run moves between 1 process and EP 2 at a checkpoint.
 """
 
 import json
@@ -70,9 +70,9 @@ def single(data_dir, tmp_path_factory):
     return _losses(out), _weights(out)
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_expert_parallel_matches_one_process(nproc, data_dir, single, tmp_path):
-    _run(_args(data_dir, tmp_path, "--expert-parallel", "2"), nproc=nproc)
+@pytest.mark.parametrize(("nproc", "parallel"), [(2, "ddp"), (4, "ddp"), (2, "fsdp")])
+def test_expert_parallel_matches_one_process(nproc, parallel, data_dir, single, tmp_path):
+    _run(_args(data_dir, tmp_path, "--expert-parallel", "2", "--parallel", parallel), nproc=nproc)
     ref_losses, ref_weights = single
     _close(ref_losses, _losses(tmp_path))
     weights = _weights(tmp_path)
@@ -86,7 +86,7 @@ def test_expert_parallel_matches_one_process(nproc, data_dir, single, tmp_path):
 
 
 def test_checkpoints_move_between_one_process_and_expert_parallel(data_dir, single, tmp_path):
-    _run(_args(data_dir, tmp_path, "--expert-parallel", "2", "--stop-after", "8"), nproc=2)  # gathers
+    _run(_args(data_dir, tmp_path, "--expert-parallel", "2", "--parallel", "fsdp", "--stop-after", "8"), nproc=2)
     _run(_args(data_dir, tmp_path, "--resume", "--stop-after", "14"))
     _run(_args(data_dir, tmp_path, "--resume", "--expert-parallel", "2"), nproc=2)  # shards again
     _close(single[0], _losses(tmp_path))

@@ -67,7 +67,7 @@ def teardown() -> None:
 def wrap(objective: nn.Module, info: DistInfo, strategy: str, ignore: list[str] = ()) -> nn.Module:
     """``ddp``: replicate and all-reduce gradients; ``fsdp``: shard parameters, gradients and
     optimizer state (FSDP2 ``fully_shard`` per block, then the root). ``ignore``: names of
-    parameters that DDP leaves alone (expert shards, reduced by the expert-parallel pass)."""
+    parameters that DDP and FSDP leave alone (expert shards, reduced by the expert-parallel pass)."""
     if not info.enabled:
         return objective
     if strategy == "ddp":
@@ -78,9 +78,10 @@ def wrap(objective: nn.Module, info: DistInfo, strategy: str, ignore: list[str] 
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
         model = objective.model
+        ignored = {p for n, p in objective.named_parameters() if n in set(ignore)} or None
         for block in list(model.model.layers) + list(model.model.mtp):
-            fully_shard(block)
-        fully_shard(objective)
+            fully_shard(block, ignored_params=ignored)
+        fully_shard(objective, ignored_params=ignored)
         return objective
     raise ValueError(f"unknown parallel strategy {strategy!r}; choose ddp or fsdp")
 

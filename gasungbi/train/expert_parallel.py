@@ -13,17 +13,18 @@ backward is the reverse exchange), run the local experts on what arrived, send t
 back, weight and combine them. Every rank of an EP group must run the same number of MoE
 forwards (they all do in training: same batch shapes, same model).
 
-Gradients: the non-expert parameters are plain DDP over all W ranks (``ddp_ignored_names`` keeps
-the expert shards out of DDP). An expert shard's gradient already sums the contributions of the K
-ranks of its EP group (they arrive through the backward exchange); :func:`reduce_expert_grads`
-sums it over the W/K replicas and divides by W, which is DDP's mean over W ranks, so every
-gradient equals the single-process one on the global batch. :func:`clip_grad_norm` computes the
-global norm from the replicated parameters and the sharded ones.
+Gradients: the non-expert parameters are DDP or FSDP2 over all W ranks, with the expert shards
+left out of both (``wrap(..., ignore=expert_param_names(...))``). An expert shard's gradient
+already sums the contributions of the K ranks of its EP group (they arrive through the backward
+exchange); :func:`reduce_expert_grads` sums it over the W/K replicas and divides by W, which is
+DDP's (and FSDP's) mean over W ranks, so every gradient equals the single-process one on the
+global batch. :func:`clip_grad_norm` computes the global norm from the replicated, FSDP-sharded
+and expert-sharded gradients.
 
 Checkpoints: :func:`full_model_state` all-gathers the expert shards, so the run writes the usual
 full Hugging Face checkpoint; optimizer states are gathered the same way and sliced again on
-resume. Not done here: sharded ``torch.distributed.checkpoint`` and FSDP2 for the non-expert
-parameters.
+resume, so a run moves between layouts (and to one process) at a checkpoint. Not done here:
+sharded ``torch.distributed.checkpoint`` (issue 13 section 2).
 """
 
 from __future__ import annotations
@@ -151,19 +152,29 @@ def reduce_expert_grads(module: nn.Module, mesh) -> None:
 
 
 def clip_grad_norm(module: nn.Module, max_norm: float, mesh) -> torch.Tensor:
-    """``clip_grad_norm_`` over the whole model: replicated parameters counted once, expert shards
-    summed over the EP group. Returns the total norm (before clipping)."""
+    """``clip_grad_norm_`` over the whole model: replicated parameters counted once, FSDP shards
+    summed over all ranks, expert shards over the EP group. Returns the total norm (before clipping)."""
+    from torch.distributed.tensor import DTensor
+
     experts = {id(p) for p in _expert_params(module)}
-    grads = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in experts]
-    expert_grads = [p.grad for p in _expert_params(module) if p.grad is not None]
-    zero = torch.zeros((), device=next(module.parameters()).device)
-    dense = sum((g.detach().float().pow(2).sum() for g in grads), zero)
-    sharded = sum((g.detach().float().pow(2).sum() for g in expert_grads), zero)
-    dist.all_reduce(sharded, group=mesh["ep"].get_group())
-    total = (dense + sharded).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads + expert_grads:
-        g.mul_(coef.to(g.device))
+    params = [p for p in module.parameters() if p.grad is not None]
+    zero = torch.zeros((), device=params[0].device)
+    replicated, fsdp_shards, ep_shards = zero.clone(), zero.clone(), zero.clone()
+    for p in params:
+        g = p.grad.detach()
+        if isinstance(g, DTensor):  # FSDP2: this rank's shard of the gradient
+            fsdp_shards += g.to_local().float().pow(2).sum()
+        elif id(p) in experts:
+            ep_shards += g.float().pow(2).sum()
+        else:
+            replicated += g.float().pow(2).sum()
+    dist.all_reduce(ep_shards, group=mesh["ep"].get_group())
+    if any(isinstance(p.grad, DTensor) for p in params):
+        dist.all_reduce(fsdp_shards)
+    total = (replicated + fsdp_shards + ep_shards).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    for p in params:
+        (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef)
     return total
 
 
@@ -174,16 +185,17 @@ def _gather_dim0(t: torch.Tensor, group, size: int) -> torch.Tensor:
 
 
 def full_model_state(objective: nn.Module, mesh) -> dict[str, torch.Tensor]:
-    """Full model state on CPU, keys relative to the Transformer (experts gathered). Collective."""
-    inner = objective.module if hasattr(objective, "module") else objective
+    """Full model state on CPU on rank 0, keys relative to the Transformer (experts gathered).
+    Collective: every rank calls it."""
+    from gasungbi.train.distributed import full_model_state as dense_state
+
+    out = dense_state(objective)  # DDP: the whole (local) state on every rank; FSDP: full on rank 0
     group, size = mesh["ep"].get_group(), mesh["ep"].size()
-    sharded = set(expert_param_names(inner))
-    out = {}
-    for k, v in inner.state_dict().items():
-        v = v.detach()
-        if k in sharded:
-            v = _gather_dim0(v, group, size)
-        out[k.removeprefix("model.")] = v.cpu()
+    params = dict(objective.named_parameters())
+    for name in expert_param_names(objective):
+        full = _gather_dim0(params[name].detach(), group, size)
+        if out:
+            out[name.removeprefix("model.")] = full.cpu()
     return out
 
 

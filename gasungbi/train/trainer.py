@@ -89,7 +89,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp8"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; fp8: DeepSeek-V3's block-scaled FP8 GEMMs (emulated off CUDA)
     adam_moments: Literal["fp32", "bf16"] = "fp32"  # dtype of AdamW's moments (DeepSeek-V3 keeps them in bf16)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard)
-    expert_parallel: int = 1  # under torchrun: shard the routed experts over this many ranks (EP; the rest is DDP over all ranks)
+    expert_parallel: int = 1  # under torchrun: shard the routed experts over this many ranks (EP; the rest is --parallel over all ranks)
     price_per_hour: float | None = None  # dollars per device-hour (default: the catalog's, or 0.05 on CPU)
     seed: int = 1337  # seed of initialization and data order
     resume: bool = False  # continue from the newest checkpoint in out_dir
@@ -122,8 +122,8 @@ class TrainConfig:
             bad(f"time_budget must be > 0 minutes, got {self.time_budget}")
         if self.expert_parallel < 1:
             bad(f"expert_parallel must be >= 1, got {self.expert_parallel}")
-        if self.expert_parallel > 1 and (self.parallel != "ddp" or self.precision == "fp8" or self.compile):
-            bad("expert_parallel > 1 works with --parallel ddp, without --precision fp8 and --compile (for now)")
+        if self.expert_parallel > 1 and (self.precision == "fp8" or self.compile):
+            bad("expert_parallel > 1 works without --precision fp8 and --compile (for now)")
         if self.task not in ("pretrain", "sft"):
             bad(f"task={self.task!r}; choose pretrain or sft")
         if not self.data:
