@@ -70,6 +70,13 @@ def test_loader_packs_masks_and_resumes(ckpt):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     val = SFTLoader(root / "chats.jsonl", tok, "val", 4, 64, seed=3)
     assert val.num_windows >= 1
+    # under torchrun every rank gets as many validation batches (its forwards are collective)
+    one = list(SFTLoader(root / "chats.jsonl", tok, "train", 2, 64, seed=3).eval_batches(3))
+    ranks = [list(SFTLoader(root / "chats.jsonl", tok, "train", 2, 64, seed=3, rank=r, world_size=2).eval_batches(3))
+             for r in range(2)]
+    assert [len(r) for r in ranks] == [2, 2]
+    order = [b for pair in zip(*ranks) for b in pair]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(order, one)) and len(one) == 3
 
 
 def test_sft_run_lowers_assistant_loss_and_resumes_exactly(ckpt, tmp_path):

@@ -171,14 +171,14 @@ class SFTLoader:
         return self._perms[epoch]
 
     def eval_batches(self, max_batches: int | None = None):
-        """Rows in order, ``batch_size`` at a time (validation)."""
-        n = self.num_windows
-        for k, start in enumerate(range(0, n, self.batch_size)):
-            if max_batches is not None and k >= max_batches:
-                return
-            if k % self.world_size != self.rank:
-                continue
-            sl = slice(start, start + self.batch_size)
+        """Rows in order, ``batch_size`` at a time (validation); global batch k goes to rank
+        k % world_size. As for token shards (:func:`gasungbi.data.shards.iter_eval_batches`), the count
+        rounds up to a multiple of world_size, batches past the end wrapping to the start, so that every
+        rank runs as many forwards (DDP and FSDP forwards are collective)."""
+        total = -(-self.num_windows // self.batch_size)
+        n = total if max_batches is None else min(total, max_batches)
+        for k in range(self.rank, -(-n // self.world_size) * self.world_size, self.world_size):
+            sl = slice((k % total) * self.batch_size, (k % total + 1) * self.batch_size)
             yield torch.from_numpy(self.rows.inputs[sl, :-1].copy()), torch.from_numpy(self.rows.labels[sl, 1:].copy())
 
     def state_dict(self) -> dict:
