@@ -53,6 +53,17 @@ def checkpoint(model, tokenizer, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def code_shards(tmp_path_factory):
+    """Token shards (350-token BPE, 10% validation) of 3,000 small generated Python functions."""
+    from gasungbi.data.prepare import prepare_corpus
+    root = tmp_path_factory.mktemp("code")
+    src = root / "c.txt"
+    src.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # {'ab' * (i % 5)}" for i in range(3000)))
+    prepare_corpus(str(src), root / "shards", vocab_size=350, val_fraction=0.1, progress=False)
+    return root / "shards"
+
+
 class Server:
     """``gasungbi serve CHECKPOINT ARGS`` in a subprocess on a free loopback port; ``url`` once /health
     answers (within 60 s, else TimeoutError with the server's log)."""

@@ -14,22 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from gasungbi.data.prepare import prepare_corpus
 
 TOL = 2e-3
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddata")
-    src = root / "c.txt"
-    src.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # {'ab' * (i % 5)}" for i in range(3000)))
-    prepare_corpus(str(src), root / "shards", vocab_size=350, val_fraction=0.1, progress=False)
-    return root / "shards"
-
-
-def _args(data_dir, out, steps=6, *extra):
-    return ["train", "--data", str(data_dir), "--out-dir", str(out), "--model", "debug", "--batch-size", "8",
+def _args(code_shards, out, steps=6, *extra):
+    return ["train", "--data", str(code_shards), "--out-dir", str(out), "--model", "debug", "--batch-size", "8",
             "--seq-len", "32", "--max-steps", str(steps), "--warmup-steps", "2", "--eval-interval", "0",
             "--log-interval", "1", "--no-progress", "--sample-tokens", "2", "--device", "cpu", "--lr", "3e-3",
             "--eval-batches", "3", *extra]  # an odd count: 2 processes must still run as many forwards each
@@ -53,15 +43,15 @@ def _losses(out):
 
 
 @pytest.fixture(scope="module")
-def single(data_dir, tmp_path_factory):
+def single(code_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    _run(_args(data_dir, out))
+    _run(_args(code_shards, out))
     return _losses(out)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(strategy, data_dir, single, tmp_path):
-    _run(_args(data_dir, tmp_path, 6, "--parallel", strategy), nproc=2)
+def test_two_processes_match_one(strategy, code_shards, single, tmp_path):
+    _run(_args(code_shards, tmp_path, 6, "--parallel", strategy), nproc=2)
     multi = _losses(tmp_path)
     assert len(multi) == len(single) == 6
     assert max(abs(a - b) for a, b in zip(single, multi)) < TOL, (single, multi)
@@ -69,10 +59,10 @@ def test_two_processes_match_one(strategy, data_dir, single, tmp_path):
     assert report["device_count"] == 2
 
 
-def test_checkpoint_from_two_processes_resumes_on_one(data_dir, single, tmp_path):
-    _run(_args(data_dir, tmp_path, 6, "--parallel", "fsdp", "--stop-after", "3"), nproc=2)
+def test_checkpoint_from_two_processes_resumes_on_one(code_shards, single, tmp_path):
+    _run(_args(code_shards, tmp_path, 6, "--parallel", "fsdp", "--stop-after", "3"), nproc=2)
     assert json.loads((tmp_path / "report.json").read_text())["step"] == 3
-    _run(_args(data_dir, tmp_path, 6, "--resume"))
+    _run(_args(code_shards, tmp_path, 6, "--resume"))
     resumed = _losses(tmp_path)
     assert len(resumed) == 6  # 3 logged by the 2-process run, 3 after resuming on 1
     assert max(abs(a - b) for a, b in zip(single, resumed)) < TOL, (single, resumed)

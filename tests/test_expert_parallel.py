@@ -14,19 +14,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from gasungbi.data.prepare import prepare_corpus
 
 REL = 1e-5
 STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("epdata")
-    src = root / "c.txt"
-    src.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # {'ab' * (i % 5)}" for i in range(3000)))
-    prepare_corpus(str(src), root / "shards", vocab_size=350, val_fraction=0.1, progress=False)
-    return root / "shards"
 
 
 def _run(args, nproc=1):
@@ -38,8 +28,8 @@ def _run(args, nproc=1):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def _args(data_dir, out, *extra):
-    return ["train", "--data", str(data_dir), "--out-dir", str(out), "--model", "debug", "--batch-size", "8",
+def _args(code_shards, out, *extra):
+    return ["train", "--data", str(code_shards), "--out-dir", str(out), "--model", "debug", "--batch-size", "8",
             "--seq-len", "32", "--max-steps", str(STEPS), "--warmup-steps", "2", "--eval-interval", "0",
             "--log-interval", "1", "--no-progress", "--sample-tokens", "2", "--device", "cpu", "--lr", "3e-3", *extra]
 
@@ -64,15 +54,15 @@ def _close(ref, got):
 
 
 @pytest.fixture(scope="module")
-def single(data_dir, tmp_path_factory):
+def single(code_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ep_single")
-    _run(_args(data_dir, out))
+    _run(_args(code_shards, out))
     return _losses(out), _weights(out)
 
 
 @pytest.mark.parametrize(("nproc", "parallel"), [(2, "ddp"), (4, "ddp"), (2, "fsdp")])
-def test_expert_parallel_matches_one_process(nproc, parallel, data_dir, single, tmp_path):
-    _run(_args(data_dir, tmp_path, "--expert-parallel", "2", "--parallel", parallel), nproc=nproc)
+def test_expert_parallel_matches_one_process(nproc, parallel, code_shards, single, tmp_path):
+    _run(_args(code_shards, tmp_path, "--expert-parallel", "2", "--parallel", parallel), nproc=nproc)
     ref_losses, ref_weights = single
     _close(ref_losses, _losses(tmp_path))
     weights = _weights(tmp_path)
@@ -85,10 +75,10 @@ def test_expert_parallel_matches_one_process(nproc, parallel, data_dir, single, 
     assert report["device_count"] == nproc
 
 
-def test_checkpoints_move_between_one_process_and_expert_parallel(data_dir, single, tmp_path):
-    _run(_args(data_dir, tmp_path, "--expert-parallel", "2", "--parallel", "fsdp", "--stop-after", "8"), nproc=2)
-    _run(_args(data_dir, tmp_path, "--resume", "--stop-after", "14"))
-    _run(_args(data_dir, tmp_path, "--resume", "--expert-parallel", "2"), nproc=2)  # shards again
+def test_checkpoints_move_between_one_process_and_expert_parallel(code_shards, single, tmp_path):
+    _run(_args(code_shards, tmp_path, "--expert-parallel", "2", "--parallel", "fsdp", "--stop-after", "8"), nproc=2)
+    _run(_args(code_shards, tmp_path, "--resume", "--stop-after", "14"))
+    _run(_args(code_shards, tmp_path, "--resume", "--expert-parallel", "2"), nproc=2)  # shards again
     _close(single[0], _losses(tmp_path))
 
 

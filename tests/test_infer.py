@@ -220,26 +220,30 @@ def _corpus(n_chars: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(list(text.encode()[:n_chars]))
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """The debug model after 120 AdamW steps (main + MTP loss) on the repetitive corpus."""
+def _fit(data: torch.Tensor, steps: int, batch: int, mtp_weight: float) -> torch.nn.Module:
+    """The debug model after ``steps`` AdamW steps (main + MTP loss) on windows of ``data``."""
     torch.manual_seed(0)
     m = gasungbi.build_model(gasungbi.get_preset("debug"), seed=0).train()
-    data = _corpus(40000)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    for _ in range(120):
-        starts = torch.randint(0, data.numel() - 65, (16,), generator=g)
-        batch = torch.stack([data[s:s + 65] for s in starts])
-        x, y = batch[:, :-1], batch[:, 1:]
+    for _ in range(steps):
+        starts = torch.randint(0, data.numel() - 65, (batch,), generator=g)
+        windows = torch.stack([data[s:s + 65] for s in starts])
+        x, y = windows[:, :-1], windows[:, 1:]
         h = m.hidden_states(x)
         loss = torch.nn.functional.cross_entropy(m.lm_head(h).flatten(0, 1), y.flatten())
         for k, lg in enumerate(m.mtp_logits(h, x), start=1):
-            loss = loss + 0.3 * torch.nn.functional.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten())
+            loss = loss + mtp_weight * torch.nn.functional.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The debug model after 120 AdamW steps (main + MTP loss) on the repetitive corpus."""
+    return _fit(_corpus(40000), 120, 16, 0.3)
 
 
 CYCLE = [5, 17, 42, 9, 100, 3, 77, 250, 31, 64, 12]
@@ -250,23 +254,7 @@ def cyclic():
     """The debug model after 150 AdamW steps (main + MTP loss) on one repeating cycle of 11 tokens: a
     task it learns to a loss near 0 with wide logit margins (checked on seeds 0-7: all continue the
     cycle exactly and accept every draft), so what the tests below assert holds on any machine."""
-    torch.manual_seed(0)
-    m = gasungbi.build_model(gasungbi.get_preset("debug"), seed=0).train()
-    data = torch.tensor(CYCLE * 400)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        starts = torch.randint(0, data.numel() - 65, (8,), generator=g)
-        batch = torch.stack([data[s:s + 65] for s in starts])
-        x, y = batch[:, :-1], batch[:, 1:]
-        h = m.hidden_states(x)
-        loss = torch.nn.functional.cross_entropy(m.lm_head(h).flatten(0, 1), y.flatten())
-        for k, lg in enumerate(m.mtp_logits(h, x), start=1):
-            loss = loss + torch.nn.functional.cross_entropy(lg.flatten(0, 1), y[:, k:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    return _fit(torch.tensor(CYCLE * 400), 150, 8, 1.0)
 
 
 def test_speculative_on_a_trained_model_accepts_its_drafts(cyclic):
