@@ -104,20 +104,19 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: st
 def _hparams(w, cfg: ModelConfig, gguf) -> None:
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_head_count(cfg.num_attention_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
+    _rope_scaling(w, cfg, gguf)
     if not cfg.is_mla:
-        w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count_kv(cfg.gqa_kv_heads)
         w.add_rope_dimension_count(cfg.gqa_head_dim)
         w.add_key_length(cfg.gqa_head_dim)
         w.add_value_length(cfg.gqa_head_dim)
-        _rope_scaling(w, cfg, gguf)
         return
-    w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count_kv(1)  # MLA as MQA over the latent
     w.add_leading_dense_block_count(cfg.first_k_dense_replace)
     # llama.cpp requires the key unless the model has 26 or 27 layers (how it recognizes V2-Lite);
@@ -140,7 +139,6 @@ def _hparams(w, cfg: ModelConfig, gguf) -> None:
     if cfg.n_group > 1 and cfg.topk_method != "greedy":
         w.add_expert_group_count(cfg.n_group)
         w.add_expert_group_used_count(cfg.topk_group)
-    _rope_scaling(w, cfg, gguf)
     scaling = cfg.rope_scaling or {}
     if scaling.get("mscale_all_dim"):
         w.add_rope_scaling_yarn_log_mul(0.1 * float(scaling["mscale_all_dim"]))

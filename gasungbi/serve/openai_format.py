@@ -210,10 +210,12 @@ class Reply:
         self.chunks(ev)
 
     def chunks(self, ev: Event) -> list[dict]:
-        raise NotImplementedError
+        """The stream chunks of one event (each endpoint's reply says how)."""
+        raise NotImplementedError(f"{type(self).__name__} must define chunks()")
 
     def choice(self, index: int) -> dict:
-        raise NotImplementedError
+        """Choice ``index`` of the whole response (each endpoint's reply says how)."""
+        raise NotImplementedError(f"{type(self).__name__} must define choice()")
 
 
 class CompletionReply(Reply):
