@@ -43,12 +43,12 @@ def client(server):
 def test_slot_batch_joins_leaves_and_moves(model):
     """Sequences joining a running batch at different clocks, with moves both ways (a prompt longer
     than the clock arriving late; the clock reaching max_len), decode exactly what each decodes alone."""
-    from gasungbi.infer.batch import SlotBatch
+    from gasungbi.infer.engine import Engine
     # two rows of 48 slots: [3, 4] and [9]*3 start at clock 3; [8]*40 joins when [9]*3 leaves
     # (clock 32 -> moved right to 40); at 48 the batch moves left, twice; then [1, 2, 3] joins
     prompts, new = [[3, 4], [9] * 3, [8] * 40, [1, 2, 3]], [40, 30, 5, 20]
     ref = [generate(model, p, max_new_tokens=n, stop_tokens=())[0].tokens for p, n in zip(prompts, new)]
-    b = SlotBatch(model, 2, 48)
+    b = Engine(model, 2, 48)
     waiting, running, out, clocks = list(range(len(prompts))), [], {i: [] for i in range(len(prompts))}, []
 
     def retire():

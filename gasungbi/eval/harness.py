@@ -40,7 +40,7 @@ from lm_eval.api.model import TemplateLM
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from gasungbi.infer.decode import model_device_dtype
+from gasungbi.infer.engine import model_device_dtype
 from gasungbi.infer.generate import generate
 from gasungbi.infer.sampling import GREEDY, SamplingParams
 

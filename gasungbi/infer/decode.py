@@ -1,10 +1,9 @@
-"""The decode loop: prefill the prompt, then one token per step against the latent cache.
+"""A static batch on the decode engine: prefill the prompts, then one token per step.
 
-The loop follows gpt-fast: a preallocated :class:`~gasungbi.infer.cache.KVCache` written in place,
-one prefill forward (naive MLA: decompressing K/V once is cheaper for many tokens), then one
-single-token forward per step with the absorbed MLA, which reads only the cached latent and rope
-key. Only the logits of the last position go through the output head. Batches are left-padded
-(see :mod:`gasungbi.infer.generate`); speculative decoding (:mod:`gasungbi.infer.speculative`)
+One :class:`~gasungbi.infer.engine.Engine` with a row per prompt: one prefill forward (naive MLA:
+decompressing K/V once is cheaper for many tokens), then one single-token step per token with the
+absorbed MLA, which reads only the cached latent and rope key. Only the logits of the last
+position go through the output head. Speculative decoding (:mod:`gasungbi.infer.speculative`)
 shares the helpers here.
 """
 
@@ -16,9 +15,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from gasungbi.infer.cache import KVCache
+from gasungbi.infer.engine import Engine
 from gasungbi.infer.sampling import GREEDY, SamplingParams, sample
-from gasungbi.model.attention import DecodeContext
 
 
 class ContextLengthError(ValueError):
@@ -62,27 +60,6 @@ def check_context(cfg, prompt_len: int, max_new_tokens: int) -> None:
             f"shorten the prompt or ask for at most {max(limit - prompt_len, 0)} new tokens")
 
 
-def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    """Where the token ids go and the activations' dtype: those of the input embedding."""
-    w = model.model.embed_tokens.weight
-    return w.device, w.dtype
-
-
-# ---------------------------------------------------------------------------------------------
-# the decode loop
-# ---------------------------------------------------------------------------------------------
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompts -> ids [B, P] right-aligned, and pad [B] (None when all have the same length)."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-    pads = [P - len(p) for p in prompts]
-    pad = torch.tensor(pads, device=device) if any(pads) else None
-    return ids.to(device), pad
-
-
 def seen_mask(prompts: Sequence[Sequence[int]], vocab_size: int, device) -> torch.Tensor:
     """[B, V] bool: which tokens each prompt holds (for the repetition penalty)."""
     seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
@@ -93,7 +70,7 @@ def seen_mask(prompts: Sequence[Sequence[int]], vocab_size: int, device) -> torc
 
 @torch.inference_mode()
 def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingParams = GREEDY,
-                 stats: GenerationStats | None = None) -> Iterator[list[int]]:
+                 stats: GenerationStats | None = None, compile: bool = False) -> Iterator[list[int]]:
     """Yield the next token of every row, step by step (``max_new_tokens`` steps at most).
 
     The consumer stops early by closing the iterator. One host synchronization per step (the
@@ -101,29 +78,26 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, s
     """
     cfg = model.config
     stats = stats if stats is not None else GenerationStats()
-    device, dtype = model_device_dtype(model)
     B, P = len(prompts), max(len(p) for p in prompts)
     check_context(cfg, P, max_new_tokens)
     t0 = time.perf_counter()
-    ids, pad = left_pad(prompts, cfg.pad_token_id if cfg.pad_token_id is not None else 0, device)
-    cache = KVCache(cfg, B, P + max_new_tokens, device=device, dtype=dtype)
-    gen = sampling.generator(device)
-    seen = seen_mask(prompts, cfg.vocab_size, device) if sampling.repetition_penalty != 1.0 else None
+    engine = Engine(model, B, P + max_new_tokens, compile=compile)
+    gen = sampling.generator(engine.device)
+    seen = seen_mask(prompts, cfg.vocab_size, engine.device) if sampling.repetition_penalty != 1.0 else None
     stats.batch_size, stats.prompt_tokens = B, sum(len(p) for p in prompts)
 
-    h = model.hidden_states(ids, ctx=DecodeContext(cache, 0, pad))[:, -1]  # (B, d) only the last slot
-    nxt = sample(model.lm_head(h), sampling, gen, seen)  # (B,)
+    logits, _ = engine.join(prompts)
+    nxt = sample(logits, sampling, gen, seen)  # (B,)
     tokens = nxt.tolist()
     stats.prefill_s = time.perf_counter() - t0
     stats.new_tokens += B
     t1 = time.perf_counter()
     try:
         yield tokens
-        for step in range(1, max_new_tokens):
+        for _ in range(1, max_new_tokens):
             if seen is not None:
                 seen.scatter_(1, nxt[:, None], True)
-            logits = model(nxt[:, None], ctx=DecodeContext(cache, P + step - 1, pad, absorb=True))[:, -1]  # (B, V)
-            nxt = sample(logits, sampling, gen, seen)
+            nxt = sample(engine.step(nxt), sampling, gen, seen)
             tokens = nxt.tolist()
             stats.forwards += 1
             stats.new_tokens += B

@@ -1,13 +1,14 @@
 """Text generation: prefill the prompt, then decode one token per step against the latent cache.
 
-The loop follows gpt-fast: a preallocated :class:`~gasungbi.infer.cache.KVCache` written in place,
-one prefill forward (naive MLA: decompressing K/V once is cheaper for many tokens), then one
-single-token forward per step with the absorbed MLA, which reads only the cached latent and rope
-key. Only the logits of the last position go through the output head.
+The steps run on the decode engine (:mod:`gasungbi.infer.engine`, through
+:func:`~gasungbi.infer.decode.decode_steps`): a preallocated cache written in place, one prefill
+forward (naive MLA: decompressing K/V once is cheaper for many tokens), then one single-token step
+per token with the absorbed MLA, which reads only the cached latent and rope key. Only the logits
+of the last position go through the output head.
 
 Batches of prompts of different lengths are left-padded to the longest: row b's real tokens start
 at slot ``pad[b]``, the model gets per-row positions (slot - pad[b]) and a mask that hides the
-padding slots (``DecodeContext(pad=)``), so every row decodes exactly as if it ran
+padding slots, so every row decodes exactly as if it ran
 alone, and all rows advance one slot per step. Rows that finish early keep decoding (their tokens
 are dropped) until every row is done or ``max_new_tokens`` is reached.
 

@@ -130,7 +130,7 @@ def offload_experts(model: nn.Module, experts_device: str | torch.device, move: 
 
         def pre(module, args, _dev=experts_device):
             module._caller_device = args[0].device
-            return tuple(a.to(_dev) for a in args)
+            return tuple(a if a is None else a.to(_dev) for a in args)
 
         def post(module, args, out):
             return out.to(module._caller_device)

@@ -56,9 +56,10 @@ from torch import nn
 
 from gasungbi import atomic
 from gasungbi.config import CheckpointError, ModelConfig, from_hf_config, to_hf_config
+from gasungbi.infer import native
 from gasungbi.infer.placement import offload_experts
 from gasungbi.model.layers import MLP
-from gasungbi.model.moe import Experts, dispatch
+from gasungbi.model.moe import Experts, dispatch, expert_counts
 from gasungbi.model.transformer import Transformer, build_model
 
 MODES = ("int8", "int4")
@@ -144,10 +145,13 @@ class _Weight:
         """``q``/``scales``: portable int8 + [N] scales, or packed uint8 + [K/g, N, 2]."""
         self.mode, self.cuda = mode, device.type == "cuda"
         self.out_features = q.shape[0]
+        self.s32 = None  # fp32 scales for the native CPU int8 kernel
         if mode == "int8":
             self.in_features = q.shape[1]
             self.w = _aligned(q.to(device))
             self.s = _aligned(scales.to(device, _COMPUTE))
+            if not self.cuda:
+                self.s32 = scales.to(device, torch.float32).contiguous()
         else:
             self.in_features = q.shape[1] * 2
             self.group_size = self.in_features // scales.shape[0]
@@ -158,8 +162,14 @@ class _Weight:
                 self.w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).contiguous(), 2)
             self.s = scales.to(device, _COMPUTE).contiguous()
 
+    def native(self, x: torch.Tensor) -> bool:
+        """Whether ``x @ w.T`` runs on the native int8 kernel (CPU, a few fp32 tokens)."""
+        return self.s32 is not None and native.usable(x, self.w)
+
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype."""
+        if self.native(x):
+            return native.linear(x, self.w, self.s32)
         return self.mm_compute(x.to(_COMPUTE)).to(x.dtype)
 
     def mm_compute(self, xc: torch.Tensor) -> torch.Tensor:
@@ -173,7 +183,7 @@ class _Weight:
         return torch._weight_int4pack_mm_for_cpu(xc, self.w, self.group_size, self.s)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.w, self.s]
+        return [self.w, self.s] + ([self.s32] if self.s32 is not None else [])
 
 
 def _portable(module: nn.Module, name: str, shape: tuple[int, ...], mode: str, groups: int | None) -> None:
@@ -230,19 +240,26 @@ class QuantLinear(nn.Module):
 
 
 def _fused(mode: str, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
-           device: torch.device) -> list[_Weight]:
+           device: torch.device) -> tuple[list[_Weight], tuple[torch.Tensor, torch.Tensor]]:
     """Kernel-layout weights for gate and up stacked along the output, from portable (values, scales)
-    of the same layout, [N, K] or [E, N, K] (then one weight per expert)."""
+    of the same layout, [N, K] or [E, N, K] (then one weight per expert, views of one tensor), and
+    the stacked (values, scales) themselves."""
     n_dim = -1 if mode == "int8" else -2  # N in scales [..., N] / [..., K/g, N, 2]
     q, s = torch.cat((gate[0], up[0]), dim=-2), torch.cat((gate[1], up[1]), dim=n_dim)
-    return [_Weight(mode, q, s, device)] if q.dim() == 2 else [_Weight(mode, qe, se, device) for qe, se in zip(q, s)]
+    if mode == "int8":
+        q = _aligned(q.to(device))
+    weights = [_Weight(mode, q, s, device)] if q.dim() == 2 else [_Weight(mode, qe, se, device) for qe, se in zip(q, s)]
+    return weights, (q, s)
 
 
 def _swiglu(gate_up: _Weight, down: _Weight, xc: torch.Tensor) -> torch.Tensor:
-    """SwiGLU with gate and up fused into one matmul, all in the compute dtype: xc [n, d] -> [n, d]."""
-    gu = gate_up.mm_compute(xc)  # (n, 2I)
+    """SwiGLU with gate and up fused into one matmul, all in the compute dtype: xc [n, d] -> [n, d]
+    (in fp32 on the native int8 kernel when xc is a few fp32 tokens)."""
+    native_path = gate_up.native(xc)
+    gu = gate_up.mm(xc) if native_path else gate_up.mm_compute(xc)  # (n, 2I)
     inter = gu.shape[-1] // 2
-    return down.mm_compute(F.silu(gu[:, :inter]) * gu[:, inter:])
+    h = F.silu(gu[:, :inter]) * gu[:, inter:]
+    return down.mm(h) if native_path else down.mm_compute(h)
 
 
 class QuantMLP(nn.Module):
@@ -259,13 +276,14 @@ class QuantMLP(nn.Module):
         self.down_proj = QuantLinear(hidden, dim, *layouts["down_proj"])
 
     def prepare(self, device: torch.device) -> None:
-        [self.gate_up] = _fused(self.gate_proj.mode, self.gate_proj.portable(), self.up_proj.portable(), device)
+        [self.gate_up], _ = _fused(self.gate_proj.mode, self.gate_proj.portable(), self.up_proj.portable(), device)
         self.down = _Weight(self.down_proj.mode, *self.down_proj.portable(), device)
         del self.gate_proj, self.up_proj, self.down_proj
         _kernel_buffers(self, [self.gate_up, self.down])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _swiglu(self.gate_up, self.down, x.reshape(-1, x.shape[-1]).to(_COMPUTE))
+        flat = x.reshape(-1, x.shape[-1])
+        y = _swiglu(self.gate_up, self.down, flat if self.gate_up.native(flat) else flat.to(_COMPUTE))
         return y.to(x.dtype).view(x.shape)
 
 
@@ -287,15 +305,28 @@ class QuantExperts(nn.Module):
 
     def prepare(self, device: torch.device) -> None:
         gate, up, down = ((self._buffers.pop(p), self._buffers.pop(f"{p}_scales")) for p in _PROJS)
-        self.gate_up = _fused(self.layouts["gate_proj"][0], gate, up, device)
-        self.down = [_Weight(self.layouts["down_proj"][0], q, s, device) for q, s in zip(*down)]
+        self.gate_up, (gu_q, gu_s) = _fused(self.layouts["gate_proj"][0], gate, up, device)
+        down_mode = self.layouts["down_proj"][0]
+        down_q = _aligned(down[0].to(device)) if down_mode == "int8" else down[0]
+        self.down = [_Weight(down_mode, q, s, device) for q, s in zip(down_q, down[1])]
         _kernel_buffers(self, self.gate_up + self.down)
+        self.stacked = None  # int8 on CPU: the stacked tensors of the native experts kernel
+        if self.gate_up[0].s32 is not None and self.down[0].s32 is not None:
+            inter = gu_q.shape[1] // 2
+            gu_s, down_s = gu_s.to(device, torch.float32), down[1].to(device, torch.float32)
+            self.stacked = ((gu_q[:, :inter], gu_q[:, inter:], down_q),
+                            (gu_s[:, :inter], gu_s[:, inter:], down_s.contiguous()))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        if self.stacked is not None and native.usable(x, self.stacked[0][0]):
+            (gate, up, down), scales = self.stacked
+            return native.experts(x, gate, up, down, idx, weights, scales)
+
         def expert(e: int, xc: torch.Tensor) -> torch.Tensor:
             return _swiglu(self.gate_up[e], self.down[e], xc).to(x.dtype)
 
+        counts = expert_counts(idx, len(self.down), counts)
         return dispatch(expert, x.to(_COMPUTE), idx, weights, counts).to(x.dtype)
 
 

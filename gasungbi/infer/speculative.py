@@ -12,8 +12,8 @@ accepted. One step here:
 
 So each main forward yields 2 tokens when the draft is accepted and 1 when not, and the output
 distribution is the main model's: greedy output is identical to plain decoding. The MTP module
-has its own cache slot (layer ``num_hidden_layers``) in the same :class:`KVCache`; a rejected
-draft's main-cache slot is simply overwritten by the next step.
+has its own cache layer (``num_hidden_layers``) in the :class:`~gasungbi.infer.engine.Engine`'s
+cache; a rejected draft's main-cache slot is simply overwritten by the next step.
 
 Deviations: one draft token per step, from the first MTP module (the released DeepSeek-V3 has
 one); one prompt at a time (rows of a batch would accept different numbers of tokens).
@@ -26,10 +26,9 @@ from typing import Iterator
 
 import torch
 
-from gasungbi.infer.cache import KVCache
-from gasungbi.infer.decode import GenerationStats, check_context, model_device_dtype, seen_mask
+from gasungbi.infer.decode import GenerationStats, check_context, seen_mask
+from gasungbi.infer.engine import Engine
 from gasungbi.infer.sampling import GREEDY, SamplingParams, apply_repetition_penalty, draw, probabilities, sample
-from gasungbi.model.attention import DecodeContext
 
 
 def check_speculative(model, batch_size: int) -> None:
@@ -41,17 +40,14 @@ def check_speculative(model, batch_size: int) -> None:
         raise ValueError(f"speculative decoding runs one prompt at a time, got a batch of {batch_size}")
 
 
-def mtp_draft_logits(model, tokens: torch.Tensor, hidden: torch.Tensor, start_pos: int, cache,
-                     absorb: bool = True) -> torch.Tensor:
-    """Run the first MTP module on positions start_pos.. and return the logits of the last one.
+def mtp_draft_logits(engine: Engine, tokens: torch.Tensor, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    """Run the first MTP module on the tokens at slots start.. and return the logits of the last one.
 
     ``tokens`` [B, T] are t_{i+1} and ``hidden`` [B, T, d] the main model's final-normed h_i for
-    positions i = start_pos..start_pos+T-1; the result [B, V] predicts t_{i+2} for the last i.
+    the positions i at those slots; the result [B, V] predicts t_{i+2} for the last i.
     """
-    T = tokens.shape[1]
-    cos, sin = model.model.rotary(torch.arange(start_pos, start_pos + T, device=tokens.device))
-    _, normed = model.model.mtp[0](model.model.embed_tokens(tokens), hidden, cos, sin,
-                                   ctx=DecodeContext(cache, start_pos, absorb=absorb))  # (B, T, d)
+    model = engine.model
+    normed = engine.mtp(model.model.mtp[0], model.model.embed_tokens(tokens), hidden, start)  # (B, T, d)
     return model.lm_head(normed[:, -1])
 
 
@@ -62,12 +58,12 @@ def speculative_steps(model, prompt: list[int], max_new_tokens: int, sampling: S
     check_speculative(model, 1)
     cfg = model.config
     stats = stats if stats is not None else GenerationStats()
-    device, dtype = model_device_dtype(model)
     P = len(prompt)
     check_context(cfg, P, max_new_tokens)
     t0 = time.perf_counter()
+    engine = Engine(model, 1, P + max_new_tokens)
+    device = engine.device
     ids = torch.tensor([prompt], device=device)
-    cache = KVCache(cfg, 1, P + max_new_tokens, device=device, dtype=dtype)
     gen = sampling.generator(device)
     seen = seen_mask([prompt], cfg.vocab_size, device) if sampling.repetition_penalty != 1.0 else None
 
@@ -76,20 +72,20 @@ def speculative_steps(model, prompt: list[int], max_new_tokens: int, sampling: S
             seen[0, tok] = True
 
     stats.batch_size, stats.prompt_tokens = 1, P
-    h = model.hidden_states(ids, ctx=DecodeContext(cache, 0))  # (1, P, d)
-    tok = sample(model.lm_head(h[:, -1]), sampling, gen, seen)  # (1,) t_P
+    logits, h = engine.join([prompt], hidden=True)  # (1, V), (1, P, d)
+    tok = sample(logits, sampling, gen, seen)  # (1,) t_P
     stats.prefill_s = time.perf_counter() - t0
     stats.new_tokens += 1
     t1 = time.perf_counter()
     try:
         yield tok.tolist()
         mark(tok)
-        draft_logits = mtp_draft_logits(model, torch.cat((ids[:, 1:], tok[:, None]), 1), h, 0, cache, absorb=False)
-        n = P  # slot of the pending token
+        draft_logits = mtp_draft_logits(engine, torch.cat((ids[:, 1:], tok[:, None]), 1), h, 0)
         while True:
             q = probabilities(draft_logits, sampling, seen)  # (1, V) the draft's distribution
             d = q.argmax(-1) if sampling.greedy else draw(q, gen)  # (1,)
-            h2 = model.hidden_states(torch.stack((tok, d), 1), ctx=DecodeContext(cache, n, absorb=True))  # (1, 2, d)
+            n = engine.clock  # slot of the pending token
+            h2 = engine.verify(torch.stack((tok, d), 1))  # (1, 2, d)
             logits = model.lm_head(h2)  # (1, 2, V)
             stats.forwards += 1
             stats.drafted += 1
@@ -110,8 +106,9 @@ def speculative_steps(model, prompt: list[int], max_new_tokens: int, sampling: S
                 yield d.tolist()
                 stats.new_tokens += 1
                 yield bonus.tolist()
-                draft_logits = mtp_draft_logits(model, torch.stack((d, bonus), 1), h2, n, cache)
-                tok, n = bonus, n + 2
+                draft_logits = mtp_draft_logits(engine, torch.stack((d, bonus), 1), h2, n)
+                engine.advance(2)
+                tok = bonus
             else:
                 if sampling.greedy:
                     t = target.argmax(-1)
@@ -121,9 +118,10 @@ def speculative_steps(model, prompt: list[int], max_new_tokens: int, sampling: S
                 mark(t)
                 stats.new_tokens += 1
                 yield t.tolist()
-                draft_logits = mtp_draft_logits(model, t[:, None], h2[:, :1], n, cache)
-                tok, n = t, n + 1
-            if n + 2 > cache.max_len:  # the consumer stops at max_new_tokens before this
+                draft_logits = mtp_draft_logits(engine, t[:, None], h2[:, :1], n)
+                engine.advance(1)
+                tok = t
+            if engine.clock + 2 > engine.max_len:  # the consumer stops at max_new_tokens before this
                 return
     finally:
         stats.decode_s = time.perf_counter() - t1

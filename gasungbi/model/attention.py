@@ -140,17 +140,20 @@ class DecodeContext:
     """The inference state of one forward; training passes none (no cache, causal, naive MLA).
 
     ``cache``: the object the attention writes its keys into and reads all cached ones from
-    (``update``, see the module docstring); ``start_pos``: the cache slot of the first token;
+    (``update``, see the module docstring); ``start_pos``: the cache slot of the first token, or
+    the slots of all T tokens as a tensor [T] (the decode engine's fixed-shape step);
     ``pad``: [B] left-padding slots per row; ``absorb``: the absorbed MLA computation (V2 Sec.
     2.1.2) instead of the naive one; ``mask``: boolean [B, 1, T, S] (True = attend), filled in by
-    the model from ``pad``, default causal.
+    the model from ``pad``, default causal; ``positions``: [B, T] token positions, given together
+    with ``mask`` by a caller that computes both (then ``pad`` is unused).
     """
 
     cache: Any = None
-    start_pos: int = 0
+    start_pos: int | torch.Tensor = 0
     pad: torch.Tensor | None = None
     absorb: bool = False
     mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------

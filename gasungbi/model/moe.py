@@ -97,8 +97,14 @@ class Experts(nn.Module):
         return (F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t())) @ self.down_proj[e].t()
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
-        return dispatch(self.expert, x, idx, weights, counts)
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, d), idx/weights (N, K), counts (E,) tokens per expert (computed when not given)."""
+        return dispatch(self.expert, x, idx, weights, expert_counts(idx, self.gate_proj.shape[0], counts))
+
+
+def expert_counts(idx: torch.Tensor, n_experts: int, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """(E,) tokens routed to each expert: ``counts`` when the caller has them already."""
+    return counts if counts is not None else torch.bincount(idx.reshape(-1), minlength=n_experts)
 
 
 def dispatch(expert, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -148,7 +154,7 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx, scores = self.gate(flat)
-        counts = torch.bincount(idx.reshape(-1), minlength=self.n_experts)  # (E,)
+        counts = expert_counts(idx, self.n_experts) if stats is not None else None  # (E,)
         y = self.experts(flat, idx, weights, counts).view(B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

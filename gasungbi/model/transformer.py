@@ -136,8 +136,11 @@ class Transformer(nn.Module):
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         start_pos = ctx.start_pos if ctx is not None else 0
-        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
-        if ctx is not None and ctx.pad is not None:
+        if ctx is not None and ctx.positions is not None:
+            positions = ctx.positions
+        else:
+            positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        if ctx is not None and ctx.pad is not None and ctx.positions is None:
             positions = (positions[None, :] - ctx.pad[:, None]).clamp(min=0)  # (B, T)
             mask = padded_causal_mask(T, start_pos + T, start_pos, ctx.pad)  # (B, 1, T, S)
             ctx = dataclasses.replace(ctx, mask=mask)

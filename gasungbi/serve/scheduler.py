@@ -5,7 +5,7 @@ Request handlers (asyncio) turn each choice of a request into a :class:`Sequence
 The scheduler thread loops:
 
   1. admit: take waiting sequences, oldest first, while there are free rows in the running batch
-     (:class:`~gasungbi.infer.batch.SlotBatch`) and prefill budget left; prefill them together
+     (:class:`~gasungbi.infer.engine.Engine`) and prefill budget left; prefill them together
      (one forward) and sample their first token;
   2. step: ONE batched forward of every running sequence, one token each;
   3. retire: sequences that finished (stop token, stop string, max_tokens) or whose client went
@@ -32,8 +32,8 @@ from typing import Callable, Sequence as Seq
 
 import torch
 
-from gasungbi.infer.batch import SlotBatch, prompt_logits
-from gasungbi.infer.decode import model_device_dtype, seen_mask
+from gasungbi.infer.engine import Engine, model_device_dtype, prompt_logits
+from gasungbi.infer.decode import seen_mask
 from gasungbi.infer.generate import RowState
 from gasungbi.infer.sampling import SamplingParams, sample
 from gasungbi.serve.metrics import Metrics
@@ -135,7 +135,7 @@ class Scheduler:
         self.model = model
         self.device, _ = model_device_dtype(model)
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        self.batch = SlotBatch(model, max_batch, self.max_len)
+        self.batch = Engine(model, max_batch, self.max_len)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
         self.metrics = metrics or Metrics()
         self.waiting: deque[Sequence] = deque()

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from gasungbi.model.moe import Experts
+from gasungbi.model.moe import Experts, expert_counts
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 
@@ -77,8 +77,9 @@ class EPExperts(nn.Module):
         return (F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t())) @ self.down_proj[e].t()
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
+                counts: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, d), idx/weights (N, K) global expert ids, counts (E,) -> (N, d)."""
+        counts = expert_counts(idx, self.n_experts, counts)
         k, K, L = idx.shape[1], self.ep_size, self.n_local
         order = idx.reshape(-1).argsort(stable=True)  # (N*k,) slots sorted by expert, hence by rank
         token = order // k

@@ -1,0 +1,265 @@
+"""The decode engine: one slot cache, one step function, for every caller that decodes.
+
+generate/chat (:mod:`gasungbi.infer.decode`), the server's continuous batching
+(:mod:`gasungbi.serve.scheduler`), speculative decoding (:mod:`gasungbi.infer.speculative`), GRPO
+rollouts, evaluation and the trainer's samples all run an :class:`Engine`.
+
+The cache (gpt-fast's design) is preallocated, R rows x ``max_len`` slots, written in place; where
+a token goes and what it sees are tensors, not Python shapes: :func:`forward_step` takes the slots
+of its T tokens [T] and each row's first real slot ``pad`` [n], builds the positions
+(``slot - pad``) and the mask from them, writes the new latents with ``index_copy_`` and attends
+over a fixed window of slots. Its shapes depend only on (rows, T, window), so torch.compile (and
+CUDA graphs) take it once per shape: the window grows in powers of two.
+
+Rows share a slot clock ``c`` (the layout of continuous batching); every row holds its sequence
+right-aligned so that its next token goes into slot ``c``:
+
+    row 0:  . . [ prompt 0 ....... | generated ] <- c
+    row 1:  . . . . . . [ prompt 1 | generated ] <- c
+    new  :  . . . . . [ prompt 2 ] <- c          (prefilled into slots [c - L, c))
+
+Row b's real tokens start at slot ``pad[b]``, exactly the left padding of a static batch: a row
+computes the same thing whatever its neighbours and whenever it joined. A step is ONE forward of
+all running rows at slot ``c``; then ``c`` advances.
+
+* Joining (:meth:`Engine.join`): new sequences are prefilled together (one forward, left-padded to
+  the longest, the naive MLA) into the free rows ``n ..``, ending at the clock.
+* Leaving (:meth:`Engine.remove`): the last running row's cache is copied into the freed row, so
+  the batch stays a prefix and every step reads contiguous views.
+* Moving: cached keys are rotated by *position*, not by slot, so all rows can be moved by the same
+  number of slots (``pad`` moves with them) without changing what they compute. A prompt longer
+  than the clock moves the batch right; a clock that reaches ``max_len`` moves it left to the
+  longest sequence held. As long as every sequence fits ``max_len`` on its own (prompt +
+  max_new_tokens - 1 slots: the caller checks), there is always room after a move.
+
+On CPU the engine routes the small products of a step to native kernels
+(:mod:`gasungbi.infer.native`), and ``compile=True`` compiles the step (inductor).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from gasungbi.infer import native
+from gasungbi.infer.cache import KVCache
+from gasungbi.model.attention import DecodeContext
+
+MIN_WINDOW = 64
+"""The smallest attention window (slots); windows double from here up to the cache length."""
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """Where the token ids go and the activations' dtype: those of the input embedding."""
+    w = model.model.embed_tokens.weight
+    return w.device, w.dtype
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> torch.Tensor:
+    """Prompts -> ids [B, P] right-aligned (left-padded with ``pad_id``)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+    return ids.to(device)
+
+
+class CacheView:
+    """Cache rows ``lo .. hi-1``, slots ``0 .. window-1``: what one forward writes into and reads.
+    ``update`` writes the new tokens' (latent, rope key) or (K, V) at ``slots`` [T] and returns the
+    whole window; the mask hides what a query must not see."""
+
+    def __init__(self, cache: KVCache, lo: int, hi: int, window: int):
+        self.layers = [(a[lo:hi, :window], b[lo:hi, :window]) for a, b in cache.layers]
+
+    def update(self, layer_idx: int, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor):
+        A, B = self.layers[layer_idx]
+        A.index_copy_(1, slots, a)
+        B.index_copy_(1, slots, b)
+        return A, B
+
+
+def step_mask(slots: torch.Tensor, pad: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [n, T] and mask [n, 1, T, window] for tokens at ``slots`` [T] of rows whose real
+    tokens start at ``pad`` [n]: a query sees the keys from its row's first real slot up to its own
+    slot, and always its own slot (so padding queries stay finite; they are never read)."""
+    key = torch.arange(window, device=slots.device)
+    q = slots[None, :, None]  # (1, T, 1)
+    mask = ((key <= q) & (key >= pad[:, None, None])) | (key == q)  # (n, T, window)
+    return (slots[None, :] - pad[:, None]).clamp(min=0), mask[:, None]
+
+
+def forward_step(model, ids: torch.Tensor, view: CacheView, slots: torch.Tensor, pad: torch.Tensor,
+                 absorb: bool) -> torch.Tensor:
+    """Final-normed hidden states [n, T, d] of tokens ``ids`` [n, T] at cache ``slots`` [T] (the
+    step function: fixed shapes for a given (n, T, window); ``absorb`` for decoding, V2 Sec. 2.1.2)."""
+    positions, mask = step_mask(slots, pad, view.layers[0][0].shape[1])
+    ctx = DecodeContext(view, slots, absorb=absorb, mask=mask, positions=positions)
+    return model.hidden_states(ids, ctx=ctx)
+
+
+def decode_logits(model, ids, view, slots, pad) -> torch.Tensor:
+    """Next-token logits [n, V] of one decode step (one token per row): what gets compiled."""
+    return model.lm_head(forward_step(model, ids, view, slots, pad, True)[:, -1])
+
+
+class Engine:
+    """R cache rows of ``max_len`` slots, a shared clock, and the step function.
+
+    The caller keeps its own list of sequences in row order and mirrors :meth:`join` (appends)
+    and :meth:`remove` (the last row moves into the removed one).
+    """
+
+    def __init__(self, model, rows: int, max_len: int, *, compile: bool = False):
+        cfg = model.config
+        device, dtype = model_device_dtype(model)
+        if device.type == "cpu":
+            native.accelerate(model)
+        self.model, self.rows, self.max_len, self.device = model, rows, max_len, device
+        self.cache = KVCache(cfg, rows, max_len, device=device, dtype=dtype)
+        self.clock = 0
+        self.pads: list[int] = []  # per running row: its first real slot
+        self.moves = 0  # how many times the batch was moved (a copy of the cache window)
+        self._decode = torch.compile(decode_logits, dynamic=False) if compile else decode_logits
+
+    @property
+    def size(self) -> int:
+        return len(self.pads)
+
+    @property
+    def tokens_held(self) -> int:
+        """Slots holding real tokens, all rows together (for the KV-cache use figure)."""
+        return sum(self.clock - p for p in self.pads)
+
+    def window(self, end: int) -> int:
+        """The attention window for slots up to ``end``: a power of two >= MIN_WINDOW, or max_len."""
+        w = MIN_WINDOW
+        while w < end:
+            w *= 2
+        return min(w, self.max_len)
+
+    def view(self, lo: int, hi: int, end: int) -> CacheView:
+        if end > self.max_len:
+            raise ValueError(f"slot {end} is past the cache length {self.max_len}")
+        return CacheView(self.cache, lo, hi, self.window(end))
+
+    def fits(self, lengths: Sequence[int]) -> bool:
+        """Whether prompts of ``lengths`` can join now: free rows, and each prompt shorter than
+        ``max_len`` (its prompt + max_new_tokens - 1 must fit ``max_len`` too: the caller's check)."""
+        return self.size + len(lengths) <= self.rows and max(lengths) < self.max_len
+
+    def _move(self, new_clock: int) -> None:
+        """Move every running row by ``new_clock - clock`` slots (positions are unchanged)."""
+        shift = new_clock - self.clock
+        if shift == 0 or not self.size:
+            self.clock = new_clock
+            return
+        n, w = self.size, max(self.clock - p for p in self.pads)
+        if w > new_clock or new_clock > self.max_len:
+            raise ValueError(f"cannot move {w} slots to end at {new_clock} (max_len {self.max_len})")
+        for buf in (t for pair in self.cache.layers for t in pair):
+            buf[:n, new_clock - w:new_clock] = buf[:n, self.clock - w:self.clock].clone()
+        self.pads = [p + shift for p in self.pads]
+        self.clock = new_clock
+        self.moves += 1
+
+    def _slots(self, start: int, count: int) -> torch.Tensor:
+        return torch.arange(start, start + count, device=self.device)
+
+    def _pad(self, lo: int, hi: int) -> torch.Tensor:
+        return torch.tensor(self.pads[lo:hi], device=self.device)
+
+    @torch.inference_mode()
+    def join(self, prompts: Sequence[Sequence[int]], all_logits: Sequence[bool] | None = None,
+             hidden: bool = False) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Prefill ``prompts`` (one forward) into rows ``size ..`` and add them to the batch.
+
+        Returns the logits of each prompt's last position [k, V] (the first new token comes from
+        them) and, for the prompts flagged in ``all_logits``, the logits of every position [L, V]
+        (prompt scoring); with ``hidden``, the hidden states [k, P, d] instead of that list
+        (speculative decoding drafts from them).
+        """
+        lengths = [len(p) for p in prompts]
+        if not self.fits(lengths):
+            raise ValueError(f"{len(prompts)} prompts (longest {max(lengths)}) do not fit: {self.size} of "
+                             f"{self.rows} rows in use, {self.max_len} slots per row")
+        if not self.size:
+            self.clock = max(lengths)
+        elif max(lengths) > self.clock:
+            self._move(max(lengths))
+        c, k, P, lo = self.clock, len(prompts), max(lengths), self.size
+        self.pads += [c - L for L in lengths]
+        h = forward_step(self.model, left_pad(prompts, 0, self.device), self.view(lo, lo + k, c),
+                         self._slots(c - P, P), self._pad(lo, lo + k), absorb=False)  # (k, P, d)
+        last = self.model.lm_head(h[:, -1])  # (k, V)
+        if hidden:
+            return last, h
+        full: list[torch.Tensor | None] = [None] * k
+        for i, want in enumerate(all_logits or ()):
+            if want:
+                full[i] = self.model.lm_head(h[i, P - lengths[i]:])  # (L, V)
+        return last, full
+
+    def _room(self, t: int) -> None:
+        if self.clock + t > self.max_len:  # out of slots: move left, to the longest sequence held
+            self._move(max(self.clock - p for p in self.pads))
+
+    @torch.inference_mode()
+    def step(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Feed one token per running row at slot ``clock``; returns the next-token logits [n, V]."""
+        n = self.size
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1, 1)  # (n, 1)
+        if ids.shape[0] != n:
+            raise ValueError(f"{ids.shape[0]} tokens for {n} running rows")
+        self._room(1)
+        logits = self._decode(self.model, ids, self.view(0, n, self.clock + 1), self._slots(self.clock, 1),
+                              self._pad(0, n))
+        self.clock += 1
+        return logits
+
+    @torch.inference_mode()
+    def verify(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed T tokens per running row at slots ``clock ..``; returns their hidden states
+        [n, T, d] and does NOT advance the clock: the caller calls :meth:`advance` with the
+        number it keeps (speculative decoding; slots beyond the clock are overwritten later)."""
+        n, T = ids.shape
+        self._room(T)
+        return forward_step(self.model, ids, self.view(0, n, self.clock + T), self._slots(self.clock, T),
+                            self._pad(0, n), absorb=True)
+
+    def advance(self, t: int) -> None:
+        self.clock += t
+
+    @torch.inference_mode()
+    def mtp(self, module, emb: torch.Tensor, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Run MTP ``module`` (its own cache layer) on Emb(t_{i+1}) and h_i [n, T, d] for the
+        tokens at slots ``start ..``; returns its final-normed hidden states [n, T, d]."""
+        n, T = emb.shape[:2]
+        slots = self._slots(start, T)
+        view = self.view(0, n, start + T)
+        positions, mask = step_mask(slots, self._pad(0, n), view.layers[0][0].shape[1])
+        cos, sin = self.model.model.rotary(positions)
+        ctx = DecodeContext(view, slots, absorb=T == 1, mask=mask, positions=positions)
+        return module(emb, hidden, cos, sin, ctx=ctx)[1]
+
+    def remove(self, i: int) -> None:
+        """Free row ``i``: the last running row moves into it (its cache is copied)."""
+        last = self.size - 1
+        if not 0 <= i <= last:
+            raise IndexError(f"row {i} is not running (batch of {self.size})")
+        if i != last:
+            lo = self.pads[last]
+            for buf in (t for pair in self.cache.layers for t in pair):
+                buf[i, lo:self.clock] = buf[last, lo:self.clock]
+            self.pads[i] = self.pads[last]
+        self.pads.pop()
+        if not self.pads:
+            self.clock = 0
+
+
+@torch.inference_mode()
+def prompt_logits(model, prompt: Sequence[int]) -> torch.Tensor:
+    """Logits [L, V] of every position of ``prompt`` (one forward, no cache): prompt scoring."""
+    device, _ = model_device_dtype(model)
+    return model(torch.tensor([list(prompt)], dtype=torch.long, device=device))[0]

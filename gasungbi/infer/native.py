@@ -1,0 +1,126 @@
+"""Native CPU decode kernels (``native.cpp``), built at first use and cached, with PyTorch as fallback.
+
+A decode step multiplies a few token vectors by every weight matrix: the time is spent reading the
+weights, and PyTorch's CPU GEMM reads skinny products far below the memory's speed (see the C++
+file's header). :func:`accelerate` is a pass over a model that routes its small-batch inference
+products to the native kernels; training, large batches, CUDA and tensors of other dtypes keep the
+PyTorch path, which stays the reference the tests compare against.
+
+The extension is compiled by ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja, both
+installed with the package's dependencies on Linux) into torch's extension cache, under a name
+that includes the CPU's capability, so a cache shared between machines never runs code built
+for another instruction set. Set ``GASUNGBI_NATIVE=0`` to turn it off; a failed build warns once
+and falls back.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gasungbi.model.moe import Experts
+
+SOURCE = Path(__file__).with_name("native.cpp")
+MAX_TOKENS = 16
+"""Up to this many tokens per product the native kernels run (decode steps, small batches); more
+(prefill, training) go to PyTorch's GEMM, which wins once the product is compute-bound."""
+
+
+@functools.cache
+def available() -> bool:
+    """Build (once per source version and machine) and load the kernels; False when turned off or
+    when the build fails (with a warning naming why)."""
+    if os.environ.get("GASUNGBI_NATIVE", "1") == "0":
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        tag = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+        cap = torch.backends.cpu.get_cpu_capability().lower()
+        cpp_extension.load(f"gasungbi_native_{platform.machine()}_{cap}_{tag}", [str(SOURCE)],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch
+        warnings.warn(f"gasungbi's native CPU kernels could not be built ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); decoding uses PyTorch's "
+                      f"kernels (slower). Set GASUNGBI_NATIVE=0 to silence this.", stacklevel=2)
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile: the ops are opaque to it but their outputs are known."""
+    @torch.library.register_fake("gasungbi::linear")
+    def _(x, w, scale):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("gasungbi::experts")
+    def _(x, gate, up, down, gate_s, up_s, down_s, idx, weights):
+        return x.new_empty(x.shape)
+
+
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a product of ``x`` [M, K] with ``weights`` goes native: inference, CPU, fp32 tokens,
+    at most :data:`MAX_TOKENS` of them, plain (not distributed) fp32 or int8 weights."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= MAX_TOKENS
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+            and all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype in (torch.float32, torch.int8)
+                    for w in weights)
+            and available())
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T (x scale[N] for int8 w) -> [M, N] fp32."""
+    return torch.ops.gasungbi.linear(x, w, scale)
+
+
+def experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
+            weights: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Routed SwiGLU experts for a few tokens (see native.cpp): x [M, d], gate/up [E, I, d], down
+    [E, d, I], idx/weights [M, K] -> [M, d] fp32; ``scales`` (gate, up, down) for int8 weights."""
+    gs, us, ds = scales if scales is not None else (None, None, None)
+    return torch.ops.gasungbi.experts(x, gate, up, down, gs, us, ds, idx, weights)
+
+
+class NativeLinear(nn.Linear):
+    """An ``nn.Linear`` whose small-batch inference products run natively (same parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if not usable(flat, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        y = linear(flat, self.weight).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class NativeExperts(Experts):
+    """Routed experts whose few-token inference runs natively (same parameters)."""
+
+    def forward(self, x, idx, weights, counts):
+        if not usable(x, self.gate_proj, self.up_proj, self.down_proj):
+            return super().forward(x, idx, weights, counts)
+        return experts(x, self.gate_proj, self.up_proj, self.down_proj, idx, weights)
+
+
+def accelerate(model: nn.Module) -> nn.Module:
+    """Route ``model``'s small-batch inference products to the native kernels, in place: every
+    ``nn.Linear`` becomes a :class:`NativeLinear` and the routed experts a native-dispatching
+    subclass (same parameters and state dict; other inputs take the PyTorch path). Returns the
+    model; a no-op when the kernels are unavailable."""
+    if not available():
+        return model
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = NativeLinear
+        elif type(m) is Experts:
+            m.__class__ = NativeExperts
+    return model
