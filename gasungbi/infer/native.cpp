@@ -7,13 +7,17 @@
 // tokens at once, split over threads by rows with at::parallel_for (torch's own OpenMP pool).
 //
 //   gasungbi::linear(x [M, K] f32, w [N, K] f32|i8, scale [N] f32?) -> [M, N] f32
-//       y = x w^T (times scale[n] per row for int8 weights: w ~ q * s)
-//   gasungbi::experts(x [M, d] f32, gate [E, I, d], up [E, I, d], down [E, d, I] (f32|i8, rows
-//       contiguous, any expert stride), gate_s [E, I]?, up_s [E, I]?, down_s [E, d]?,
-//       idx [M, K] i64, weights [M, K] f32) -> [M, d] f32
-//       y_m = sum_k weights[m, k] * down_e (silu(gate_e x_m) * up_e x_m), e = idx[m, k]:
-//       DeepSeekMoE's routed experts (V3 eq. 12) with each chosen expert's weights read once for
-//       all the tokens that chose it.
+//       y = x w^T (times scale[n] per row for int8 weights: w ~ q * s). On CPUs with AVX512-VNNI,
+//       int8 products of a width that is a multiple of 64 quantize the tokens per block of 32 to
+//       int8 (scale amax/127), as llama.cpp's Q8_0 path does, and multiply in integers: the
+//       deviation from fp32 activations is that quantization (q8_activations() says whether).
+//   gasungbi::experts(x [M, d] f32, routed [gate [E, I, d], up [E, I, d], down [E, d, I] (f32|i8,
+//       rows contiguous, any expert stride), + gate_s [E, I], up_s [E, I], down_s [E, d] for int8],
+//       shared [] or [gate [Is, d], up, down (, scales)], idx [M, K] i64, weights [M, K] f32) -> [M, d]
+//       y_m = sum_k weights[m, k] * down_e (silu(gate_e x_m) * up_e x_m), e = idx[m, k]
+//             (+ the shared expert's SwiGLU of x_m):
+//       DeepSeekMoE's FFN (V3 eq. 12) with each chosen expert's weights read once for all the
+//       tokens that chose it, all experts' rows in one parallel pass per projection.
 //
 // Plain C++ with `omp simd` reductions: the compiler vectorizes for the machine it builds on
 // (-march=native; AVX2, AVX-512 or NEON). The pure-PyTorch modules are the reference in tests.
@@ -21,49 +25,176 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-// y[t * ldy + r] = scale[r] * dot(x[t * ldx ..], w[r * ldw ..]) for rows r0..r1, tokens 0..T-1.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// Four fp32 rows against one token, 16 columns per step (K % 16 == 0): the AVX-512 main loop.
+inline void dot4_avx512(const float* xt, const float* w0, const float* w1, const float* w2, const float* w3,
+                        int64_t K, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  const int64_t ahead = 4 * (w1 - w0);  // the next group of rows
+  for (int64_t k = 0; k < K; k += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w0 + ahead + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w1 + ahead + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w2 + ahead + k), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w3 + ahead + k), _MM_HINT_T0);
+    const __m512 xv = _mm512_loadu_ps(xt + k);
+    a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w0 + k), a0);
+    a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w1 + k), a1);
+    a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w2 + k), a2);
+    a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w3 + k), a3);
+  }
+  out[0] = _mm512_reduce_add_ps(a0);
+  out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2);
+  out[3] = _mm512_reduce_add_ps(a3);
+}
+#endif
+
+// Tokens quantized to Q8 for the VNNI kernel (see quantize_tokens).
+struct QTokens {
+  int64_t T, K, chunks;
+  std::vector<uint8_t> mag;
+  std::vector<uint64_t> neg;
+  std::vector<float> scale;  // 16 per chunk: 8 x scale of block 2c, 8 x scale of block 2c+1
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define GASUNGBI_VNNI 1
+// int8 weights against int8 activations (VNNI), as llama.cpp's Q8_0 path does: each token is
+// quantized per block of 32 (scale amax/127, round to nearest even), kept as |q| (u8), the sign of
+// each q as a mask and the scales broadcast per 64-byte chunk (two blocks).
+
+QTokens quantize_tokens(const float* x, int64_t T, int64_t ldx, int64_t K) {
+  QTokens q{T, K, K / 64, std::vector<uint8_t>(T * K), std::vector<uint64_t>(T * (K / 64)),
+            std::vector<float>(T * (K / 64) * 16)};
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * ldx;
+    for (int64_t b = 0; b < K / 32; ++b) {
+      float amax = 0.f;
+      for (int64_t k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xt[b * 32 + k]));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      for (int64_t k = 0; k < 32; ++k) {
+        const int64_t i = b * 32 + k;
+        const float v = std::nearbyint(xt[i] * id);
+        q.mag[t * K + i] = static_cast<uint8_t>(std::fabs(v));
+        if (v < 0) q.neg[t * q.chunks + i / 64] |= uint64_t{1} << (i % 64);
+      }
+      for (int64_t j = 0; j < 8; ++j) q.scale[(t * q.chunks + b / 2) * 16 + (b % 2) * 8 + j] = d;
+    }
+  }
+  return q;
+}
+
+inline void dot4_vnni(const QTokens& q, int64_t t, int64_t chunks, const int8_t* w0, const int8_t* w1,
+                      const int8_t* w2, const int8_t* w3, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  const uint8_t* mag = q.mag.data() + t * q.K;
+  const int64_t ahead = 4 * (w1 - w0);  // the next group of rows
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512i xm = _mm512_loadu_si512(mag + c * 64);
+    const __mmask64 neg = static_cast<__mmask64>(q.neg[t * q.chunks + c]);
+    const __m512 sc = _mm512_loadu_ps(q.scale.data() + (t * q.chunks + c) * 16);
+    const int8_t* ws[4] = {w0 + c * 64, w1 + c * 64, w2 + c * 64, w3 + c * 64};
+    for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(ws[i] + ahead), _MM_HINT_T0);
+    __m512* acc[4] = {&a0, &a1, &a2, &a3};
+    for (int i = 0; i < 4; ++i) {
+      __m512i w = _mm512_loadu_si512(ws[i]);
+      w = _mm512_mask_sub_epi8(w, neg, zero, w);  // the sign of x moved onto w
+      const __m512i p = _mm512_dpbusd_epi32(zero, xm, w);  // lanes 0-7: block 2c, 8-15: block 2c+1
+      *acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, *acc[i]);
+    }
+  }
+  out[0] = _mm512_reduce_add_ps(a0);
+  out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2);
+  out[3] = _mm512_reduce_add_ps(a3);
+}
+#endif
+
+// Four rows against one token: out[i] = dot(xt, wi). The portable loop (the compiler vectorizes the
+// four reductions for the machine), and an AVX-512 one for fp32 rows.
 template <typename W>
-void rows_dot(const float* x, int64_t T, int64_t ldx, const W* w, int64_t ldw, int64_t K,
-              const float* scale, int64_t r0, int64_t r1, float* y, int64_t ldy) {
+inline void dot4(const float* xt, const W* w0, const W* w1, const W* w2, const W* w3, int64_t K, float* out) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<W, float>) {
+    if (K % 16 == 0) return dot4_avx512(xt, w0, w1, w2, w3, K, out);
+  }
+#endif
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t k = 0; k < K; ++k) {
+    const float xv = xt[k];
+    a0 += xv * static_cast<float>(w0[k]);
+    a1 += xv * static_cast<float>(w1[k]);
+    a2 += xv * static_cast<float>(w2[k]);
+    a3 += xv * static_cast<float>(w3[k]);
+  }
+  out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
+}
+
+template <typename W>
+inline float dot1(const float* xt, const W* w, int64_t K) {
+  float a = 0.f;
+#pragma omp simd reduction(+ : a)
+  for (int64_t k = 0; k < K; ++k) a += xt[k] * static_cast<float>(w[k]);
+  return a;
+}
+
+// y[t * ldy + r] = scale[r] * dot(x[t * ldx ..], w[r * ldw ..]) for rows r0..r1, tokens 0..T-1.
+// int8 rows of a width that is a multiple of 64 go through VNNI with the tokens quantized to Q8
+// (``q``, prepared once per call); everything else is exact fp32 arithmetic.
+template <typename W>
+void rows_dot(const float* x, int64_t T, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* scale,
+              int64_t r0, int64_t r1, float* y, int64_t ldy, const QTokens* q = nullptr, int64_t qt0 = 0) {
+  float out[4];
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
     const W* w0 = w + r * ldw;
-    const W* w1 = w0 + ldw;
-    const W* w2 = w1 + ldw;
-    const W* w3 = w2 + ldw;
     for (int64_t t = 0; t < T; ++t) {
-      const float* xt = x + t * ldx;
-      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-      for (int64_t k = 0; k < K; ++k) {
-        const float xv = xt[k];
-        a0 += xv * static_cast<float>(w0[k]);
-        a1 += xv * static_cast<float>(w1[k]);
-        a2 += xv * static_cast<float>(w2[k]);
-        a3 += xv * static_cast<float>(w3[k]);
-      }
-      float* yt = y + t * ldy + r;
-      if (scale) {
-        a0 *= scale[r]; a1 *= scale[r + 1]; a2 *= scale[r + 2]; a3 *= scale[r + 3];
-      }
-      yt[0] = a0; yt[1] = a1; yt[2] = a2; yt[3] = a3;
+#ifdef GASUNGBI_VNNI
+      if constexpr (std::is_same_v<W, int8_t>) {
+        if (q) {
+          dot4_vnni(*q, qt0 + t, K / 64, w0, w0 + ldw, w0 + 2 * ldw, w0 + 3 * ldw, out);
+        } else {
+          dot4(x + t * ldx, w0, w0 + ldw, w0 + 2 * ldw, w0 + 3 * ldw, K, out);
+        }
+      } else
+#endif
+      dot4(x + t * ldx, w0, w0 + ldw, w0 + 2 * ldw, w0 + 3 * ldw, K, out);
+      for (int i = 0; i < 4; ++i) y[t * ldy + r + i] = scale ? out[i] * scale[r + i] : out[i];
     }
   }
   for (; r < r1; ++r) {
-    const W* wr = w + r * ldw;
     for (int64_t t = 0; t < T; ++t) {
-      const float* xt = x + t * ldx;
-      float a = 0.f;
-#pragma omp simd reduction(+ : a)
-      for (int64_t k = 0; k < K; ++k) a += xt[k] * static_cast<float>(wr[k]);
+      float a;
+#ifdef GASUNGBI_VNNI
+      if (std::is_same_v<W, int8_t> && q) {
+        const int8_t* wr = reinterpret_cast<const int8_t*>(w + r * ldw);
+        dot4_vnni(*q, qt0 + t, K / 64, wr, wr, wr, wr, out);
+        a = out[0];
+      } else
+#endif
+      a = dot1(x + t * ldx, w + r * ldw, K);
       y[t * ldy + r] = scale ? a * scale[r] : a;
     }
   }
+}
+
+// The tokens quantized for VNNI when the weights are int8 rows of a width that is a multiple of 64.
+std::unique_ptr<QTokens> maybe_quantize(bool int8, const float* x, int64_t T, int64_t ldx, int64_t K) {
+#ifdef GASUNGBI_VNNI
+  if (int8 && K % 64 == 0) return std::make_unique<QTokens>(quantize_tokens(x, T, ldx, K));
+#endif
+  return nullptr;
 }
 
 // Rows per parallel chunk: enough bytes that a thread's share outweighs waking it.
@@ -102,109 +233,170 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, const c10::optional
       })
       AT_DISPATCH_CASE(at::kChar, [&] {
         const int8_t* wp = w.data_ptr<int8_t>();
+        const auto q = maybe_quantize(true, xp, M, K, K);
         at::parallel_for(0, N, grain(K), [&](int64_t r0, int64_t r1) {
-          rows_dot(xp, M, K, wp, K, K, s, r0, r1, yp, N);
+          rows_dot(xp, M, K, wp, K, K, s, r0, r1, yp, N, q.get());
         });
       }));
   return y;
 }
 
-// One matrix per expert, applied to the tokens that chose it: rows 0..R of expert u, tokens
-// [start[u], start[u+1]) of xs (ld = K), outputs into out (ld = R). Parallel over all (u, row).
-template <typename W>
-void per_expert(const std::vector<int64_t>& experts, const std::vector<int64_t>& start, const float* xs,
-                const W* w, int64_t expert_stride, const float* s, int64_t s_stride, int64_t R, int64_t K,
-                float* out) {
-  const int64_t U = static_cast<int64_t>(experts.size());
-  at::parallel_for(0, U * R, grain(K * static_cast<int64_t>(sizeof(W))), [&](int64_t b, int64_t e) {
-    while (b < e) {
-      const int64_t u = b / R, r0 = b % R, r1 = std::min(R, r0 + (e - b));
-      const int64_t ex = experts[u], t0 = start[u];
-      rows_dot(xs + t0 * K, start[u + 1] - t0, K, w + ex * expert_stride, K, K,
-               s ? s + ex * s_stride : nullptr, r0, r1, out + t0 * R, R);
-      b += r1 - r0;
-    }
-  });
+// One expert's work: its matrices (rows contiguous; routed experts point into the stacked tensors),
+// int8 scales or null, its width I and the pair slots [t0, t1) of the tokens it runs on.
+struct Job {
+  const void *gate, *up, *down;
+  const float *gs, *us, *ds;
+  int64_t I, t0, t1;
+};
+
+// Calls f(job, r0, r1) for the row ranges of a parallel chunk [b, e) over all jobs' rows laid end to
+// end (rows(job) of them each), so that every thread streams a contiguous share of the weights.
+template <typename Rows, typename F>
+void over_job_rows(const std::vector<Job>& jobs, const std::vector<int64_t>& first_row, Rows rows, int64_t b,
+                   int64_t e, F f) {
+  size_t j = std::upper_bound(first_row.begin(), first_row.end(), b) - first_row.begin() - 1;
+  while (b < e) {
+    const int64_t r0 = b - first_row[j], r1 = std::min(rows(jobs[j]), r0 + (e - b));
+    f(jobs[j], r0, r1);
+    b += r1 - r0;
+    ++j;
+  }
 }
 
 template <typename W>
-void experts_impl(const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down, const float* gs,
-                  const float* us, const float* ds, int64_t gs_stride, int64_t us_stride, int64_t ds_stride,
-                  const std::vector<int64_t>& experts, const std::vector<int64_t>& start, const float* xs,
-                  float* g, float* u, float* o, int64_t P, int64_t I, int64_t d) {
-  per_expert(experts, start, xs, gate.data_ptr<W>(), gate.stride(0), gs, gs_stride, I, d, g);
-  per_expert(experts, start, xs, up.data_ptr<W>(), up.stride(0), us, us_stride, I, d, u);
-  at::parallel_for(0, P * I, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+void run_jobs(const std::vector<Job>& jobs, const float* xs, int64_t d, int64_t ldh, float* g, float* u, float* o) {
+  std::vector<int64_t> first_row{0}, first_out{0};
+  for (const Job& jb : jobs) {
+    first_row.push_back(first_row.back() + jb.I);
+    first_out.push_back(first_out.back() + d);
+  }
+  const bool int8 = std::is_same_v<W, int8_t>;
+  bool whole_chunks = ldh % 64 == 0;
+  for (const Job& jb : jobs) whole_chunks = whole_chunks && jb.I % 64 == 0;
+  const int64_t slots = jobs.empty() ? 0 : jobs.back().t1;
+  const auto qx = maybe_quantize(int8, xs, slots, d, d);
+  // gate and up rows, then silu(gate) * up for those rows, in one pass over the rows
+  at::parallel_for(0, first_row.back(), grain(2 * d * static_cast<int64_t>(sizeof(W))), [&](int64_t b, int64_t e) {
+    over_job_rows(jobs, first_row, [](const Job& jb) { return jb.I; }, b, e, [&](const Job& jb, int64_t r0, int64_t r1) {
+      const int64_t T = jb.t1 - jb.t0;
+      rows_dot(xs + jb.t0 * d, T, d, static_cast<const W*>(jb.gate), d, d, jb.gs, r0, r1, g + jb.t0 * ldh, ldh,
+               qx.get(), jb.t0);
+      rows_dot(xs + jb.t0 * d, T, d, static_cast<const W*>(jb.up), d, d, jb.us, r0, r1, u + jb.t0 * ldh, ldh,
+               qx.get(), jb.t0);
+      for (int64_t t = jb.t0; t < jb.t1; ++t)
+        for (int64_t r = r0; r < r1; ++r) {
+          const float a = g[t * ldh + r];
+          g[t * ldh + r] = a / (1.f + std::exp(-a)) * u[t * ldh + r];
+        }
+    });
   });
-  per_expert(experts, start, g, down.data_ptr<W>(), down.stride(0), ds, ds_stride, d, I, o);
+  // down rows: out[slot] = down h[slot]
+  const auto qh = maybe_quantize(int8 && whole_chunks, g, slots, ldh, ldh);
+  at::parallel_for(0, first_out.back(), grain(ldh * static_cast<int64_t>(sizeof(W))), [&](int64_t b, int64_t e) {
+    over_job_rows(jobs, first_out, [d](const Job&) { return d; }, b, e, [&](const Job& jb, int64_t r0, int64_t r1) {
+      rows_dot(g + jb.t0 * ldh, jb.t1 - jb.t0, ldh, static_cast<const W*>(jb.down), jb.I, jb.I, jb.ds, r0, r1,
+               o + jb.t0 * d, d, qh.get(), jb.t0);
+    });
+  });
 }
 
-at::Tensor experts(const at::Tensor& x_, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
-                   const c10::optional<at::Tensor>& gate_s, const c10::optional<at::Tensor>& up_s,
-                   const c10::optional<at::Tensor>& down_s, const at::Tensor& idx_, const at::Tensor& weights_) {
+const float* opt_scale(const std::vector<at::Tensor>& t, size_t i) {
+  return t.size() == 6 ? t[i + 3].data_ptr<float>() : nullptr;
+}
+
+void check_mlp(const std::vector<at::Tensor>& t, int64_t d, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.size() == 3 || t.size() == 6, name, ": [gate, up, down] or [gate, up, down, gate_s, up_s, down_s]");
+  const int64_t I = t[0].size(-2);
+  TORCH_CHECK(t[0].size(-1) == d && t[1].sizes() == t[0].sizes() && t[2].size(-2) == d && t[2].size(-1) == I,
+              name, ": gate/up [.., I, d] and down [.., d, I] expected for d = ", d, ", got ", t[0].sizes(), ", ",
+              t[1].sizes(), ", ", t[2].sizes());
+  for (int i = 0; i < 3; ++i) {
+    check_weight(t[i], name);
+    TORCH_CHECK(t[i].scalar_type() == dtype, name, ": all weights must share one dtype");
+  }
+  TORCH_CHECK((dtype == at::kChar) == (t.size() == 6), name, ": int8 weights need scales, float32 ones none");
+  for (size_t i = 3; i < t.size(); ++i)
+    TORCH_CHECK(t[i].scalar_type() == at::kFloat && t[i].stride(-1) == 1, name, ": scales must be float32 rows");
+}
+
+at::Tensor experts(const at::Tensor& x_, const std::vector<at::Tensor>& routed, const std::vector<at::Tensor>& shared,
+                   const at::Tensor& idx_, const at::Tensor& weights_) {
   TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "experts: x must be float32 [M, d]");
-  TORCH_CHECK(gate.dim() == 3 && up.sizes() == gate.sizes() && down.dim() == 3 && down.size(0) == gate.size(0) &&
-              down.size(1) == gate.size(2) && down.size(2) == gate.size(1) && gate.size(2) == x_.size(1),
-              "experts: gate/up [E, I, d] and down [E, d, I] expected, got ", gate.sizes(), ", ", up.sizes(),
-              ", ", down.sizes(), " for x ", x_.sizes());
-  TORCH_CHECK(gate.scalar_type() == up.scalar_type() && gate.scalar_type() == down.scalar_type(),
-              "experts: gate, up and down must share a dtype");
-  check_weight(gate, "experts: gate");
-  check_weight(up, "experts: up");
-  check_weight(down, "experts: down");
+  const int64_t d = x_.size(1);
+  check_mlp(routed, d, routed.at(0).scalar_type(), "experts: routed");
+  TORCH_CHECK(routed[0].dim() == 3 && routed[2].dim() == 3, "experts: routed weights are stacked [E, .., ..]");
+  if (!shared.empty()) check_mlp(shared, d, routed[0].scalar_type(), "experts: shared");
   TORCH_CHECK(idx_.dim() == 2 && idx_.size(0) == x_.size(0) && weights_.sizes() == idx_.sizes(),
               "experts: idx and weights [M, K] expected");
   const at::Tensor x = x_.contiguous();
   const at::Tensor idx = idx_.to(at::kLong).contiguous();
   const at::Tensor weights = weights_.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), K = idx.size(1), E = gate.size(0), I = gate.size(1), d = gate.size(2);
-  const int64_t P = M * K;
-  // group the (token, choice) pairs by expert: pair slots [start[u], start[u+1]) go to experts[u]
+  const int64_t M = x.size(0), K = idx.size(1), E = routed[0].size(0), I = routed[0].size(1);
+  const int64_t P = M * K, S = shared.empty() ? 0 : M, Is = shared.empty() ? 0 : shared[0].size(0);
+  const size_t w = routed[0].element_size();
+  // pair slots grouped by expert, then the shared expert's M slots
   const int64_t* ip = idx.data_ptr<int64_t>();
-  std::vector<int64_t> count(E, 0), first(E, -1), experts_used, start{0}, pair_token(P), pair_choice(P);
+  std::vector<int64_t> count(E, 0), first(E, 0), slot_token(P + S), slot_weight(P + S);
   for (int64_t p = 0; p < P; ++p) {
     TORCH_CHECK(ip[p] >= 0 && ip[p] < E, "experts: expert id ", ip[p], " out of range [0, ", E, ")");
     ++count[ip[p]];
   }
-  std::vector<int64_t> fill(E, 0);
+  std::vector<Job> jobs;
+  int64_t next = 0;
+  const char* base[3] = {static_cast<const char*>(routed[0].data_ptr()), static_cast<const char*>(routed[1].data_ptr()),
+                         static_cast<const char*>(routed[2].data_ptr())};
   for (int64_t e = 0; e < E; ++e) {
     if (!count[e]) continue;
-    first[e] = start.back();
-    experts_used.push_back(e);
-    start.push_back(start.back() + count[e]);
+    first[e] = next;
+    const float* gs = opt_scale(routed, 0);
+    const float* us = opt_scale(routed, 1);
+    const float* ds = opt_scale(routed, 2);
+    jobs.push_back({base[0] + e * routed[0].stride(0) * w, base[1] + e * routed[1].stride(0) * w,
+                    base[2] + e * routed[2].stride(0) * w, gs ? gs + e * routed[3].stride(0) : nullptr,
+                    us ? us + e * routed[4].stride(0) : nullptr, ds ? ds + e * routed[5].stride(0) : nullptr,
+                    I, next, next + count[e]});
+    next += count[e];
   }
-  at::Tensor xs = at::empty({P, d}, x.options());
+  at::Tensor xs = at::empty({P + S, d}, x.options());
   float* xsp = xs.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
+  std::vector<int64_t> fill(E, 0);
   for (int64_t p = 0; p < P; ++p) {
     const int64_t e = ip[p], slot = first[e] + fill[e]++;
-    pair_token[slot] = p / K;
-    pair_choice[slot] = p;
+    slot_token[slot] = p / K;
+    slot_weight[slot] = p;
     std::copy(xp + (p / K) * d, xp + (p / K + 1) * d, xsp + slot * d);
   }
-  at::Tensor g = at::empty({P, I}, x.options()), u = at::empty({P, I}, x.options()), o = at::empty({P, d}, x.options());
-  const float* gs = scale_ptr(gate_s, gate, "experts: gate_s");
-  const float* us = scale_ptr(up_s, up, "experts: up_s");
-  const float* ds = scale_ptr(down_s, down, "experts: down_s");
-  const int64_t gss = gs ? gate_s->stride(0) : 0, uss = us ? up_s->stride(0) : 0, dss = ds ? down_s->stride(0) : 0;
-  if (gate.scalar_type() == at::kFloat) {
-    experts_impl<float>(gate, up, down, gs, us, ds, gss, uss, dss, experts_used, start, xsp,
-                        g.data_ptr<float>(), u.data_ptr<float>(), o.data_ptr<float>(), P, I, d);
-  } else {
-    experts_impl<int8_t>(gate, up, down, gs, us, ds, gss, uss, dss, experts_used, start, xsp,
-                         g.data_ptr<float>(), u.data_ptr<float>(), o.data_ptr<float>(), P, I, d);
+  if (S) {
+    jobs.push_back({shared[0].data_ptr(), shared[1].data_ptr(), shared[2].data_ptr(), opt_scale(shared, 0),
+                    opt_scale(shared, 1), opt_scale(shared, 2), Is, P, P + S});
+    for (int64_t m = 0; m < M; ++m) {
+      slot_token[P + m] = m;
+      slot_weight[P + m] = -1;
+      std::copy(xp + m * d, xp + (m + 1) * d, xsp + (P + m) * d);
+    }
   }
-  // combine in expert order per token (as the PyTorch reference does)
+  const int64_t ldh = std::max(I, Is);
+  at::Tensor g = at::zeros({P + S, ldh}, x.options()), u = at::empty({P + S, ldh}, x.options());
+  at::Tensor o = at::empty({P + S, d}, x.options());
+  if (routed[0].scalar_type() == at::kFloat)
+    run_jobs<float>(jobs, xsp, d, ldh, g.data_ptr<float>(), u.data_ptr<float>(), o.data_ptr<float>());
+  else
+    run_jobs<int8_t>(jobs, xsp, d, ldh, g.data_ptr<float>(), u.data_ptr<float>(), o.data_ptr<float>());
+  // combine: routed experts in expert order per token (as the PyTorch reference), then the shared one
   at::Tensor y = at::zeros({M, d}, x.options());
   float* yp = y.data_ptr<float>();
   const float* op = o.data_ptr<float>();
   const float* wp = weights.data_ptr<float>();
-  for (int64_t slot = 0; slot < P; ++slot) {
-    float* yt = yp + pair_token[slot] * d;
+  for (int64_t slot = 0; slot < P + S; ++slot) {
+    float* yt = yp + slot_token[slot] * d;
     const float* os = op + slot * d;
-    const float wt = wp[pair_choice[slot]];
-    for (int64_t j = 0; j < d; ++j) yt[j] += wt * os[j];
+    if (slot_weight[slot] < 0) {
+      for (int64_t j = 0; j < d; ++j) yt[j] += os[j];
+    } else {
+      const float wt = wp[slot_weight[slot]];
+      for (int64_t j = 0; j < d; ++j) yt[j] += wt * os[j];
+    }
   }
   return y;
 }
@@ -213,11 +405,22 @@ at::Tensor experts(const at::Tensor& x_, const at::Tensor& gate, const at::Tenso
 
 TORCH_LIBRARY(gasungbi, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? scale) -> Tensor");
-  m.def("experts(Tensor x, Tensor gate, Tensor up, Tensor down, Tensor? gate_s, Tensor? up_s, Tensor? down_s, "
-        "Tensor idx, Tensor weights) -> Tensor");
+  m.def("experts(Tensor x, Tensor[] routed, Tensor[] shared, Tensor idx, Tensor weights) -> Tensor");
+  m.def("q8_activations() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(gasungbi, CPU, m) {
   m.impl("linear", &linear);
   m.impl("experts", &experts);
+}
+
+// Whether int8 products quantize their tokens to Q8 (the VNNI path) on this build.
+TORCH_LIBRARY_IMPL(gasungbi, CompositeExplicitAutograd, m) {
+  m.impl("q8_activations", []() -> bool {
+#ifdef GASUNGBI_VNNI
+    return true;
+#else
+    return false;
+#endif
+  });
 }

@@ -15,7 +15,6 @@ and falls back.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import platform
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gasungbi.model.moe import Experts
+from gasungbi.model.moe import Experts, MoE
 
 SOURCE = Path(__file__).with_name("native.cpp")
 MAX_TOKENS = 16
@@ -34,10 +33,19 @@ MAX_TOKENS = 16
 (prefill, training) go to PyTorch's GEMM, which wins once the product is compute-bound."""
 
 
-@functools.cache
+_built: bool | None = None  # the outcome of available(), read by usable() (torch.compile traces it)
+
+
 def available() -> bool:
     """Build (once per source version and machine) and load the kernels; False when turned off or
     when the build fails (with a warning naming why)."""
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
+
+
+def _build() -> bool:
     if os.environ.get("GASUNGBI_NATIVE", "1") == "0":
         return False
     try:
@@ -64,18 +72,25 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("gasungbi::experts")
-    def _(x, gate, up, down, gate_s, up_s, down_s, idx, weights):
+    def _(x, routed, shared, idx, weights):
         return x.new_empty(x.shape)
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a product of ``x`` [M, K] with ``weights`` goes native: inference, CPU, fp32 tokens,
-    at most :data:`MAX_TOKENS` of them, plain (not distributed) fp32 or int8 weights."""
+    at most :data:`MAX_TOKENS` of them, plain (not distributed) fp32 or int8 weights on the CPU."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= MAX_TOKENS
+            and all(w.device.type == "cpu" for w in weights)
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
             and all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype in (torch.float32, torch.int8)
                     for w in weights)
-            and available())
+            and (_built if _built is not None else available()))
+
+
+def q8_activations() -> bool:
+    """Whether int8 products quantize their tokens per block of 32 to int8 (the AVX512-VNNI path,
+    llama.cpp's Q8_0 arithmetic) rather than multiply fp32 tokens by the int8 weights."""
+    return bool(torch.ops.gasungbi.q8_activations())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,12 +98,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
     return torch.ops.gasungbi.linear(x, w, scale)
 
 
-def experts(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, idx: torch.Tensor,
-            weights: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Routed SwiGLU experts for a few tokens (see native.cpp): x [M, d], gate/up [E, I, d], down
-    [E, d, I], idx/weights [M, K] -> [M, d] fp32; ``scales`` (gate, up, down) for int8 weights."""
-    gs, us, ds = scales if scales is not None else (None, None, None)
-    return torch.ops.gasungbi.experts(x, gate, up, down, gs, us, ds, idx, weights)
+def experts(x: torch.Tensor, routed: list[torch.Tensor], shared: list[torch.Tensor], idx: torch.Tensor,
+            weights: torch.Tensor) -> torch.Tensor:
+    """DeepSeekMoE's FFN for a few tokens (see native.cpp): x [M, d]; ``routed`` stacked [gate
+    [E, I, d], up [E, I, d], down [E, d, I]] (+ their scales for int8), ``shared`` the same for the
+    shared expert unstacked, or []; idx/weights [M, K] -> [M, d] fp32."""
+    return torch.ops.gasungbi.experts(x, routed, shared, idx, weights)
 
 
 class NativeLinear(nn.Linear):
@@ -102,25 +117,56 @@ class NativeLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-class NativeExperts(Experts):
-    """Routed experts whose few-token inference runs natively (same parameters)."""
+def moe_tensors(moe: MoE) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The routed and shared experts' tensors as the native kernel takes them (fp32, or int8 with
+    fp32 scales), or None when they are in another form (int4, mixed, not prepared)."""
+    from gasungbi.infer.quant import QuantExperts, QuantMLP
 
-    def forward(self, x, idx, weights, counts):
-        if not usable(x, self.gate_proj, self.up_proj, self.down_proj):
-            return super().forward(x, idx, weights, counts)
-        return experts(x, self.gate_proj, self.up_proj, self.down_proj, idx, weights)
+    ex, sh = moe.experts, moe.shared_experts
+    if type(ex) is Experts:
+        routed = [ex.gate_proj, ex.up_proj, ex.down_proj]
+    elif isinstance(ex, QuantExperts) and ex.stacked is not None:
+        routed = [*ex.stacked[0], *ex.stacked[1]]
+    else:
+        return None
+    if sh is None:
+        shared = []
+    elif isinstance(sh, QuantMLP):
+        gu, down = sh.gate_up, sh.down
+        if gu.s32 is None or down.s32 is None:
+            return None
+        inter = gu.w.shape[0] // 2
+        shared = [gu.w[:inter], gu.w[inter:], down.w, gu.s32[:inter], gu.s32[inter:], down.s32]
+    else:
+        shared = [sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight]
+    if any(t.dtype != routed[0].dtype for t in shared[:3]):
+        return None
+    return routed, shared
+
+
+class NativeMoE(MoE):
+    """A DeepSeekMoE layer whose few-token inference (router in PyTorch, then every chosen and
+    shared expert in one native call) skips the sorted dispatch; same parameters."""
+
+    def forward(self, x: torch.Tensor, *, stats=None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        tensors = moe_tensors(self) if stats is None else None
+        if tensors is None or not usable(flat, *tensors[0], *tensors[1]):
+            return super().forward(x, stats=stats)
+        weights, idx, _ = self.gate(flat)
+        return experts(flat, *tensors, idx, weights).view(x.shape).to(x.dtype)
 
 
 def accelerate(model: nn.Module) -> nn.Module:
     """Route ``model``'s small-batch inference products to the native kernels, in place: every
-    ``nn.Linear`` becomes a :class:`NativeLinear` and the routed experts a native-dispatching
-    subclass (same parameters and state dict; other inputs take the PyTorch path). Returns the
+    ``nn.Linear`` becomes a :class:`NativeLinear` and every MoE layer a :class:`NativeMoE` (same
+    parameters and state dict; other inputs take the PyTorch path). Returns the
     model; a no-op when the kernels are unavailable."""
     if not available():
         return model
     for m in model.modules():
         if type(m) is nn.Linear:
             m.__class__ = NativeLinear
-        elif type(m) is Experts:
-            m.__class__ = NativeExperts
+        elif type(m) is MoE:
+            m.__class__ = NativeMoE
     return model

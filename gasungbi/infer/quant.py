@@ -310,7 +310,7 @@ class QuantExperts(nn.Module):
         down_q = _aligned(down[0].to(device)) if down_mode == "int8" else down[0]
         self.down = [_Weight(down_mode, q, s, device) for q, s in zip(down_q, down[1])]
         _kernel_buffers(self, self.gate_up + self.down)
-        self.stacked = None  # int8 on CPU: the stacked tensors of the native experts kernel
+        self.stacked = None  # int8 on CPU: the stacked tensors of the native experts kernel (native.NativeMoE)
         if self.gate_up[0].s32 is not None and self.down[0].s32 is not None:
             inter = gu_q.shape[1] // 2
             gu_s, down_s = gu_s.to(device, torch.float32), down[1].to(device, torch.float32)
@@ -319,10 +319,6 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
-        if self.stacked is not None and native.usable(x, self.stacked[0][0]):
-            (gate, up, down), scales = self.stacked
-            return native.experts(x, gate, up, down, idx, weights, scales)
-
         def expert(e: int, xc: torch.Tensor) -> torch.Tensor:
             return _swiglu(self.gate_up[e], self.down[e], xc).to(x.dtype)
 
