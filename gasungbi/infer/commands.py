@@ -27,6 +27,7 @@ class ModelArgs:
     quant: Literal["int8", "int4"] | None = None  # quantize the weights on load (weight-only; gasungbi quantize saves them)
     group_size: int = 128  # int4 group size
     experts_device: str | None = None  # keep routed experts here (e.g. cpu: system RAM), the rest on --device
+    compile: bool = False  # compile the decode step (torch.compile: seconds per batch shape, then faster steps)
 
     def load(self):
         """The model (memory per device reported on stderr first); a bad checkpoint or device is a
@@ -147,7 +148,7 @@ def generate_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[Sampling
     try:
         s = stream(m, prompts, max_new_tokens=max_new_tokens, sampling=params, stop_strings=list(sampling.stop),
                    stop_tokens=conv.eos_ids if conv is not None and conv.eos_ids else None,
-                   tokenizer=tokenizer, add_bos=bos, speculative=sampling.speculative)
+                   tokenizer=tokenizer, add_bos=bos, speculative=sampling.speculative, compile=model.compile)
     except ValueError as e:
         raise UserError(str(e)) from None
     single = len(prompts) == 1
@@ -213,7 +214,8 @@ def chat_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs
             # the checkpoint's template; the person typing writes every turn, so special tokens stay special
             ids = conv.chat_ids(messages, content_as_text=False)
             s = stream(m, [ids], max_new_tokens=max_new_tokens, sampling=params, stop_tokens=conv.stop_ids,
-                       stop_strings=list(sampling.stop), tokenizer=conv.tokenizer, speculative=sampling.speculative)
+                       stop_strings=list(sampling.stop), tokenizer=conv.tokenizer, speculative=sampling.speculative,
+                       compile=model.compile)
         except ContextLengthError as e:
             messages.pop()
             print(f"(the conversation no longer fits: {e}; /reset to start over)", file=sys.stderr)

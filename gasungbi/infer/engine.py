@@ -38,6 +38,8 @@ On CPU the engine routes the small products of a step to native kernels
 
 from __future__ import annotations
 
+import types
+import weakref
 from typing import Sequence
 
 import torch
@@ -104,6 +106,42 @@ def decode_logits(model, ids, view, slots, pad) -> torch.Tensor:
     return model.lm_head(forward_step(model, ids, view, slots, pad, True)[:, -1])
 
 
+class CompiledStep:
+    """:func:`decode_logits` compiled for one model, as a copy with its own code object (torch.compile
+    keeps its graphs per code object, so they are this model's alone), shared by all the engines
+    of that model. A step of a shape compiled before skips re-checking the guards, which cannot
+    differ between calls (same model, dtypes and devices; the shapes are the key here)."""
+
+    def __init__(self):
+        fn = types.FunctionType(decode_logits.__code__.replace(), decode_logits.__globals__, "decode_logits")
+        self.fn = torch.compile(fn, dynamic=False)
+        self.shapes: set[tuple[int, ...]] = set()
+
+    MAX_SHAPES = 8
+    """Shapes (rows, tokens, window) compiled at most; steps of further shapes run eagerly."""
+
+    def __call__(self, model, ids, view, slots, pad):
+        key = (*ids.shape, view.layers[0][0].shape[1])
+        if key not in self.shapes:  # first call of a shape: compile (guards checked)
+            if len(self.shapes) >= self.MAX_SHAPES:
+                return decode_logits(model, ids, view, slots, pad)
+            out = self.fn(model, ids, view, slots, pad)
+            self.shapes.add(key)
+            return out
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return self.fn(model, ids, view, slots, pad)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model) -> CompiledStep:
+    """The model's compiled step (made at first use)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = CompiledStep()
+    return _COMPILED[model]
+
+
 class Engine:
     """R cache rows of ``max_len`` slots, a shared clock, and the step function.
 
@@ -121,7 +159,8 @@ class Engine:
         self.clock = 0
         self.pads: list[int] = []  # per running row: its first real slot
         self.moves = 0  # how many times the batch was moved (a copy of the cache window)
-        self._decode = torch.compile(decode_logits, dynamic=False) if compile else decode_logits
+        self._views: dict[tuple[int, int, int], CacheView] = {}
+        self._decode = compiled_step(model) if compile else decode_logits
 
     @property
     def size(self) -> int:
@@ -140,9 +179,13 @@ class Engine:
         return min(w, self.max_len)
 
     def view(self, lo: int, hi: int, end: int) -> CacheView:
+        """Rows lo..hi-1 and the window for slots up to ``end`` (views kept per shape: a step makes none)."""
         if end > self.max_len:
             raise ValueError(f"slot {end} is past the cache length {self.max_len}")
-        return CacheView(self.cache, lo, hi, self.window(end))
+        key = (lo, hi, self.window(end))
+        if key not in self._views:
+            self._views[key] = CacheView(self.cache, *key)
+        return self._views[key]
 
     def fits(self, lengths: Sequence[int]) -> bool:
         """Whether prompts of ``lengths`` can join now: free rows, and each prompt shorter than

@@ -96,7 +96,7 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
     max_len = min(max_len or min(cfg.max_position_embeddings, 4096), cfg.max_position_embeddings)
     if max_len < 2:
         raise UserError(f"--max-len must be >= 2, got {max_len}")
-    scheduler = Scheduler(net, max_batch, max_len, max_queue, max_prefill_tokens)
+    scheduler = Scheduler(net, max_batch, max_len, max_queue, max_prefill_tokens, compile=model.compile)
     scheduler.warmup()
     name = model_name or Path(model.checkpoint).resolve().name
     app = create_app(scheduler, conventions.tokenizer,

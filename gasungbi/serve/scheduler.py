@@ -131,11 +131,11 @@ class Scheduler:
     """
 
     def __init__(self, model, max_batch: int = 16, max_len: int | None = None, max_queue: int = 64,
-                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None):
+                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None, compile: bool = False):
         self.model = model
         self.device, _ = model_device_dtype(model)
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        self.batch = Engine(model, max_batch, self.max_len)
+        self.batch = Engine(model, max_batch, self.max_len, compile=compile)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
         self.metrics = metrics or Metrics()
         self.waiting: deque[Sequence] = deque()

@@ -442,23 +442,22 @@ def _val_text(row: dict) -> str:
 
 
 def _sample(model, tc: TrainConfig) -> str:
-    """Greedy continuation of ``tc.sample_prompt`` with the run's tokenizer (a quick look)."""
+    """Greedy continuation of ``tc.sample_prompt`` with the run's tokenizer (a quick look), on the
+    decode engine."""
     from gasungbi.data.tokenizer import load_tokenizer
+    from gasungbi.infer.generate import generate
 
     tok = load_tokenizer(tc.tokenizer_dir)
     prompt = tok.encode(tc.sample_prompt).ids
     ids = ([model.config.bos_token_id] if model.config.bos_token_id is not None else []) + prompt
+    room = model.config.max_position_embeddings - len(ids)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        x = torch.tensor([ids], device=model.lm_head.weight.device)
-        for _ in range(tc.sample_tokens):
-            nxt = model(x[:, -tc.seq_len:])[:, -1].argmax(-1, keepdim=True)
-            x = torch.cat([x, nxt], dim=1)
-            if nxt.item() == model.config.eos_token_id:
-                break
-    model.train(was_training)
-    return tok.decode(x[0, len(ids) - len(prompt):].tolist())  # the prompt and its continuation
+    try:
+        [out] = generate(model, [ids], max_new_tokens=max(1, min(tc.sample_tokens, room)), add_bos=False)
+    finally:
+        model.train(was_training)
+    return tok.decode(prompt + out.tokens)  # the prompt and its continuation
 
 
 class _Logger:
