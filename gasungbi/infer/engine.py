@@ -112,9 +112,12 @@ class CompiledStep:
     of that model. A step of a shape compiled before skips re-checking the guards, which cannot
     differ between calls (same model, dtypes and devices; the shapes are the key here)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         fn = types.FunctionType(decode_logits.__code__.replace(), decode_logits.__globals__, "decode_logits")
-        self.fn = torch.compile(fn, dynamic=False)
+        if device.type == "cuda":  # CUDA graphs replay the step (not measured yet: no GPU here)
+            self.fn = torch.compile(fn, dynamic=False, mode="reduce-overhead")
+        else:
+            self.fn = torch.compile(fn, dynamic=False)
         self.shapes: set[tuple[int, ...]] = set()
 
     MAX_SHAPES = 8
@@ -128,9 +131,26 @@ class CompiledStep:
             out = self.fn(model, ids, view, slots, pad)
             self.shapes.add(key)
             return out
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        prior = _set_stance(_SKIP_GUARDS)
+        try:
             return self.fn(model, ids, view, slots, pad)
+        finally:
+            _set_stance(prior)
 
+
+try:  # torch.compiler.set_stance's own switch: the public context manager costs ~120 us a call here
+    from torch._dynamo.eval_frame import DynamoStance, _set_stance
+
+    _SKIP_GUARDS = DynamoStance("default", skip_guard_eval_unsafe=True)
+except ImportError:  # another torch: the public API
+    _SKIP_GUARDS = None
+
+    def _set_stance(stance):
+        if stance is _SKIP_GUARDS:
+            ctx = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            ctx.__enter__()
+            return ctx
+        stance.__exit__(None, None, None)
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -138,7 +158,7 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def compiled_step(model) -> CompiledStep:
     """The model's compiled step (made at first use)."""
     if model not in _COMPILED:
-        _COMPILED[model] = CompiledStep()
+        _COMPILED[model] = CompiledStep(model_device_dtype(model)[0])
     return _COMPILED[model]
 
 
