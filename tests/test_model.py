@@ -7,6 +7,7 @@ import torch
 
 from gasungbi.config import PRESETS, ModelConfig, from_hf_config, get_preset, to_hf_config
 from gasungbi.infer.cache import KVCache
+from gasungbi.infer.engine import CacheView, forward_step
 from gasungbi.model.accounting import count_params, training_flops_per_token
 from gasungbi.model.attention import DecodeContext
 from gasungbi.model.moe import MoE, RoutingStats
@@ -93,12 +94,14 @@ def test_latent_cache_decode_equals_full_forward(model):
     x = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         full = model(x)
+        pad = torch.zeros(2, dtype=torch.long)
         for absorb in (False, True):
             cache = KVCache(cfg, batch_size=2, max_len=16)
-            steps = [model(x[:, :7], ctx=DecodeContext(cache, 0, absorb=absorb))]
+            view = CacheView(cache, 0, 2, 16)
+            steps = [forward_step(model, x[:, :7], view, torch.arange(7), pad, absorb)]
             for t in range(7, 12):
-                steps.append(model(x[:, t:t + 1], ctx=DecodeContext(cache, t, absorb=absorb)))
-            assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
+                steps.append(forward_step(model, x[:, t:t + 1], view, torch.arange(t, t + 1), pad, absorb))
+            assert (model.lm_head(torch.cat(steps, dim=1)) - full).abs().max().item() < 1e-5
     latent, rope_key = cache.layers[0]
     assert latent.shape == (2, 16, cfg.kv_lora_rank)  # only the latent ...
     assert rope_key.shape == (2, 16, cfg.qk_rope_head_dim)  # ... and the shared rope key
@@ -199,7 +202,7 @@ def test_inference_leaves_no_state_on_the_model(model):
     with torch.no_grad():
         first = model(x)
         cache = KVCache(model.config, batch_size=2, max_len=9)
-        model(x, ctx=DecodeContext(cache, 0, pad=torch.tensor([0, 2]), absorb=True))
+        forward_step(model, x, CacheView(cache, 0, 2, 9), torch.arange(9), torch.tensor([0, 2]), True)
         model.mtp_hidden(model.hidden_states(x), x)
         assert torch.equal(model(x), first)
     after = model.state_dict() | dict(model.named_buffers())

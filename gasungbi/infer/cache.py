@@ -1,4 +1,4 @@
-"""Preallocated KV caches, written in place (as gpt-fast does) and read back as views.
+"""Preallocated KV caches, written in place (as gpt-fast does) by the decode engine.
 
 For MLA the cache holds only what the absorbed attention needs per token and layer: the
 compressed latent c^KV (kv_lora_rank) and the shared rotated key k^R (qk_rope_head_dim); for the
@@ -14,8 +14,8 @@ from gasungbi.config import ModelConfig
 
 class KVCache:
     """Per-layer pairs of buffers of shape [batch, max_len, ...]: ``layers[i]`` is (latent c^KV, rope key
-    k^R) for MLA, (K, V) for GQA (``names`` says which). ``update`` writes positions
-    ``start_pos .. start_pos+T-1`` and returns positions ``0 .. start_pos+T-1``."""
+    k^R) for MLA, (K, V) for GQA (``names`` says which). The decode engine writes and reads them
+    through :class:`~gasungbi.infer.engine.CacheView`."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
@@ -31,16 +31,6 @@ class KVCache:
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
             tuple(torch.zeros(batch_size, max_len, *shape, device=device, dtype=dtype) for shape in shapes)
             for _ in range(n_layers)]
-
-    def update(self, layer_idx: int, first: torch.Tensor, second: torch.Tensor, start_pos: int):
-        """Write (latent, rope key) or (K, V) [B, T, ...] at ``start_pos``; return slots 0..start_pos+T-1."""
-        end = start_pos + first.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache length {self.max_len}")
-        A, B = self.layers[layer_idx]
-        A[:, start_pos:end] = first
-        B[:, start_pos:end] = second
-        return A[:, :end], B[:, :end]
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, include_mtp: bool = False) -> int:

@@ -119,27 +119,20 @@ class NativeLinear(nn.Linear):
 
 def moe_tensors(moe: MoE) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """The routed and shared experts' tensors as the native kernel takes them (fp32, or int8 with
-    fp32 scales), or None when they are in another form (int4, mixed, not prepared)."""
-    from gasungbi.infer.quant import QuantExperts, QuantMLP
-
+    fp32 scales: quantized modules say through ``native_tensors()``), or None when they are in
+    another form (int4, mixed, distributed)."""
     ex, sh = moe.experts, moe.shared_experts
     if type(ex) is Experts:
         routed = [ex.gate_proj, ex.up_proj, ex.down_proj]
-    elif isinstance(ex, QuantExperts) and ex.stacked is not None:
-        routed = [*ex.stacked[0], *ex.stacked[1]]
     else:
-        return None
+        routed = ex.native_tensors() if hasattr(ex, "native_tensors") else None
     if sh is None:
         shared = []
-    elif isinstance(sh, QuantMLP):
-        gu, down = sh.gate_up, sh.down
-        if gu.s32 is None or down.s32 is None:
-            return None
-        inter = gu.w.shape[0] // 2
-        shared = [gu.w[:inter], gu.w[inter:], down.w, gu.s32[:inter], gu.s32[inter:], down.s32]
+    elif hasattr(sh, "native_tensors"):
+        shared = sh.native_tensors()
     else:
         shared = [sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight]
-    if any(t.dtype != routed[0].dtype for t in shared[:3]):
+    if routed is None or shared is None or any(t.dtype != routed[0].dtype for t in shared[:3]):
         return None
     return routed, shared
 

@@ -281,6 +281,14 @@ class QuantMLP(nn.Module):
         del self.gate_proj, self.up_proj, self.down_proj
         _kernel_buffers(self, [self.gate_up, self.down])
 
+    def native_tensors(self) -> list[torch.Tensor] | None:
+        """[gate, up, down, their fp32 scales] for the native experts kernel (int8 on CPU), else None."""
+        gu, down = self.gate_up, self.down
+        if gu.s32 is None or down.s32 is None:
+            return None
+        inter = gu.w.shape[0] // 2
+        return [gu.w[:inter], gu.w[inter:], down.w, gu.s32[:inter], gu.s32[inter:], down.s32]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         y = _swiglu(self.gate_up, self.down, flat if self.gate_up.native(flat) else flat.to(_COMPUTE))
@@ -316,6 +324,10 @@ class QuantExperts(nn.Module):
             gu_s, down_s = gu_s.to(device, torch.float32), down[1].to(device, torch.float32)
             self.stacked = ((gu_q[:, :inter], gu_q[:, inter:], down_q),
                             (gu_s[:, :inter], gu_s[:, inter:], down_s.contiguous()))
+
+    def native_tensors(self) -> list[torch.Tensor] | None:
+        """The stacked [gate, up, down, their fp32 scales] for the native kernel (int8 on CPU), else None."""
+        return None if self.stacked is None else [*self.stacked[0], *self.stacked[1]]
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:

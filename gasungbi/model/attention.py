@@ -13,8 +13,10 @@ Two computations of the same function:
 Training calls ``attn(x, cos, sin)``. Inference passes the state of its forward as one
 :class:`DecodeContext`: a cache, when given, is any object with ``update(layer_idx, latent,
 rope_key, start_pos) -> (latent_all, rope_key_all)`` for MLA, or the same with ``(k, v)`` for GQA
-(see ``gasungbi.infer.cache``). Batches of prompts of different lengths are left-padded: the model
-passes per-row positions (cos/sin [B, T, d/2]) and a [B, 1, T, S] mask from :func:`padded_causal_mask`.
+(the decode engine's ``gasungbi.infer.engine.CacheView``: ``start_pos`` is then the tokens' slots
+[T], and the keys returned are a fixed window that the mask limits). Batches of prompts of
+different lengths are left-padded: the model gets per-row positions (cos/sin [B, T, d/2]) and a
+[B, 1, T, S] mask, both computed by the caller (the engine's ``step_mask``).
 """
 
 from __future__ import annotations
@@ -122,19 +124,6 @@ def causal_mask(t: int, s: int, start_pos: int, device: torch.device) -> torch.T
     return torch.arange(s, device=device)[None, :] <= q
 
 
-def padded_causal_mask(t: int, s: int, start_pos: int, pad: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, t, s] mask for left-padded rows: row b's first ``pad[b]`` slots are padding.
-
-    A query sees the causal keys that are not padding, and always its own slot, so that the
-    outputs of padding queries stay finite (they are never read, but their latents are cached).
-    """
-    causal = causal_mask(t, s, start_pos, pad.device)  # (t, s)
-    slots = torch.arange(s, device=pad.device)
-    real_key = slots[None, :] >= pad[:, None]  # (B, s)
-    own = slots[None, :] == (torch.arange(t, device=pad.device)[:, None] + start_pos)  # (t, s)
-    return ((causal[None] & real_key[:, None, :]) | own[None])[:, None]
-
-
 @dataclass(frozen=True)
 class DecodeContext:
     """The inference state of one forward; training passes none (no cache, causal, naive MLA).
@@ -142,15 +131,13 @@ class DecodeContext:
     ``cache``: the object the attention writes its keys into and reads all cached ones from
     (``update``, see the module docstring); ``start_pos``: the cache slot of the first token, or
     the slots of all T tokens as a tensor [T] (the decode engine's fixed-shape step);
-    ``pad``: [B] left-padding slots per row; ``absorb``: the absorbed MLA computation (V2 Sec.
-    2.1.2) instead of the naive one; ``mask``: boolean [B, 1, T, S] (True = attend), filled in by
-    the model from ``pad``, default causal; ``positions``: [B, T] token positions, given together
-    with ``mask`` by a caller that computes both (then ``pad`` is unused).
+    ``absorb``: the absorbed MLA computation (V2 Sec. 2.1.2) instead of the naive one; ``mask``:
+    boolean [B, 1, T, S] (True = attend), default causal; ``positions``: [B, T] token positions
+    (left-padded rows: slot - padding), default the slots.
     """
 
     cache: Any = None
     start_pos: int | torch.Tensor = 0
-    pad: torch.Tensor | None = None
     absorb: bool = False
     mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None

@@ -15,13 +15,11 @@ after its final norm.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
 from gasungbi.config import ModelConfig
-from gasungbi.model.attention import GQA, MLA, DecodeContext, RotaryEmbedding, padded_causal_mask, rope_frequencies
+from gasungbi.model.attention import GQA, MLA, DecodeContext, RotaryEmbedding, rope_frequencies
 from gasungbi.model.layers import MLP, RMSNorm
 from gasungbi.model.moe import Experts, MoE, Router, RoutingStats
 
@@ -126,24 +124,19 @@ class Transformer(nn.Module):
                       stats: RoutingStats | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, d] for tokens at cache slots ctx.start_pos..
 
-        ``ctx.pad``: optional [B] count of left-padding slots per row (a batch of prompts of
-        different lengths). Row b's token in slot s then has position s - pad[b], and padding slots
-        are masked out as keys; without it, position = slot. ``stats`` collects the MoE layers'
-        routing statistics (training).
+        ``ctx.positions`` [B, T] and ``ctx.mask`` place left-padded rows (the decode engine computes
+        both); without them, position = slot and attention is causal. ``stats`` collects the MoE
+        layers' routing statistics (training).
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor of shape [batch, seq], "
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
-        start_pos = ctx.start_pos if ctx is not None else 0
         if ctx is not None and ctx.positions is not None:
             positions = ctx.positions
         else:
+            start_pos = ctx.start_pos if ctx is not None else 0
             positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
-        if ctx is not None and ctx.pad is not None and ctx.positions is None:
-            positions = (positions[None, :] - ctx.pad[:, None]).clamp(min=0)  # (B, T)
-            mask = padded_causal_mask(T, start_pos + T, start_pos, ctx.pad)  # (B, 1, T, S)
-            ctx = dataclasses.replace(ctx, mask=mask)
         cos, sin = self.model.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
