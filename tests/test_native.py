@@ -124,6 +124,6 @@ def test_compiled_step_gives_the_eager_tokens(one_thread):
     compiled = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
     assert [c.tokens for c in compiled] == [c.tokens for c in eager]
     shapes = set(compiled_step(model).shapes)
-    assert shapes == {(2, 1, 64), (2, 1, 75)}  # windows: 64, then the cache length (5 + 70)
+    assert {key[:3] for key in shapes} == {(2, 1, 64), (2, 1, 75)}  # windows: 64, then the cache length (5 + 70)
     again = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
     assert [c.tokens for c in again] == [c.tokens for c in eager] and compiled_step(model).shapes == shapes

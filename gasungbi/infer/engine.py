@@ -118,39 +118,41 @@ class CompiledStep:
             self.fn = torch.compile(fn, dynamic=False, mode="reduce-overhead")
         else:
             self.fn = torch.compile(fn, dynamic=False)
-        self.shapes: set[tuple[int, ...]] = set()
+        self.shapes: set[tuple] = set()
 
     MAX_SHAPES = 8
     """Shapes (rows, tokens, window) compiled at most; steps of further shapes run eagerly."""
 
     def __call__(self, model, ids, view, slots, pad):
-        key = (*ids.shape, view.layers[0][0].shape[1])
+        cache = view.layers[0][0]
+        key = (*ids.shape, cache.shape[1], cache.dtype, cache.device)
         if key not in self.shapes:  # first call of a shape: compile (guards checked)
             if len(self.shapes) >= self.MAX_SHAPES:
                 return decode_logits(model, ids, view, slots, pad)
             out = self.fn(model, ids, view, slots, pad)
             self.shapes.add(key)
             return out
-        prior = _set_stance(_SKIP_GUARDS)
-        try:
+        with skipping_guards():
             return self.fn(model, ids, view, slots, pad)
-        finally:
-            _set_stance(prior)
 
 
-try:  # torch.compiler.set_stance's own switch: the public context manager costs ~120 us a call here
+try:  # the switch under torch.compiler.set_stance, whose context manager costs ~120 us a call here
     from torch._dynamo.eval_frame import DynamoStance, _set_stance
 
-    _SKIP_GUARDS = DynamoStance("default", skip_guard_eval_unsafe=True)
-except ImportError:  # another torch: the public API
-    _SKIP_GUARDS = None
+    class skipping_guards:
+        """``torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)``, cheaply."""
 
-    def _set_stance(stance):
-        if stance is _SKIP_GUARDS:
-            ctx = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-            ctx.__enter__()
-            return ctx
-        stance.__exit__(None, None, None)
+        STANCE = DynamoStance("default", skip_guard_eval_unsafe=True)
+
+        def __enter__(self):
+            self.prior = _set_stance(self.STANCE)
+
+        def __exit__(self, *exc):
+            _set_stance(self.prior)
+except ImportError:  # another torch: the public API
+    def skipping_guards():
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
