@@ -28,14 +28,32 @@ def write_text(dest: str | os.PathLike, text: str, fsync: bool = False) -> Path:
 
 
 def write_dir(dest: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp_dir)`` on a fresh ``.NAME.tmp`` folder beside ``dest``, then put it in place of
-    ``dest`` (an existing ``dest`` is removed first: the one non-atomic instant)."""
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """Call ``write(tmp_dir)`` on a fresh :func:`tmp_dir` beside ``dest``, then :func:`replace_dir`."""
+    tmp = fresh_dir(tmp_dir(dest))
     write(tmp)
+    return replace_dir(tmp, dest)
+
+
+def tmp_dir(dest: str | os.PathLike) -> Path:
+    """The temporary folder that is filled before it becomes ``dest``: ``.NAME.tmp`` beside it (the
+    processes of a distributed save all write there, one of them renames it)."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.name}.tmp")
+
+
+def fresh_dir(path: str | os.PathLike) -> Path:
+    """``path`` as an empty folder (what a crash left there is removed)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def replace_dir(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Put the finished folder ``tmp`` in place of ``dest`` (an existing ``dest`` is removed first:
+    the one non-atomic instant)."""
+    dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "weight-only int8/int4 quantization of a checkpoint, saved for generate/chat"),
     "serve": ("gasungbi.serve.commands:serve_cmd",
               "OpenAI-compatible HTTP server with continuous batching, streaming and a chat page"),
+    "export-hf": ("gasungbi.train.commands:export_hf_cmd",
+                  "a training checkpoint (sharded under torchrun) in the Hugging Face layout"),
     "export": ("gasungbi.interop.commands:export_cmd",
                "export a checkpoint for llama.cpp and Ollama (GGUF, with an Ollama Modelfile)"),
     "plan": ("gasungbi.plan.commands:PLAN", "hardware and cost planner: plan train | serve | here | model | backtest"),

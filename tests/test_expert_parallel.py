@@ -1,19 +1,22 @@
 """Expert parallelism under torchrun on CPU (gloo): ``--expert-parallel 2`` on 2 processes (EP 2)
 and on 4 (EP 2 x DP 2), with DDP or FSDP2 for the other parameters, follows the single-process
 run with the same global batch: per-step losses within 1e-5 relative over 20 steps (measured
-1.6e-7) and the same weights after training (measured < 1e-6). Checkpoints hold the full model
-and full optimizer state, so a run moves between 1 process and EP 2 at a checkpoint.
+1.6e-7) and the same weights after training (measured < 1e-6). A run moves between 1 process and
+EP 2 at a checkpoint: torchrun writes sharded checkpoints (each rank its expert slices, nothing
+gathered), which resume on the same layout bit for bit and on 1 process or EP 2 x DP 2 within the
+tolerance; ``gasungbi export-hf`` turns them into the Hugging Face layout.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
-
 
 REL = 1e-5
 STEPS = 20
@@ -80,6 +83,59 @@ def test_checkpoints_move_between_one_process_and_expert_parallel(code_shards, s
     _run(_args(code_shards, tmp_path, "--resume", "--stop-after", "14"))
     _run(_args(code_shards, tmp_path, "--resume", "--expert-parallel", "2"), nproc=2)  # shards again
     _close(single[0], _losses(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(code_shards, tmp_path_factory):
+    """An uninterrupted EP 2 run on 2 processes with sharded checkpoints at steps 8, 16 and 20."""
+    out = tmp_path_factory.mktemp("ep_sharded")
+    _run(_args(code_shards, out, "--expert-parallel", "2", "--ckpt-interval", "8", "--keep-checkpoints", "3"), nproc=2)
+    return out
+
+
+def test_torchrun_writes_sharded_checkpoints(sharded_run, cli, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    import gasungbi
+    from gasungbi.interop.hf import load_model
+
+    step = sharded_run / "step_000008"
+    files = sorted(p.name for p in (step / "shards").iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per rank
+    assert not (step / "model.safetensors").exists() and (step / "config.json").exists()
+    assert "optimizers" not in torch.load(step / "training_state.pt", weights_only=True)
+    meta = dcp.FileSystemReader(step / "shards").read_metadata().state_dict_metadata
+    for key in ("model.model.model.layers.1.mlp.experts.gate_proj",  # "model." + the Objective's name
+                "optimizer0.state.model.model.layers.1.mlp.experts.up_proj.exp_avg"):
+        assert [(c.offsets[0], c.sizes[0]) for c in meta[key].chunks] == [(0, 4), (4, 4)], key  # slices, never gathered
+    final = sharded_run / "step_000020"  # the final checkpoint also has the Hugging Face layout
+    assert (final / "model.safetensors").exists() and (final / "shards" / ".metadata").exists()
+
+    r = cli("export-hf", sharded_run, tmp_path / "hf")  # the run's latest, read from its shards
+    assert r.returncode == 0, r.stderr
+    exported, trained = gasungbi.load_model(tmp_path / "hf"), load_model(final)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    for k, v in trained.state_dict().items():
+        assert torch.equal(exported.state_dict()[k], v), k
+
+
+def test_export_hf_names_a_missing_checkpoint(tmp_path, cli, one_line_error):
+    line = one_line_error(cli("export-hf", tmp_path, tmp_path / "hf"), "export-hf")
+    assert str(tmp_path) in line and "neither a training checkpoint nor a run directory" in line
+
+
+@pytest.mark.parametrize(("nproc", "ep"), [(2, 2), (1, 1), (4, 2)])
+def test_sharded_checkpoint_resumes_on_any_layout(nproc, ep, sharded_run, single, code_shards, tmp_path):
+    """Rewound to its step-8 checkpoint, the run continues: bit for bit on its own layout (EP 2),
+    within the tolerance of the uninterrupted run on 1 process and on EP 2 x DP 2."""
+    run = tmp_path / "run"
+    shutil.copytree(sharded_run, run)
+    (run / "latest").write_text("step_000008\n")
+    _run(_args(code_shards, run, "--resume", *(["--expert-parallel", str(ep)] if ep > 1 else [])), nproc=nproc)
+    if (nproc, ep) == (2, 2):
+        assert _losses(run) == _losses(sharded_run)
+    else:
+        _close(single[0], _losses(run))
 
 
 def _skewed_worker(rank: int, init_file: str) -> None:

@@ -8,6 +8,10 @@ Layout of a run directory::
       latest                  text file naming the newest complete checkpoint
       metrics.jsonl, loss.png, report.json, report.md
 
+Under torchrun a checkpoint is sharded instead (:mod:`gasungbi.train.sharded`): ``shards/`` holds
+what every rank wrote with ``torch.distributed.checkpoint``, beside config.json, tokenizer.json and
+``training_state.pt`` (without the optimizer states, which are in the shards).
+
 A checkpoint is written to ``.step_N.tmp`` and renamed when complete, so a crash or a kill
 never leaves a half-written checkpoint that ``latest`` points to; only the last ``keep`` are kept.
 ``training_state.pt`` holds our own tensors and plain Python values only, and is read back with
@@ -40,6 +44,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: Transformer, t
         torch.save(training_state, tmp / STATE_FILE)
 
     final = atomic.write_dir(run_dir / f"step_{step:06d}", write)
+    publish(run_dir, final, keep)
+    return final
+
+
+def publish(run_dir: Path, final: Path, keep: int) -> None:
+    """Point ``latest`` at the complete checkpoint ``final`` and prune the run to ``keep`` checkpoints."""
     atomic.write_text(run_dir / "latest", final.name + "\n")
     # prune to `keep`, oldest first, but never the checkpoint just written (`latest` names it) nor the
     # highest-numbered one: a rewound run (`latest` edited back) has checkpoints above the one it writes
@@ -48,7 +58,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: Transformer, t
     surplus = max(0, len(ckpts) - max(keep, len(kept)))
     for old in [p for p in ckpts if p not in kept][:surplus] if keep > 0 else []:
         shutil.rmtree(old)
-    return final
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -119,5 +128,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a training checkpoint (no {STATE_FILE})")
     model = load_model(path, device=device, dtype=torch.float32)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    return model, state
+    return model, load_training_state(path)
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """The ``training_state.pt`` of a checkpoint directory."""
+    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)

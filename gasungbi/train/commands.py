@@ -1,4 +1,5 @@
-"""CLI: ``gasungbi prepare`` (corpus -> tokenizer + shards) and ``gasungbi train``.
+"""CLI: ``gasungbi prepare`` (corpus -> tokenizer + shards), ``gasungbi train`` and ``gasungbi export-hf``
+(a training checkpoint, sharded or not, in the Hugging Face layout).
 
 Training flags are the fields of :class:`~gasungbi.train.trainer.TrainConfig` (``--batch-size``,
 ``--lr``...); ``--config FILE`` gives their defaults and ``--set field=value`` overrides fields of the
@@ -11,7 +12,7 @@ import dataclasses
 import json
 from typing import Annotated
 
-from tyro.conf import OmitArgPrefixes, UseAppendAction
+from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction
 
 from gasungbi.errors import UserError
 from gasungbi.train.trainer import TrainConfig
@@ -82,4 +83,22 @@ def train_cmd(cfg: Annotated[TrainConfig, Flat] = TrainConfig(), set: Overrides 
         print(f"step {report['step']}: val loss {report['val_loss']:.4f}, {report['val_bpb']:.4f} bits/byte, "
               f"{report['tokens_per_s']:,.0f} tokens/s, MFU {report['mfu']:.2%}, ${report['dollars']:.4f}")
     print(f"checkpoint: {report['checkpoint']}")
+    return 0
+
+
+def export_hf_cmd(run_or_step: Positional[str], out: Positional[str]) -> int:
+    """Write a training checkpoint in the Hugging Face layout (config.json, model.safetensors,
+    tokenizer.json) that gasungbi and transformers load; reads the sharded checkpoints of torchrun runs.
+
+    Args:
+        run_or_step: a run directory (its latest checkpoint) or one of its step_N checkpoint directories
+        out: the directory to write
+    """
+    from gasungbi.train.sharded import export_hf
+
+    try:
+        path = export_hf(run_or_step, out)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {path}")
     return 0

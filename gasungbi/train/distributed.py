@@ -3,8 +3,8 @@
 No home-made distributed layer: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK, ``torch.distributed``
 provides the process group (NCCL on CUDA, gloo on CPU), and the model is wrapped by
 ``DistributedDataParallel`` or sharded with FSDP2's ``fully_shard`` (each block, then the root, as
-torchtitan does). Checkpoints always hold full, unsharded tensors (``full_state``), so a run
-written by K processes resumes on any number of processes.
+torchtitan does). Checkpoints are sharded (:mod:`gasungbi.train.sharded`); the full states here
+serve one-process checkpoints, validation, samples and the final Hugging Face checkpoint.
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ DDP's (and FSDP's) mean over W ranks, so every gradient equals the single-proces
 global batch. :func:`clip_grad_norm` computes the global norm from the replicated, FSDP-sharded
 and expert-sharded gradients.
 
-Checkpoints: :func:`full_model_state` all-gathers the expert shards, so the run writes the usual
-full Hugging Face checkpoint; optimizer states are gathered the same way and sliced again on
-resume, so a run moves between layouts (and to one process) at a checkpoint. Not done here:
-sharded ``torch.distributed.checkpoint`` (issue 13 section 2).
+Checkpoints are sharded (:mod:`gasungbi.train.sharded`): every rank writes its expert slices as
+DTensors over the mesh, and DCP reslices them for the layout that resumes. :func:`full_model_state`
+all-gathers the expert shards for validation, samples and the final Hugging Face checkpoint;
+:func:`shard_optimizer_state` slices the full optimizer state of a one-process checkpoint.
 """
 
 from __future__ import annotations
@@ -198,21 +198,6 @@ def full_model_state(objective: nn.Module, mesh) -> dict[str, torch.Tensor]:
         if out:
             out[name.removeprefix("model.")] = full.cpu()
     return out
-
-
-def gather_optimizer_state(objective: nn.Module, optimizers: list, optim_states: list[dict], mesh) -> None:
-    """In place: in the full optimizer states (``dist.full_optimizer_state``, filled on rank 0 only)
-    the expert shards' tensors (moments, momentum) become full. Collective."""
-    group, size = mesh["ep"].get_group(), mesh["ep"].size()
-    params = dict(objective.named_parameters())
-    for opt, sd in zip(optimizers, optim_states, strict=True):
-        for name in expert_param_names(objective):
-            p = params[name]
-            for key, t in opt.state.get(p, {}).items():
-                if isinstance(t, torch.Tensor) and t.shape == p.shape:
-                    full = _gather_dim0(t, group, size)
-                    if "state" in sd:
-                        sd["state"][name][key] = full.cpu()
 
 
 def shard_optimizer_state(objective: nn.Module, optim_states: list[dict], mesh) -> None:

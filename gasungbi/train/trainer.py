@@ -28,13 +28,14 @@ from typing import Any, Literal
 
 import torch
 
-from gasungbi.config import ModelConfig, get_preset, to_hf_config
+from gasungbi.config import ModelConfig, get_preset, read_config, to_hf_config
 from gasungbi.data.shards import TokenLoader, load_manifest
 from gasungbi.eval.perplexity import evaluate, evaluate_batches
 from gasungbi.model.accounting import count_params, training_flops_per_token
-from gasungbi.model.transformer import build_model, from_state_dict
+from gasungbi.model.transformer import Transformer, build_model, from_state_dict
 from gasungbi.train import checkpoint as ckpt
 from gasungbi.train import distributed as dist
+from gasungbi.train import sharded
 from gasungbi.train.meter import CostMeter, device_peak
 from gasungbi.train.objective import Objective, update_expert_bias
 from gasungbi.train.optim import build_optimizers, lr_multiplier
@@ -223,7 +224,13 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     start_step, state = 0, None
     data = _Data(tc, info.rank, world)
     resume_from = ckpt.latest_checkpoint(out) if tc.resume else None
-    if resume_from is not None:
+    sharded_from = resume_from is not None and sharded.is_sharded(resume_from)
+    if sharded_from:  # the weights are read into the model once it is laid out (below)
+        state = ckpt.load_training_state(resume_from)
+        cfg = read_config(resume_from)
+        model = build_model(cfg, device=info.device, seed=tc.seed)
+        start_step = state["step"]
+    elif resume_from is not None:
         model, state = ckpt.load_checkpoint(resume_from, device=info.device)
         cfg = model.config
         start_step = state["step"]
@@ -250,10 +257,13 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     optimizers = build_optimizers(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.muon_lr,
                                   moments=tc.adam_moments)
     loader = data.train
-    if state is not None:
+    if sharded_from:
+        sharded.load_checkpoint(resume_from, objective, optimizers, mesh)
+    elif state is not None:
         if mesh is not None:
             ep.shard_optimizer_state(objective, state["optimizers"], mesh)
         dist.load_optimizer_state(objective, optimizers, state["optimizers"])
+    if state is not None:
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -287,18 +297,18 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         state = ep.full_model_state(objective, mesh) if mesh is not None else dist.full_model_state(objective)
         return from_state_dict(cfg, state) if info.is_main else None
 
-    def save(step: int) -> Path | None:
-        cpu_model = gathered_model()
-        optim_state = dist.full_optimizer_state(objective, optimizers)
-        if mesh is not None:
-            ep.gather_optimizer_state(objective, optimizers, optim_state, mesh)
-        if not info.is_main:
-            return None
-        training_state = {"step": step, "optimizers": optim_state, "loader": loader.state_dict(),
+    def save(step: int, hf_model: Transformer | None = None) -> Path | None:
+        """One process: the Hugging Face layout plus the full training state. Under torchrun: sharded
+        (every rank writes its part), plus the Hugging Face layout of ``hf_model`` (the final one)."""
+        training_state = {"step": step, "loader": loader.state_dict(),
                           "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                           "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens}, "time_budget": budget,
                           "history": history, "train_config": json.dumps(dataclasses.asdict(tc))}
-        return ckpt.save_checkpoint(out, step, cpu_model, training_state, tokenizer=tc.tokenizer_dir,
+        if info.enabled:
+            return sharded.save_checkpoint(out, step, objective, optimizers, mesh, training_state, info.is_main,
+                                           tc.tokenizer_dir, keep=tc.keep_checkpoints, hf_model=hf_model)
+        training_state["optimizers"] = dist.full_optimizer_state(objective, optimizers)
+        return ckpt.save_checkpoint(out, step, gathered_model(), training_state, tokenizer=tc.tokenizer_dir,
                                     keep=tc.keep_checkpoints)
 
     def validate(step: int) -> dict:
@@ -386,7 +396,8 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         meter.peak_flops = max(meter.peak_flops, device_peak(info.device, torch.float32)[0])
     if not interrupted and step == tc.max_steps and not any(h["step"] == step and "val_loss" in h for h in history):
         last_val = validate(step)  # (a rerun of a finished run has it already)
-    path = save(step)
+    final_model = gathered_model() if info.enabled else None  # the final checkpoint has the HF layout
+    path = save(step, final_model)
     report = {"step": step, "max_steps": tc.max_steps, "interrupted": interrupted, "checkpoint": str(path),
               "preset": tc.model, "model": to_hf_config(cfg),
               "device": device_name, "device_count": world, **meter.summary(),
@@ -395,7 +406,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
               "expert_load": load_stats.get("load", []), "max_violation": load_stats.get("max_violation")}
     if budget is not None:
         report["time_budget"] = budget
-    sampler = gathered_model() if (tc.parallel == "fsdp" or mesh is not None) and info.enabled else model
+    sampler = final_model if (tc.parallel == "fsdp" or mesh is not None) and info.enabled else model
     if info.is_main:
         report["sample"] = _sample(sampler, tc)
         log.sample(step, report["sample"])
