@@ -91,9 +91,9 @@ def test_time_budget_sizes_steps_from_a_measured_step_time(data_dir, tmp_path):
     report = train(_cfg(data_dir, tmp_path / "a", time_budget=0.03, max_steps=10**6, warmup_steps=10**6,
                         eval_interval=0, stop_after=None))
     b = report["time_budget"]
-    assert b["step_s"] > 0 and b["eval_batch_s"] > 0 and b["minutes"] == 0.03
+    assert b["step_s"] > 0 and b["eval_batch_s"] > 0 and b["minutes"] == 0.03 and b["setup_s"] > 0
     assert report["step"] == report["max_steps"] == b["max_steps"] == steps_for_budget(
-        1.8, b["step_s"], b["eval_batch_s"], 0, 2)
+        1.8 - b["setup_s"], b["step_s"], b["eval_batch_s"], 0, 2)  # the setup's seconds come off the budget
     assert b["warmup_steps"] == max(1, b["max_steps"] // 5)  # the schedule follows the sized horizon
     assert json.loads((tmp_path / "a" / "report.json").read_text())["time_budget"] == b
     assert report["elapsed_s"] < 60  # a 1.8 s budget, loosely (a shared machine)
@@ -102,6 +102,18 @@ def test_time_budget_sizes_steps_from_a_measured_step_time(data_dir, tmp_path):
     resumed = train(_cfg(data_dir, tmp_path / "b", time_budget=0.05, eval_interval=0, resume=True))
     assert resumed["max_steps"] == first["max_steps"] == first["time_budget"]["max_steps"]
     assert resumed["time_budget"]["resumed"]
+
+
+def test_short_budgets_get_short_budget_defaults():
+    """At a few minutes, fields left at their defaults take the short-budget recipe; set ones stay."""
+    from gasungbi.train.budget import SHORT_BUDGET, short_budget_defaults
+    from gasungbi.train.trainer import TrainConfig
+
+    short, changed = short_budget_defaults(TrainConfig(time_budget=1.0, lr=1e-3), TrainConfig())
+    assert short.lr == 1e-3 and "lr" not in changed
+    assert all(getattr(short, k) == v for k, v in SHORT_BUDGET.items() if k != "lr") and changed
+    assert short_budget_defaults(TrainConfig(time_budget=30.0), TrainConfig())[1] == {}
+    assert short_budget_defaults(TrainConfig(), TrainConfig())[1] == {}
 
 
 def test_bias_update_moves_toward_even_load():

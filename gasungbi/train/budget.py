@@ -7,12 +7,18 @@ validations the run will do are subtracted from the budget:
 
     budget = n x step_s + (n // eval_interval + 1) x eval_batches x eval_batch_s   solved for n
 
-Checkpoints and sample generations are not counted (a few seconds each at the sizes this fits).
+The time the run spent before the sizing (loading data, building the model, the timings
+themselves) is taken off the budget first. Checkpoints and sample generations are not counted (a
+few seconds each at the sizes this fits).
+
+Short budgets get their own defaults (:func:`short_budget_defaults`): what a few minutes of a CPU
+buys is a few hundred small optimizer steps, not a few dozen large ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import torch
@@ -74,3 +80,23 @@ def steps_for_budget(seconds: float, step_s: float, eval_batch_s: float, eval_in
     per_eval = eval_batches * eval_batch_s
     per_step = step_s + (per_eval / eval_interval if eval_interval else 0.0)
     return max(1, int((seconds - per_eval) / per_step))  # - per_eval: the validation at the end
+
+
+SHORT_BUDGET_MINUTES = 5.0
+"""At or below this budget, :func:`short_budget_defaults` applies."""
+
+SHORT_BUDGET = dict(batch_size=8, seq_len=128, lr=6e-3, mtp_weight=0.0, eval_interval=0, eval_batches=4)
+"""The short-budget recipe: 8 x 128 tokens per step (4x the steps of 16 x 256 in the same time; early in
+training the useful batch is small), a higher peak learning rate for the short schedule, no MTP
+(its extra depth pays at scale, V3 Sec. 2.2, not in a minute), one small validation at the end.
+Chosen on tiny Shakespeare at a ~1 minute budget (``benchmarks/cpu_minute.py``)."""
+
+
+def short_budget_defaults(tc, defaults) -> tuple[object, dict]:
+    """``tc`` with :data:`SHORT_BUDGET` for the fields still at their ``defaults`` when its time budget
+    is at most :data:`SHORT_BUDGET_MINUTES`; and the fields changed. A field set to anything else
+    (a flag, a config file) is kept."""
+    if tc.time_budget is None or tc.time_budget > SHORT_BUDGET_MINUTES:
+        return tc, {}
+    changed = {k: v for k, v in SHORT_BUDGET.items() if getattr(tc, k) == getattr(defaults, k) != v}
+    return dataclasses.replace(tc, **changed), changed

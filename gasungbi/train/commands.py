@@ -71,8 +71,13 @@ def train_cmd(cfg: Annotated[TrainConfig, Flat] = TrainConfig(), set: Overrides 
         set: override a model config field, e.g. --set num_hidden_layers=2
         config: a JSON or TOML file of training fields; flags given here override it
     """
+    from gasungbi.train.budget import short_budget_defaults
     from gasungbi.train.trainer import train
 
+    cfg, changed = short_budget_defaults(cfg, TrainConfig())
+    if changed:
+        print(f"time budget {cfg.time_budget:g} min: short-budget defaults "
+              f"{', '.join(f'{k}={v:g}' for k, v in changed.items())} (pass a flag to keep another value)")
     try:
         report = train(with_model_overrides(cfg, set))
     except ValueError as e:

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -209,6 +210,7 @@ class _Data:
 
 
 def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
+    started = time.perf_counter()
     out = Path(tc.out_dir)
     ckpt.claim_run_dir(out, tc.resume, tc.overwrite, remove=info.is_main)
     world = info.world_size
@@ -270,7 +272,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
 
     budget: dict | None = None
     if tc.time_budget is not None:
-        tc, budget = _size_to_budget(tc, cfg, info, amp, state)
+        tc, budget = _size_to_budget(tc, cfg, info, amp, state, time.perf_counter() - started)
 
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
     peak_dtype = torch.float8_e4m3fn if tc.precision == "fp8" and cuda else torch.bfloat16 if bf16 else torch.float32
@@ -420,29 +422,34 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     return report
 
 
-def _size_to_budget(tc: TrainConfig, cfg: ModelConfig, info: dist.DistInfo, amp, state: dict | None):
-    """``tc`` with max_steps sized to ``tc.time_budget`` minutes (the warmup capped at a fifth of the
-    steps), and the sizing's record; a resumed run keeps the steps it was sized to."""
+def _size_to_budget(tc: TrainConfig, cfg: ModelConfig, info: dist.DistInfo, amp, state: dict | None,
+                    spent: float = 0.0):
+    """``tc`` with max_steps sized to ``tc.time_budget`` minutes less the ``spent`` seconds of setup
+    and the sizing's own timings (the warmup capped at a fifth of the steps), and the sizing's
+    record; a resumed run keeps the steps it was sized to."""
     from gasungbi.train.budget import measure_seconds, steps_for_budget
 
     if state is not None:
         sized = json.loads(state["train_config"])
         return (dataclasses.replace(tc, max_steps=sized["max_steps"], warmup_steps=sized["warmup_steps"]),
                 {**(state.get("time_budget") or {}), "resumed": True})
+    t0 = time.perf_counter()
     step_s, eval_s = measure_seconds(tc, cfg, info.device, amp=amp, batch_size=tc.batch_size // info.world_size)
     if info.enabled:  # every rank must run the same number of steps: the mean of their timings
         t = dist.all_reduce_sum(torch.tensor([step_s, eval_s], device=info.device)) / info.world_size
         step_s, eval_s = t.tolist()
-    seconds = tc.time_budget * 60
+    spent += time.perf_counter() - t0
+    seconds = tc.time_budget * 60 - spent
     steps = steps_for_budget(seconds, step_s, eval_s, tc.eval_interval, tc.eval_batches)
     warmup = min(tc.warmup_steps, max(1, steps // 5))
     evals = (steps // tc.eval_interval if tc.eval_interval else 0) + 1
-    record = {"minutes": tc.time_budget, "step_s": step_s, "eval_batch_s": eval_s,
+    record = {"minutes": tc.time_budget, "setup_s": round(spent, 2), "step_s": step_s, "eval_batch_s": eval_s,
               "max_steps": steps, "warmup_steps": warmup,
               "validation_s_estimate": round(evals * tc.eval_batches * eval_s, 2)}
     if info.is_main:
-        print(f"time budget {tc.time_budget:g} min: measured {step_s:.3f} s/step and {eval_s:.3f} s per validation "
-              f"batch: {steps} steps ({record['validation_s_estimate']:.0f} s of it validation), warmup {warmup}")
+        print(f"time budget {tc.time_budget:g} min: {spent:.1f} s of setup, measured {step_s:.3f} s/step and "
+              f"{eval_s:.3f} s per validation batch: {steps} steps ({record['validation_s_estimate']:.0f} s of "
+              f"it validation), warmup {warmup}")
     return dataclasses.replace(tc, max_steps=steps, warmup_steps=warmup), record
 
 
