@@ -12,7 +12,7 @@ import dataclasses
 import json
 from typing import Annotated
 
-from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction
+from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction, arg
 
 from gasungbi.errors import UserError
 from gasungbi.train.trainer import TrainConfig
@@ -91,7 +91,8 @@ def train_cmd(cfg: Annotated[TrainConfig, Flat] = TrainConfig(), set: Overrides 
     return 0
 
 
-def export_hf_cmd(run_or_step: Positional[str], out: Positional[str]) -> int:
+def export_hf_cmd(run_or_step: Annotated[Positional[str], arg(metavar="RUN_OR_STEP")],
+                  out: Annotated[Positional[str], arg(metavar="OUT")]) -> int:
     """Write a training checkpoint in the Hugging Face layout (config.json, model.safetensors,
     tokenizer.json) that gasungbi and transformers load; reads the sharded checkpoints of torchrun runs.
 
