@@ -208,3 +208,11 @@ def test_eval_tasks_cli(ckpt):
     bad = subprocess.run([sys.executable, "-m", "gasungbi", "eval-tasks", str(ckpt), "--task", "chess"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown task family 'chess'" in bad.stderr
+
+
+def test_grpo_refuses_torchrun(tmp_path, monkeypatch):
+    """Under torchrun every rank would run its own GRPO into the same run directory: refused, named."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="does not run under torchrun yet .WORLD_SIZE=2"):
+        grpo(GRPOConfig(init_from=str(tmp_path), out_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

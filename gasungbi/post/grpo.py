@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +103,10 @@ class GRPOConfig:
             raise ValueError(f"temperature must be > 0 (GRPO compares sampled completions), got {self.temperature}")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages compare completions within a group")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # N copies would each write the same run directory
+            raise ValueError(f"grpo runs in one process; it does not run under torchrun yet (WORLD_SIZE={world}): "
+                             f"start it with plain `gasungbi grpo`")
         get_family(self.task)
 
 
