@@ -33,7 +33,7 @@ MAX_TOKENS = 16
 (prefill, training) go to PyTorch's GEMM, which wins once the product is compute-bound."""
 
 
-_built: bool | None = None  # the outcome of available(), read by usable() (torch.compile traces it)
+_built: bool | None = None  # the outcome of the build (a plain global: torch.compile traces available())
 
 
 def available() -> bool:
@@ -84,7 +84,7 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
             and all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype in (torch.float32, torch.int8)
                     for w in weights)
-            and (_built if _built is not None else available()))
+            and available())
 
 
 def q8_activations() -> bool:
@@ -147,7 +147,7 @@ class NativeMoE(MoE):
         if tensors is None or not usable(flat, *tensors[0], *tensors[1]):
             return super().forward(x, stats=stats)
         weights, idx, _ = self.gate(flat)
-        return experts(flat, *tensors, idx, weights).view(x.shape).to(x.dtype)
+        return experts(flat, *tensors, idx, weights).view(x.shape)
 
 
 def accelerate(model: nn.Module) -> nn.Module:

@@ -169,8 +169,12 @@ class _Weight:
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype."""
         if self.native(x):
-            return native.linear(x, self.w, self.s32)
+            return self.mm_native(x)
         return self.mm_compute(x.to(_COMPUTE)).to(x.dtype)
+
+    def mm_native(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] fp32 -> [M, N] fp32 on the native int8 kernel (when :meth:`native` says so)."""
+        return native.linear(x, self.w, self.s32)
 
     def mm_compute(self, xc: torch.Tensor) -> torch.Tensor:
         """xc [M, K] already in the compute dtype (bf16) -> [M, N] in bf16."""
@@ -252,14 +256,13 @@ def _fused(mode: str, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.T
     return weights, (q, s)
 
 
-def _swiglu(gate_up: _Weight, down: _Weight, xc: torch.Tensor) -> torch.Tensor:
-    """SwiGLU with gate and up fused into one matmul, all in the compute dtype: xc [n, d] -> [n, d]
-    (in fp32 on the native int8 kernel when xc is a few fp32 tokens)."""
-    native_path = gate_up.native(xc)
-    gu = gate_up.mm(xc) if native_path else gate_up.mm_compute(xc)  # (n, 2I)
+def _swiglu(gate_up: _Weight, down: _Weight, xc: torch.Tensor, native_path: bool = False) -> torch.Tensor:
+    """SwiGLU with gate and up fused into one matmul, all in the compute dtype: xc [n, d] -> [n, d];
+    with ``native_path``, fp32 tokens on the native int8 kernel."""
+    mm = _Weight.mm_native if native_path else _Weight.mm_compute
+    gu = mm(gate_up, xc)  # (n, 2I)
     inter = gu.shape[-1] // 2
-    h = F.silu(gu[:, :inter]) * gu[:, inter:]
-    return down.mm(h) if native_path else down.mm_compute(h)
+    return mm(down, F.silu(gu[:, :inter]) * gu[:, inter:])
 
 
 class QuantMLP(nn.Module):
@@ -291,7 +294,8 @@ class QuantMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        y = _swiglu(self.gate_up, self.down, flat if self.gate_up.native(flat) else flat.to(_COMPUTE))
+        native_path = self.gate_up.native(flat) and self.down.s32 is not None
+        y = _swiglu(self.gate_up, self.down, flat if native_path else flat.to(_COMPUTE), native_path)
         return y.to(x.dtype).view(x.shape)
 
 
