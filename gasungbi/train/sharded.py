@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from gasungbi import atomic
 from gasungbi.config import read_config, to_hf_config
+from gasungbi.interop import hf
 from gasungbi.interop.hf import copy_tokenizer, save_model
 from gasungbi.model.transformer import Transformer, build_model
 from gasungbi.train import checkpoint as ckpt
@@ -136,9 +137,5 @@ def export_hf(run_or_step: str | os.PathLike, out: str | os.PathLike) -> Path:
     step = src if (src / ckpt.STATE_FILE).exists() else ckpt.latest_checkpoint(src)
     if step is None:
         raise FileNotFoundError(f"{run_or_step} is neither a training checkpoint nor a run directory holding one")
-    if is_sharded(step):
-        model = load_model(step)
-    else:
-        from gasungbi.interop.hf import load_model as load_hf
-        model = load_hf(step, dtype=torch.float32)
+    model = load_model(step) if is_sharded(step) else hf.load_model(step, dtype=torch.float32)
     return save_model(model, out, tokenizer=step)
