@@ -2,6 +2,7 @@
 teacher) and the eval-tasks command."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -210,9 +211,60 @@ def test_eval_tasks_cli(ckpt):
     assert bad.returncode == 2 and "unknown task family 'chess'" in bad.stderr
 
 
-def test_grpo_refuses_torchrun(tmp_path, monkeypatch):
-    """Under torchrun every rank would run its own GRPO into the same run directory: refused, named."""
+def _torchrun(*args, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "gasungbi",
+           *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def _grpo_args(ckpt, out, *extra):
+    return ["grpo", "--init-from", str(ckpt), "--out-dir", str(out), "--reward", SEVENS, "--prompts-per-step", "4",
+            "--group-size", "4", "--max-new-tokens", "8", "--lr", "3e-3", "--steps", "4", "--eval-tasks", "4",
+            "--no-progress", "--seed", "1", *extra]
+
+
+def _rows(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_weights(out):
+    from safetensors.torch import load_file
+    return load_file(f"{json.loads((out / 'report.json').read_text())['checkpoint']}/model.safetensors")
+
+
+def test_grpo_under_torchrun_with_expert_parallel(ckpt, tmp_path):
+    """GRPO on 2 processes, each sampling half of a step's groups: with the routed experts sharded
+    over both (EP 2) the rollouts, losses and weights are those of plain DDP, the experts only
+    placed differently; a sharded checkpoint resumes into the same weights."""
+    _torchrun(*_grpo_args(ckpt, tmp_path / "ddp"))
+    _torchrun(*_grpo_args(ckpt, tmp_path / "ep", "--expert-parallel", "2"))
+    ddp, ep = _rows(tmp_path / "ddp"), _rows(tmp_path / "ep")
+    assert [r["sample"] for r in ep] == [r["sample"] for r in ddp]
+    assert [r["reward"] for r in ep] == [r["reward"] for r in ddp]
+    wd, we = _final_weights(tmp_path / "ddp"), _final_weights(tmp_path / "ep")
+    assert wd.keys() == we.keys() and any(".mlp.experts." in k for k in we)
+    assert all((wd[k] - we[k]).abs().max() < 1e-5 for k in wd)
+    report = json.loads((tmp_path / "ep" / "report.json").read_text())
+    assert report["device_count"] == 2 and report["after"]["n"] == 4
+    # stopped at step 2 (sharded: each rank its experts), resumed to step 4
+    _torchrun(*_grpo_args(ckpt, tmp_path / "resumed", "--expert-parallel", "2", "--steps", "2"))
+    import torch.distributed.checkpoint as dcp
+    meta = dcp.FileSystemReader(tmp_path / "resumed" / "step_000002" / "shards").read_metadata().state_dict_metadata
+    chunks = meta["model.model.model.layers.1.mlp.experts.gate_proj"].chunks  # written by the rank that owns them
+    assert [(c.offsets[0], c.sizes[0]) for c in chunks] == [(0, 4), (4, 4)]
+    _torchrun(*_grpo_args(ckpt, tmp_path / "resumed", "--expert-parallel", "2", "--resume"))
+    wr = _final_weights(tmp_path / "resumed")
+    assert all((wr[k] - we[k]).abs().max() < 1e-5 for k in we)
+    assert [r["step"] for r in _rows(tmp_path / "resumed")] == [1, 2, 3, 4]
+
+
+def test_grpo_names_a_bad_layout(ckpt, tmp_path, monkeypatch):
+    """Prompts that do not split into whole groups per process, or EP that does not divide them: refused."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="does not run under torchrun yet .WORLD_SIZE=2"):
-        grpo(GRPOConfig(init_from=str(tmp_path), out_dir=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="prompts_per_step=3 must be divisible by the 2 processes"):
+        grpo(GRPOConfig(init_from=str(ckpt), out_dir=str(tmp_path / "run"), prompts_per_step=3))
+    with pytest.raises(ValueError, match="expert_parallel=4 must divide the 2 processes"):
+        grpo(GRPOConfig(init_from=str(ckpt), out_dir=str(tmp_path / "run"), expert_parallel=4))
     assert not (tmp_path / "run").exists()

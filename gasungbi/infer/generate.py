@@ -187,7 +187,7 @@ class Stream:
 
     def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams,
                  stop_tokens: set[int], stop_strings: Sequence[str], tokenizer, speculative: bool,
-                 compile: bool = False):
+                 compile: bool = False, group=None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if stop_strings and tokenizer is None:
@@ -199,7 +199,7 @@ class Stream:
                 raise ValueError(f"token ids {bad[:5]} out of range for vocab_size={V}")
         check_context(model.config, max(len(p) for p in prompts), max_new_tokens)
         self.model, self.prompts, self.max_new, self.sampling = model, prompts, max_new_tokens, sampling
-        self.speculative, self.compile = speculative, compile
+        self.speculative, self.compile, self.group = speculative, compile, group
         self.rows = [RowState(i, p, max_new_tokens, stop_tokens, stop_strings, tokenizer) for i, p in enumerate(prompts)]
         self.stats = GenerationStats()
         if speculative:
@@ -219,36 +219,50 @@ class Stream:
                 for row, tok in zip(self.rows, tokens):
                     if row.finish_reason is None:
                         yield row.push(tok)
-                if all(r.finish_reason is not None for r in self.rows):
+                if all_done(all(r.finish_reason is not None for r in self.rows), self.group):
                     break
         finally:
             steps.close()
 
 
+def all_done(done: bool, group=None) -> bool:
+    """Whether every rank of ``group`` is done (``done`` here when there is no group): ranks whose
+    forwards exchange tokens (expert parallelism) must all take the same number of steps."""
+    if group is None:
+        return done
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(done)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
 def stream(model, prompts, *, max_new_tokens: int = 128, sampling: SamplingParams = GREEDY,
            stop_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
-           add_bos: bool = True, speculative: bool = False, compile: bool = False) -> Stream:
+           add_bos: bool = True, speculative: bool = False, compile: bool = False, group=None) -> Stream:
     """Stream the generation for ``prompts`` (text with ``tokenizer``, or token ids; one or a batch).
 
     ``stop_tokens``: default the config's ``eos_token_id``; ``()`` for none. ``speculative``: draft
     with the model's MTP module (one prompt at a time; greedy output unchanged). ``compile``: run
     the engine's decode step compiled (torch.compile; pays off over long or repeated generations).
+    ``group``: the process group of an expert-parallel model (torch.distributed, CPU tensors: gloo);
+    its ranks generate together, each its own prompts, until all of them are done.
     """
     cfg = model.config
     ids = encode_prompts(prompts, tokenizer, add_bos)
     if stop_tokens is None:
         stop_tokens = [cfg.eos_token_id] if cfg.eos_token_id is not None else []
     return Stream(model, ids, max_new_tokens, sampling, set(stop_tokens), stop_strings, tokenizer, speculative,
-                  compile)
+                  compile, group)
 
 
 def generate(model, prompts, *, max_new_tokens: int = 128, sampling: SamplingParams = GREEDY,
              stop_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (), tokenizer=None,
-             add_bos: bool = True, speculative: bool = False, compile: bool = False) -> list[Completion]:
+             add_bos: bool = True, speculative: bool = False, compile: bool = False, group=None) -> list[Completion]:
     """Generate for every prompt; returns one :class:`Completion` per prompt (see :func:`stream`)."""
     s = stream(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
                stop_strings=stop_strings, tokenizer=tokenizer, add_bos=add_bos, speculative=speculative,
-               compile=compile)
+               compile=compile, group=group)
     for _ in s:
         pass
     return s.completions

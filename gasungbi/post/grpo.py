@@ -25,6 +25,15 @@ routing bias of MoE layers is frozen during RL (no balancing updates); rollouts 
 weights in fp32 (no separate inference engine), so pi_old is exact. ``precision``: ``bf16`` runs the
 log-probability forwards (pi_old and the update) under bf16 autocast; ``fp8`` swaps in DeepSeek-V3's
 block-scaled FP8 GEMMs (:mod:`gasungbi.train.fp8`) for rollouts and updates alike.
+
+Under ``torchrun`` each of the W processes takes P/W of a step's prompts (whole groups, so the
+advantages are unchanged), samples their completions and computes their loss; DDP averages the
+gradients, which is the one-process gradient of the same P groups (the loss is a mean over
+completions). ``expert_parallel`` K shards the routed experts over K ranks (the pass of
+:mod:`gasungbi.train.expert_parallel`): rollouts, log-probabilities and updates all exchange tokens,
+so the K ranks of a group generate together until all their rows are done. Held-out evaluation
+runs on rank 0 alone (the experts gathered there); checkpoints are sharded
+(:mod:`gasungbi.train.sharded`) and the final one also has the Hugging Face layout.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from gasungbi.data.conventions import Conventions
 from gasungbi.data.tokenizer import PAD_ID
@@ -48,6 +58,8 @@ from gasungbi.eval.accuracy import evaluate_model
 from gasungbi.gym.rewards import load_reward
 from gasungbi.gym.tasks import get_family, make_split, render_task_prompt
 from gasungbi.train import checkpoint as ckpt
+from gasungbi.train import distributed as dist
+from gasungbi.train import sharded
 from gasungbi.train.meter import CostMeter, device_peak
 from gasungbi.train.optim import build_optimizers
 
@@ -86,6 +98,7 @@ class GRPOConfig:
     progress: bool = True  # show a progress bar
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"  # bf16: autocast for the policy's log-probabilities; fp8: DeepSeek-V3's block-scaled FP8 GEMMs (emulated off CUDA)
     adam_moments: Literal["fp32", "bf16"] = "fp32"  # dtype of AdamW's moments (DeepSeek-V3 keeps them in bf16)
+    expert_parallel: int = 1  # under torchrun: shard the routed experts over this many ranks (EP; DDP over all ranks for the rest)
 
     def validate(self) -> None:
         if not self.init_from:
@@ -104,9 +117,14 @@ class GRPOConfig:
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages compare completions within a group")
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:  # N copies would each write the same run directory
-            raise ValueError(f"grpo runs in one process; it does not run under torchrun yet (WORLD_SIZE={world}): "
-                             f"start it with plain `gasungbi grpo`")
+        if self.prompts_per_step % world:
+            raise ValueError(f"prompts_per_step={self.prompts_per_step} must be divisible by the {world} processes "
+                             "(each takes whole groups)")
+        if self.expert_parallel < 1 or world % self.expert_parallel:
+            raise ValueError(f"expert_parallel={self.expert_parallel} must divide the {world} processes"
+                             + (" (launch with torchrun --nproc_per_node=N, N a multiple of it)" if world == 1 else ""))
+        if self.expert_parallel > 1 and self.precision == "fp8":
+            raise ValueError("expert_parallel > 1 works without --precision fp8 (for now)")
         get_family(self.task)
 
 
@@ -127,7 +145,7 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     seqs = [p + c for p, c in zip(prompts, completions)]
     T = max(map(len, seqs))
     L = max(1, max(map(len, completions)))
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     ids = torch.full((len(seqs), T), PAD_ID, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
@@ -185,110 +203,184 @@ def evaluate_policy(model, conv, cfg: GRPOConfig, n: int) -> dict:
             "per_task": r["per_task"]}
 
 
+class Policy(nn.Module):
+    """The policy as the one module DDP wraps: ``forward(ids)`` -> logits. Its state keys are those
+    of the trainer's objective (``model.*``), so sharded checkpoints share one layout."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)
+
+
 def grpo(cfg: GRPOConfig) -> dict[str, Any]:
-    """Run (or resume) GRPO; returns the report (also out_dir/report.json)."""
+    """Run (or resume) GRPO, in one process or under torchrun; returns the report (also
+    out_dir/report.json)."""
     cfg.validate()
+    info = dist.setup(cfg.device)
+    try:
+        return _grpo(cfg, info)
+    finally:
+        dist.teardown()
+
+
+def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
     out = Path(cfg.out_dir)
-    ckpt.claim_run_dir(out, cfg.resume, cfg.overwrite)
+    ckpt.claim_run_dir(out, cfg.resume, cfg.overwrite, remove=info.is_main)
+    dist.barrier()  # no rank looks at the directory after the main one has started writing
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
+    device, world = info.device, info.world_size
     conv = Conventions.load(cfg.init_from)  # the checkpoint's chat template and stops
     tok, stop_ids = conv.tokenizer, conv.stop_ids
     resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
-    if resume_from is not None:
-        policy, state = ckpt.load_checkpoint(resume_from, device)
-    else:
-        policy, state = load_model(cfg.init_from, device=device, dtype=torch.float32), None
+    from_shards = resume_from is not None and sharded.is_sharded(resume_from)
+    if resume_from is not None and not from_shards:
+        model, state = ckpt.load_checkpoint(resume_from, device)
+    else:  # a sharded checkpoint's weights are read once the model is laid out (below)
+        model = load_model(cfg.init_from, device=device, dtype=torch.float32)
+        state = ckpt.load_training_state(resume_from) if from_shards else None
     reference = load_model(cfg.init_from, device=device, dtype=torch.float32) if cfg.beta > 0 else None
     if cfg.precision == "fp8":
         from gasungbi.train.fp8 import apply_fp8
-        apply_fp8(policy)
+        apply_fp8(model)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
            else contextlib.nullcontext())
+    model.model.mtp.requires_grad_(False)  # no GRPO loss reaches the MTP modules (DDP needs every trained parameter used)
+    policy = Policy(model)
+    mesh, group, ep = None, None, None
+    if cfg.expert_parallel > 1:
+        from gasungbi.train import expert_parallel as ep
+        mesh = ep.ep_mesh(world, cfg.expert_parallel, device.type)
+        ep.apply_expert_parallel(model, mesh)
+        group = mesh["ep"].get_group()
+    wrapped = dist.wrap(policy, info, "ddp", ignore=ep.expert_param_names(policy) if mesh is not None else ())
     policy.train()
-    opt = build_optimizers(policy, "adamw", cfg.lr, weight_decay=0.0, moments=cfg.adam_moments)[0]
+    opt = build_optimizers(model, "adamw", cfg.lr, weight_decay=0.0, moments=cfg.adam_moments)[0]
     reward_fn, accuracy_fn = load_reward(cfg.reward), load_reward("accuracy")
     family = cfg.task
     pool = make_split(family, max(1000, cfg.steps * cfg.prompts_per_step), cfg.difficulty, seed=cfg.seed, split="train")
     start = 0
     history: list[dict] = []
+    if from_shards:
+        sharded.load_checkpoint(resume_from, policy, [opt], mesh)
+    elif state is not None:
+        if mesh is not None:
+            ep.shard_optimizer_state(policy, state["optimizers"], mesh)
+        dist.load_optimizer_state(policy, [opt], state["optimizers"])
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
     peak, price, dev_name = device_peak(device, torch.float32)
     from gasungbi.model.accounting import count_params
-    n_act = count_params(policy.config).activated
+    n_act = count_params(model.config).activated
     # per generated token: ~2N to sample it, 2N for pi_old, (2N for pi_ref), 6N x updates to train
     flops_per_token = n_act * (4 + (2 if reference is not None else 0) + 6 * cfg.updates)
     meter = CostMeter(flops_per_token, peak, cfg.price_per_hour if cfg.price_per_hour is not None else (price or 0.0),
-                      elapsed_before=state["meter"]["elapsed"] if state else 0.0,
+                      world, elapsed_before=state["meter"]["elapsed"] if state else 0.0,
                       tokens_before=state["meter"]["tokens"] if state else 0)
 
-    def save(step: int) -> Path:
-        st = {"step": step, "optimizer": opt.state_dict(), "history": history,
-              "rng": {"torch": torch.get_rng_state()}, "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens},
-              "grpo_config": json.dumps(dataclasses.asdict(cfg)), "before": before}
-        return ckpt.save_checkpoint(out, step, policy, st, tokenizer=cfg.init_from, keep=cfg.keep_checkpoints)
+    def gathered():
+        """The whole policy as a plain model on rank 0, None elsewhere (collective under torchrun)."""
+        if mesh is None:
+            return model if info.is_main else None
+        from gasungbi.model.transformer import from_state_dict
+        full = ep.full_model_state(policy, mesh)
+        return from_state_dict(model.config, full).to(device) if info.is_main else None
 
-    before = state["before"] if state else evaluate_policy(policy.eval(), conv, cfg, cfg.eval_tasks)
-    policy.train()
+    def held_out() -> dict:
+        """Rank 0 evaluates (the replicas are equal; with EP, on the gathered experts), all get it."""
+        m = gathered()
+        res = [evaluate_policy(m.eval(), conv, cfg, cfg.eval_tasks) if info.is_main else None]
+        policy.train()
+        if info.enabled:
+            torch.distributed.broadcast_object_list(res, src=0)
+        return res[0]
+
+    def save(step: int, final: bool = False) -> Path | None:
+        st = {"step": step, "history": history, "rng": {"torch": torch.get_rng_state()},
+              "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens},
+              "grpo_config": json.dumps(dataclasses.asdict(cfg)), "before": before}
+        if info.enabled:
+            hf_model = gathered() if final else None
+            return sharded.save_checkpoint(out, step, policy, [opt], mesh, st, info.is_main, cfg.init_from,
+                                           keep=cfg.keep_checkpoints, hf_model=hf_model)
+        st["optimizers"] = dist.full_optimizer_state(policy, [opt])
+        return ckpt.save_checkpoint(out, step, model, st, tokenizer=cfg.init_from, keep=cfg.keep_checkpoints)
+
+    before = state["before"] if state else held_out()
     from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", disable=not cfg.progress, dynamic_ncols=True)
-    if cfg.resume:  # rows logged after the checkpoint (before a kill) are logged again
+    bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", disable=not (cfg.progress and info.is_main),
+               dynamic_ncols=True)
+    if cfg.resume and info.is_main:  # rows logged after the checkpoint (before a kill) are logged again
         ckpt.truncate_metrics(out / "metrics.jsonl", start)
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = open(out / "metrics.jsonl", "a") if info.is_main else None
+    local = cfg.prompts_per_step // world  # this rank's prompts: whole groups
     for step in range(start, cfg.steps):
-        batch = [pool[(step * cfg.prompts_per_step + i) % len(pool)] for i in range(cfg.prompts_per_step)]
+        first = step * cfg.prompts_per_step + info.rank * local
+        batch = [pool[(first + i) % len(pool)] for i in range(local)]
         prompts = [conv.chat_ids(render_task_prompt(t, cfg.reasoning), content_as_text=False) for t in batch]
         group_prompts = [p for p in prompts for _ in range(cfg.group_size)]
-        policy.eval()
-        outs = generate(policy, group_prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=tok,
-                        stop_tokens=stop_ids,
-                        sampling=SamplingParams(temperature=cfg.temperature, seed=cfg.seed * 1_000_003 + step))
+        model.eval()
+        seed = cfg.seed * 1_000_003 + step * world + info.rank  # one process: seed * 1_000_003 + step
+        outs = generate(model, group_prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=tok, stop_tokens=stop_ids,
+                        sampling=SamplingParams(temperature=cfg.temperature, seed=seed), group=group)
         completions = [o.tokens + ([stop_ids[0]] if o.finish_reason == "stop" else []) for o in outs]
         texts = [o.text or "" for o in outs]
         rewards = torch.tensor([reward_fn(batch[i // cfg.group_size], texts[i]) for i in range(len(outs))],
-                               device=device).view(cfg.prompts_per_step, cfg.group_size)
+                               device=device).view(local, cfg.group_size)
         adv = group_advantages(rewards, cfg.variant).flatten()
         with torch.no_grad():
             with amp:
-                old_logp, mask = completion_logprobs(policy, group_prompts, completions, cfg.temperature)
+                old_logp, mask = completion_logprobs(model, group_prompts, completions, cfg.temperature)
             ref_logp = completion_logprobs(reference, group_prompts, completions, cfg.temperature)[0] if reference is not None else None
         policy.train()
         for _ in range(cfg.updates):
             with amp:
-                logp, _ = completion_logprobs(policy, group_prompts, completions, cfg.temperature)
+                logp, _ = completion_logprobs(wrapped, group_prompts, completions, cfg.temperature)
             loss, stats = grpo_loss(logp, old_logp, ref_logp, mask, adv, cfg.clip_eps, cfg.beta, cfg.variant,
                                     cfg.max_new_tokens, cfg.kl_estimator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            if mesh is None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            else:
+                ep.reduce_expert_grads(model, mesh)
+                ep.clip_grad_norm(model, cfg.grad_clip, mesh)
             opt.step()
         accuracy = sum(accuracy_fn(batch[i // cfg.group_size], texts[i]) for i in range(len(outs))) / len(outs)
-        meter.update(int(mask.sum().item()))
-        row = {"step": step + 1, "loss": loss.item(), "reward": rewards.mean().item(), "accuracy": accuracy,
-               "zero_variance_groups": (rewards.std(dim=1) == 0).float().mean().item(),
-               "response_length": mask.sum(dim=1).mean().item(), **stats,
-               "dollars": round(meter.dollars, 6), "elapsed_s": round(meter.elapsed, 2),
-               "sample": texts[0][:200]}
+        # the step's figures over all ranks: means of the per-rank means (equal counts), tokens summed
+        figures = torch.tensor([loss.item(), rewards.mean().item(), accuracy, (rewards.std(dim=1) == 0).float().mean().item(),
+                                mask.sum(dim=1).mean().item(), stats["kl"], stats["clip_frac"]], dtype=torch.float64)
+        tokens = torch.tensor([mask.sum().item()], dtype=torch.float64)
+        if info.enabled:
+            figures = dist.all_reduce_sum(figures) / world
+            dist.all_reduce_sum(tokens)
+        meter.update(int(tokens.item()))
+        names = ("loss", "reward", "accuracy", "zero_variance_groups", "response_length", "kl", "clip_frac")
+        row = {"step": step + 1, **dict(zip(names, figures.tolist())),
+               "dollars": round(meter.dollars, 6), "elapsed_s": round(meter.elapsed, 2), "sample": texts[0][:200]}
         history.append(row)
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
         bar.update(1)
-        bar.set_postfix_str(f"reward {row['reward']:.2f} | acc {accuracy:.2f} | len {row['response_length']:.0f} | "
-                            f"kl {stats['kl']:.3f}")
+        bar.set_postfix_str(f"reward {row['reward']:.2f} | acc {row['accuracy']:.2f} | len {row['response_length']:.0f} | "
+                            f"kl {row['kl']:.3f}")
         if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
-            history.append({"step": step + 1, "eval": evaluate_policy(policy.eval(), conv, cfg, cfg.eval_tasks)})
-            policy.train()
+            history.append({"step": step + 1, "eval": held_out()})
         if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.steps:
             save(step + 1)
     bar.close()
-    metrics.close()
-    after = evaluate_policy(policy.eval(), conv, cfg, cfg.eval_tasks)
-    path = save(cfg.steps)
+    if metrics is not None:
+        metrics.close()
+    after = held_out()
+    path = save(cfg.steps, final=True)
     report = {"task": cfg.task, "difficulty": cfg.difficulty, "steps": cfg.steps, "before": before, "after": after,
               "improved_beyond_ci": after["accuracy"] > before["ci95"][1], "checkpoint": str(path),
-              **meter.summary(), "device": dev_name}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+              **meter.summary(), "device": dev_name, "device_count": world}
+    if info.is_main:
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    dist.barrier()  # every rank leaves together: a rank tearing down early aborts the others
     return report

@@ -11,7 +11,8 @@ sort the token slots by expert, exchange the per-expert counts (one small ``all_
 send each slot to the rank owning its expert (``all_to_all_single`` with uneven splits; its
 backward is the reverse exchange), run the local experts on what arrived, send the results
 back, weight and combine them. Every rank of an EP group must run the same number of MoE
-forwards (they all do in training: same batch shapes, same model).
+forwards (they all do in training: same batch shapes, same model; generation stops only when
+every rank of the group is done: ``generate(..., group=...)``).
 
 Gradients: the non-expert parameters are DDP or FSDP2 over all W ranks, with the expert shards
 left out of both (``wrap(..., ignore=expert_param_names(...))``). An expert shard's gradient
