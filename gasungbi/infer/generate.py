@@ -30,6 +30,7 @@ import torch
 
 from gasungbi.data.conventions import encode
 from gasungbi.infer.decode import ContextLengthError, GenerationStats, check_context, decode_steps  # noqa: F401
+from gasungbi.infer.engine import model_device_dtype
 from gasungbi.infer.sampling import GREEDY, SamplingParams
 from gasungbi.infer.speculative import check_speculative, speculative_steps
 
@@ -200,6 +201,7 @@ class Stream:
         check_context(model.config, max(len(p) for p in prompts), max_new_tokens)
         self.model, self.prompts, self.max_new, self.sampling = model, prompts, max_new_tokens, sampling
         self.speculative, self.compile, self.group = speculative, compile, group
+        self.device = model_device_dtype(model)[0]
         self.rows = [RowState(i, p, max_new_tokens, stop_tokens, stop_strings, tokenizer) for i, p in enumerate(prompts)]
         self.stats = GenerationStats()
         if speculative:
@@ -219,20 +221,21 @@ class Stream:
                 for row, tok in zip(self.rows, tokens):
                     if row.finish_reason is None:
                         yield row.push(tok)
-                if all_done(all(r.finish_reason is not None for r in self.rows), self.group):
+                if all_done(all(r.finish_reason is not None for r in self.rows), self.group, self.device):
                     break
         finally:
             steps.close()
 
 
-def all_done(done: bool, group=None) -> bool:
+def all_done(done: bool, group=None, device=None) -> bool:
     """Whether every rank of ``group`` is done (``done`` here when there is no group): ranks whose
-    forwards exchange tokens (expert parallelism) must all take the same number of steps."""
+    forwards exchange tokens (expert parallelism) must all take the same number of steps.
+    ``device``: where the flag is reduced (the model's: NCCL reduces CUDA tensors only)."""
     if group is None:
         return done
     import torch.distributed as dist
 
-    flag = torch.tensor([int(done)])
+    flag = torch.tensor([int(done)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 

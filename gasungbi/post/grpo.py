@@ -352,8 +352,8 @@ def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
         accuracy = sum(accuracy_fn(batch[i // cfg.group_size], texts[i]) for i in range(len(outs))) / len(outs)
         # the step's figures over all ranks: means of the per-rank means (equal counts), tokens summed
         figures = torch.tensor([loss.item(), rewards.mean().item(), accuracy, (rewards.std(dim=1) == 0).float().mean().item(),
-                                mask.sum(dim=1).mean().item(), stats["kl"], stats["clip_frac"]], dtype=torch.float64)
-        tokens = torch.tensor([mask.sum().item()], dtype=torch.float64)
+                                mask.sum(dim=1).mean().item(), stats["kl"], stats["clip_frac"]], dtype=torch.float64, device=device)
+        tokens = torch.tensor([mask.sum().item()], dtype=torch.float64, device=device)
         if info.enabled:
             figures = dist.all_reduce_sum(figures) / world
             dist.all_reduce_sum(tokens)
