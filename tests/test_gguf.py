@@ -150,7 +150,7 @@ def test_trained_checkpoint_logits_and_tokenizer_in_llama_cpp(trained, tmp_path)
 
     gguf = export(trained, tmp_path / "tiny.gguf")
     tok = load_tokenizer(trained)
-    text = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n안녕 🤖 <|user|>"
+    text = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n안녕 🤖 <|user|> Act 2, scene 10: 3.14 x 2026=6361.64"
     llm = _llama(gguf)
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text).ids
     assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE

@@ -1,9 +1,12 @@
 """Byte-level BPE tokenizer: train it, save it in the Hugging Face layout, load it back.
 
 The tokenizer is GPT-2 style byte-level BPE built with the `tokenizers` library:
-  - no normalizer, and a ByteLevel pre-tokenizer (GPT-2 regex split, no prefix space) whose
-    alphabet holds all 256 bytes, so every UTF-8 string encodes and decodes back exactly
-    (`decode(encode(s).ids) == s` for Korean, emoji, tabs, trailing spaces, NUL, ...);
+  - no normalizer; the pre-tokenizer splits every digit off on its own (LLaMA, Touvron et al. 2023
+    Sec. 2.1: numbers as digit sequences, so arithmetic is learned digit by digit rather than over
+    a vocabulary of number tokens), then applies ByteLevel (GPT-2 regex split, no prefix space),
+    whose alphabet holds all 256 bytes, so every UTF-8 string encodes and decodes back exactly
+    (`decode(encode(s).ids) == s` for Korean, emoji, tabs, trailing spaces, NUL, ...). llama.cpp
+    applies the same split under its "starcoder" pre-tokenizer (GGUF export names it);
   - the ByteLevel decoder, and no post-processor: `encode` adds no special tokens by itself, the
     shard builder adds <|bos|> / <|eos|> around each document explicitly;
   - the special tokens of SPECIAL_TOKENS take ids 0..10 in that order (bos=0, eos=1, pad=2).
@@ -60,7 +63,8 @@ def train_tokenizer(
             f"{N_BYTES} bytes + {len(SPECIAL_TOKENS)} special tokens = {N_BYTES + len(SPECIAL_TOKENS)}"
         )
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -278,12 +278,15 @@ def _adds_bos(checkpoint: Path, bos: str | None) -> bool:
 
 def _pre_tokenizer(data: dict, f: Path) -> str:
     """The llama.cpp name of the tokenizer's pre-tokenization: GPT-2's byte-level regex split is
-    "gpt-2"; the Llama-3 and DeepSeek-V3 splits are recognized by their regexes."""
+    "gpt-2", single digits split off before it (StarCoder's, and gasungbi's own) "starcoder"; the
+    Llama-3 and DeepSeek-V3 splits are recognized by their regexes."""
     pre = data.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "starcoder"
     regexes = [p.get("pattern", {}).get("Regex", "") for p in parts if p.get("type") == "Split"]
     joined = " ".join(regexes)
     if "\\p{N}{1,3}" in joined and "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in joined:
@@ -291,7 +294,7 @@ def _pre_tokenizer(data: dict, f: Path) -> str:
     if "\\p{N}{1,3}" in joined and "[一-龥぀-ゟ゠-ヿ]+" in joined:
         return "deepseek-v3"
     raise GGUFExportError(f"{f}: pre-tokenizer {kinds} is not one llama.cpp is known to apply the same way "
-                          "(supported: GPT-2 byte-level, Llama-3, DeepSeek-V3)")
+                          "(supported: GPT-2 byte-level, with single digits split off first, Llama-3, DeepSeek-V3)")
 
 
 def _tokenizer(w, tok: dict, cfg: ModelConfig) -> None:
