@@ -6,9 +6,14 @@
 Recipes (arithmetic in the comments):
 * ``cpu`` (default): the Python standard library (~12 MB of source, ~3.4 M tokens at 4096 BPE),
   ``cpu-tiny`` (10.2 M parameters, ~4 M activated), 16 x 256 = 4,096 tokens per step. At the
-  ~3,900 tokens/s a 2-core CPU gives this model, 10 minutes of pretraining is ~2.3 M tokens; then
-  ~3.5 minutes of cold-start SFT and GRPO on two-digit additions: about 15 minutes in all
-  (measured: 9.7 minutes with 8 minutes of pretraining and 200 SFT steps).
+  ~3,000 tokens/s a 2-core CPU gives this model, 6.5 minutes of pretraining is ~1.2 M tokens; then
+  ~4.5 minutes of cold-start SFT and ~3 of GRPO (with its two held-out evaluations) on two-digit
+  additions: about 15 minutes in all. GRPO's learning rate is small (5e-6). Measured from one SFT'd
+  model (greedy accuracy 0.900 on 300 held-out tasks; 2026-12-02): 60 steps at 1e-4 or 3e-4 drove it
+  to 0.603 and 0.000 (AdamW moves every weight by about lr per step, noise included); 24 steps at
+  3e-5 (the earlier recipe) -0.007, 100 at 3e-5 -0.003; 48 at 1e-5 +0.017 and 50 at 5e-6 +0.010
+  (both within noise); 100 at 1e-5 +0.033 [+0.004, +0.065] and 100 at 5e-6 +0.033 [+0.009,
+  +0.061]; 150 at 1e-5 +0.000 on 400 tasks.
 * ``gpu``: one GPU; ``small`` (148 M, ~56 M activated), 64 x 1024 = 65 k tokens per step for
   60 minutes (an H100 at ~40% MFU does ~150 k tokens/s: ~0.5 B tokens, ~$2.5 at $2.5/h).
 * ``node``: ``torchrun --nproc_per_node=8 -m gasungbi speedrun --recipe node``; the same model
@@ -37,15 +42,15 @@ from gasungbi.train.trainer import TrainConfig
 # Post-training after pretraining: cold-start SFT on the gym's two-digit additions, then GRPO (R1's
 # recipe in miniature), so the final checkpoint answers in <think>...</think><answer>...</answer>.
 POST = {
-    "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=450, sft_batch=16, grpo_steps=24, prompts_per_step=8,
-                group_size=8, max_new_tokens=24, eval_tasks=300, grpo_lr=3e-5),
+    "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=450, sft_batch=16, grpo_steps=100, prompts_per_step=8,
+                group_size=8, max_new_tokens=24, eval_tasks=300, grpo_lr=5e-6),
     "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, grpo_steps=200, prompts_per_step=32,
                 group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5),
 }
 POST["node"] = POST["gpu"]
 
 RECIPES = {
-    "cpu": dict(minutes=10.0, vocab_size=4096, tokenizer_bytes=20_000_000,
+    "cpu": dict(minutes=6.5, vocab_size=4096, tokenizer_bytes=20_000_000,
                 train=dict(model="cpu-tiny", batch_size=16, seq_len=256, lr=3e-3, warmup_steps=20, bias_update_speed=0.01,
                            eval_batches=16, device="cpu", sample_prompt="def ")),
     "gpu": dict(minutes=60.0, vocab_size=32768, tokenizer_bytes=200_000_000,
