@@ -265,6 +265,10 @@ def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
     history: list[dict] = []
     if from_shards:
         sharded.load_checkpoint(resume_from, policy, [opt], mesh)
+    elif state is not None and "optimizer" in state:  # written before 2026-12-02: one process, by position
+        if info.enabled:
+            raise ValueError(f"{resume_from} was written by an older gasungbi in one process: resume it without torchrun")
+        opt.load_state_dict(state["optimizer"])
     elif state is not None:
         if mesh is not None:
             ep.shard_optimizer_state(policy, state["optimizers"], mesh)
