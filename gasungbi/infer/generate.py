@@ -248,8 +248,8 @@ def stream(model, prompts, *, max_new_tokens: int = 128, sampling: SamplingParam
     ``stop_tokens``: default the config's ``eos_token_id``; ``()`` for none. ``speculative``: draft
     with the model's MTP module (one prompt at a time; greedy output unchanged). ``compile``: run
     the engine's decode step compiled (torch.compile; pays off over long or repeated generations).
-    ``group``: the process group of an expert-parallel model (torch.distributed, CPU tensors: gloo);
-    its ranks generate together, each its own prompts, until all of them are done.
+    ``group``: the process group of an expert-parallel model (torch.distributed); its ranks generate
+    together, each its own prompts, until all of them are done.
     """
     cfg = model.config
     ids = encode_prompts(prompts, tokenizer, add_bos)

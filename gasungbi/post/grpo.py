@@ -60,6 +60,7 @@ from gasungbi.gym.tasks import get_family, make_split, render_task_prompt
 from gasungbi.train import checkpoint as ckpt
 from gasungbi.train import distributed as dist
 from gasungbi.train import sharded
+from gasungbi.train.expert_parallel import gathered_model
 from gasungbi.train.meter import CostMeter, device_peak
 from gasungbi.train.optim import build_optimizers
 
@@ -263,16 +264,12 @@ def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
     pool = make_split(family, max(1000, cfg.steps * cfg.prompts_per_step), cfg.difficulty, seed=cfg.seed, split="train")
     start = 0
     history: list[dict] = []
-    if from_shards:
-        sharded.load_checkpoint(resume_from, policy, [opt], mesh)
-    elif state is not None and "optimizer" in state:  # written before 2026-12-02: one process, by position
+    if state is not None and "optimizer" in state:  # written before 2026-12-02: one process, by position
         if info.enabled:
             raise ValueError(f"{resume_from} was written by an older gasungbi in one process: resume it without torchrun")
         opt.load_state_dict(state["optimizer"])
     elif state is not None:
-        if mesh is not None:
-            ep.shard_optimizer_state(policy, state["optimizers"], mesh)
-        dist.load_optimizer_state(policy, [opt], state["optimizers"])
+        sharded.load_run_checkpoint(resume_from, policy, [opt], mesh, state)
     if state is not None:
         start, history = state["step"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -286,12 +283,12 @@ def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
                       tokens_before=state["meter"]["tokens"] if state else 0)
 
     def gathered():
-        """The whole policy as a plain model on rank 0, None elsewhere (collective under torchrun)."""
+        """The whole policy on rank 0, None elsewhere (collective under torchrun): the model itself
+        where every rank holds all of it, a gathered copy under expert parallelism."""
         if mesh is None:
             return model if info.is_main else None
-        from gasungbi.model.transformer import from_state_dict
-        full = ep.full_model_state(policy, mesh)
-        return from_state_dict(model.config, full).to(device) if info.is_main else None
+        m = gathered_model(policy, model.config, mesh, info.is_main)
+        return m.to(device) if m is not None else None
 
     def held_out() -> dict:
         """Rank 0 evaluates (the replicas are equal; with EP, on the gathered experts), all get it."""
@@ -306,12 +303,9 @@ def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
         st = {"step": step, "history": history, "rng": {"torch": torch.get_rng_state()},
               "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens},
               "grpo_config": json.dumps(dataclasses.asdict(cfg)), "before": before}
-        if info.enabled:
-            hf_model = gathered() if final else None
-            return sharded.save_checkpoint(out, step, policy, [opt], mesh, st, info.is_main, cfg.init_from,
-                                           keep=cfg.keep_checkpoints, hf_model=hf_model)
-        st["optimizers"] = dist.full_optimizer_state(policy, [opt])
-        return ckpt.save_checkpoint(out, step, model, st, tokenizer=cfg.init_from, keep=cfg.keep_checkpoints)
+        hf_model = gathered() if final or not info.enabled else None  # one process: the model itself
+        return sharded.save_run_checkpoint(out, step, policy, [opt], mesh, st, info, cfg.init_from,
+                                           cfg.keep_checkpoints, hf_model)
 
     before = state["before"] if state else held_out()
     from tqdm import tqdm

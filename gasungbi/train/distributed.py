@@ -108,3 +108,4 @@ def load_optimizer_state(objective: nn.Module, optimizers: list, states: list[di
     opts = StateDictOptions(full_state_dict=True, strict=False)
     for opt, state in zip(optimizers, states):
         set_optimizer_state_dict(objective, opt, state, options=opts)
+

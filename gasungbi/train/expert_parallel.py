@@ -201,6 +201,17 @@ def full_model_state(objective: nn.Module, mesh) -> dict[str, torch.Tensor]:
     return out
 
 
+def gathered_model(objective: nn.Module, cfg, mesh, is_main: bool):
+    """The whole model as a plain copy on CPU on the main process, None elsewhere: its full state
+    (FSDP shards and, with the expert-parallel ``mesh``, expert slices gathered). Collective under
+    torchrun: every rank must call it."""
+    from gasungbi.model.transformer import from_state_dict
+    from gasungbi.train.distributed import full_model_state as dense_state
+
+    state = full_model_state(objective, mesh) if mesh is not None else dense_state(objective)
+    return from_state_dict(cfg, state) if is_main else None
+
+
 def shard_optimizer_state(objective: nn.Module, optim_states: list[dict], mesh) -> None:
     """In place: full expert optimizer tensors (from a checkpoint) become this rank's slices."""
     rank, size = mesh["ep"].get_local_rank(), mesh["ep"].size()

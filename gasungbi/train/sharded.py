@@ -33,6 +33,8 @@ from gasungbi.interop import hf
 from gasungbi.interop.hf import copy_tokenizer, save_model
 from gasungbi.model.transformer import Transformer, build_model
 from gasungbi.train import checkpoint as ckpt
+from gasungbi.train import distributed as dist
+from gasungbi.train.expert_parallel import gathered_model, shard_optimizer_state
 
 SHARDS = "shards"
 
@@ -118,6 +120,33 @@ def load_checkpoint(path: str | os.PathLike, objective: nn.Module, optimizers: l
     set_model_state_dict(objective, state["model"])
     for i, opt in enumerate(optimizers):
         set_optimizer_state_dict(objective, opt, state[f"optimizer{i}"])
+
+
+def save_run_checkpoint(run_dir: str | os.PathLike, step: int, objective: nn.Module, optimizers: list, mesh,
+                        training_state: dict, info: dist.DistInfo, tokenizer: str | os.PathLike, keep: int,
+                        hf_model: Transformer | None = None) -> Path | None:
+    """A run's checkpoint in either layout. One process: the Hugging Face layout of ``hf_model`` (or
+    of the gathered model) plus the full training state, optimizers keyed by parameter name. Under
+    torchrun: :func:`save_checkpoint` (sharded; plus the Hugging Face layout of ``hf_model``, the
+    final one). Collective under torchrun."""
+    if info.enabled:
+        return save_checkpoint(run_dir, step, objective, optimizers, mesh, training_state, info.is_main, tokenizer,
+                               keep=keep, hf_model=hf_model)
+    state = {**training_state, "optimizers": dist.full_optimizer_state(objective, optimizers)}
+    model = hf_model if hf_model is not None else gathered_model(objective, objective.model.config, mesh, True)
+    return ckpt.save_checkpoint(run_dir, step, model, state, tokenizer=tokenizer, keep=keep)
+
+
+def load_run_checkpoint(path: str | os.PathLike, objective: nn.Module, optimizers: list, mesh,
+                        training_state: dict) -> None:
+    """Resume a run laid out for this process (``mesh``: expert parallelism or None) from ``path``:
+    the weights and optimizers of a sharded checkpoint, or the optimizers of a one-process one
+    (whose weights the caller loaded; full expert states sliced for EP). Collective under torchrun."""
+    if is_sharded(path):
+        return load_checkpoint(path, objective, optimizers, mesh)
+    if mesh is not None:
+        shard_optimizer_state(objective, training_state["optimizers"], mesh)
+    dist.load_optimizer_state(objective, optimizers, training_state["optimizers"])
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Transformer:

@@ -33,10 +33,11 @@ from gasungbi.config import ModelConfig, get_preset, read_config, to_hf_config
 from gasungbi.data.shards import TokenLoader, load_manifest
 from gasungbi.eval.perplexity import evaluate, evaluate_batches
 from gasungbi.model.accounting import count_params, training_flops_per_token
-from gasungbi.model.transformer import Transformer, build_model, from_state_dict
+from gasungbi.model.transformer import Transformer, build_model
 from gasungbi.train import checkpoint as ckpt
 from gasungbi.train import distributed as dist
 from gasungbi.train import sharded
+from gasungbi.train.expert_parallel import gathered_model
 from gasungbi.train.meter import CostMeter, device_peak
 from gasungbi.train.objective import Objective, update_expert_bias
 from gasungbi.train.optim import build_optimizers, lr_multiplier
@@ -259,13 +260,8 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     optimizers = build_optimizers(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.muon_lr,
                                   moments=tc.adam_moments)
     loader = data.train
-    if sharded_from:
-        sharded.load_checkpoint(resume_from, objective, optimizers, mesh)
-    elif state is not None:
-        if mesh is not None:
-            ep.shard_optimizer_state(objective, state["optimizers"], mesh)
-        dist.load_optimizer_state(objective, optimizers, state["optimizers"])
     if state is not None:
+        sharded.load_run_checkpoint(resume_from, objective, optimizers, mesh, state)
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -294,10 +290,9 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
               f"{tokens_per_step:,} tokens/step, device {device_name} x{world}, "
               f"peak {peak / 1e9:.1f} GFLOP/s" + (f", resuming from {resume_from}" if resume_from else ""))
 
-    def gathered_model():
+    def gather():
         """A plain CPU copy of the model on rank 0 (collective: every rank must call it)."""
-        state = ep.full_model_state(objective, mesh) if mesh is not None else dist.full_model_state(objective)
-        return from_state_dict(cfg, state) if info.is_main else None
+        return gathered_model(objective, cfg, mesh, info.is_main)
 
     def save(step: int, hf_model: Transformer | None = None) -> Path | None:
         """One process: the Hugging Face layout plus the full training state. Under torchrun: sharded
@@ -306,18 +301,14 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                           "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                           "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens}, "time_budget": budget,
                           "history": history, "train_config": json.dumps(dataclasses.asdict(tc))}
-        if info.enabled:
-            return sharded.save_checkpoint(out, step, objective, optimizers, mesh, training_state, info.is_main,
-                                           tc.tokenizer_dir, keep=tc.keep_checkpoints, hf_model=hf_model)
-        training_state["optimizers"] = dist.full_optimizer_state(objective, optimizers)
-        return ckpt.save_checkpoint(out, step, gathered_model(), training_state, tokenizer=tc.tokenizer_dir,
-                                    keep=tc.keep_checkpoints)
+        return sharded.save_run_checkpoint(out, step, objective, optimizers, mesh, training_state, info,
+                                           tc.tokenizer_dir, tc.keep_checkpoints, hf_model)
 
     def validate(step: int) -> dict:
         if mesh is None:
             res = data.evaluate(wrapped, amp)
         else:  # ranks may hold unequal shares of the validation set: rank 0 evaluates all of it
-            cpu_model = gathered_model()
+            cpu_model = gather()
             res = [data.evaluate(Objective(cpu_model.to(info.device)), amp, alone=True) if info.is_main else None]
             torch.distributed.broadcast_object_list(res, src=0)
             res = res[0]
@@ -383,7 +374,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
             if tc.eval_interval and step % tc.eval_interval == 0 and step < end_step:
                 last_val = validate(step)
             if tc.sample_interval and step % tc.sample_interval == 0:
-                sampler = gathered_model() if (tc.parallel == "fsdp" or mesh is not None) and info.enabled else model
+                sampler = gather() if (tc.parallel == "fsdp" or mesh is not None) and info.enabled else model
                 if info.is_main:
                     log.sample(step, _sample(sampler, tc))
             if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < end_step:
@@ -398,7 +389,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         meter.peak_flops = max(meter.peak_flops, device_peak(info.device, torch.float32)[0])
     if not interrupted and step == tc.max_steps and not any(h["step"] == step and "val_loss" in h for h in history):
         last_val = validate(step)  # (a rerun of a finished run has it already)
-    final_model = gathered_model() if info.enabled else None  # the final checkpoint has the HF layout
+    final_model = gather() if info.enabled else None  # the final checkpoint has the HF layout
     path = save(step, final_model)
     report = {"step": step, "max_steps": tc.max_steps, "interrupted": interrupted, "checkpoint": str(path),
               "preset": tc.model, "model": to_hf_config(cfg),
