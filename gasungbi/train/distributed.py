@@ -108,4 +108,3 @@ def load_optimizer_state(objective: nn.Module, optimizers: list, states: list[di
     opts = StateDictOptions(full_state_dict=True, strict=False)
     for opt, state in zip(optimizers, states):
         set_optimizer_state_dict(objective, opt, state, options=opts)
-
