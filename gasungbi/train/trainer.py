@@ -434,7 +434,7 @@ def _size_to_budget(tc: TrainConfig, cfg: ModelConfig, info: dist.DistInfo, amp,
     steps = steps_for_budget(seconds, step_s, eval_s, tc.eval_interval, tc.eval_batches)
     warmup = min(tc.warmup_steps, max(1, steps // 5))
     evals = (steps // tc.eval_interval if tc.eval_interval else 0) + 1
-    record = {"minutes": tc.time_budget, "setup_s": round(spent, 2), "step_s": step_s, "eval_batch_s": eval_s,
+    record = {"minutes": tc.time_budget, "setup_s": spent, "step_s": step_s, "eval_batch_s": eval_s,
               "max_steps": steps, "warmup_steps": warmup,
               "validation_s_estimate": round(evals * tc.eval_batches * eval_s, 2)}
     if info.is_main:
