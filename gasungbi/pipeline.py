@@ -7,8 +7,8 @@ Recipes (arithmetic in the comments):
 * ``cpu`` (default): the Python standard library (~12 MB of source, ~3.4 M tokens at 4096 BPE),
   ``cpu-tiny`` (10.2 M parameters, ~4 M activated), 16 x 256 = 4,096 tokens per step. At the
   ~3,000 tokens/s a 2-core CPU gives this model, 6.5 minutes of pretraining is ~1.2 M tokens; then
-  ~4.5 minutes of cold-start SFT and ~3 of GRPO (with its two held-out evaluations) on two-digit
-  additions: about 15 minutes in all. GRPO's learning rate is small (5e-6). Measured from one SFT'd
+  ~5 minutes of cold-start SFT and ~3 of GRPO (with its two held-out evaluations) on two-digit
+  additions: about 15 minutes in all (each post-training stage is bounded, see ``POST``). GRPO's learning rate is small (5e-6). Measured from one SFT'd
   model (greedy accuracy 0.900 on 300 held-out tasks; 2026-12-02): 60 steps at 1e-4 or 3e-4 drove it
   to 0.603 and 0.000 (AdamW moves every weight by about lr per step, noise included); 24 steps at
   3e-5 (the earlier recipe) -0.007, 100 at 3e-5 -0.003; 48 at 1e-5 +0.017 and 50 at 5e-6 +0.010
@@ -43,10 +43,14 @@ from gasungbi.train.trainer import TrainConfig
 # recipe in miniature), so the final checkpoint answers in <think>...</think><answer>...</answer>.
 POST = {
     "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=450, sft_batch=16, grpo_steps=100, prompts_per_step=8,
-                group_size=8, max_new_tokens=24, eval_tasks=300, grpo_lr=5e-6),
+                group_size=8, max_new_tokens=24, eval_tasks=300, grpo_lr=5e-6, sft_minutes=6.5, grpo_minutes=4.5),
     "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, grpo_steps=200, prompts_per_step=32,
-                group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5),
+                group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5, sft_minutes=15.0, grpo_minutes=20.0),
 }
+"""Post-training settings. ``sft_minutes`` and ``grpo_minutes`` bound the two stages: on a machine too
+slow for the recipe's steps, SFT is sized down from a measured step time and GRPO stops at a step
+boundary, and the report's stage table says so. On the 2-core machine the cpu recipe was tuned on,
+SFT's 450 steps took 5.2-5.3 minutes and GRPO's 100 steps 2.7-3.1 (with both of its evaluations)."""
 POST["node"] = POST["gpu"]
 
 RECIPES = {
@@ -111,6 +115,8 @@ def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str
         print(f"      a different schedule than the earlier run in {out / 'train'}: starting over")
         for stage in ("train", "sft", "grpo"):
             shutil.rmtree(out / stage, ignore_errors=True)
+        for f in ("eval_base.json", "sft_plan.json"):  # made from the earlier pretrained model
+            (out / f).unlink(missing_ok=True)
     plan["max_steps"] = steps
     plan_file.write_text(json.dumps(plan, indent=2))
     tc = dataclasses.replace(tc, max_steps=steps, eval_interval=max(1, steps // 5), ckpt_interval=max(1, steps // 5),
@@ -218,18 +224,25 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
         base = {"accuracy": r["pass@1"], "ci95": list(r["ci95"]), "n": r["n_tasks"], "per_task": r["per_task"],
                 "elapsed_s": round(time.perf_counter() - t, 2)}
         base_file.write_text(json.dumps(base))
-    print(f"[4/5] cold-start SFT on {p['sft_examples']} gym conversations for {p['sft_steps']} steps, "
-          f"then GRPO for {p['grpo_steps']} steps")
-    sft = train(TrainConfig(task="sft", init_from=pretrained, data=str(gym), out_dir=str(out / "sft"),
-                            batch_size=p["sft_batch"], seq_len=128, max_steps=p["sft_steps"], lr=1e-3,
-                            warmup_steps=10, eval_interval=0, ckpt_interval=0, log_interval=10,
-                            device=tc.device, resume=True, progress=tc.progress, seed=tc.seed,
-                            price_per_hour=tc.price_per_hour, sample_tokens=2))
+    sft_tc = TrainConfig(task="sft", init_from=pretrained, data=str(gym), out_dir=str(out / "sft"),
+                         batch_size=p["sft_batch"], seq_len=128, max_steps=p["sft_steps"], lr=1e-3,
+                         warmup_steps=10, eval_interval=0, ckpt_interval=0, log_interval=10,
+                         device=tc.device, resume=True, progress=tc.progress, seed=tc.seed,
+                         price_per_hour=tc.price_per_hour, sample_tokens=2)
+    sft_plan = _size_sft(out / "sft_plan.json", sft_tc, pretrained, p)
+    print(f"[4/5] cold-start SFT on {p['sft_examples']} gym conversations for {sft_plan['steps']} steps, "
+          f"then GRPO for up to {p['grpo_steps']} steps ({p['grpo_minutes']:g} minutes at most)")
+    sft = train(dataclasses.replace(sft_tc, max_steps=sft_plan["steps"]))
     g = grpo(GRPOConfig(init_from=sft["checkpoint"], out_dir=str(out / "grpo"), task=p["task"],
                         difficulty=p["difficulty"], steps=p["grpo_steps"], prompts_per_step=p["prompts_per_step"],
                         group_size=p["group_size"], max_new_tokens=p["max_new_tokens"], lr=p["grpo_lr"],
                         eval_tasks=p["eval_tasks"], ckpt_interval=0, device=device, resume=True,
-                        progress=tc.progress, seed=tc.seed, price_per_hour=tc.price_per_hour))
+                        progress=tc.progress, seed=tc.seed, price_per_hour=tc.price_per_hour,
+                        time_budget=p["grpo_minutes"]))
+    grpo_note = (f"the recipe's {g['steps']} steps, within its {p['grpo_minutes']:g}-minute budget"
+                 if g["steps"] == g["planned_steps"] else
+                 f"**shortened**: stopped after {g['steps']} of the recipe's {g['planned_steps']} steps, when its "
+                 f"{p['grpo_minutes']:g}-minute budget was spent")
     outcomes = {"base": base["per_task"], "sft": g["before"]["per_task"], "grpo": g["after"]["per_task"]}
     held_out = {"task": p["task"], "difficulty": p["difficulty"], "n": base["n"], "split": "test",
                 "decoding": "greedy", "gains": {"sft": paired_gain(outcomes["base"], outcomes["sft"]),
@@ -237,12 +250,39 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
                                                 "total": paired_gain(outcomes["base"], outcomes["grpo"])}}
     return {"eval_base": {k: v for k, v in base.items() if k != "per_task"},
             "sft": {"steps": sft["step"], "val_loss": sft["val_loss"], "elapsed_s": sft["elapsed_s"],
-                    "dollars": sft["dollars"], "note": "fixed steps (the recipe's)"},
-            "grpo": {"steps": p["grpo_steps"], "before": g["before"], "after": g["after"],
-                     "checkpoint": g["checkpoint"], "elapsed_s": g["elapsed_s"], "dollars": g["dollars"],
-                     "note": "fixed steps (the recipe's); the time includes its held-out evaluations "
-                             "(after SFT, after GRPO)"},
+                    "dollars": sft["dollars"], "note": sft_plan["note"], "sized": sft_plan},
+            "grpo": {"steps": g["steps"], "planned_steps": g["planned_steps"], "before": g["before"],
+                     "after": g["after"], "checkpoint": g["checkpoint"], "elapsed_s": g["elapsed_s"],
+                     "dollars": g["dollars"],
+                     "note": grpo_note + "; the time includes its held-out evaluations (after SFT, after GRPO)"},
             "held_out": held_out}
+
+
+def _size_sft(plan_file: Path, sft_tc: TrainConfig, pretrained: str, p: dict) -> dict:
+    """SFT's steps: the recipe's, or fewer where a measured step time says they would overrun
+    ``p["sft_minutes"]`` (the schedule is sized before training, as pretraining's is). Kept in
+    ``plan_file`` so a rerun resumes the same schedule."""
+    from gasungbi.config import read_config
+    from gasungbi.train.budget import measure_seconds
+
+    if plan_file.exists():
+        return json.loads(plan_file.read_text())
+    device = torch.device("cuda" if sft_tc.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if sft_tc.device == "auto" else sft_tc.device))
+    # x 1.25: the loader, loss masks and logging (cpu recipe: 0.55 s/step timed here, 0.69 in the run)
+    step_s = measure_seconds(sft_tc, read_config(pretrained), device, steps=4)[0] * 1.25
+    fit = max(1, int(p["sft_minutes"] * 60 / step_s))
+    steps = min(p["sft_steps"], fit)
+    note = (f"the recipe's {steps} steps (a measured {step_s:.2f} s/step: {steps * step_s / 60:.1f} of its "
+            f"{p['sft_minutes']:g}-minute budget)" if steps == p["sft_steps"] else
+            f"**shortened** from the recipe's {p['sft_steps']} steps to {steps}: a measured {step_s:.2f} s/step "
+            f"fits {steps} in its {p['sft_minutes']:g}-minute budget")
+    plan = {"steps": steps, "recipe_steps": p["sft_steps"], "step_s": round(step_s, 4), "minutes": p["sft_minutes"],
+            "note": note}
+    plan_file.write_text(json.dumps(plan, indent=2))
+    if steps < p["sft_steps"]:
+        print(f"      SFT {note}")
+    return plan
 
 
 def write_report(out: Path, tc: TrainConfig, report: dict, manifest) -> Path:

@@ -1,6 +1,7 @@
 """GRPO's arithmetic, a GRPO run that raises a reward, resume, distillation (checkpoint and HTTP
 teacher) and the eval-tasks command."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -154,6 +155,19 @@ def test_grpo_raises_a_learnable_reward_and_resumes(ckpt, tmp_path):
     wa = load_file(f"{report['checkpoint']}/model.safetensors")
     wb = load_file(f"{resumed['checkpoint']}/model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_grpo_time_budget_stops_at_a_step_boundary_and_stays_stopped(ckpt, tmp_path):
+    cfg = GRPOConfig(init_from=str(ckpt), out_dir=str(tmp_path / "t"), reward=SEVENS, steps=5, prompts_per_step=2,
+                     group_size=2, max_new_tokens=4, eval_tasks=2, ckpt_interval=0, progress=False,
+                     time_budget=1e-4)  # 6 ms: spent by the first step, which always runs
+    report = grpo(cfg)
+    assert report["steps"] == 1 and report["planned_steps"] == 5 and report["time_budget"] == 1e-4
+    assert report["checkpoint"].endswith("step_000001") and report["before"]["elapsed_s"] >= 0
+    again = grpo(dataclasses.replace(cfg, resume=True))  # a rerun finds the budget spent: no more steps
+    assert again["steps"] == 1 and len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="time_budget must be > 0"):
+        GRPOConfig(init_from=str(ckpt), time_budget=0).validate()
 
 
 def test_distill_from_checkpoint_and_from_an_endpoint(ckpt, tmp_path):

@@ -30,7 +30,8 @@ def test_speedrun_recipe_at_tiny_size(recipe, corpus, tmp_path):
     assert report["post"]["sft"]["steps"] == 2 and report["post"]["grpo"]["after"]["n"] == 4
     md = (tmp_path / "report.md").read_text()
     for needle in ("validation bits per byte", "MFU", "device-hours", "cost", "Expert load", "Sample", "loss.png",
-                   "Held-out gym accuracy", "after GRPO", "paired", "## Stages", "a fixed number of steps"):
+                   "Held-out gym accuracy", "after GRPO", "paired", "## Stages", "a fixed number of steps",
+                   "the recipe's 2 steps (a measured", "the recipe's 1 steps, within its"):
         assert needle in md
     # base, SFT and GRPO scored on the same held-out tasks; each gain with a paired interval
     post, held = report["post"], report["post"]["held_out"]
@@ -60,6 +61,17 @@ def test_speedrun_report_says_when_pretraining_was_sized_to_the_budget(corpus, t
     report = speedrun("cpu", out=tmp_path, corpus=str(corpus), minutes=0.01, overrides=TINY, post=False)
     note = report["stages"]["pretrain"]["note"]
     assert note.startswith("sized to the 0.01-minute budget") and note in (tmp_path / "report.md").read_text()
+
+
+def test_speedrun_shortens_a_post_training_stage_that_cannot_fit_and_says_so(corpus, tmp_path):
+    post = {**TINY_POST, "sft_steps": 3, "grpo_steps": 3, "sft_minutes": 1e-5, "grpo_minutes": 1e-4}
+    report = speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=2, overrides=TINY, post=post)
+    sft, grpo = report["stages"]["sft"], report["stages"]["grpo"]
+    assert sft["steps"] == 1 and sft["note"].startswith("**shortened** from the recipe's 3 steps to 1")
+    assert grpo["steps"] == 1 and grpo["note"].startswith("**shortened**: stopped after 1 of the recipe's 3 steps")
+    md = (tmp_path / "report.md").read_text()
+    assert sft["note"] in md and grpo["note"] in md
+    assert json.loads((tmp_path / "sft_plan.json").read_text())["steps"] == 1  # a rerun keeps this schedule
 
 
 def test_speedrun_rerun_reuses_data_and_resumes(corpus, tmp_path):

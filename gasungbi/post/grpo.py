@@ -34,6 +34,11 @@ completions). ``expert_parallel`` K shards the routed experts over K ranks (the 
 so the K ranks of a group generate together until all their rows are done. Held-out evaluation
 runs on rank 0 alone (the experts gathered there); checkpoints are sharded
 (:mod:`gasungbi.train.sharded`) and the final one also has the Hugging Face layout.
+
+``time_budget`` (minutes) bounds the whole run: before each step after the first, the run stops if
+that step (at this run's mean step time) and the final evaluation (as long as the first one) would
+overrun it; the report's ``steps`` is then below ``planned_steps``. The learning rate is constant,
+so a shortened run is the first steps of the planned one.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +82,7 @@ class GRPOConfig:
     reasoning: bool = True  # ask for <think>...</think><answer>...</answer>
     reward: str = "accuracy+format"  # accuracy, format, accuracy+format, or module:function
     steps: int = 40  # GRPO steps
+    time_budget: float | None = None  # minutes for the whole run, its evaluations included: stop at the step boundary where one more step and the final evaluation would not fit (the report says so)
     prompts_per_step: int = 8  # P, prompts per step
     group_size: int = 8  # G, completions per prompt
     max_new_tokens: int = 48  # longest completion
@@ -113,6 +120,8 @@ class GRPOConfig:
             raise ValueError(f"kl_estimator={self.kl_estimator!r}; choose k3 or k3_corrected")
         if self.precision not in ("fp32", "bf16", "fp8"):
             raise ValueError(f"precision={self.precision!r}; choose fp32, bf16 or fp8")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be > 0 minutes, got {self.time_budget}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (GRPO compares sampled completions), got {self.temperature}")
         if self.group_size < 2:
@@ -307,7 +316,21 @@ def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
         return sharded.save_run_checkpoint(out, step, policy, [opt], mesh, st, info, cfg.init_from,
                                            cfg.keep_checkpoints, hf_model)
 
-    before = state["before"] if state else held_out()
+    if state:
+        before = state["before"]
+    else:
+        t = time.perf_counter()
+        before = {**held_out(), "elapsed_s": round(time.perf_counter() - t, 2)}
+
+    def out_of_time(steps_here: int, since: float) -> bool:
+        """Whether one more step (this process's mean so far) and the final evaluation (as long as
+        the first) would overrun ``cfg.time_budget``; every rank gets the same answer."""
+        if cfg.time_budget is None:
+            return False
+        step_s = (meter.elapsed - since) / steps_here if steps_here else 0.0
+        late = torch.tensor([float(meter.elapsed + step_s + before.get("elapsed_s", 0.0) > cfg.time_budget * 60)],
+                            device=device)
+        return bool((dist.all_reduce_sum(late) if info.enabled else late).item() > 0)
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", disable=not (cfg.progress and info.is_main),
                dynamic_ncols=True)
@@ -315,7 +338,10 @@ def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
         ckpt.truncate_metrics(out / "metrics.jsonl", start)
     metrics = open(out / "metrics.jsonl", "a") if info.is_main else None
     local = cfg.prompts_per_step // world  # this rank's prompts: whole groups
+    done, since = start, meter.elapsed
     for step in range(start, cfg.steps):
+        if done > 0 and out_of_time(done - start, since):
+            break
         first = step * cfg.prompts_per_step + info.rank * local
         batch = [pool[(first + i) % len(pool)] for i in range(local)]
         prompts = [conv.chat_ids(render_task_prompt(t, cfg.reasoning), content_as_text=False) for t in batch]
@@ -370,12 +396,16 @@ def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
             history.append({"step": step + 1, "eval": held_out()})
         if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.steps:
             save(step + 1)
+        done = step + 1
     bar.close()
     if metrics is not None:
         metrics.close()
     after = held_out()
-    path = save(cfg.steps, final=True)
-    report = {"task": cfg.task, "difficulty": cfg.difficulty, "steps": cfg.steps, "before": before, "after": after,
+    path = save(done, final=True)
+    if done < cfg.steps and info.is_main:
+        print(f"grpo: stopped after {done} of {cfg.steps} steps: the {cfg.time_budget:g}-minute budget was spent")
+    report = {"task": cfg.task, "difficulty": cfg.difficulty, "steps": done, "planned_steps": cfg.steps,
+              "time_budget": cfg.time_budget, "before": before, "after": after,
               "improved_beyond_ci": after["accuracy"] > before["ci95"][1], "checkpoint": str(path),
               **meter.summary(), "device": dev_name, "device_count": world}
     if info.is_main:
