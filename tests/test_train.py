@@ -92,9 +92,11 @@ def test_time_budget_sizes_steps_from_a_measured_step_time(data_dir, tmp_path):
                         eval_interval=0, stop_after=None))
     b = report["time_budget"]
     assert b["step_s"] > 0 and b["eval_batch_s"] > 0 and b["minutes"] == 0.03 and b["setup_s"] > 0
-    assert report["step"] == report["max_steps"] == b["max_steps"] == steps_for_budget(
-        1.8 - b["setup_s"], b["step_s"], b["eval_batch_s"], 0, 2)  # the setup's seconds come off the budget
+    assert b["max_steps"] == steps_for_budget(1.8 - b["setup_s"], b["step_s"], b["eval_batch_s"], 0, 2)  # the setup's seconds come off the budget
     assert b["warmup_steps"] == max(1, b["max_steps"] // 5)  # the schedule follows the sized horizon
+    # at the end of warmup the horizon is re-sized from the real steps' time
+    assert b["resized"]["at_step"] == b["warmup_steps"] and b["resized"]["step_s"] > 0
+    assert report["step"] == report["max_steps"] == b["resized"]["max_steps"]
     assert json.loads((tmp_path / "a" / "report.json").read_text())["time_budget"] == b
     assert report["elapsed_s"] < 60  # a 1.8 s budget, loosely (a shared machine)
     # a resumed run keeps the steps it was sized to, whatever a new measurement would say
@@ -102,6 +104,22 @@ def test_time_budget_sizes_steps_from_a_measured_step_time(data_dir, tmp_path):
     resumed = train(_cfg(data_dir, tmp_path / "b", time_budget=0.05, eval_interval=0, resume=True))
     assert resumed["max_steps"] == first["max_steps"] == first["time_budget"]["max_steps"]
     assert resumed["time_budget"]["resumed"]
+
+
+def test_time_budget_resizes_the_horizon_from_the_real_steps(data_dir, tmp_path, monkeypatch):
+    """A pre-training measurement 100x too optimistic sizes a run far too long; the real steps' time
+    at the end of warmup brings it back into the budget, with the learning rate continuous."""
+    import gasungbi.train.budget as budget_module
+    real = budget_module.measure_seconds
+    monkeypatch.setattr(budget_module, "measure_seconds", lambda *a, **k: tuple(t / 100 for t in real(*a, **k)))
+    report = train(_cfg(data_dir, tmp_path / "a", time_budget=0.03, max_steps=10**6, warmup_steps=5,
+                        eval_interval=0, stop_after=None, log_interval=1))
+    b = report["time_budget"]
+    assert b["resized"]["at_step"] == 5 and b["resized"]["max_steps"] < b["max_steps"] / 10
+    assert report["step"] == report["max_steps"] == b["resized"]["max_steps"]
+    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "lr" in l]
+    assert rows[4]["lr"] == pytest.approx(rows[5]["lr"], rel=0.01)  # the peak, then the decay begins
+    assert rows[-1]["step"] == report["step"]
 
 
 def test_short_budgets_get_short_budget_defaults():

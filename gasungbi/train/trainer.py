@@ -323,7 +323,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     bar = log.progress(start_step, end_step)
     last_val: dict = next((h for h in reversed(history) if "val_loss" in h), {})
     load_stats: dict = {}
-    step = start_step
+    step, first_step_done = start_step, 0.0
     with stop.installed():
         while step < end_step and stop.signal is None:
             mult = lr_multiplier(step, tc.max_steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_frac)
@@ -363,6 +363,13 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                 dist.all_reduce_sum(t)
                 sums["loss"], sums["lm_loss"] = (t / world).tolist()
             meter.update(tokens_per_step)
+            if step == start_step + 1:
+                first_step_done = meter.elapsed
+            if budget is not None and step == max(tc.warmup_steps, start_step + 3) and "resized" not in budget \
+                    and not budget.get("resumed"):
+                tc, end_step = _resize_to_budget(tc, budget, (meter.elapsed - first_step_done) / (step - start_step - 1),
+                                                 step, time.perf_counter() - started, info)
+                bar.total = end_step
             if step % tc.log_interval == 0 or step == end_step:
                 row = {"step": step, "lr": optimizers[0].param_groups[0]["lr"], **sums,
                        "grad_norm": float(grad_norm), "tokens": meter.tokens,
@@ -442,6 +449,28 @@ def _size_to_budget(tc: TrainConfig, cfg: ModelConfig, info: dist.DistInfo, amp,
               f"{eval_s:.3f} s per validation batch: {steps} steps ({record['validation_s_estimate']:.0f} s of "
               f"it validation), warmup {warmup}")
     return dataclasses.replace(tc, max_steps=steps, warmup_steps=warmup), record
+
+
+def _resize_to_budget(tc: TrainConfig, budget: dict, step_s: float, step: int, spent: float,
+                      info: dist.DistInfo) -> tuple[TrainConfig, int]:
+    """Once, at the end of warmup: the horizon re-sized from the real steps' time (``step_s``, the
+    mean after the first step; the ranks' mean under torchrun), since a step timed on random tokens
+    before training can be off by 20-40% on a shared CPU (the data, logging, balancing updates, and a
+    machine that slows under load). At the end of warmup the learning rate is the peak for any
+    horizon, so the schedule stays continuous. Recorded in ``budget["resized"]``; a resumed run keeps
+    its sizing."""
+    from gasungbi.train.budget import steps_for_budget
+
+    if info.enabled:
+        step_s = dist.all_reduce_sum(torch.tensor([step_s], device=info.device)).item() / info.world_size
+    total = step + steps_for_budget(tc.time_budget * 60 - spent, step_s, budget["eval_batch_s"], tc.eval_interval,
+                                    tc.eval_batches)
+    budget["resized"] = {"at_step": step, "step_s": step_s, "max_steps": total}
+    if info.is_main:
+        print(f"\ntime budget: the first {step} steps ran at {step_s:.3f} s/step (measured before: "
+              f"{budget['step_s']:.3f}): {total} steps instead of {tc.max_steps}")
+    tc = dataclasses.replace(tc, max_steps=total)
+    return tc, min(total, tc.stop_after or total)
 
 
 def _val_text(row: dict) -> str:
