@@ -5,6 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def preload() -> None:
+    """Import matplotlib now (about 1 s on a small CPU), e.g. before a time budget is sized."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def loss_curve(history: list[dict], path: str | Path) -> Path | None:
     """Training loss against tokens, with validation bits per byte on a second axis."""
     import matplotlib

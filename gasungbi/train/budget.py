@@ -7,9 +7,11 @@ validations the run will do are subtracted from the budget:
 
     budget = n x step_s + (n // eval_interval + 1) x eval_batches x eval_batch_s   solved for n
 
-The time the run spent before the sizing (loading data, building the model, the timings
-themselves) is taken off the budget first. Checkpoints and sample generations are not counted (a
-few seconds each at the sizes this fits).
+The time the run spent before the sizing (from the ``train`` command's start: imports, loading
+data, building the model, the timings themselves) is taken off the budget first, and
+:data:`TAIL_S` is kept back for the end. At the end of warmup the horizon is re-sized once from the
+real steps' time (the trainer's ``_resize_to_budget``). Checkpoints and samples during the run are
+not counted (a few seconds each at the sizes this fits).
 
 Short budgets get their own defaults (:func:`short_budget_defaults`): what a few minutes of a CPU
 buys is a few hundred small optimizer steps, not a few dozen large ones.
@@ -83,6 +85,11 @@ def steps_for_budget(seconds: float, step_s: float, eval_batch_s: float, eval_in
     per_step = step_s + (per_eval / eval_interval if eval_interval else 0.0)
     return max(1, int((seconds - per_eval) / per_step))  # - per_eval: the validation at the end
 
+
+TAIL_S = 1.0
+"""Seconds kept back for what follows the last step: the final checkpoint, a sample and the report
+(0.6-0.9 s for ``cpu-tiny`` on the 2-core machine this was written on; the plot's import is paid
+during setup instead). The budget counts from the ``train`` command's start, imports included."""
 
 SHORT_BUDGET_MINUTES = 5.0
 """At or below this budget, :func:`short_budget_defaults` applies."""

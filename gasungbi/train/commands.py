@@ -8,14 +8,18 @@ model config.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from typing import Annotated
+import time
 
-from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction, arg
+STARTED = time.perf_counter()  # before torch is imported: ``train --time-budget`` counts from here
 
-from gasungbi.errors import UserError
-from gasungbi.train.trainer import TrainConfig
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction, arg  # noqa: E402
+
+from gasungbi.errors import UserError  # noqa: E402
+from gasungbi.train.trainer import TrainConfig  # noqa: E402
 
 Flat = OmitArgPrefixes  # a config dataclass whose fields are top-level flags (--lr, not --cfg.lr)
 Overrides = Annotated[tuple[str, ...], UseAppendAction]
@@ -79,7 +83,7 @@ def train_cmd(cfg: Annotated[TrainConfig, Flat] = TrainConfig(), set: Overrides 
         print(f"time budget {cfg.time_budget:g} min: short-budget defaults "
               f"{', '.join(f'{k}={v:g}' for k, v in changed.items())} (pass a flag to keep another value)")
     try:
-        report = train(with_model_overrides(cfg, set))
+        report = train(with_model_overrides(cfg, set), started=STARTED)
     except ValueError as e:
         raise UserError(str(e)) from None
     if report.get("checkpoint") is None:  # not rank 0 under torchrun: rank 0 reports

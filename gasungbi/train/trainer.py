@@ -166,12 +166,14 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
-def train(tc: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) pretraining; returns the final report (also written to out_dir/report.json)."""
+def train(tc: TrainConfig, started: float | None = None) -> dict[str, Any]:
+    """Run (or resume) pretraining; returns the final report (also written to out_dir/report.json).
+    ``started``: the ``time.perf_counter()`` a time budget counts from (the command's start; default
+    this call)."""
     tc.validate()
     info = dist.setup(tc.device)
     try:
-        return _train(tc, info)
+        return _train(tc, info, started if started is not None else time.perf_counter())
     finally:
         dist.teardown()
 
@@ -210,8 +212,7 @@ class _Data:
                         world_size=world, amp=amp, all_reduce_sum=reduce)
 
 
-def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
-    started = time.perf_counter()
+def _train(tc: TrainConfig, info: dist.DistInfo, started: float) -> dict[str, Any]:
     out = Path(tc.out_dir)
     ckpt.claim_run_dir(out, tc.resume, tc.overwrite, remove=info.is_main)
     world = info.world_size
@@ -392,7 +393,7 @@ def _train(tc: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                                 _val_text(last_val))
     bar.close()
     interrupted = stop.signal is not None
-    if not cuda:  # a CPU peak measured while something else ran is too low: keep the better of two
+    if not cuda and budget is None:  # a CPU peak measured while something else ran is too low: keep the better of two
         meter.peak_flops = max(meter.peak_flops, device_peak(info.device, torch.float32)[0])
     if not interrupted and step == tc.max_steps and not any(h["step"] == step and "val_loss" in h for h in history):
         last_val = validate(step)  # (a rerun of a finished run has it already)
@@ -425,23 +426,26 @@ def _size_to_budget(tc: TrainConfig, cfg: ModelConfig, info: dist.DistInfo, amp,
     """``tc`` with max_steps sized to ``tc.time_budget`` minutes less the ``spent`` seconds of setup
     and the sizing's own timings (the warmup capped at a fifth of the steps), and the sizing's
     record; a resumed run keeps the steps it was sized to."""
-    from gasungbi.train.budget import measure_seconds, steps_for_budget
+    from gasungbi.train.budget import TAIL_S, measure_seconds, steps_for_budget
 
     if state is not None:
         sized = json.loads(state["train_config"])
         return (dataclasses.replace(tc, max_steps=sized["max_steps"], warmup_steps=sized["warmup_steps"]),
                 {**(state.get("time_budget") or {}), "resumed": True})
     t0 = time.perf_counter()
+    if info.is_main:  # the plot's import (~1 s) is paid now, inside the measured setup
+        from gasungbi.eval.plots import preload
+        preload()
     step_s, eval_s = measure_seconds(tc, cfg, info.device, amp=amp, batch_size=tc.batch_size // info.world_size)
     if info.enabled:  # every rank must run the same number of steps: the mean of their timings
         t = dist.all_reduce_sum(torch.tensor([step_s, eval_s], device=info.device)) / info.world_size
         step_s, eval_s = t.tolist()
     spent += time.perf_counter() - t0
-    seconds = tc.time_budget * 60 - spent
+    seconds = tc.time_budget * 60 - spent - TAIL_S
     steps = steps_for_budget(seconds, step_s, eval_s, tc.eval_interval, tc.eval_batches)
     warmup = min(tc.warmup_steps, max(1, steps // 5))
     evals = (steps // tc.eval_interval if tc.eval_interval else 0) + 1
-    record = {"minutes": tc.time_budget, "setup_s": spent, "step_s": step_s, "eval_batch_s": eval_s,
+    record = {"minutes": tc.time_budget, "setup_s": spent, "tail_s": TAIL_S, "step_s": step_s, "eval_batch_s": eval_s,
               "max_steps": steps, "warmup_steps": warmup,
               "validation_s_estimate": round(evals * tc.eval_batches * eval_s, 2)}
     if info.is_main:
@@ -459,11 +463,11 @@ def _resize_to_budget(tc: TrainConfig, budget: dict, step_s: float, step: int, s
     machine that slows under load). At the end of warmup the learning rate is the peak for any
     horizon, so the schedule stays continuous. Recorded in ``budget["resized"]``; a resumed run keeps
     its sizing."""
-    from gasungbi.train.budget import steps_for_budget
+    from gasungbi.train.budget import TAIL_S, steps_for_budget
 
     if info.enabled:
         step_s = dist.all_reduce_sum(torch.tensor([step_s], device=info.device)).item() / info.world_size
-    total = step + steps_for_budget(tc.time_budget * 60 - spent, step_s, budget["eval_batch_s"], tc.eval_interval,
+    total = step + steps_for_budget(tc.time_budget * 60 - spent - TAIL_S, step_s, budget["eval_batch_s"], tc.eval_interval,
                                     tc.eval_batches)
     budget["resized"] = {"at_step": step, "step_s": step_s, "max_steps": total}
     if info.is_main:
