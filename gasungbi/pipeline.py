@@ -20,8 +20,10 @@ Recipes (arithmetic in the comments):
   with FSDP2, 256 x 1024 tokens per step.
 
 The number of steps is sized to the time budget from a throughput measured before training
-(three timed steps), and stored in OUT/speedrun.json, so running the same command again after an
-interruption resumes the same schedule.
+(four timed steps) and stored in OUT/speedrun.json; the trainer then re-sizes the horizon once, at
+the end of warmup, from the real steps' time (``train --time-budget``, :mod:`gasungbi.train.budget`),
+and keeps that sizing in its checkpoints, so running the same command again after an interruption
+resumes the same schedule.
 """
 
 from __future__ import annotations
@@ -119,14 +121,21 @@ def speedrun(recipe: str = "cpu", out: str | Path = "runs/speedrun", corpus: str
             (out / f).unlink(missing_ok=True)
     plan["max_steps"] = steps
     plan_file.write_text(json.dumps(plan, indent=2))
-    tc = dataclasses.replace(tc, max_steps=steps, eval_interval=max(1, steps // 5), ckpt_interval=max(1, steps // 5),
-                             log_interval=max(1, min(10, steps // 20)))
-    print(f"[3/5] pretraining {tc.model} for {steps} steps ({steps * tc.batch_size * tc.seq_len:,} tokens)")
-    report = train(tc)
     sized = plan.get("sized")
+    # a sized run hands its budget to the trainer, which re-sizes the horizon at the end of warmup from
+    # the real steps' time; the intervals follow the estimate made here
+    tc = dataclasses.replace(tc, max_steps=steps, eval_interval=max(1, steps // 5), ckpt_interval=max(1, steps // 5),
+                             log_interval=max(1, min(10, steps // 20)),
+                             time_budget=sized["minutes"] if sized else None)
+    print(f"[3/5] pretraining {tc.model} for {'about ' if sized else ''}{steps} steps "
+          f"({steps * tc.batch_size * tc.seq_len:,} tokens)")
+    report = train(tc)
+    resized = (report.get("time_budget") or {}).get("resized")
     report["stages"] = {"pretrain": {
         "steps": report["step"], "elapsed_s": report["elapsed_s"], "dollars": report["dollars"],
         "note": (f"sized to the {sized['minutes']:g}-minute budget at a measured {sized['step_s']:.3f} s/step"
+                 + (f", re-sized to {resized['max_steps']} steps at the end of warmup (the real steps ran at "
+                    f"{resized['step_s']:.3f} s/step)" if resized else "")
                  if sized else "a fixed number of steps (--steps)")}}
     if report["interrupted"]:
         print("speedrun interrupted; run the same command again to resume")

@@ -61,6 +61,7 @@ def test_speedrun_report_says_when_pretraining_was_sized_to_the_budget(corpus, t
     report = speedrun("cpu", out=tmp_path, corpus=str(corpus), minutes=0.01, overrides=TINY, post=False)
     note = report["stages"]["pretrain"]["note"]
     assert note.startswith("sized to the 0.01-minute budget") and note in (tmp_path / "report.md").read_text()
+    assert report["time_budget"]["minutes"] == 0.01  # the trainer holds the run to it (and re-sizes after warmup)
 
 
 def test_speedrun_shortens_a_post_training_stage_that_cannot_fit_and_says_so(corpus, tmp_path):
