@@ -272,14 +272,13 @@ def _size_sft(plan_file: Path, sft_tc: TrainConfig, pretrained: str, p: dict) ->
     ``p["sft_minutes"]`` (the schedule is sized before training, as pretraining's is). Kept in
     ``plan_file`` so a rerun resumes the same schedule."""
     from gasungbi.config import read_config
+    from gasungbi.infer.placement import resolve_device
     from gasungbi.train.budget import measure_seconds
 
     if plan_file.exists():
         return json.loads(plan_file.read_text())
-    device = torch.device("cuda" if sft_tc.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if sft_tc.device == "auto" else sft_tc.device))
     # x 1.25: the loader, loss masks and logging (cpu recipe: 0.55 s/step timed here, 0.69 in the run)
-    step_s = measure_seconds(sft_tc, read_config(pretrained), device, steps=4)[0] * 1.25
+    step_s = measure_seconds(sft_tc, read_config(pretrained), resolve_device(sft_tc.device), steps=4)[0] * 1.25
     fit = max(1, int(p["sft_minutes"] * 60 / step_s))
     steps = min(p["sft_steps"], fit)
     note = (f"the recipe's {steps} steps (a measured {step_s:.2f} s/step: {steps * step_s / 60:.1f} of its "

@@ -73,9 +73,9 @@ def measure_step_seconds(tc, vocab_size: int, steps: int = 5) -> float:
     """Seconds per optimizer step of ``tc``'s preset model on random tokens (best of ``steps`` - 1:
     with 3 steps, one measurement on this machine came out at 2.26 s for a model that then trained
     at 1.3-1.7 s/step, and the speedrun's pretraining used 70% of its budget)."""
-    device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if tc.device == "auto" else tc.device))
-    return measure_seconds(tc, tc.model_config(vocab_size), device, steps)[0]
+    from gasungbi.infer.placement import resolve_device
+
+    return measure_seconds(tc, tc.model_config(vocab_size), resolve_device(tc.device), steps)[0]
 
 
 def steps_for_budget(seconds: float, step_s: float, eval_batch_s: float, eval_interval: int,

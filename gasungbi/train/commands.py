@@ -8,17 +8,17 @@ model config.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
+from typing import Annotated
+
+from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction, arg
+
+from gasungbi.errors import UserError
 
 STARTED = time.perf_counter()  # before torch is imported: ``train --time-budget`` counts from here
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-from typing import Annotated  # noqa: E402
-
-from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction, arg  # noqa: E402
-
-from gasungbi.errors import UserError  # noqa: E402
 from gasungbi.train.trainer import TrainConfig  # noqa: E402
 
 Flat = OmitArgPrefixes  # a config dataclass whose fields are top-level flags (--lr, not --cfg.lr)
