@@ -6,14 +6,12 @@
 Recipes (arithmetic in the comments):
 * ``cpu`` (default): the Python standard library (~12 MB of source, ~3.4 M tokens at 4096 BPE),
   ``cpu-tiny`` (10.2 M parameters, ~4 M activated), 16 x 256 = 4,096 tokens per step. At the
-  ~3,000 tokens/s a 2-core CPU gives this model, 6.5 minutes of pretraining is ~1.2 M tokens; then
-  ~5 minutes of cold-start SFT and ~3 of GRPO (with its two held-out evaluations) on two-digit
-  additions: about 15 minutes in all (each post-training stage is bounded, see ``POST``). GRPO's learning rate is small (5e-6). Measured from one SFT'd
-  model (greedy accuracy 0.900 on 300 held-out tasks; 2026-12-02): 60 steps at 1e-4 or 3e-4 drove it
-  to 0.603 and 0.000 (AdamW moves every weight by about lr per step, noise included); 24 steps at
-  3e-5 (the earlier recipe) -0.007, 100 at 3e-5 -0.003; 48 at 1e-5 +0.017 and 50 at 5e-6 +0.010
-  (both within noise); 100 at 1e-5 +0.033 [+0.004, +0.065] and 100 at 5e-6 +0.033 [+0.009,
-  +0.061]; 150 at 1e-5 +0.000 on 400 tasks.
+  2,000-3,000 tokens/s a 2-core CPU gives this model, 6 minutes of pretraining is 0.8-1.1 M tokens;
+  then 4-5 minutes of cold-start SFT and ~4 of GRPO (with its two held-out evaluations) on two-digit
+  additions: about 15 minutes in all (each post-training stage is bounded, see ``POST``, which also
+  gives the measurements behind its settings). GRPO's learning rate is small (2e-5): from an SFT'd
+  model with the earlier restating trace (greedy accuracy 0.900), 60 steps at 1e-4 or 3e-4 drove it to
+  0.603 and 0.000 (AdamW moves every weight by about lr per step, noise included).
 * ``gpu``: one GPU; ``small`` (148 M, ~56 M activated), 64 x 1024 = 65 k tokens per step for
   60 minutes (an H100 at ~40% MFU does ~150 k tokens/s: ~0.5 B tokens, ~$2.5 at $2.5/h).
 * ``node``: ``torchrun --nproc_per_node=8 -m gasungbi speedrun --recipe node``; the same model
@@ -44,19 +42,30 @@ from gasungbi.train.trainer import TrainConfig
 # Post-training after pretraining: cold-start SFT on the gym's two-digit additions, then GRPO (R1's
 # recipe in miniature), so the final checkpoint answers in <think>...</think><answer>...</answer>.
 POST = {
-    "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=450, sft_batch=16, grpo_steps=100, prompts_per_step=8,
-                group_size=8, max_new_tokens=24, eval_tasks=300, grpo_lr=5e-6, sft_minutes=6.5, grpo_minutes=4.5),
-    "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, grpo_steps=200, prompts_per_step=32,
-                group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5, sft_minutes=15.0, grpo_minutes=20.0),
+    "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=350, sft_batch=16, sft_seq_len=88,
+                grpo_steps=70, prompts_per_step=8, group_size=8, max_new_tokens=32, eval_tasks=400, grpo_lr=2e-5,
+                sft_minutes=5.0, grpo_minutes=4.5),
+    "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, sft_seq_len=128,
+                grpo_steps=200, prompts_per_step=32, group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5,
+                sft_minutes=15.0, grpo_minutes=20.0),
 }
 """Post-training settings. ``sft_minutes`` and ``grpo_minutes`` bound the two stages: on a machine too
 slow for the recipe's steps, SFT is sized down from a measured step time and GRPO stops at a step
-boundary, and the report's stage table says so. On the 2-core machine the cpu recipe was tuned on,
-SFT's 450 steps took 5.2-5.3 minutes and GRPO's 100 steps 2.7-3.1 (with both of its evaluations)."""
+boundary, and the report's stage table says so.
+
+The cpu recipe, measured on one 2-core machine from one pretrained speedrun checkpoint (187 steps),
+with the column-sum cold-start trace (:mod:`gasungbi.gym.cold_start`), greedy accuracy on 300 held-out
+tasks: SFT for 200 steps 0.253, 350 steps 0.873, 450 steps 0.973 (with the earlier restating trace,
+450 steps: 0.060). 350 steps leave GRPO something to fix: from that model, 70 GRPO steps at lr 2e-5
+gained +0.030 [+0.006, +0.056] (11 tasks gained, 2 lost) and 80 at 1e-5 +0.023 [+0.001, +0.048]; from
+the 450-step model (0.973) 60 steps at 1e-5 only +0.003; from the 200-step model, 100 steps at 1e-5
++0.013 (34 gained, 30 lost) and 60 at 1e-4 -0.163 (the policy collapsed). ``sft_seq_len`` 88 holds one
+conversation (70-75 tokens) per packed row, as 128 did, with less padding: the same optimisation for
+about 30% less compute. The eval uses 400 of the 422 distinct held-out two-digit additions."""
 POST["node"] = POST["gpu"]
 
 RECIPES = {
-    "cpu": dict(minutes=6.5, vocab_size=4096, tokenizer_bytes=20_000_000,
+    "cpu": dict(minutes=6.0, vocab_size=4096, tokenizer_bytes=20_000_000,
                 train=dict(model="cpu-tiny", batch_size=16, seq_len=256, lr=3e-3, warmup_steps=20, bias_update_speed=0.01,
                            eval_batches=16, device="cpu", sample_prompt="def ")),
     "gpu": dict(minutes=60.0, vocab_size=32768, tokenizer_bytes=200_000_000,
@@ -234,7 +243,7 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
                 "elapsed_s": round(time.perf_counter() - t, 2)}
         base_file.write_text(json.dumps(base))
     sft_tc = TrainConfig(task="sft", init_from=pretrained, data=str(gym), out_dir=str(out / "sft"),
-                         batch_size=p["sft_batch"], seq_len=128, max_steps=p["sft_steps"], lr=1e-3,
+                         batch_size=p["sft_batch"], seq_len=p["sft_seq_len"], max_steps=p["sft_steps"], lr=1e-3,
                          warmup_steps=10, eval_interval=0, ckpt_interval=0, log_interval=10,
                          device=tc.device, resume=True, progress=tc.progress, seed=tc.seed,
                          price_per_hour=tc.price_per_hour, sample_tokens=2)

@@ -189,3 +189,28 @@ def test_paired_gain_interval_and_mcnemar():
     assert paired_gain([0] * 20, [1] * 10 + [0] * 10)["mcnemar_p"] == pytest.approx(2 / 1024)
     with pytest.raises(ValueError):
         paired_gain([1, 0], [1])
+
+
+def test_cold_start_addition_trace_works_the_columns():
+    """The cold-start thought for ``a + b`` is the column working, units first, and it is right:
+    replaying its steps (each digit pair plus the stated carry) rebuilds the answer it ends with."""
+    from gasungbi.gym.cold_start import column_sums, worked_answer
+
+    assert column_sums(37, 85) == "7+5=12, 3+8+1=12"
+    assert column_sums(5, 123) == "5+3=8, 0+2=2, 0+1=1"
+    assert column_sums(0, 0) == "0+0=0"
+    for t in make_split("addition", 200, 2, seed=1) + make_split("arithmetic", 100, 3, seed=1):
+        text = worked_answer(t)
+        thought, answer = text[len("<think>"):text.index("</think>")], text[text.index("<answer>") + 8:-len("</answer>")]
+        assert answer == t.answer
+        if t.meta["op"] != "+":
+            assert thought == f"{t.meta['a']} {t.meta['op']} {t.meta['b']}"
+            continue
+        digits, carry = [], 0
+        for step in thought.split(", "):
+            lhs, total = step.split("=")
+            terms = [int(x) for x in lhs.split("+")]
+            assert sum(terms) == int(total) and terms[2:] == ([carry] if carry else [])
+            digits.append(int(total) % 10)
+            carry = int(total) // 10
+        assert int(str(carry) * bool(carry) + "".join(map(str, reversed(digits)))) == int(t.answer)
