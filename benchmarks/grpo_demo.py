@@ -4,10 +4,10 @@ GRPO; held-out greedy accuracy before and after, with 95% Wilson intervals.
     OMP_NUM_THREADS=1 python benchmarks/grpo_demo.py [--out runs/grpo_demo] [--sft-steps 800] [--grpo-steps 200]
 
 Measured here (one thread, 2026-11-28, with the earlier cold-start trace that restated the sum,
-``<think>a + b</think>``; the trace now works the columns, see :mod:`gasungbi.gym.cold_start`): after SFT 0.820 [0.773, 0.859] on 300 held-out tasks,
-after 200 GRPO steps 0.867 [0.824, 0.901], 7.1 minutes in all. With 600 SFT steps (0.547) the
-same GRPO gave 0.570: inside the interval; with 2-digit + - x (``--task arithmetic``) 1500 SFT
-steps leave the model near 2% and GRPO has no signal to work with.
+``<think>a + b</think>``; the trace now works the columns, see :mod:`gasungbi.gym.cold_start`):
+after SFT 0.820 [0.773, 0.859] on 300 held-out tasks, after 200 GRPO steps 0.867 [0.824, 0.901],
+7.1 minutes in all. With 600 SFT steps (0.547) the same GRPO gave 0.570: inside the interval; with
+2-digit + - x (``--task arithmetic``) 1500 SFT steps leave the model near 2% and GRPO has no signal to work with.
 
 1. Data: ``addition`` tasks at difficulty 2 (two-digit sums) from the gym's train split; SFT
    targets are the gym's cold-start answers, ``<think>7+5=12, 3+8+1=12</think><answer>122</answer>``.

@@ -6,9 +6,10 @@
 Recipes (arithmetic in the comments):
 * ``cpu`` (default): the Python standard library (~12 MB of source, ~3.4 M tokens at 4096 BPE),
   ``cpu-tiny`` (10.2 M parameters, ~4 M activated), 16 x 256 = 4,096 tokens per step. At the
-  2,000-3,000 tokens/s a 2-core CPU gives this model, 6 minutes of pretraining is 0.8-1.1 M tokens;
-  then 4-5 minutes of cold-start SFT and ~4 of GRPO (with its two held-out evaluations) on two-digit
-  additions: about 15 minutes in all (each post-training stage is bounded, see ``POST``, which also
+  2,000-3,000 tokens/s a 2-core CPU gives this model, 6 minutes of pretraining is 0.7-1.1 M tokens
+  (two fresh-clone runs on a slower machine: 0.68 and 0.72 M in 5.6 and 5.3 min); then ~3 minutes of
+  cold-start SFT and ~3 of GRPO (with its two held-out evaluations) on two-digit additions: 12.9
+  minutes in all in both runs (each post-training stage is bounded, see ``POST``, which also
   gives the measurements behind its settings). GRPO's learning rate is small (2e-5): from an SFT'd
   model with the earlier restating trace (greedy accuracy 0.900), 60 steps at 1e-4 or 3e-4 drove it to
   0.603 and 0.000 (AdamW moves every weight by about lr per step, noise included).
@@ -42,10 +43,10 @@ from gasungbi.train.trainer import TrainConfig
 # Post-training after pretraining: cold-start SFT on the gym's two-digit additions, then GRPO (R1's
 # recipe in miniature), so the final checkpoint answers in <think>...</think><answer>...</answer>.
 POST = {
-    "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=350, sft_batch=16, sft_seq_len=88,
+    "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=350, sft_batch=16,
                 grpo_steps=70, prompts_per_step=8, group_size=8, max_new_tokens=32, eval_tasks=400, grpo_lr=2e-5,
                 sft_minutes=5.0, grpo_minutes=4.5),
-    "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64, sft_seq_len=128,
+    "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64,
                 grpo_steps=200, prompts_per_step=32, group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5,
                 sft_minutes=15.0, grpo_minutes=20.0),
 }
@@ -59,9 +60,10 @@ tasks: SFT for 200 steps 0.253, 350 steps 0.873, 450 steps 0.973 (with the earli
 450 steps: 0.060). 350 steps leave GRPO something to fix: from that model, 70 GRPO steps at lr 2e-5
 gained +0.030 [+0.006, +0.056] (11 tasks gained, 2 lost) and 80 at 1e-5 +0.023 [+0.001, +0.048]; from
 the 450-step model (0.973) 60 steps at 1e-5 only +0.003; from the 200-step model, 100 steps at 1e-5
-+0.013 (34 gained, 30 lost) and 60 at 1e-4 -0.163 (the policy collapsed). ``sft_seq_len`` 88 holds one
-conversation (70-75 tokens) per packed row, as 128 did, with less padding: the same optimisation for
-about 30% less compute. The eval uses 400 of the 422 distinct held-out two-digit additions."""
++0.013 (34 gained, 30 lost) and 60 at 1e-4 -0.163 (the policy collapsed). Two fresh-clone speedruns of
+this recipe: SFT 0.843 then GRPO +0.055 [+0.025, +0.086]; SFT 0.925 then GRPO +0.010 [-0.012, +0.033]
+(from that SFT model, 100 GRPO steps: +0.013). The eval uses 400 of the 422 distinct held-out two-digit
+additions. SFT's rows are as long as its longest conversation (:func:`_sft_seq_len`)."""
 POST["node"] = POST["gpu"]
 
 RECIPES = {
@@ -229,8 +231,8 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
     from gasungbi.post.grpo import GRPOConfig, grpo
     from gasungbi.train.trainer import train
 
-    gym = write_jsonl(cold_start_conversations(p["task"], p["sft_examples"], p["difficulty"], seed=tc.seed),
-                      out / "gym_sft.jsonl")
+    convs = cold_start_conversations(p["task"], p["sft_examples"], p["difficulty"], seed=tc.seed)
+    gym = write_jsonl(convs, out / "gym_sft.jsonl")
     device = "cuda" if torch.cuda.is_available() and tc.device != "cpu" else "cpu"
     base_file = out / "eval_base.json"  # kept, so a rerun does not score the base model again
     if base_file.exists():
@@ -243,7 +245,8 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
                 "elapsed_s": round(time.perf_counter() - t, 2)}
         base_file.write_text(json.dumps(base))
     sft_tc = TrainConfig(task="sft", init_from=pretrained, data=str(gym), out_dir=str(out / "sft"),
-                         batch_size=p["sft_batch"], seq_len=p["sft_seq_len"], max_steps=p["sft_steps"], lr=1e-3,
+                         batch_size=p["sft_batch"], seq_len=_sft_seq_len(pretrained, convs),
+                         max_steps=p["sft_steps"], lr=1e-3,
                          warmup_steps=10, eval_interval=0, ckpt_interval=0, log_interval=10,
                          device=tc.device, resume=True, progress=tc.progress, seed=tc.seed,
                          price_per_hour=tc.price_per_hour, sample_tokens=2)
@@ -274,6 +277,18 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
                      "dollars": g["dollars"],
                      "note": grpo_note + "; the time includes its held-out evaluations (after SFT, after GRPO)"},
             "held_out": held_out}
+
+
+def _sft_seq_len(pretrained: str, convs: list[list[dict]]) -> int:
+    """SFT's row length: the longest conversation under the checkpoint's chat template, rounded up to 8,
+    so none is cut and each row holds one gym conversation with little padding (cpu recipe: 70-75
+    tokens in 80-token rows, where 128-token rows also held one: the same optimisation, about a third
+    less compute)."""
+    from gasungbi.data.conventions import Conventions
+    from gasungbi.data.sft import tokenize_conversation
+
+    tok = Conventions.load(pretrained)
+    return -(-max(len(tokenize_conversation(tok, c)[0]) for c in convs) // 8) * 8
 
 
 def _size_sft(plan_file: Path, sft_tc: TrainConfig, pretrained: str, p: dict) -> dict:

@@ -213,4 +213,4 @@ def test_cold_start_addition_trace_works_the_columns():
             assert sum(terms) == int(total) and terms[2:] == ([carry] if carry else [])
             digits.append(int(total) % 10)
             carry = int(total) // 10
-        assert int(str(carry) * bool(carry) + "".join(map(str, reversed(digits)))) == int(t.answer)
+        assert carry * 10 ** len(digits) + int("".join(map(str, reversed(digits)))) == int(t.answer)

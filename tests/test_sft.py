@@ -116,3 +116,14 @@ def test_non_utf8_sft_file_is_named(tmp_path):
     p.write_bytes(b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
     with pytest.raises(SFTDataError, match="latin1.jsonl is not UTF-8"):
         read_conversations(p)
+
+
+def test_loader_says_when_it_cuts_conversations(ckpt, recwarn):
+    """A row shorter than a conversation cuts its end (the answer): the loader says how many, and
+    says nothing when every conversation fits."""
+    root, tok = ckpt
+    longest = max(len(tokenize_conversation(tok, c)[0]) for c in read_conversations(root / "chats.jsonl"))
+    SFTLoader(root / "chats.jsonl", tok, "train", 2, longest - 1, seed=0)
+    assert not [w for w in recwarn if "were cut" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"chats.jsonl: \d+ of \d+ train conversations are longer than"):
+        SFTLoader(root / "chats.jsonl", tok, "train", 2, longest - 2, seed=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,10 @@ class SFTLoader:
         if not chosen:
             raise SFTDataError(f"{path}: no conversations in the {split} split ({len(convs)} in all)")
         self.rows = pack(tokenizer, chosen, seq_len, seed)
+        if self.rows.truncated:
+            warnings.warn(f"{path}: {self.rows.truncated} of {len(chosen)} {split} conversations are longer than "
+                          f"{seq_len + 1} tokens and were cut (their ends are not trained); raise --seq-len",
+                          stacklevel=2)
         self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.num_windows = len(self.rows.inputs)
