@@ -439,6 +439,10 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a checkpoint directory."""
     path = Path(path)
     cfg_file = path / "config.json"
+    from gasungbi.errors import run_dir_hint
+
+    if run_dir_hint(path):  # a run directory's config.json holds the run's settings, not a model's
+        raise CheckpointError(run_dir_hint(path))
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not cfg_file.exists():

@@ -3,3 +3,28 @@
 
 class UserError(Exception):
     """An error caused by the user's input (a bad path, flag, preset or file); names what is wrong."""
+
+
+def run_dir_hint(path) -> str:
+    """When ``path`` is a run directory or its ``latest`` pointer file rather than a checkpoint, the
+    error message saying so and naming the checkpoint to pass instead (the one ``latest`` points to); otherwise ''.
+
+    Commands that read a checkpoint take the checkpoint directory itself (``RUN/step_N``), as
+    ``from_pretrained`` does; this keeps the error for the easy slip of passing the run one level up
+    from being a bare "no config.json" or "not a valid tokenizer.json".
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    pointer = path if path.name == "latest" and path.is_file() else path / "latest"
+    if not pointer.is_file():
+        return ""
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    target = pointer.parent / name
+    what = "the run's pointer file" if pointer == path else "a run directory"
+    if name and (target / "config.json").is_file():
+        return f"{path} is {what}, not a checkpoint: pass the checkpoint it points to, {target}"
+    return f"{path} is {what}, not a checkpoint: pass one of its step_N checkpoint directories"

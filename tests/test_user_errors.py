@@ -115,3 +115,18 @@ def test_non_finite_weights_warn_on_load(hf_ckpt, tmp_path, cli):
     assert "NaN or Inf" in r.stderr and "model.norm.weight" in r.stderr and str(ckpt) in r.stderr
     clean = cli("generate", hf_ckpt, "--prompt", "hi", "--max-new-tokens", "1")
     assert clean.returncode == 0 and "NaN" not in clean.stderr
+
+
+def test_a_run_directory_or_its_latest_pointer_names_the_checkpoint(hf_ckpt, tmp_path, cli, one_line_error):
+    """Passing RUN or RUN/latest where a checkpoint goes (an easy slip) names RUN/step_N to pass."""
+    run = tmp_path / "run"
+    _copy(hf_ckpt, run / "step_000002")
+    (run / "latest").write_text("step_000002\n")
+    (run / "config.json").write_text(json.dumps({"train": {"out_dir": str(run)}}))  # the run's settings
+    for path, what in ((run, "is a run directory"), (run / "latest", "is the run's pointer file")):
+        for args in (("generate", path, "--prompt", "hi"), ("grpo", "--init-from", path, "--out-dir", tmp_path / "g"),
+                     ("sft", "--init-from", path, "--data", tmp_path / "x.jsonl", "--out-dir", tmp_path / "s"),
+                     ("quantize", path, "--mode", "int8", "--out", tmp_path / "q")):
+            err = one_line_error(cli(*args), args[0])
+            assert f"{path} {what}, not a checkpoint" in err and str(run / "step_000002") in err, err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "s").exists()

@@ -111,7 +111,11 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, chat_template: str | Non
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Loads a tokenizer from a folder holding tokenizer.json, or from the file itself."""
+    from gasungbi.errors import run_dir_hint
+
     path = Path(path)
+    if run_dir_hint(path):
+        raise FileNotFoundError(run_dir_hint(path))
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer at {path} (expected a tokenizer.json file or a folder holding one)")

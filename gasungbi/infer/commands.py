@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction
 
-from gasungbi.errors import UserError
+from gasungbi.errors import UserError, run_dir_hint
 
 
 @dataclass
@@ -73,10 +73,16 @@ class SamplingArgs:
 Flat = OmitArgPrefixes
 
 
+def _refuse_run_dir(path: str) -> None:
+    if run_dir_hint(path):
+        raise UserError(run_dir_hint(path))
+
+
 def tokenizer_for(path: str, required: bool):
     """The checkpoint's tokenizer; without tokenizer.json, None or (``required``) a UserError."""
     from gasungbi.data.tokenizer import load_tokenizer
 
+    _refuse_run_dir(path)
     if (Path(path) / "tokenizer.json").exists():
         try:
             return load_tokenizer(path)
@@ -93,6 +99,7 @@ def conventions_for(path: str, required: bool):
     UserError."""
     from gasungbi.data.conventions import Conventions
 
+    _refuse_run_dir(path)
     if not (Path(path) / "tokenizer.json").exists():
         if required:
             raise UserError(f"{path} has no tokenizer.json")

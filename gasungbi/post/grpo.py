@@ -238,11 +238,11 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
 
 def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
     out = Path(cfg.out_dir)
+    conv = Conventions.load(cfg.init_from)  # the checkpoint's chat template and stops (a bad path fails here)
     ckpt.claim_run_dir(out, cfg.resume, cfg.overwrite, remove=info.is_main)
     dist.barrier()  # no rank looks at the directory after the main one has started writing
     out.mkdir(parents=True, exist_ok=True)
     device, world = info.device, info.world_size
-    conv = Conventions.load(cfg.init_from)  # the checkpoint's chat template and stops
     tok, stop_ids = conv.tokenizer, conv.stop_ids
     resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
     from_shards = resume_from is not None and sharded.is_sharded(resume_from)
