@@ -143,9 +143,89 @@ def chat_ref():
     return chat_reference
 
 
-def _run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gasungbi", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+# A process that has imported torch and gasungbi's CLI, then forks one child per command: the child
+# runs `python -m gasungbi ARGS` (gasungbi.cli.main, then a normal interpreter exit) with its own
+# stdin, stdout, stderr, working directory and environment, so each command is still a process of
+# its own with a real exit status, without paying the 3-5 s of importing torch and the 1.7 s of
+# tearing it down each time. It never runs a torch op before forking (OpenMP's threads do not
+# survive a fork).
+_CLI_SERVER = r"""
+import atexit, gc, json, os, sys, threading, traceback
+import torch, tyro, gasungbi.cli  # noqa: F401  (imported once, shared by every forked command)
+import torch._dynamo, gasungbi.infer.generate, gasungbi.train.trainer  # noqa: F401  (2 s of the commands' own imports)
+for name in gasungbi.cli.COMMANDS:
+    gasungbi.cli._target(name)
+for line in sys.stdin:
+    req = json.loads(line)
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(req["cwd"])
+        os.environ.clear(); os.environ.update(req["env"])
+        for fd, (path, mode) in enumerate([(os.devnull, os.O_RDONLY), (req["out"], os.O_WRONLY), (req["err"], os.O_WRONLY)]):
+            os.dup2(os.open(path, mode), fd)
+        sys.argv = [sys.executable + " -m gasungbi", *req["args"]]
+        try:
+            code = gasungbi.cli.main(req["args"])
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        if not isinstance(code, int):  # as sys.exit() treats it
+            print(code, file=sys.stderr) if code is not None else None
+            code = 0 if code is None else 1
+        # a normal exit, less the 1.7 s of tearing down torch's modules: threads, atexit, garbage, streams
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and not t.daemon:
+                t.join()
+        atexit._run_exitfuncs()
+        gc.collect()
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+    print(json.dumps({"status": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
+"""
+
+
+class _CLI:
+    """``python -m gasungbi ARGS`` as a user runs it, one process per command (see ``_CLI_SERVER``)."""
+
+    def __init__(self):
+        self.server: subprocess.Popen | None = None
+
+    def __call__(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+        import json
+        import select
+        import signal
+        import tempfile
+
+        if self.server is None or self.server.poll() is not None:
+            self.server = subprocess.Popen([sys.executable, "-c", _CLI_SERVER], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
+        args = [str(a) for a in args]
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            out.touch(), err.touch()
+            self.server.stdin.write(json.dumps({"args": args, "cwd": os.getcwd(), "env": dict(os.environ),
+                                                "out": str(out), "err": str(err)}) + "\n")
+            self.server.stdin.flush()
+            pid = json.loads(self.server.stdout.readline())["pid"]
+            ready, _, _ = select.select([self.server.stdout], [], [], timeout)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                self.server.stdout.readline()
+                raise subprocess.TimeoutExpired(["gasungbi", *args], timeout, out.read_text(), err.read_text())
+            status = json.loads(self.server.stdout.readline())["status"]
+            return subprocess.CompletedProcess(["gasungbi", *args], status, out.read_text(), err.read_text())
+
+    def close(self):
+        if self.server is not None:
+            self.server.stdin.close()
+            self.server.wait(timeout=30)
+
+
+_run_cli = _CLI()
 
 
 def _one_line_error(r: subprocess.CompletedProcess, command: str) -> str:
@@ -159,8 +239,10 @@ def _one_line_error(r: subprocess.CompletedProcess, command: str) -> str:
 
 @pytest.fixture(scope="session")
 def cli():
-    """``cli(*args, timeout=300)``: ``python -m gasungbi ARGS`` as a user runs it (a CompletedProcess)."""
-    return _run_cli
+    """``cli(*args, timeout=300)``: ``python -m gasungbi ARGS`` as a user runs it (a CompletedProcess),
+    in a process forked from one that has imported torch already (``_CLI_SERVER``)."""
+    yield _run_cli
+    _run_cli.close()
 
 
 @pytest.fixture(scope="session")
