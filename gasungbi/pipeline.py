@@ -63,7 +63,15 @@ the 450-step model (0.973) 60 steps at 1e-5 only +0.003; from the 200-step model
 +0.013 (34 gained, 30 lost) and 60 at 1e-4 -0.163 (the policy collapsed). Two fresh-clone speedruns of
 this recipe: SFT 0.843 then GRPO +0.055 [+0.025, +0.086]; SFT 0.925 then GRPO +0.010 [-0.012, +0.033]
 (from that SFT model, 100 GRPO steps: +0.013). The eval uses 400 of the 422 distinct held-out two-digit
-additions. SFT's rows are as long as its longest conversation (:func:`_sft_seq_len`)."""
+additions. SFT's rows are as long as its longest conversation (:func:`_sft_seq_len`).
+
+Tried from those two runs' SFT models and not adopted (one 400-task draw each): sampling at temperature
+0.7 gained +0.025 from the 0.925 model but less than temperature 1 from the other two; lr 5e-5 lost
+0.055; two optimizer steps per batch and screening 8x candidate prompts for the ones the policy gets
+wrong gained no more. The 0.925 model's errors are systematic (a correct column trace, then the
+units digit copied from the wrong column), so samples rarely find the right answer to reinforce.
+With SFT cut to 300 steps GRPO gained +0.085 [+0.047, +0.124] from one pretrained model (SFT 0.798)
+and +0.030 [-0.012, +0.072] from the other (SFT 0.718, 42 tasks gained and 30 lost)."""
 POST["node"] = POST["gpu"]
 
 RECIPES = {

@@ -223,6 +223,7 @@ class _CLI:
         if self.server is not None:
             self.server.stdin.close()
             self.server.wait(timeout=30)
+            self.server.stdout.close()
 
 
 _run_cli = _CLI()
