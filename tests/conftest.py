@@ -150,7 +150,7 @@ def chat_ref():
 # tearing it down each time. It never runs a torch op before forking (OpenMP's threads do not
 # survive a fork).
 _CLI_SERVER = r"""
-import atexit, gc, json, os, sys, threading, traceback
+import atexit, gc, json, os, signal, sys, threading, time, traceback
 import torch, tyro, gasungbi.cli  # noqa: F401  (imported once, shared by every forked command)
 import torch._dynamo, gasungbi.infer.generate, gasungbi.train.trainer  # noqa: F401  (2 s of the commands' own imports)
 for name in gasungbi.cli.COMMANDS:
@@ -183,8 +183,14 @@ for line in sys.stdin:
         gc.collect()
         sys.stdout.flush(); sys.stderr.flush()
         os._exit(code)
-    print(json.dumps({"pid": pid}), flush=True)
-    print(json.dumps({"status": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}), flush=True)
+    deadline, timed_out = time.monotonic() + req["timeout"], False
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:  # as subprocess.run(timeout=...) does: kill it, then report
+            os.kill(pid, signal.SIGKILL)
+            done, timed_out = os.waitpid(pid, 0), True
+            break
+        time.sleep(0.01)
+    print(json.dumps({"status": os.waitstatus_to_exitcode(done[1]), "timed_out": timed_out}), flush=True)
 """
 
 
@@ -196,8 +202,6 @@ class _CLI:
 
     def __call__(self, *args, timeout: float = 300) -> subprocess.CompletedProcess:
         import json
-        import select
-        import signal
         import tempfile
 
         if self.server is None or self.server.poll() is not None:
@@ -208,16 +212,12 @@ class _CLI:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
             out.touch(), err.touch()
             self.server.stdin.write(json.dumps({"args": args, "cwd": os.getcwd(), "env": dict(os.environ),
-                                                "out": str(out), "err": str(err)}) + "\n")
+                                                "out": str(out), "err": str(err), "timeout": timeout}) + "\n")
             self.server.stdin.flush()
-            pid = json.loads(self.server.stdout.readline())["pid"]
-            ready, _, _ = select.select([self.server.stdout], [], [], timeout)
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-                self.server.stdout.readline()
+            reply = json.loads(self.server.stdout.readline())
+            if reply["timed_out"]:
                 raise subprocess.TimeoutExpired(["gasungbi", *args], timeout, out.read_text(), err.read_text())
-            status = json.loads(self.server.stdout.readline())["status"]
-            return subprocess.CompletedProcess(["gasungbi", *args], status, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(["gasungbi", *args], reply["status"], out.read_text(), err.read_text())
 
     def close(self):
         if self.server is not None:
