@@ -66,7 +66,8 @@ this recipe: SFT 0.843 then GRPO +0.055 [+0.025, +0.086]; SFT 0.925 then GRPO +0
 additions. SFT's rows are as long as its longest conversation (:func:`_sft_seq_len`).
 
 Tried from those two runs' SFT models and not adopted (one 400-task draw each): sampling at temperature
-0.7 gained +0.025 from the 0.925 model but less than temperature 1 from the other two; lr 5e-5 lost
+0.7 gained +0.025 from the 0.925 model (temperature 1: +0.010) but less than temperature 1 had from
+the other two (+0.033 against +0.055, +0.018 against +0.030, on other task draws); lr 5e-5 lost
 0.055; two optimizer steps per batch and screening 8x candidate prompts for the ones the policy gets
 wrong gained no more. The 0.925 model's errors are systematic (a correct column trace, then the
 units digit copied from the wrong column), so samples rarely find the right answer to reinforce.
