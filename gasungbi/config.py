@@ -441,8 +441,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     cfg_file = path / "config.json"
     from gasungbi.errors import run_dir_hint
 
-    if run_dir_hint(path):  # a run directory's config.json holds the run's settings, not a model's
-        raise CheckpointError(run_dir_hint(path))
+    if hint := run_dir_hint(path):  # a run directory's config.json holds the run's settings, not a model's
+        raise CheckpointError(hint)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not cfg_file.exists():

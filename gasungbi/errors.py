@@ -17,8 +17,8 @@ def run_dir_hint(path) -> str:
 
     path = Path(path)
     pointer = path if path.name == "latest" and path.is_file() else path / "latest"
-    if not pointer.is_file():
-        return ""
+    if not pointer.is_file() or (pointer != path and any(path.glob("*.safetensors"))):
+        return ""  # a folder with weights is a checkpoint, even with a `latest` file (DeepSpeed writes one)
     try:
         name = pointer.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):

@@ -172,9 +172,11 @@ for line in sys.stdin:
         except BaseException:
             traceback.print_exc()
             code = 1
-        if not isinstance(code, int):  # as sys.exit() treats it
-            print(code, file=sys.stderr) if code is not None else None
-            code = 0 if code is None else 1
+        if code is None:  # as sys.exit() treats it
+            code = 0
+        elif not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
         # a normal exit, less the 1.7 s of tearing down torch's modules: threads, atexit, garbage, streams
         for t in threading.enumerate():
             if t is not threading.main_thread() and not t.daemon:

@@ -130,3 +130,9 @@ def test_a_run_directory_or_its_latest_pointer_names_the_checkpoint(hf_ckpt, tmp
             err = one_line_error(cli(*args), args[0])
             assert f"{path} {what}, not a checkpoint" in err and str(run / "step_000002") in err, err
     assert not (tmp_path / "g").exists() and not (tmp_path / "s").exists()
+    # a checkpoint that holds a `latest` file of its own (HF Trainer + DeepSpeed writes one) still loads
+    deepspeed = _copy(hf_ckpt, tmp_path / "checkpoint-1")
+    (deepspeed / "latest").write_text("global_step1")
+    (deepspeed / "global_step1").mkdir()
+    r = cli("generate", deepspeed, "--prompt", "hi", "--max-new-tokens", "1")
+    assert r.returncode == 0, r.stderr

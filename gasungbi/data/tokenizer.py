@@ -114,8 +114,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     from gasungbi.errors import run_dir_hint
 
     path = Path(path)
-    if run_dir_hint(path):
-        raise FileNotFoundError(run_dir_hint(path))
+    if hint := run_dir_hint(path):
+        raise FileNotFoundError(hint)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer at {path} (expected a tokenizer.json file or a folder holding one)")

@@ -74,8 +74,8 @@ Flat = OmitArgPrefixes
 
 
 def _refuse_run_dir(path: str) -> None:
-    if run_dir_hint(path):
-        raise UserError(run_dir_hint(path))
+    if hint := run_dir_hint(path):
+        raise UserError(hint)
 
 
 def tokenizer_for(path: str, required: bool):
