@@ -33,7 +33,10 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-TEST_PERCENT = 10  # share of the task space held out for testing
+TEST_PERCENT = 25  # share of the task space held out for testing
+"""A quarter, so that a small space still holds enough test tasks to measure a small gain: two-digit
+addition has 4,095 problems up to operand order, of which 1,022 are test tasks (at 10%: 422). A
+paired 95% interval on 1,000 tasks is about 0.63x as wide as on 400."""
 REASONING_INSTRUCTION = ("Think it through inside <think> </think>, then give only the final answer inside "
                          "<answer> </answer>.")
 
