@@ -4,14 +4,17 @@
 decode measurements (tokens/s), one cited source each. The planner predicts each from the model's
 shape and the hardware alone, with three constants, each set by one row (``calibrates``):
 
-* ``train_moe``: the MFU of a mixture-of-experts run, from DeepSeek-V3's 2.664M H800-hours;
-* ``train_dense``: the MFU of a dense run, from Llama 3.1 405B's 30.84M H100-hours;
+* ``train_moe``: the BF16 MFU of a mixture-of-experts run, from DeepSeek-V3's 2.664M H800-hours;
+* ``train_dense``: the BF16 MFU of a dense run, from Llama 3.1 405B's 30.84M H100-hours;
 * ``decode``: the share of the decode ceiling (``estimate_serve``) reached, from KTransformers'
   single-socket 8.73 tokens/s.
 
-MFU here is against the dense peak *of the precision the run's matmuls used* (FP8 for
-DeepSeek-V3: 22.8% of 1,979 TFLOPS; ``plan train`` quotes the same run as 45.5% of the BF16
-peak). Training FLOPs are ``flops_per_token`` (6 x activated + attention, PaLM's convention),
+A row's implied MFU is against the dense peak *of the precision its matmuls used* (FP8 for
+DeepSeek-V3: 22.8% of 1,979 TFLOPS). The two training constants are kept against the BF16 peak, so
+that the MoE constant, set by an FP8 run, predicts BF16 runs too: FP8 counts as
+``FP8_TRAINING_SPEEDUP`` (1.43x, torchao's published end-to-end speed-ups) over BF16, not as the 2x
+of the peaks. DeepSeek-V3's 22.8% of the FP8 peak is 45.5% of the BF16 peak, so 31.8% for a BF16 run.
+Training FLOPs are ``flops_per_token`` (6 x activated + attention, PaLM's convention),
 summed over a row's phases, each at its own sequence length: attention is 12 x layers x width x
 seq per token (forward and backward over the full T x T, no causal halving, for every row and
 calibrator alike), so a long-context stage (Llama 3.1's, up to 128K) costs a small model far more
@@ -31,7 +34,8 @@ from typing import Any
 
 from gasungbi.config import from_hf_config, get_preset
 from gasungbi.plan.catalog import Catalog, Gpu, Hardware, parse_hardware
-from gasungbi.plan.estimate import CountModel, Model, Setup, estimate_serve, flops_per_token, read_run
+from gasungbi.plan.estimate import (FP8_TRAINING_SPEEDUP, CountModel, Model, Setup, estimate_serve, flops_per_token,
+                                    read_run)
 
 PUBLISHED = Path(__file__).with_name("published.json")
 CALIBRATION_KINDS = ("train_moe", "train_dense", "decode")
@@ -137,6 +141,12 @@ def _peak_tflops(gpu: Gpu, precision: str) -> float:
     return gpu.bf16_tflops
 
 
+def _bf16_equivalent(gpu: Gpu, precision: str) -> float:
+    """The factor from an MFU against ``precision``'s peak to one against the BF16 peak that the same
+    run would take in BF16: 1 for BF16, FP8 peak / BF16 peak / FP8_TRAINING_SPEEDUP for FP8."""
+    return _peak_tflops(gpu, precision) / gpu.bf16_tflops / (FP8_TRAINING_SPEEDUP if precision == "fp8" else 1)
+
+
 def _train_flops(row: dict[str, Any], model: Model) -> float:
     return sum(p["tokens"] * flops_per_token(model, p["seq_len"]) for p in row["phases"])
 
@@ -197,7 +207,7 @@ def calibrate(rows: list[dict[str, Any]], catalog: Catalog) -> dict[str, float]:
     for row in rows:
         c = row.get("calibrates")
         if c in ("train_moe", "train_dense"):
-            out[c] = implied_mfu(row, catalog)
+            out[c] = implied_mfu(row, catalog) * _bf16_equivalent(catalog.lookup(row["hardware"]), row["precision"])
         elif c == "decode":
             out[c] = row["published"]["tokens_per_s"] / decode_ceiling(row, catalog)
     return out
@@ -209,7 +219,7 @@ def predict(row: dict[str, Any], catalog: Catalog, constants: dict[str, float]) 
     if row["kind"] == "train":
         model = row_model(row["model"])
         gpu = catalog.lookup(row["hardware"])
-        mfu = constants["train_moe" if is_moe(model) else "train_dense"]
+        mfu = constants["train_moe" if is_moe(model) else "train_dense"] / _bf16_equivalent(gpu, row["precision"])
         hours = _train_flops(row, model) / (mfu * _peak_tflops(gpu, row["precision"]) * 1e12) / 3600
         pub_hours, unit, div = _published_gpu_hours(row)
         published = row["published"].get("gpu_hours", row["published"].get("seconds"))
@@ -258,8 +268,9 @@ def format_backtest(bt: Backtest, sources: bool = False) -> list[str]:
                      f"{r.efficiency:.1%} {r.efficiency_label}{tag}")
     c = bt.constants
     lines += ["", "constants (each from its one calibrating row):",
-              f"  MoE training MFU    {c['train_moe']:.1%}  ({_calibrator(bt, 'train_moe')})",
-              f"  dense training MFU  {c['train_dense']:.1%}  ({_calibrator(bt, 'train_dense')})",
+              f"  MoE training MFU    {c['train_moe']:.1%} of the BF16 peak  ({_calibrator(bt, 'train_moe')}; "
+              f"an FP8 run: {FP8_TRAINING_SPEEDUP:g}x faster)",
+              f"  dense training MFU  {c['train_dense']:.1%} of the BF16 peak  ({_calibrator(bt, 'train_dense')})",
               f"  decode efficiency   {c['decode']:.1%} of the roofline ceiling  ({_calibrator(bt, 'decode')})",
               "", f"over the {len(bt.predicted_rows)} rows not used for calibration: median |error| "
                   f"{bt.median_abs_error:.1%}, worst {bt.worst.name} ({bt.worst.error:+.0%}, "

@@ -18,7 +18,9 @@ them into bytes, seconds and dollars. Conventions, stated once:
   2 x heads x d_h x layers with d_h = 128, i.e. without the RoPE part of the key.)
 * **Training FLOPs per token**: ``training_flops_per_token`` (6 x activated non-embedding
   parameters + 3 x attention forward, PaLM Appendix B, full T x T, MTP included when present).
-  **MFU** is relative to the dense BF16 peak of the GPU, even for FP8 training.
+  **MFU** is relative to the dense peak of the precision the GEMMs ran in (BF16, or FP8 with
+  ``precision="fp8"``); a BF16 run and an FP8 run of the same model differ by
+  :data:`FP8_TRAINING_SPEEDUP`, not by the 2x of the peaks.
 * **Decode ceiling**: at batch 1 each decoded token reads the activated weights (attention,
   dense and shared FFNs, router, output head, one embedding row, K_r of N_r routed experts per MoE
   layer) plus the KV cache of the context. A layer's parts run one after another, so the time per
@@ -175,19 +177,27 @@ DEEPSEEK_V3 = {
     "total_gpu_hours": 2.788e6, "pretrain_usd": 5.328e6, "total_usd": 5.576e6,
 }
 
-CALIBRATED_MFU = 0.455
-"""Default MFU: the one DeepSeek-V3's pretraining figure implies under our FLOP count.
+CALIBRATED_FP8_MFU = 0.2274
+"""The MFU DeepSeek-V3's pretraining figure implies under our FLOP count, against the FP8 peak its
+GEMMs ran at: the default MFU of ``precision="fp8"``.
 
 14.8T tokens x 291.85 GFLOP/token (``training_flops_per_token`` of the 671B preset at 4096 tokens,
-MTP included) = 4.32e24 FLOPs, done in 2.664M H800-hours: 4.50e14 FLOP/s per GPU = 45.5% of the
-H800's 989 dense BF16 TFLOPS (22.8% of its 1,979 dense FP8 TFLOPS; DeepSeek trained the big GEMMs
-in FP8, but MFU here is always quoted against the BF16 peak so that GPUs without FP8 compare).
-``implied_mfu`` recomputes it; ``tests/test_plan.py`` checks the two agree.
+MTP included) = 4.32e24 FLOPs, done in 2.664M H800-hours: 4.50e14 FLOP/s per GPU = 22.7% of the
+H800's 1,979 dense FP8 TFLOPS (45.5% of its 989 dense BF16 TFLOPS). ``implied_mfu`` recomputes it;
+``tests/test_plan.py`` checks the two agree.
 """
 
-CALIBRATED_FP8_MFU = 0.2274
-"""The same calibration against the H800's dense FP8 peak (45.5% x 989 / 1,979): the default MFU
-of ``precision="fp8"``, whose GPU-seconds divide by the FP8 peak."""
+FP8_TRAINING_SPEEDUP = 1.43
+"""How much faster FP8 training runs than BF16 on the same GPUs, end to end: the middle of the
+1.34-1.51x torchao publishes for Llama 3.1 pre-training on H100 clusters (pytorch/ao README: "1.43-1.51x
+faster pre-training on Llama-3.1-70B and 405B using float8 training"; "Float8 rowwise training yielded
+1.34-1.43x training speedup at 2k H100 GPU scale"). Not the 2x of the peaks: attention, norms, the
+scaling casts and communication stay in BF16. DeepSeek publishes no BF16 baseline of its own."""
+
+CALIBRATED_MFU = 0.318
+"""Default MFU of a BF16 run, against the BF16 peak: DeepSeek-V3's 45.5% of the BF16 peak, reached
+with FP8 GEMMs, over :data:`FP8_TRAINING_SPEEDUP` (0.455 / 1.43). DeepSeek-V2, an MoE trained in
+BF16 on H800s, implies 30.2% (172.8K GPU-hours per trillion tokens; ``gasungbi plan backtest``)."""
 
 
 def implied_mfu(cfg: Model, tokens: float, gpu_hours: float, peak_tflops: float, seq_len: int) -> float:
@@ -223,7 +233,8 @@ def estimate_train(cfg: Model, tokens: float, gpu: Gpu, count: int, mfu: float |
     """Time and cost of training ``cfg`` on ``tokens`` with ``count`` x ``gpu`` at ``mfu``:
     GPU-seconds = tokens x FLOPs/token / (mfu x peak). ``precision`` picks the peak, BF16 or FP8 (the
     GEMMs in FP8, as DeepSeek-V3 trained), and the default MFU (:data:`CALIBRATED_MFU` or
-    :data:`CALIBRATED_FP8_MFU`); ``ValueError`` for FP8 on a GPU without it."""
+    :data:`CALIBRATED_FP8_MFU`: both from DeepSeek-V3, FP8 faster by :data:`FP8_TRAINING_SPEEDUP`);
+    ``ValueError`` for FP8 on a GPU without it."""
     if precision not in ("bf16", "fp8"):
         raise ValueError(f"precision {precision!r}: choose bf16 or fp8")
     if precision == "fp8" and not gpu.fp8_tflops:
