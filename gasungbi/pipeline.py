@@ -45,10 +45,10 @@ from gasungbi.train.trainer import TrainConfig
 POST = {
     "cpu": dict(task="addition", difficulty=2, sft_examples=3000, sft_steps=350, sft_batch=16,
                 grpo_steps=70, prompts_per_step=8, group_size=8, max_new_tokens=32, eval_tasks=1000, grpo_lr=2e-5,
-                sft_minutes=5.0, grpo_minutes=4.5),
+                grpo_temperature=0.7, sft_minutes=5.0, grpo_minutes=4.5),
     "gpu": dict(task="arithmetic", difficulty=2, sft_examples=20000, sft_steps=1000, sft_batch=64,
                 grpo_steps=200, prompts_per_step=32, group_size=16, max_new_tokens=64, eval_tasks=500, grpo_lr=1e-5,
-                sft_minutes=15.0, grpo_minutes=20.0),
+                grpo_temperature=1.0, sft_minutes=15.0, grpo_minutes=20.0),
 }
 """Post-training settings. ``sft_minutes`` and ``grpo_minutes`` bound the two stages: on a machine too
 slow for the recipe's steps, SFT is sized down from a measured step time and GRPO stops at a step
@@ -67,9 +67,12 @@ the 422 held-out two-digit additions a 10% test share left; GRPO's gains of +0.0
 narrower interval than 400 tasks give, so the test share is now 25% (``TEST_PERCENT``) and the eval
 uses 1,000 of its 1,022 tasks. SFT's rows are as long as its longest conversation (:func:`_sft_seq_len`).
 
-Tried from those two runs' SFT models and not adopted (one 400-task draw each): sampling at temperature
-0.7 gained +0.025 from the 0.925 model (temperature 1: +0.010) but less than temperature 1 had from
-the other two (+0.033 against +0.055, +0.018 against +0.030, on other task draws); lr 5e-5 lost
+GRPO samples at temperature 0.7 (cpu recipe): closer to the greedy decoding the eval scores, and
+steadier. On the same SFT model, task draw and eval as temperature 1, it gained +0.025 against +0.010
+(400 tasks), +0.022 against +0.021 and +0.024 against +0.011 (1,000 tasks, two seeds; all three 0.7 runs
+exclude zero); on other draws +0.033, +0.018 and +0.023, where temperature 1 had +0.055 and +0.030.
+
+Tried from those two runs' SFT models and not adopted (one 400-task draw each): lr 5e-5 lost
 0.055; two optimizer steps per batch and screening 8x candidate prompts for the ones the policy gets
 wrong gained no more. The 0.925 model's errors are systematic (a correct column trace, then the
 units digit copied from the wrong column), so samples rarely find the right answer to reinforce.
@@ -268,6 +271,7 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
     g = grpo(GRPOConfig(init_from=sft["checkpoint"], out_dir=str(out / "grpo"), task=p["task"],
                         difficulty=p["difficulty"], steps=p["grpo_steps"], prompts_per_step=p["prompts_per_step"],
                         group_size=p["group_size"], max_new_tokens=p["max_new_tokens"], lr=p["grpo_lr"],
+                        temperature=p["grpo_temperature"],
                         eval_tasks=p["eval_tasks"], ckpt_interval=0, device=device, resume=True,
                         progress=tc.progress, seed=tc.seed, price_per_hour=tc.price_per_hour,
                         time_budget=p["grpo_minutes"]))
@@ -282,11 +286,16 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict) -> dict:
                                                 "total": paired_gain(outcomes["base"], outcomes["grpo"])}}
     return {"eval_base": {k: v for k, v in base.items() if k != "per_task"},
             "sft": {"steps": sft["step"], "val_loss": sft["val_loss"], "elapsed_s": sft["elapsed_s"],
-                    "dollars": sft["dollars"], "note": sft_plan["note"], "sized": sft_plan},
+                    "dollars": sft["dollars"], "sized": sft_plan,
+                    "note": (sft_plan["note"] + f"; {p['sft_examples']:,} worked {p['task']} tasks (a short <think> "
+                             f"trace, then the <answer>), batch {p['sft_batch']}, lr {sft_tc.lr:g}")},
             "grpo": {"steps": g["steps"], "planned_steps": g["planned_steps"], "before": g["before"],
                      "after": g["after"], "checkpoint": g["checkpoint"], "elapsed_s": g["elapsed_s"],
                      "dollars": g["dollars"],
-                     "note": grpo_note + "; the time includes its held-out evaluations (after SFT, after GRPO)"},
+                     "note": (grpo_note + f"; {p['prompts_per_step']} prompts x {p['group_size']} completions per "
+                              f"step, sampled at temperature {p['grpo_temperature']:g}, rewarded for a correct answer "
+                              f"and the <think>/<answer> format, lr {p['grpo_lr']:g}; the time includes its held-out "
+                              "evaluations (after SFT, after GRPO)")},
             "held_out": held_out}
 
 

@@ -72,6 +72,7 @@ def test_speedrun_shortens_a_post_training_stage_that_cannot_fit_and_says_so(cor
     assert grpo["steps"] == 1 and grpo["note"].startswith("**shortened**: stopped after 1 of the recipe's 3 steps")
     md = (tmp_path / "report.md").read_text()
     assert sft["note"] in md and grpo["note"] in md
+    assert "40 worked addition tasks" in sft["note"] and "temperature 0.7" in grpo["note"]  # the cpu recipe's
     assert json.loads((tmp_path / "sft_plan.json").read_text())["steps"] == 1  # a rerun keeps this schedule
 
 
