@@ -71,6 +71,8 @@ GRPO samples at temperature 0.7 (cpu recipe): closer to the greedy decoding the 
 steadier. On the same SFT model, task draw and eval as temperature 1, it gained +0.025 against +0.010
 (400 tasks), +0.022 against +0.021 and +0.024 against +0.011 (1,000 tasks, two seeds; all three 0.7 runs
 exclude zero); on other draws +0.033, +0.018 and +0.023, where temperature 1 had +0.055 and +0.030.
+Two fresh-clone speedruns of this recipe (1,000 held-out tasks): SFT 0.940 then GRPO +0.029
+[+0.017, +0.043] (36 gained, 7 lost); SFT 0.931 then GRPO +0.027 [+0.013, +0.042] (40 gained, 13 lost).
 
 Tried from those two runs' SFT models and not adopted (one 400-task draw each): lr 5e-5 lost
 0.055; two optimizer steps per batch and screening 8x candidate prompts for the ones the policy gets
