@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-import gasungbi
 from gasungbi.cli import main
 from gasungbi.config import ModelConfig, get_preset, to_hf_config
 from gasungbi.plan import estimate as E
@@ -453,24 +452,6 @@ def test_backtest_here_row_from_a_run(tmp_path, catalog):
     here = bt.rows[-1]
     assert here.name.startswith("this machine") and here.published == 500.0
     assert here.predicted == pytest.approx(bt.constants["train_dense"] * 1e11 / 1e7)
-
-
-def test_backtest_decode_row_measures_our_engine_here(checkpoint, catalog, monkeypatch):
-    """``--decode CKPT``: our engine's batch-1 decode of the checkpoint, measured, beside the decode
-    constant x ``plan here``'s ceiling at this machine's measured bandwidth and FLOP/s."""
-    from gasungbi.plan import backtest, measure
-
-    monkeypatch.setattr(measure, "measure_memory_bandwidth", lambda: 20e9)  # the ceiling, fixed for the check
-    monkeypatch.setattr(measure, "measure_matmul_flops", lambda dtype: 50e9)
-    r = plan("backtest", "--decode", str(checkpoint), "--decode-quant", "fp32", "--json")
-    assert r.returncode == 0, r.stderr
-    row = json.loads(r.stdout)["rows"][-1]
-    assert row["name"].startswith("this machine:") and "decode (fp32" in row["name"] and row["published"] > 0
-    cfg = gasungbi.load_model(checkpoint).config
-    here = backtest.here_decode_row(checkpoint, {"decode": 0.5}, "fp32", prompt_len=8, new_tokens=8)
-    ceiling = E.local_decode(cfg, 20e9, 50e9, "fp32", 12)["predicted_tokens_per_s"]
-    assert here.predicted == pytest.approx(0.5 * ceiling) and here.efficiency == pytest.approx(here.published / ceiling)
-    assert here.published > 0 and here.misses
 
 
 def test_plan_imports_no_torch():

@@ -20,9 +20,7 @@ seq per token (forward and backward over the full T x T, no causal halving, for 
 calibrator alike), so a long-context stage (Llama 3.1's, up to 128K) costs a small model far more
 per token than its 8K pass. A decode row may name ``data_parallel`` parts, held whole by every GPU
 (see ``decode_ceiling``).
-Every other row is a prediction; the summary gives the median and the worst error over them, this
-machine's rows included when asked for (``here_row``: one of our training runs; ``here_decode_row``:
-our engine's decode of a checkpoint, measured when the command runs).
+Every other row is a prediction; the summary gives the median and the worst error over them.
 Importing this module needs no torch.
 """
 
@@ -248,47 +246,12 @@ def here_row(run_dir: str | Path, constants: dict[str, float]) -> Row:
                "MFU of large GPU runs does not carry over")
 
 
-def here_decode_row(checkpoint: str | Path, constants: dict[str, float], quant: str = "int8",
-                    prompt_len: int = 32, new_tokens: int = 64) -> Row:
-    """This machine: our engine's batch-1 greedy decode of ``checkpoint`` (eager, weights in
-    ``quant``), measured, beside the planner's prediction: the decode constant x ``plan here``'s
-    ceiling (``local_decode``: the lower of the memory- and compute-bound rates, at this machine's
-    measured STREAM bandwidth and matmul FLOP/s, at the run's mean context)."""
-    import torch
-
-    from gasungbi.infer.decode import time_decode
-    from gasungbi.infer.quant import quantize
-    from gasungbi.interop.hf import load_model
-    from gasungbi.plan.estimate import local_decode
-    from gasungbi.plan.measure import measure_matmul_flops, measure_memory_bandwidth
-
-    model = load_model(checkpoint, dtype=torch.float32)
-    if quant != "fp32":
-        model = quantize(model, quant)
-    cfg = model.config
-    prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    measured = time_decode(model, [prompt], new_tokens)
-    bw, flops = measure_memory_bandwidth(), measure_matmul_flops(torch.float32)
-    ceiling = local_decode(cfg, bw, flops, quant, prompt_len + new_tokens // 2)["predicted_tokens_per_s"]
-    threads = torch.get_num_threads()
-    return Row(f"this machine: {'/'.join(Path(checkpoint).resolve().parts[-2:])} decode ({quant}, {threads} threads)", "decode", "tokens/s",
-               measured, constants["decode"] * ceiling, measured / ceiling, "of ceiling", None,
-               f"{checkpoint}: batch 1, {prompt_len}-token prompt, {new_tokens} new tokens, eager (measured here; "
-               f"STREAM copy {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s)",
-               "the decode constant comes from KTransformers on a GPU + 2-socket DDR5 server; our engine on one "
-               "CPU reads the weights at a different share of its bandwidth, and a small model is bound by "
-               "per-operator overhead rather than by bandwidth or FLOPs")
-
-
-def run_backtest(catalog: Catalog, run_dir: str | Path | None = None, path: str | Path = PUBLISHED,
-                 decode: str | Path | None = None, decode_quant: str = "int8") -> Backtest:
+def run_backtest(catalog: Catalog, run_dir: str | Path | None = None, path: str | Path = PUBLISHED) -> Backtest:
     rows = load_published(path)
     constants = calibrate(rows, catalog)
     out = [predict(r, catalog, constants) for r in rows]
     if run_dir is not None:
         out.append(here_row(run_dir, constants))
-    if decode is not None:
-        out.append(here_decode_row(decode, constants, decode_quant))
     return Backtest(out, constants)
 
 

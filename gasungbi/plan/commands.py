@@ -125,16 +125,13 @@ def model(model: str = "deepseek-v3-671b", seq_len: int = 4096, catalog: Catalog
     return _run(_model_cmd, locals())
 
 
-def backtest(run: str | None = None, decode: str | None = None, decode_quant: Literal["fp32", "int8", "int4"] = "int8",
-             sources: bool = False, catalog: Catalogs = (), json: bool = False) -> int:
+def backtest(run: str | None = None, sources: bool = False, catalog: Catalogs = (), json: bool = False) -> int:
     """The planner against published training runs and decode speeds: each measurement in
     gasungbi/plan/published.json (one cited source per row) predicted, with its error and implied
     efficiency; the median and worst error are over the rows not used for calibration.
 
     Args:
         run: add this machine: one of our training runs (its report.json)
-        decode: add this machine: our engine's batch-1 decode of this checkpoint, measured now (seconds)
-        decode_quant: with --decode: the weights' format
         sources: print each row's source
         catalog: extra hardware catalog JSON
         json: print JSON instead of a table
@@ -510,5 +507,5 @@ def _model_cmd(args: SimpleNamespace) -> int:
 def _backtest(args: SimpleNamespace) -> int:
     from gasungbi.plan.backtest import format_backtest, run_backtest
 
-    bt = run_backtest(_catalog(args), args.run, decode=args.decode, decode_quant=args.decode_quant)
+    bt = run_backtest(_catalog(args), args.run)
     return _emit(args, bt.to_dict(), format_backtest(bt, sources=args.sources))
