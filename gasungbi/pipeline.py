@@ -8,8 +8,9 @@ Recipes (arithmetic in the comments):
   ``cpu-tiny`` (10.2 M parameters, ~4 M activated), 16 x 256 = 4,096 tokens per step. At the
   2,000-3,000 tokens/s a 2-core CPU gives this model, 6 minutes of pretraining is 0.7-1.1 M tokens
   (two fresh-clone runs on a slower machine: 0.68 and 0.72 M in 5.6 and 5.3 min); then ~3 minutes of
-  cold-start SFT and ~3 of GRPO (with its two held-out evaluations) on two-digit additions: 12.9
-  minutes in all in both runs (each post-training stage is bounded, see ``POST``, which also
+  cold-start SFT and ~3 of GRPO (with its two held-out evaluations) on two-digit additions: 13.4
+  and 13.5 minutes in all in the last two fresh-clone runs (each post-training stage is bounded, see
+  ``POST``, which also
   gives the measurements behind its settings). GRPO's learning rate is small (2e-5): from an SFT'd
   model with the earlier restating trace (greedy accuracy 0.900), 60 steps at 1e-4 or 3e-4 drove it to
   0.603 and 0.000 (AdamW moves every weight by about lr per step, noise included).
@@ -54,32 +55,24 @@ POST = {
 slow for the recipe's steps, SFT is sized down from a measured step time and GRPO stops at a step
 boundary, and the report's stage table says so.
 
-The cpu recipe, measured on one 2-core machine from one pretrained speedrun checkpoint (187 steps),
-with the column-sum cold-start trace (:mod:`gasungbi.gym.cold_start`), greedy accuracy on 300 held-out
-tasks: SFT for 200 steps 0.253, 350 steps 0.873, 450 steps 0.973 (with the earlier restating trace,
-450 steps: 0.060). 350 steps leave GRPO something to fix: from that model, 70 GRPO steps at lr 2e-5
-gained +0.030 [+0.006, +0.056] (11 tasks gained, 2 lost) and 80 at 1e-5 +0.023 [+0.001, +0.048]; from
-the 450-step model (0.973) 60 steps at 1e-5 only +0.003; from the 200-step model, 100 steps at 1e-5
-+0.013 (34 gained, 30 lost) and 60 at 1e-4 -0.163 (the policy collapsed). Two fresh-clone speedruns of
-this recipe: SFT 0.843 then GRPO +0.055 [+0.025, +0.086]; SFT 0.925 then GRPO +0.010 [-0.012, +0.033]
-(from that SFT model, 100 GRPO steps: +0.013). Those runs (and the experiments below) evaluated 400 of
-the 422 held-out two-digit additions a 10% test share left; GRPO's gains of +0.01 to +0.03 need a
-narrower interval than 400 tasks give, so the test share is now 25% (``TEST_PERCENT``) and the eval
-uses 1,000 of its 1,022 tasks. SFT's rows are as long as its longest conversation (:func:`_sft_seq_len`).
+Why the cpu recipe is what it is (2-core machine; greedy accuracy on held-out two-digit additions,
+paired 95% intervals; the README's results table has the fresh-clone runs):
 
-GRPO samples at temperature 0.7 (cpu recipe): closer to the greedy decoding the eval scores, and
-steadier. On the same SFT model, task draw and eval as temperature 1, it gained +0.025 against +0.010
-(400 tasks), +0.022 against +0.021 and +0.024 against +0.011 (1,000 tasks, two seeds; all three 0.7 runs
-exclude zero); on other draws +0.033, +0.018 and +0.023, where temperature 1 had +0.055 and +0.030.
-Two fresh-clone speedruns of this recipe (1,000 held-out tasks): SFT 0.940 then GRPO +0.029
-[+0.017, +0.043] (36 gained, 7 lost); SFT 0.931 then GRPO +0.027 [+0.013, +0.042] (40 gained, 13 lost).
-
-Tried from those two runs' SFT models and not adopted (one 400-task draw each): lr 5e-5 lost
-0.055; two optimizer steps per batch and screening 8x candidate prompts for the ones the policy gets
-wrong gained no more. The 0.925 model's errors are systematic (a correct column trace, then the
-units digit copied from the wrong column), so samples rarely find the right answer to reinforce.
-With SFT cut to 300 steps GRPO gained +0.085 [+0.047, +0.124] from one pretrained model (SFT 0.798)
-and +0.030 [-0.012, +0.072] from the other (SFT 0.718, 42 tasks gained and 30 lost)."""
+* SFT, 350 steps of the column-sum trace (:mod:`gasungbi.gym.cold_start`): from one pretrained
+  checkpoint, 200 steps 0.253, 350 steps 0.873, 450 steps 0.973. 350 leaves GRPO something to fix:
+  from the 450-step model GRPO gained only +0.003. Rows are as long as the longest conversation
+  (:func:`_sft_seq_len`).
+* GRPO, 70 steps of 8 prompts x 8 samples at lr 2e-5: lr 5e-5 lost 0.055 and 1e-4 collapsed the
+  policy (-0.163); two optimizer steps per batch, a k3 KL penalty, frozen routers and screening 8x
+  candidate prompts for failures gained no more.
+* Temperature 0.7: on the same SFT model and task draw as temperature 1 it gained +0.025 against
+  +0.010 (400 tasks), +0.022 against +0.021 and +0.024 against +0.011 (1,000 tasks, two seeds).
+* 1,000 eval tasks (the test split holds 25% of the space, ``TEST_PERCENT``: 1,022 tasks): the gain
+  from an SFT model at 0.9+ is +0.02 to +0.03, which 400 tasks could not tell from zero.
+* What limits GRPO here: a 0.92 model's errors are systematic (a right column trace, then the units
+  digit copied from the wrong column), so samples rarely find the answer to reinforce. With SFT cut
+  to 300 steps GRPO gained more (+0.085 and +0.030 from two pretrained models) but ended lower.
+"""
 POST["node"] = POST["gpu"]
 
 RECIPES = {
