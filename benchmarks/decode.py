@@ -31,9 +31,9 @@ import torch
 
 import gasungbi
 from gasungbi.infer import native
-from gasungbi.infer.decode import time_decode
+from gasungbi.infer.decode import decode_steps
 from gasungbi.infer.quant import QuantExperts, perplexity, quantize
-from gasungbi.infer.sampling import SamplingParams
+from gasungbi.infer.sampling import GREEDY, SamplingParams
 from gasungbi.model.moe import Experts
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
@@ -82,6 +82,18 @@ def bytes_per_token(model) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size() * scale
     return int(total)
+
+
+def time_ours(model, prompts, n: int, compile: bool, sampling: SamplingParams = GREEDY) -> float:
+    """Decode tokens/s: (N - 1) x batch tokens / (time(N tokens) - time(1 token))."""
+    def run(k: int) -> float:
+        t = time.perf_counter()
+        for _ in decode_steps(model, prompts, k, sampling, compile=compile):
+            pass
+        return time.perf_counter() - t
+
+    run(n)  # warm up (and compile every window the run uses)
+    return len(prompts) * (n - 1) / min(run(n) - run(1) for _ in range(2))
 
 
 def time_llama_cpp(gguf: Path, prompt: list[int], n: int, threads: int) -> float:
@@ -143,8 +155,8 @@ def issue_section(args, bw: float) -> None:
             best = {"llama": 0.0, "eager": 0.0, "compiled": 0.0}
             for _ in range(args.rounds):  # alternate the engines: drifts in machine speed hit all alike
                 best["llama"] = max(best["llama"], time_llama_cpp(gguf, prompt, args.new_tokens, torch.get_num_threads()))
-                best["eager"] = max(best["eager"], time_decode(model, [prompt], args.new_tokens, False))
-                best["compiled"] = max(best["compiled"], time_decode(model, [prompt], args.new_tokens, True))
+                best["eager"] = max(best["eager"], time_ours(model, [prompt], args.new_tokens, False))
+                best["compiled"] = max(best["compiled"], time_ours(model, [prompt], args.new_tokens, True))
             rows.append((mode, kind, best, bytes_per_token(model)))
         print(f"\nbatch 1, greedy, best of {args.rounds} alternating rounds:")
         print(f"{'ours':5} {'eager':>8} {'compiled':>9}   {'llama.cpp':9} {'tok/s':>7}   {'eager/llama':>11} "
@@ -158,7 +170,7 @@ def issue_section(args, bw: float) -> None:
         hot = SamplingParams(temperature=1.0, seed=0)
         for b in (1, 16):
             prompts = [prompt] * b
-            print(f"  batch {b:2d}: {time_decode(base, prompts, args.new_tokens, True, hot):8.1f} tok/s (all rows)")
+            print(f"  batch {b:2d}: {time_ours(base, prompts, args.new_tokens, True, hot):8.1f} tok/s (all rows)")
 
 
 def big_section(args, bw: float) -> None:
@@ -175,7 +187,7 @@ def big_section(args, bw: float) -> None:
     del float_model
     bpt = bytes_per_token(model)
     prompt = list(range(3, 3 + args.prompt_len))
-    tps = {c: time_decode(model, [prompt], 32, c) for c in (False, True)}
+    tps = {c: time_ours(model, [prompt], 32, c) for c in (False, True)}
     print(f"\nbandwidth: deepseek-v2-lite shape, 3 layers, {n_total / 1e9:.2f}B parameters in int8, "
           f"{bpt / 1e6:.0f} MB of weights per token (routed experts at 6 of 64)")
     for c, t in tps.items():

@@ -104,19 +104,3 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, s
             yield tokens
     finally:
         stats.decode_s = time.perf_counter() - t1
-
-
-def time_decode(model, prompts: Sequence[Sequence[int]], n: int, compile: bool = False,
-                sampling: SamplingParams = GREEDY, repeats: int = 2) -> float:
-    """Decode tokens/s of the engine, all rows together: (N - 1) x rows / (time(N tokens) -
-    time(1 token)), so the prefill and the first token cancel out; the best of ``repeats`` after a
-    warm-up run (which also compiles every window the run uses)."""
-
-    def run(k: int) -> float:
-        t = time.perf_counter()
-        for _ in decode_steps(model, prompts, k, sampling, compile=compile):
-            pass
-        return time.perf_counter() - t
-
-    run(n)
-    return len(prompts) * (n - 1) / min(run(n) - run(1) for _ in range(repeats))
