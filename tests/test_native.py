@@ -113,7 +113,8 @@ def test_engine_steps_equal_a_full_forward(one_thread, mode):
 
 def test_compiled_step_gives_the_eager_tokens(one_thread):
     """The compiled decode step (inductor) decodes the same greedy tokens as the eager one, across
-    a window change (64 -> 128 slots), and a second generation reuses the compiled graphs."""
+    a window change (64 -> 128 slots), a second generation reuses the compiled graphs, and one of
+    another length (a longer cache: the same windows, other strides) compiles its own."""
     from gasungbi.infer.engine import compiled_step
     from gasungbi.infer.generate import generate
 
@@ -127,3 +128,6 @@ def test_compiled_step_gives_the_eager_tokens(one_thread):
     assert {key[:3] for key in shapes} == {(2, 1, 64), (2, 1, 75)}  # windows: 64, then the cache length (5 + 70)
     again = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
     assert [c.tokens for c in again] == [c.tokens for c in eager] and compiled_step(model).shapes == shapes
+    # another length: the same window shapes over a longer cache (other strides) compile anew
+    longer = generate(model, prompts, max_new_tokens=80, stop_tokens=(), compile=True)
+    assert [c.tokens[:70] for c in longer] == [c.tokens for c in eager]

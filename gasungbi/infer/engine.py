@@ -110,7 +110,8 @@ class CompiledStep:
     """:func:`decode_logits` compiled for one model, as a copy with its own code object (torch.compile
     keeps its graphs per code object, so they are this model's alone), shared by all the engines
     of that model. A step of a shape compiled before skips re-checking the guards, which cannot
-    differ between calls (same model, dtypes and devices; the shapes are the key here)."""
+    differ between calls (same model, dtypes and devices; the shapes and the cache's strides, which
+    an engine of another ``max_len`` changes, are the key here)."""
 
     def __init__(self, device: torch.device):
         fn = types.FunctionType(decode_logits.__code__.replace(), decode_logits.__globals__, "decode_logits")
@@ -124,8 +125,8 @@ class CompiledStep:
     """Shapes (rows, tokens, window) compiled at most; steps of further shapes run eagerly."""
 
     def __call__(self, model, ids, view, slots, pad):
-        cache = view.layers[0][0]
-        key = (*ids.shape, cache.shape[1], cache.dtype, cache.device)
+        cache = view.layers[0][0]  # the strides are part of the key: they follow the engine's max_len
+        key = (*ids.shape, cache.shape[1], cache.stride(), cache.dtype, cache.device)
         if key not in self.shapes:  # first call of a shape: compile (guards checked)
             if len(self.shapes) >= self.MAX_SHAPES:
                 return decode_logits(model, ids, view, slots, pad)
