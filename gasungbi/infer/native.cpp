@@ -2,9 +2,12 @@
 //
 // At decode time a step multiplies a few token vectors by every weight matrix once: the work is
 // reading the weights. PyTorch's CPU GEMM (MKL) runs such skinny products at ~11 GB/s on the 2-core
-// machine this was written on, a fifth of what the memory gives. These kernels stream each weight
-// row once, four rows at a time (four independent accumulators hide the FMA latency), for all the
-// tokens at once, split over threads by rows with at::parallel_for (torch's own OpenMP pool).
+// machine this was written on, a fifth of what the memory gives. These kernels read each weight
+// row once, front to back, row after row, for all the tokens at once, split over threads by rows
+// with at::parallel_for (torch's own OpenMP pool): each thread's share is one sequential stream,
+// which the hardware prefetchers follow without help. (Four rows interleaved with software
+// prefetches, the earlier design, read rows of 512 at half that speed on a 2-core AMD EPYC: 21 vs
+// 42 GB/s fp32, 14 vs 29 int8, benchmarks/decode.py's kernel section.)
 //
 //   gasungbi::linear(x [M, K] f32, w [N, K] f32|i8, scale [N] f32?) -> [M, N] f32
 //       y = x w^T (times scale[n] per row for int8 weights: w ~ q * s). On CPUs with AVX512-VNNI,
@@ -19,8 +22,8 @@
 //       DeepSeekMoE's FFN (V3 eq. 12) with each chosen expert's weights read once for all the
 //       tokens that chose it, all experts' rows in one parallel pass per projection.
 //
-// Plain C++ with `omp simd` reductions: the compiler vectorizes for the machine it builds on
-// (-march=native; AVX2, AVX-512 or NEON). The pure-PyTorch modules are the reference in tests.
+// Plain C++ with `omp simd` loops: the compiler vectorizes for the machine it builds on
+// (-march=native; AVX2, AVX-512 or NEON), with AVX-512 and VNNI loops where the CPU has them. The pure-PyTorch modules are the reference in tests.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -35,26 +38,16 @@ namespace {
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-// Four fp32 rows against one token, 16 columns per step (K % 16 == 0): the AVX-512 main loop.
-inline void dot4_avx512(const float* xt, const float* w0, const float* w1, const float* w2, const float* w3,
-                        int64_t K, float* out) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  const int64_t ahead = 4 * (w1 - w0);  // the next group of rows
-  for (int64_t k = 0; k < K; k += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(w0 + ahead + k), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w1 + ahead + k), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w2 + ahead + k), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w3 + ahead + k), _MM_HINT_T0);
-    const __m512 xv = _mm512_loadu_ps(xt + k);
-    a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w0 + k), a0);
-    a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w1 + k), a1);
-    a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w2 + k), a2);
-    a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w3 + k), a3);
+// One fp32 row against one token (K % 16 == 0): two accumulators, read front to back.
+inline float row_avx512(const float* xt, const float* w, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xt + k), _mm512_loadu_ps(w + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xt + k + 16), _mm512_loadu_ps(w + k + 16), a1);
   }
-  out[0] = _mm512_reduce_add_ps(a0);
-  out[1] = _mm512_reduce_add_ps(a1);
-  out[2] = _mm512_reduce_add_ps(a2);
-  out[3] = _mm512_reduce_add_ps(a3);
+  if (k < K) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xt + k), _mm512_loadu_ps(w + k), a0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 #endif
 
@@ -93,97 +86,62 @@ QTokens quantize_tokens(const float* x, int64_t T, int64_t ldx, int64_t K) {
   return q;
 }
 
-inline void dot4_vnni(const QTokens& q, int64_t t, int64_t chunks, const int8_t* w0, const int8_t* w1,
-                      const int8_t* w2, const int8_t* w3, float* out) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+inline float row_vnni(const QTokens& q, int64_t t, int64_t chunks, const int8_t* w) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   const __m512i zero = _mm512_setzero_si512();
   const uint8_t* mag = q.mag.data() + t * q.K;
-  const int64_t ahead = 4 * (w1 - w0);  // the next group of rows
   for (int64_t c = 0; c < chunks; ++c) {
     const __m512i xm = _mm512_loadu_si512(mag + c * 64);
     const __mmask64 neg = static_cast<__mmask64>(q.neg[t * q.chunks + c]);
     const __m512 sc = _mm512_loadu_ps(q.scale.data() + (t * q.chunks + c) * 16);
-    const int8_t* ws[4] = {w0 + c * 64, w1 + c * 64, w2 + c * 64, w3 + c * 64};
-    for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(ws[i] + ahead), _MM_HINT_T0);
-    __m512* acc[4] = {&a0, &a1, &a2, &a3};
-    for (int i = 0; i < 4; ++i) {
-      __m512i w = _mm512_loadu_si512(ws[i]);
-      w = _mm512_mask_sub_epi8(w, neg, zero, w);  // the sign of x moved onto w
-      const __m512i p = _mm512_dpbusd_epi32(zero, xm, w);  // lanes 0-7: block 2c, 8-15: block 2c+1
-      *acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, *acc[i]);
-    }
+    __m512i wv = _mm512_loadu_si512(w + c * 64);
+    wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);  // the sign of x moved onto w
+    const __m512i p = _mm512_dpbusd_epi32(zero, xm, wv);  // lanes 0-7: block 2c, 8-15: block 2c+1
+    if (c & 1) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, a1);
+    else a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, a0);
   }
-  out[0] = _mm512_reduce_add_ps(a0);
-  out[1] = _mm512_reduce_add_ps(a1);
-  out[2] = _mm512_reduce_add_ps(a2);
-  out[3] = _mm512_reduce_add_ps(a3);
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 #endif
 
-// Four rows against one token: out[i] = dot(xt, wi). The portable loop (the compiler vectorizes the
-// four reductions for the machine), and an AVX-512 one for fp32 rows.
+// One row against one token: dot(xt, w). The portable loop keeps 16 partial sums, which the compiler
+// vectorizes for the machine; fp32 rows take the AVX-512 loop where there is one.
 template <typename W>
-inline void dot4(const float* xt, const W* w0, const W* w1, const W* w2, const W* w3, int64_t K, float* out) {
+inline float row_dot(const float* xt, const W* w, int64_t K) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<W, float>) {
-    if (K % 16 == 0) return dot4_avx512(xt, w0, w1, w2, w3, K, out);
+    if (K % 16 == 0) return row_avx512(xt, w, K);
   }
 #endif
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t k = 0; k < K; ++k) {
-    const float xv = xt[k];
-    a0 += xv * static_cast<float>(w0[k]);
-    a1 += xv * static_cast<float>(w1[k]);
-    a2 += xv * static_cast<float>(w2[k]);
-    a3 += xv * static_cast<float>(w3[k]);
-  }
-  out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3;
-}
-
-template <typename W>
-inline float dot1(const float* xt, const W* w, int64_t K) {
+  float acc[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16)
+#pragma omp simd
+    for (int j = 0; j < 16; ++j) acc[j] += xt[k + j] * static_cast<float>(w[k + j]);
   float a = 0.f;
-#pragma omp simd reduction(+ : a)
-  for (int64_t k = 0; k < K; ++k) a += xt[k] * static_cast<float>(w[k]);
+  for (; k < K; ++k) a += xt[k] * static_cast<float>(w[k]);
+  for (int j = 0; j < 16; ++j) a += acc[j];
   return a;
 }
 
 // y[t * ldy + r] = scale[r] * dot(x[t * ldx ..], w[r * ldw ..]) for rows r0..r1, tokens 0..T-1.
+// Row by row, each read front to back for all the tokens (it stays in L1 after the first): a
+// thread's share of the weights is one sequential stream, which the hardware prefetchers follow.
 // int8 rows of a width that is a multiple of 64 go through VNNI with the tokens quantized to Q8
 // (``q``, prepared once per call); everything else is exact fp32 arithmetic.
 template <typename W>
 void rows_dot(const float* x, int64_t T, int64_t ldx, const W* w, int64_t ldw, int64_t K, const float* scale,
               int64_t r0, int64_t r1, float* y, int64_t ldy, const QTokens* q = nullptr, int64_t qt0 = 0) {
-  float out[4];
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {
-    const W* w0 = w + r * ldw;
-    for (int64_t t = 0; t < T; ++t) {
-#ifdef GASUNGBI_VNNI
-      if constexpr (std::is_same_v<W, int8_t>) {
-        if (q) {
-          dot4_vnni(*q, qt0 + t, K / 64, w0, w0 + ldw, w0 + 2 * ldw, w0 + 3 * ldw, out);
-        } else {
-          dot4(x + t * ldx, w0, w0 + ldw, w0 + 2 * ldw, w0 + 3 * ldw, K, out);
-        }
-      } else
-#endif
-      dot4(x + t * ldx, w0, w0 + ldw, w0 + 2 * ldw, w0 + 3 * ldw, K, out);
-      for (int i = 0; i < 4; ++i) y[t * ldy + r + i] = scale ? out[i] * scale[r + i] : out[i];
-    }
-  }
-  for (; r < r1; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const W* wr = w + r * ldw;
     for (int64_t t = 0; t < T; ++t) {
       float a;
 #ifdef GASUNGBI_VNNI
-      if (std::is_same_v<W, int8_t> && q) {
-        const int8_t* wr = reinterpret_cast<const int8_t*>(w + r * ldw);
-        dot4_vnni(*q, qt0 + t, K / 64, wr, wr, wr, wr, out);
-        a = out[0];
+      if constexpr (std::is_same_v<W, int8_t>) {
+        a = q ? row_vnni(*q, qt0 + t, K / 64, wr) : row_dot(x + t * ldx, wr, K);
       } else
 #endif
-      a = dot1(x + t * ldx, w + r * ldw, K);
+      a = row_dot(x + t * ldx, wr, K);
       y[t * ldy + r] = scale ? a * scale[r] : a;
     }
   }
