@@ -77,12 +77,38 @@ def test_experts_match_the_reference_dispatch(m):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 2)])
+def test_mla_attention_matches_the_pytorch_path(B, T):
+    """The native absorbed attention gives PyTorch's (four batched matmuls, mask, softmax) on a
+    strided cache window whose mask hides left padding and the slots after each query."""
+    from gasungbi.model.attention import MLA
+
+    cfg = gasungbi.get_preset("debug")
+    mla = MLA(cfg, 0).eval()
+    H, dn, dr, dv, r, S = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.v_dim, mla.kv_lora_rank, 40
+    g = torch.Generator().manual_seed(B * 10 + T)
+    q_nope, q_pe = torch.randn(B, T, H, dn, generator=g), torch.randn(B, T, H, dr, generator=g)
+    cache, rope = torch.randn(B + 1, 64, r, generator=g), torch.randn(B + 1, 64, dr, generator=g)
+    kv, k_pe = cache[1:, :S], rope[1:, :S]  # a window of a longer cache, as the engine's views
+    w = torch.randn(H, dn + dv, r, generator=g) / r**0.5
+    w_uk, w_uv = w[:, :dn], w[:, dn:]
+    slots, pad = torch.arange(S - T - 3, S - 3), torch.tensor([3 * b for b in range(B)])
+    key = torch.arange(S)
+    mask = ((key <= slots[None, :, None]) & (key >= pad[:, None, None]))[:, None]  # (B, 1, T, S)
+    want = MLA._absorbed(mla, q_nope, q_pe, kv, k_pe, w_uk, w_uv, 0, mask)
+    got = native.NativeMLA._absorbed(mla, q_nope, q_pe, kv, k_pe, w_uk, w_uv, 0, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_kernels_name_bad_input():
     with pytest.raises(RuntimeError, match="x \\[M, K\\] and w \\[N, K\\]"):
         native.linear(torch.randn(2, 8), torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="expert id 9 out of range"):
         e = torch.randn(4, 8, 16)
         native.experts(torch.randn(1, 16), [e, e, torch.randn(4, 16, 8)], [], torch.tensor([[9]]), torch.ones(1, 1))
+    with pytest.raises(RuntimeError, match="mla_attend: mismatched shapes"):
+        q, kv, w = torch.randn(1, 1, 2, 4), torch.randn(1, 5, 8), torch.randn(2, 4, 8)
+        torch.ops.gasungbi.mla_attend(q, q, kv, kv[..., :3], w, w, torch.ones(1, 1, 1, 5, dtype=torch.bool), 1.0)
 
 
 @pytest.mark.parametrize("mode", ["fp32", "int8"])

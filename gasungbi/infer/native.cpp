@@ -21,6 +21,12 @@
 //             (+ the shared expert's SwiGLU of x_m):
 //       DeepSeekMoE's FFN (V3 eq. 12) with each chosen expert's weights read once for all the
 //       tokens that chose it, all experts' rows in one parallel pass per projection.
+//   gasungbi::mla_attend(q_nope [B, T, H, dn], q_pe [B, T, H, dr], kv [B, S, r], k_pe [B, S, dr],
+//       w_uk [H, dn, r], w_uv [H, dv, r], mask [B, 1, T, S] bool, scale) -> [B, T, H, dv] f32
+//       MLA's absorbed attention (V2 Sec. 2.1.2) against the latent cache, one (token, head) per
+//       task: q_lat = q^C W^UK, p = softmax(scale (q_lat c^KV_s + q^R k^R_s)) over the slots the
+//       mask shows, out = W^UV (sum_s p_s c^KV_s). One call where PyTorch runs four batched matmuls,
+//       a mask and a softmax; masked slots are skipped, not computed and zeroed.
 //
 // Plain C++ with `omp simd` loops: the compiler vectorizes for the machine it builds on
 // (-march=native; AVX2, AVX-512 or NEON), with AVX-512 and VNNI loops where the CPU has them. The pure-PyTorch modules are the reference in tests.
@@ -359,17 +365,116 @@ at::Tensor experts(const at::Tensor& x_, const std::vector<at::Tensor>& routed, 
   return y;
 }
 
+// y[0..n) = sum_i a[i] * row(i)[0..n), rows with a[i] == 0 skipped: in column blocks of 64, so that
+// the partial sums stay in registers while the rows stream past.
+template <typename Row>
+inline void weighted_rows(int64_t count, const float* a, Row row, int64_t n, float* y) {
+  for (int64_t c0 = 0; c0 < n; c0 += 64) {
+    const int64_t w = std::min<int64_t>(64, n - c0);
+#if defined(__AVX512F__)
+    if (w == 64) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      for (int64_t i = 0; i < count; ++i) {
+        if (a[i] == 0.f) continue;
+        const __m512 ai = _mm512_set1_ps(a[i]);
+        const float* ri = row(i) + c0;
+        a0 = _mm512_fmadd_ps(ai, _mm512_loadu_ps(ri), a0);
+        a1 = _mm512_fmadd_ps(ai, _mm512_loadu_ps(ri + 16), a1);
+        a2 = _mm512_fmadd_ps(ai, _mm512_loadu_ps(ri + 32), a2);
+        a3 = _mm512_fmadd_ps(ai, _mm512_loadu_ps(ri + 48), a3);
+      }
+      _mm512_storeu_ps(y + c0, a0);
+      _mm512_storeu_ps(y + c0 + 16, a1);
+      _mm512_storeu_ps(y + c0 + 32, a2);
+      _mm512_storeu_ps(y + c0 + 48, a3);
+      continue;
+    }
+#endif
+    float acc[64] = {};
+    for (int64_t i = 0; i < count; ++i) {
+      if (a[i] == 0.f) continue;
+      const float ai = a[i], *ri = row(i) + c0;
+      if (w == 64) {
+#pragma omp simd
+        for (int j = 0; j < 64; ++j) acc[j] += ai * ri[j];
+      } else {
+        for (int64_t j = 0; j < w; ++j) acc[j] += ai * ri[j];
+      }
+    }
+    std::copy(acc, acc + w, y + c0);
+  }
+}
+
+// Absorbed MLA attention of a few query tokens against the latent cache (see the header).
+at::Tensor mla_attend(const at::Tensor& q_nope_, const at::Tensor& q_pe_, const at::Tensor& kv, const at::Tensor& k_pe,
+                      const at::Tensor& w_uk, const at::Tensor& w_uv, const at::Tensor& mask, double scale) {
+  for (const at::Tensor* t : {&q_nope_, &q_pe_, &kv, &k_pe, &w_uk, &w_uv})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "mla_attend: float32 tensors expected, got ", t->scalar_type());
+  TORCH_CHECK(q_nope_.dim() == 4 && q_pe_.dim() == 4 && kv.dim() == 3 && k_pe.dim() == 3 && w_uk.dim() == 3 &&
+              w_uv.dim() == 3 && mask.dim() == 4 && mask.scalar_type() == at::kBool,
+              "mla_attend: q_nope/q_pe [B, T, H, .], kv/k_pe [B, S, .], w_uk/w_uv [H, ., r], mask [B, 1, T, S] bool");
+  const at::Tensor qn = q_nope_.contiguous(), qp = q_pe_.contiguous();
+  const int64_t B = qn.size(0), T = qn.size(1), H = qn.size(2), dn = qn.size(3), dr = qp.size(3);
+  const int64_t S = kv.size(1), r = kv.size(2), dv = w_uv.size(1);
+  TORCH_CHECK(qp.sizes() == at::IntArrayRef({B, T, H, dr}) && kv.size(0) == B &&
+              k_pe.sizes() == at::IntArrayRef({B, S, dr}) && w_uk.sizes() == at::IntArrayRef({H, dn, r}) &&
+              w_uv.size(0) == H && w_uv.size(2) == r && mask.sizes() == at::IntArrayRef({B, 1, T, S}),
+              "mla_attend: mismatched shapes ", qn.sizes(), " ", qp.sizes(), " ", kv.sizes(), " ", k_pe.sizes(), " ",
+              w_uk.sizes(), " ", w_uv.sizes(), " ", mask.sizes());
+  TORCH_CHECK(kv.stride(2) == 1 && k_pe.stride(2) == 1 && w_uk.stride(2) == 1 && w_uv.stride(2) == 1,
+              "mla_attend: the last dimension of kv, k_pe, w_uk and w_uv must be contiguous");
+  at::Tensor out = at::empty({B, T, H, dv}, qn.options());
+  const float *qnp = qn.data_ptr<float>(), *qpp = qp.data_ptr<float>(), *kvp = kv.data_ptr<float>();
+  const float *kpp = k_pe.data_ptr<float>(), *ukp = w_uk.data_ptr<float>(), *uvp = w_uv.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t kv0 = kv.stride(0), kv1 = kv.stride(1), kp0 = k_pe.stride(0), kp1 = k_pe.stride(1);
+  const int64_t uk0 = w_uk.stride(0), uk1 = w_uk.stride(1), uv0 = w_uv.stride(0), uv1 = w_uv.stride(1);
+  const int64_t m0 = mask.stride(0), m2 = mask.stride(2), m3 = mask.stride(3);
+  at::parallel_for(0, B * T * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> q_lat(r), o_lat(r), p(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (T * H), t = (i / H) % T, h = i % H;
+      const float *q = qnp + i * dn, *qr = qpp + i * dr, *kvb = kvp + b * kv0, *kpb = kpp + b * kp0;
+      const float *uk = ukp + h * uk0, *uv = uvp + h * uv0;
+      const bool* m = mp + b * m0 + t * m2;
+      // q^C W^UK: the query in the latent space
+      weighted_rows(dn, q, [&](int64_t j) { return uk + j * uk1; }, r, q_lat.data());
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!m[s * m3]) continue;
+        p[s] = sc * (row_dot(q_lat.data(), kvb + s * kv1, r) + row_dot(qr, kpb + s * kp1, dr));
+        top = std::max(top, p[s]);
+      }
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {  // softmax; hidden slots weigh 0
+        p[s] = m[s * m3] ? std::exp(p[s] - top) : 0.f;
+        total += p[s];
+      }
+      for (int64_t s = 0; s < S; ++s) p[s] /= total;
+      weighted_rows(S, p.data(), [&](int64_t s) { return kvb + s * kv1; }, r, o_lat.data());  // P c^KV
+      float* o = op + i * dv;
+      for (int64_t j = 0; j < dv; ++j) o[j] = row_dot(o_lat.data(), uv + j * uv1, r);  // W^UV
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gasungbi, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? scale) -> Tensor");
   m.def("experts(Tensor x, Tensor[] routed, Tensor[] shared, Tensor idx, Tensor weights) -> Tensor");
+  m.def("mla_attend(Tensor q_nope, Tensor q_pe, Tensor kv, Tensor k_pe, Tensor w_uk, Tensor w_uv, Tensor mask, "
+        "float scale) -> Tensor");
   m.def("q8_activations() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(gasungbi, CPU, m) {
   m.impl("linear", &linear);
   m.impl("experts", &experts);
+  m.impl("mla_attend", &mla_attend);
 }
 
 // Whether int8 products quantize their tokens to Q8 (the VNNI path) on this build.

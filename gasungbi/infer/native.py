@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gasungbi.model.attention import MLA
 from gasungbi.model.moe import Experts, MoE
 
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -74,6 +75,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("gasungbi::experts")
     def _(x, routed, shared, idx, weights):
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake("gasungbi::mla_attend")
+    def _(q_nope, q_pe, kv, k_pe, w_uk, w_uv, mask, scale):
+        return q_nope.new_empty(*q_nope.shape[:3], w_uv.shape[1])
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -150,10 +155,23 @@ class NativeMoE(MoE):
         return experts(flat, *tensors, idx, weights).view(x.shape)
 
 
+class NativeMLA(MLA):
+    """MLA whose absorbed attention (decode steps, given a mask) runs in one native call instead of
+    four batched matmuls, a mask and a softmax; same parameters, the PyTorch path otherwise."""
+
+    def _absorbed(self, q_nope, q_pe, kv, k_pe, w_uk, w_uv, start_pos: int, mask) -> torch.Tensor:
+        tensors = (q_nope, q_pe, kv, k_pe, w_uk)
+        if (mask is None or mask.dtype != torch.bool or not available()
+                or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+            return super()._absorbed(q_nope, q_pe, kv, k_pe, w_uk, w_uv, start_pos, mask)
+        return torch.ops.gasungbi.mla_attend(q_nope, q_pe, kv, k_pe, w_uk, w_uv, mask, self.scale)
+
+
 def accelerate(model: nn.Module) -> nn.Module:
     """Route ``model``'s small-batch inference products to the native kernels, in place: every
-    ``nn.Linear`` becomes a :class:`NativeLinear` and every MoE layer a :class:`NativeMoE` (same
-    parameters and state dict; other inputs take the PyTorch path). Returns the
+    ``nn.Linear`` becomes a :class:`NativeLinear`, every MoE layer a :class:`NativeMoE` and every
+    MLA a :class:`NativeMLA` (same parameters and state dict; other inputs take the PyTorch path). Returns the
     model; a no-op when the kernels are unavailable."""
     if not available():
         return model
@@ -162,4 +180,6 @@ def accelerate(model: nn.Module) -> nn.Module:
             m.__class__ = NativeLinear
         elif type(m) is MoE:
             m.__class__ = NativeMoE
+        elif type(m) is MLA:
+            m.__class__ = NativeMLA
     return model
