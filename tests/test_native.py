@@ -87,7 +87,7 @@ def test_mla_attention_matches_the_pytorch_path(B, T):
     mla = MLA(cfg, 0).eval()
     H, dn, dr, dv, r, S = mla.n_heads, mla.nope_dim, mla.rope_dim, mla.v_dim, mla.kv_lora_rank, 40
     g = torch.Generator().manual_seed(B * 10 + T)
-    q_nope, q_pe = torch.randn(B, T, H, dn, generator=g), torch.randn(B, T, H, dr, generator=g)
+    q_nope, q_pe = torch.randn(B, T, H, dn + dr, generator=g).split([dn, dr], dim=-1)  # views, as MLA's
     cache, rope = torch.randn(B + 1, 64, r, generator=g), torch.randn(B + 1, 64, dr, generator=g)
     kv, k_pe = cache[1:, :S], rope[1:, :S]  # a window of a longer cache, as the engine's views
     w = torch.randn(H, dn + dv, r, generator=g) / r**0.5

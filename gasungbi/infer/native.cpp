@@ -413,7 +413,9 @@ at::Tensor mla_attend(const at::Tensor& q_nope_, const at::Tensor& q_pe_, const 
   TORCH_CHECK(q_nope_.dim() == 4 && q_pe_.dim() == 4 && kv.dim() == 3 && k_pe.dim() == 3 && w_uk.dim() == 3 &&
               w_uv.dim() == 3 && mask.dim() == 4 && mask.scalar_type() == at::kBool,
               "mla_attend: q_nope/q_pe [B, T, H, .], kv/k_pe [B, S, .], w_uk/w_uv [H, ., r], mask [B, 1, T, S] bool");
-  const at::Tensor qn = q_nope_.contiguous(), qp = q_pe_.contiguous();
+  // q_nope and q_pe are usually views of one [B, T, H, dn + dr] tensor: any strides, rows contiguous
+  const at::Tensor qn = q_nope_.stride(3) == 1 ? q_nope_ : q_nope_.contiguous();
+  const at::Tensor qp = q_pe_.stride(3) == 1 ? q_pe_ : q_pe_.contiguous();
   const int64_t B = qn.size(0), T = qn.size(1), H = qn.size(2), dn = qn.size(3), dr = qp.size(3);
   const int64_t S = kv.size(1), r = kv.size(2), dv = w_uv.size(1);
   TORCH_CHECK(qp.sizes() == at::IntArrayRef({B, T, H, dr}) && kv.size(0) == B &&
@@ -432,11 +434,14 @@ at::Tensor mla_attend(const at::Tensor& q_nope_, const at::Tensor& q_pe_, const 
   const int64_t kv0 = kv.stride(0), kv1 = kv.stride(1), kp0 = k_pe.stride(0), kp1 = k_pe.stride(1);
   const int64_t uk0 = w_uk.stride(0), uk1 = w_uk.stride(1), uv0 = w_uv.stride(0), uv1 = w_uv.stride(1);
   const int64_t m0 = mask.stride(0), m2 = mask.stride(2), m3 = mask.stride(3);
+  const int64_t qn0 = qn.stride(0), qn1 = qn.stride(1), qn2 = qn.stride(2);
+  const int64_t qp0 = qp.stride(0), qp1 = qp.stride(1), qp2 = qp.stride(2);
   at::parallel_for(0, B * T * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> q_lat(r), o_lat(r), p(S);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (T * H), t = (i / H) % T, h = i % H;
-      const float *q = qnp + i * dn, *qr = qpp + i * dr, *kvb = kvp + b * kv0, *kpb = kpp + b * kp0;
+      const float *q = qnp + b * qn0 + t * qn1 + h * qn2, *qr = qpp + b * qp0 + t * qp1 + h * qp2;
+      const float *kvb = kvp + b * kv0, *kpb = kpp + b * kp0;
       const float *uk = ukp + h * uk0, *uv = uvp + h * uv0;
       const bool* m = mp + b * m0 + t * m2;
       // q^C W^UK: the query in the latent space

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gasungbi.model.attention import MLA
-from gasungbi.model.moe import Experts, MoE
+from gasungbi.model.moe import Experts, MoE, Router
 
 SOURCE = Path(__file__).with_name("native.cpp")
 MAX_TOKENS = 16
@@ -155,6 +155,15 @@ class NativeMoE(MoE):
         return experts(flat, *tensors, idx, weights).view(x.shape)
 
 
+class NativeRouter(Router):
+    """A router whose few-token affinities (x W^T, fp32) run natively; same parameters."""
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or not usable(x, self.weight):
+            return super().logits(x)
+        return linear(x, self.weight)
+
+
 class NativeMLA(MLA):
     """MLA whose absorbed attention (decode steps, given a mask) runs in one native call instead of
     four batched matmuls, a mask and a softmax; same parameters, the PyTorch path otherwise."""
@@ -170,8 +179,9 @@ class NativeMLA(MLA):
 
 def accelerate(model: nn.Module) -> nn.Module:
     """Route ``model``'s small-batch inference products to the native kernels, in place: every
-    ``nn.Linear`` becomes a :class:`NativeLinear`, every MoE layer a :class:`NativeMoE` and every
-    MLA a :class:`NativeMLA` (same parameters and state dict; other inputs take the PyTorch path). Returns the
+    ``nn.Linear`` becomes a :class:`NativeLinear`, every MoE layer a :class:`NativeMoE` (its router
+    a :class:`NativeRouter`) and every MLA a :class:`NativeMLA` (same parameters and state dict;
+    other inputs take the PyTorch path). Returns the
     model; a no-op when the kernels are unavailable."""
     if not available():
         return model
@@ -182,4 +192,6 @@ def accelerate(model: nn.Module) -> nn.Module:
             m.__class__ = NativeMoE
         elif type(m) is MLA:
             m.__class__ = NativeMLA
+        elif type(m) is Router:
+            m.__class__ = NativeRouter
     return model

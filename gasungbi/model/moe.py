@@ -56,9 +56,13 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, d) -> (N, E) fp32: the affinities before the scoring function."""
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> weights (N, K), expert ids (N, K), scores (N, E) (all fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = self.logits(x)
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1 and self.method != "greedy":
