@@ -91,16 +91,21 @@ QTokens quantize_tokens(const float* x, int64_t T, int64_t ldx, int64_t K) {
             std::vector<float>(T * (K / 64) * 16)};
   for (int64_t t = 0; t < T; ++t) {
     const float* xt = x + t * ldx;
-    for (int64_t b = 0; b < K / 32; ++b) {
-      float amax = 0.f;
-      for (int64_t k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xt[b * 32 + k]));
+    for (int64_t b = 0; b < K / 32; ++b) {  // one block of 32: two vectors
+      const __m512 v0 = _mm512_loadu_ps(xt + b * 32), v1 = _mm512_loadu_ps(xt + b * 32 + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
-      for (int64_t k = 0; k < 32; ++k) {
-        const int64_t i = b * 32 + k;
-        const float v = std::nearbyint(xt[i] * id);
-        q.mag[t * K + i] = static_cast<uint8_t>(std::fabs(v));
-        if (v < 0) q.neg[t * q.chunks + i / 64] |= uint64_t{1} << (i % 64);
-      }
+      const __m512 inv = _mm512_set1_ps(id), zero = _mm512_setzero_ps();
+      constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // half to even
+      const __m512 r0 = _mm512_roundscale_ps(_mm512_mul_ps(v0, inv), nearest);
+      const __m512 r1 = _mm512_roundscale_ps(_mm512_mul_ps(v1, inv), nearest);
+      uint8_t* mag = q.mag.data() + t * K + b * 32;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(mag), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_abs_ps(r0))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(mag + 16),
+                       _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_abs_ps(r1))));
+      const uint64_t neg = uint64_t{_mm512_cmp_ps_mask(r0, zero, _CMP_LT_OQ)} |
+                           uint64_t{_mm512_cmp_ps_mask(r1, zero, _CMP_LT_OQ)} << 16;
+      q.neg[t * q.chunks + b / 2] |= neg << ((b % 2) * 32);
       for (int64_t j = 0; j < 8; ++j) q.scale[(t * q.chunks + b / 2) * 16 + (b % 2) * 8 + j] = d;
     }
   }
