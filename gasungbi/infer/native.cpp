@@ -6,8 +6,10 @@
 // row once, front to back, row after row, for all the tokens at once, split over threads by rows
 // with at::parallel_for (torch's own OpenMP pool): each thread's share is one sequential stream,
 // which the hardware prefetchers follow without help. (Four rows interleaved with software
-// prefetches, the earlier design, read rows of 512 at half that speed on a 2-core AMD EPYC: 21 vs
-// 42 GB/s fp32, 14 vs 29 int8, benchmarks/decode.py's kernel section.)
+// prefetches, the earlier design, read rows of 512 at about half that speed on a 2-core AMD EPYC:
+// 21 vs 42 GB/s fp32, 14 vs 29 int8, one 64 MiB matrix timed alone after a cache flush.) Rows go
+// four at a time, each still read whole before the next, so that their four sums are reduced
+// together: short rows otherwise spend much of their time in the horizontal reductions.
 //
 //   gasungbi::linear(x [M, K] f32, w [N, K] f32|i8, scale [N] f32?) -> [M, N] f32
 //       y = x w^T (times scale[n] per row for int8 weights: w ~ q * s). On CPUs with AVX512-VNNI,
