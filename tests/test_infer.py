@@ -349,6 +349,16 @@ def test_cli_generate_and_quantize(checkpoint, model, tokenizer, tmp_path):
     assert "tokens/s" in r.stderr and "KV cache" in r.stderr
     r = _cli("generate", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "5", "--speculative", "--stats")
     assert r.returncode == 0 and "acceptance" in r.stderr, r.stderr
+    # --report: the figures `plan backtest --decode` predicts, from this machine
+    r = _cli("generate", str(checkpoint), "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--quant", "int8",
+             "--report", str(tmp_path / "decode.json"))
+    report = json.loads((tmp_path / "decode.json").read_text())
+    assert r.returncode == 0 and report["weights"] == "int8" and report["batch_size"] == 1, r.stderr
+    assert report["prompt_tokens"] == 3 and report["new_tokens"] == 6 and report["decode_tokens_per_s"] > 0
+    assert report["config"] == json.loads((checkpoint / "config.json").read_text())
+    r = _cli("plan", "backtest", "--decode", str(tmp_path / "decode.json"), "--json")
+    row = json.loads(r.stdout)["rows"][-1]
+    assert row["name"].startswith("this machine:") and row["published"] == report["decode_tokens_per_s"], r.stderr
     r = _cli("quantize", str(checkpoint), "--mode", "int8", "--out", str(tmp_path / "q8"))
     assert r.returncode == 0 and "int8" in r.stdout, r.stderr
     assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization_config"]["mode"] == "int8"

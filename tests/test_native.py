@@ -142,18 +142,28 @@ def test_compiled_step_gives_the_eager_tokens(one_thread):
     a window change (64 -> 128 slots), a second generation reuses the compiled graphs, and one of
     another length (a longer cache: the same windows, other strides) compiles its own."""
     from gasungbi.infer.engine import compiled_step
-    from gasungbi.infer.generate import generate
+    from gasungbi.infer.generate import generate, stream
+
+    def drain(s):
+        for _ in s:
+            pass
+        return s.completions
 
     cfg = gasungbi.get_preset("debug").replace(vocab_size=256, max_position_embeddings=160)
     model = gasungbi.build_model(cfg, seed=1).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     eager = generate(model, prompts, max_new_tokens=70, stop_tokens=())
-    compiled = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
-    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    first = stream(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
+    assert [c.tokens for c in drain(first)] == [c.tokens for c in eager]
     shapes = set(compiled_step(model).shapes)
     assert {key[:3] for key in shapes} == {(2, 1, 64), (2, 1, 75)}  # windows: 64, then the cache length (5 + 70)
-    again = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
-    assert [c.tokens for c in again] == [c.tokens for c in eager] and compiled_step(model).shapes == shapes
+    # the two steps that compiled are left out of the decode speed, and counted apart
+    st = first.stats
+    assert st.compile_steps == 2 and st.compile_s == pytest.approx(compiled_step(model).compile_s)
+    assert st.decode_tokens_per_s == pytest.approx(2 * (70 - 1 - 2) / st.decode_s)
+    again = stream(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
+    assert [c.tokens for c in drain(again)] == [c.tokens for c in eager] and compiled_step(model).shapes == shapes
+    assert again.stats.compile_steps == 0 and again.stats.compile_s == 0
     # another length: the same window shapes over a longer cache (other strides) compile anew
     longer = generate(model, prompts, max_new_tokens=80, stop_tokens=(), compile=True)
     assert [c.tokens[:70] for c in longer] == [c.tokens for c in eager]

@@ -454,6 +454,45 @@ def test_backtest_here_row_from_a_run(tmp_path, catalog):
     assert here.predicted == pytest.approx(bt.constants["train_dense"] * 1e11 / 1e7)
 
 
+def _decode_report(path, **changes):
+    import platform
+
+    data = {"kind": "gasungbi decode", "checkpoint": "/ckpts/tiny", "config": to_hf_config(get_preset("debug")),
+            "weights": "int8", "device": "cpu", "threads": 2, "compile": True, "speculative": False,
+            "batch_size": 1, "prompt_tokens": 32, "new_tokens": 64, "decode_tokens_per_s": 300.0,
+            "machine": {"host": platform.node(), "cpu": "x"}, **changes}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_backtest_decode_row_from_a_report(tmp_path, catalog, monkeypatch):
+    """``--decode REPORT``: our engine's measured decode beside the decode constant x ``plan here``'s
+    ceiling (local_decode at this machine's measured bandwidth and FLOP/s, at the mean context)."""
+    from gasungbi.plan import measure
+    from gasungbi.plan.backtest import run_backtest
+
+    monkeypatch.setattr(measure, "measure_memory_bandwidth", lambda: 20e9)  # this machine, fixed for the check
+    monkeypatch.setattr(measure, "measure_matmul_flops", lambda: 50e9)
+    bt = run_backtest(catalog, decode=_decode_report(tmp_path / "r.json"))
+    row, ceiling = bt.rows[-1], E.local_decode(get_preset("debug"), 20e9, 50e9, "int8", 32 + 32)
+    assert row.name == "this machine: tiny decode (int8, compiled, 2 threads)" and row.published == 300.0
+    assert row.predicted == pytest.approx(bt.constants["decode"] * ceiling["predicted_tokens_per_s"])
+    assert row.efficiency == pytest.approx(300.0 / ceiling["predicted_tokens_per_s"]) and row in bt.predicted_rows
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"batch_size": 4}, "batch 4"), ({"speculative": True}, "speculative"), ({"device": "cuda:0"}, "cuda:0"),
+    ({"machine": {"host": "elsewhere"}}, "'elsewhere'"), ({"weights": "int3"}, "int3"),
+    ({"config": {"model_type": "gpt2"}}, "gpt2"), ({"decode_tokens_per_s": 0}, "no decode tokens"),
+    ({"kind": "training"}, "not a decode report")])
+def test_backtest_decode_report_errors_name_the_problem(tmp_path, changes, message):
+    r = plan("backtest", "--decode", str(_decode_report(tmp_path / "r.json", **changes)))
+    assert r.returncode == 2 and message in r.stderr and "r.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "bad.json").write_text("{")
+    r = plan("backtest", "--decode", str(tmp_path / "bad.json"))
+    assert r.returncode == 2 and "not JSON" in r.stderr
+
+
 def test_plan_imports_no_torch():
     code = ("import gasungbi.plan.estimate, gasungbi.plan.backtest, gasungbi.plan.models, gasungbi.plan.catalog, "
             "gasungbi.plan.commands, sys; assert 'torch' not in sys.modules, 'torch imported'")

@@ -113,6 +113,9 @@ def conventions_for(path: str, required: bool):
 def _print_stats(stats) -> None:
     line = (f"[{stats.new_tokens} tokens: prefill {stats.prefill_s * 1e3:.0f} ms, decode "
             f"{stats.decode_tokens_per_s:.1f} tokens/s")
+    if stats.compile_s:
+        n = stats.compile_steps
+        line += f" (not counting {n} step{'s' if n != 1 else ''} that compiled: {stats.compile_s:.1f} s)"
     if stats.drafted:
         line += f", draft acceptance {stats.acceptance_rate:.0%} ({stats.accepted}/{stats.drafted})"
     print(line + "]", file=sys.stderr)
@@ -125,7 +128,7 @@ def _print_stats(stats) -> None:
 def generate_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs, Flat] = SamplingArgs(),
                  prompt: Annotated[tuple[str, ...], UseAppendAction] = (),
                  prompt_ids: Annotated[tuple[str, ...], UseAppendAction] = (),
-                 bos: bool = True, max_new_tokens: int = 128) -> int:
+                 bos: bool = True, max_new_tokens: int = 128, report: str | None = None) -> int:
     """Generate text from a checkpoint: batched prompts, sampling, stop strings, speculative decoding.
 
     Args:
@@ -135,6 +138,7 @@ def generate_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[Sampling
         prompt_ids: a prompt as token ids, e.g. 0,17,42 (for checkpoints without a tokenizer)
         bos: add the special tokens the tokenizer's own rule puts around text (<|bos|> for gasungbi's; --no-bos: none)
         max_new_tokens: tokens to generate at most
+        report: write the run's decode speed, sizes, weights and machine as JSON to this file (gasungbi plan backtest --decode FILE predicts it)
     """
     from gasungbi.infer.generate import stream
 
@@ -170,7 +174,52 @@ def generate_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[Sampling
             print(head + (c.text if c.text is not None and tokenizer is not None else " ".join(map(str, c.tokens))))
     if sampling.stats:
         _print_stats(s.stats)
+    if report:
+        write_decode_report(report, model, m, s.stats, speculative=sampling.speculative)
     return 0
+
+
+def write_decode_report(path: str, args: ModelArgs, model, stats, speculative: bool) -> None:
+    """``--report FILE``: one run's decode figures as JSON, with what predicting them needs (the
+    checkpoint's config.json, the weights' format, the threads and the machine), for
+    ``gasungbi plan backtest --decode FILE``."""
+    import json
+    import platform
+
+    import torch
+
+    from gasungbi.atomic import write_text
+    from gasungbi.infer.quant import quantization_config
+
+    qcfg = quantization_config(args.checkpoint)
+    weights = args.quant or (qcfg["mode"] if qcfg else
+                             {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+                                 next(model.parameters()).dtype, str(next(model.parameters()).dtype)))
+    config = json.loads((Path(args.checkpoint) / "config.json").read_text(encoding="utf-8"))
+    data = {"kind": "gasungbi decode", "checkpoint": str(Path(args.checkpoint).resolve()), "config": config,
+            "weights": weights, "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
+            "compile": args.compile, "speculative": speculative, "batch_size": stats.batch_size,
+            "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "prefill_s": stats.prefill_s,
+            "compile_steps": stats.compile_steps, "compile_s": stats.compile_s, "decode_s": stats.decode_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
+            "machine": {"host": platform.node(), "cpu": cpu_name()}}
+    try:
+        write_text(path, json.dumps(data, indent=1) + "\n")
+    except OSError as e:
+        raise UserError(f"--report {path}: {e.strerror or e}") from None
+    print(f"decode report written to {path}", file=sys.stderr)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else ``platform.processor()``."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from gasungbi.infer.engine import Engine
+from gasungbi.infer.engine import Engine, compiled_step
 from gasungbi.infer.sampling import GREEDY, SamplingParams, sample
 
 
@@ -33,6 +33,11 @@ class GenerationStats:
     """Tokens computed, all rows together (rows that finished early count until the batch ends)."""
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    """The decode phase after the first token (from the prefill), steps that compiled left out."""
+    compile_s: float = 0.0
+    """With ``compile``: the decode steps that compiled a new shape (the window grows in powers of
+    two), which ``decode_s`` leaves out."""
+    compile_steps: int = 0
     forwards: int = 0
     """Decode-phase forwards of the main model."""
     drafted: int = 0
@@ -41,8 +46,8 @@ class GenerationStats:
     @property
     def decode_tokens_per_s(self) -> float:
         """Tokens per second of the decode phase, all rows together (the first token comes from
-        the prefill and is not counted)."""
-        n = self.new_tokens - self.batch_size
+        the prefill and is not counted, nor are the tokens of steps that compiled)."""
+        n = self.new_tokens - self.batch_size * (1 + self.compile_steps)
         return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
 
     @property
@@ -91,6 +96,8 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, s
     tokens = nxt.tolist()
     stats.prefill_s = time.perf_counter() - t0
     stats.new_tokens += B
+    step = compiled_step(model) if compile else None
+    compiles, compile_s = (step.compiles, step.compile_s) if step else (0, 0.0)
     t1 = time.perf_counter()
     try:
         yield tokens
@@ -103,4 +110,6 @@ def decode_steps(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, s
             stats.new_tokens += B
             yield tokens
     finally:
-        stats.decode_s = time.perf_counter() - t1
+        if step:
+            stats.compile_steps, stats.compile_s = step.compiles - compiles, step.compile_s - compile_s
+        stats.decode_s = time.perf_counter() - t1 - stats.compile_s

@@ -38,6 +38,7 @@ On CPU the engine routes the small products of a step to native kernels
 
 from __future__ import annotations
 
+import time
 import types
 import weakref
 from typing import Sequence
@@ -120,6 +121,7 @@ class CompiledStep:
         else:
             self.fn = torch.compile(fn, dynamic=False)
         self.shapes: set[tuple] = set()
+        self.compiles, self.compile_s = 0, 0.0  # steps that compiled a shape, and their seconds
 
     MAX_SHAPES = 8
     """Shapes (rows, tokens, window) compiled at most; steps of further shapes run eagerly."""
@@ -130,8 +132,10 @@ class CompiledStep:
         if key not in self.shapes:  # first call of a shape: compile (guards checked)
             if len(self.shapes) >= self.MAX_SHAPES:
                 return decode_logits(model, ids, view, slots, pad)
+            t0 = time.perf_counter()
             out = self.fn(model, ids, view, slots, pad)
             self.shapes.add(key)
+            self.compiles, self.compile_s = self.compiles + 1, self.compile_s + time.perf_counter() - t0
             return out
         with skipping_guards():
             return self.fn(model, ids, view, slots, pad)

@@ -20,8 +20,10 @@ seq per token (forward and backward over the full T x T, no causal halving, for 
 calibrator alike), so a long-context stage (Llama 3.1's, up to 128K) costs a small model far more
 per token than its 8K pass. A decode row may name ``data_parallel`` parts, held whole by every GPU
 (see ``decode_ceiling``).
-Every other row is a prediction; the summary gives the median and the worst error over them.
-Importing this module needs no torch.
+Every other row is a prediction; the summary gives the median and the worst error over them, this
+machine's rows included when asked for (``here_row``: one of our training runs; ``here_decode_row``:
+a decode report of our engine, written by ``gasungbi generate --report``).
+Importing this module needs no torch (measuring this machine for ``here_decode_row`` does).
 """
 
 from __future__ import annotations
@@ -246,12 +248,80 @@ def here_row(run_dir: str | Path, constants: dict[str, float]) -> Row:
                "MFU of large GPU runs does not carry over")
 
 
-def run_backtest(catalog: Catalog, run_dir: str | Path | None = None, path: str | Path = PUBLISHED) -> Backtest:
+def read_decode_report(path: str | Path) -> dict[str, Any]:
+    """A ``gasungbi generate --report`` file, checked: batch-1, non-speculative decode on a CPU of
+    this host, with a config.json the planner reads and a weight format it knows."""
+    import platform
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"--decode {path}: {e.strerror or e}") from None
+    except ValueError:
+        raise ValueError(f"--decode {path}: not JSON (write it with gasungbi generate --report FILE)") from None
+    if not isinstance(data, dict) or data.get("kind") != "gasungbi decode":
+        raise ValueError(f"--decode {path}: not a decode report (write it with gasungbi generate --report FILE)")
+    for key in ("config", "weights", "batch_size", "prompt_tokens", "new_tokens", "decode_tokens_per_s", "device",
+                "threads", "machine"):
+        if key not in data:
+            raise ValueError(f"--decode {path}: missing {key!r}")
+    if data["batch_size"] != 1 or data.get("speculative"):
+        raise ValueError(f"--decode {path}: the row predicts batch-1 decode without speculation; this report has "
+                         f"batch {data['batch_size']}{' and speculative decoding' if data.get('speculative') else ''}"
+                         " (run gasungbi generate with one prompt)")
+    if not str(data["device"]).startswith("cpu"):
+        raise ValueError(f"--decode {path}: decoded on {data['device']}; the row predicts decode from this machine's "
+                         "memory (run gasungbi generate --device cpu)")
+    if not data["decode_tokens_per_s"] > 0:
+        raise ValueError(f"--decode {path}: no decode tokens timed (ask for more than one new token)")
+    host = data["machine"].get("host") if isinstance(data["machine"], dict) else None
+    if host != platform.node():
+        raise ValueError(f"--decode {path}: measured on host {host!r}, not this one ({platform.node()!r}); the "
+                         "prediction uses this machine's bandwidth, so run the backtest where the report was made")
+    return data
+
+
+def here_decode_row(report: str | Path, constants: dict[str, float]) -> Row:
+    """This machine: our engine's measured batch-1 decode (a ``gasungbi generate --report`` file)
+    beside the planner's prediction: the decode constant x ``plan here``'s ceiling (``local_decode``,
+    the lower of the memory- and compute-bound rates at this machine's STREAM bandwidth and matmul
+    FLOP/s, measured now) for the report's config.json and weights, at its mean context (prompt +
+    half the new tokens)."""
+    from gasungbi.plan import measure
+
+    data = read_decode_report(report)
+    try:
+        cfg = from_hf_config(data["config"])
+        from gasungbi.plan.estimate import local_decode, quant_bits
+        quant_bits(data["weights"])
+    except ValueError as e:
+        raise ValueError(f"--decode {report}: {e}") from None
+    bw, flops = measure.measure_memory_bandwidth(), measure.measure_matmul_flops()
+    context = data["prompt_tokens"] + data["new_tokens"] // 2
+    est = local_decode(cfg, bw, flops, data["weights"], context)
+    ceiling, measured = est["predicted_tokens_per_s"], data["decode_tokens_per_s"]
+    how = "compiled" if data.get("compile") else "eager"
+    name = Path(data.get("checkpoint", "?")).name
+    return Row(f"this machine: {name} decode ({data['weights']}, {how}, {data['threads']} threads)", "decode",
+               "tokens/s", measured, constants["decode"] * ceiling, measured / ceiling, "of ceiling", None,
+               f"{report} (measured here: batch 1, {data['prompt_tokens']}-token prompt, {data['new_tokens']} new "
+               f"tokens; STREAM copy {bw / 1e9:.1f} GB/s, fp32 matmul {flops / 1e9:.0f} GFLOP/s, "
+               f"{est['bytes_per_token'] / 1e6:.1f} MB read per token)",
+               "a small model on one CPU is bound by per-operator overhead as much as by bandwidth (int8 more "
+               "so: half the bytes of fp32 through the same operators); this ceiling is at the measured STREAM "
+               "copy bandwidth, the published rows' at their memory's peak; and the decode constant comes from "
+               "KTransformers' engine on a GPU + DDR5 server, not ours")
+
+
+def run_backtest(catalog: Catalog, run_dir: str | Path | None = None, path: str | Path = PUBLISHED,
+                 decode: str | Path | None = None) -> Backtest:
     rows = load_published(path)
     constants = calibrate(rows, catalog)
     out = [predict(r, catalog, constants) for r in rows]
     if run_dir is not None:
         out.append(here_row(run_dir, constants))
+    if decode is not None:
+        out.append(here_decode_row(decode, constants))
     return Backtest(out, constants)
 
 

@@ -125,13 +125,14 @@ def model(model: str = "deepseek-v3-671b", seq_len: int = 4096, catalog: Catalog
     return _run(_model_cmd, locals())
 
 
-def backtest(run: str | None = None, sources: bool = False, catalog: Catalogs = (), json: bool = False) -> int:
+def backtest(run: str | None = None, decode: str | None = None, sources: bool = False, catalog: Catalogs = (), json: bool = False) -> int:
     """The planner against published training runs and decode speeds: each measurement in
     gasungbi/plan/published.json (one cited source per row) predicted, with its error and implied
     efficiency; the median and worst error are over the rows not used for calibration.
 
     Args:
         run: add this machine: one of our training runs (its report.json)
+        decode: add this machine: our engine's batch-1 decode, a report written here by gasungbi generate --report FILE
         sources: print each row's source
         catalog: extra hardware catalog JSON
         json: print JSON instead of a table
@@ -507,5 +508,5 @@ def _model_cmd(args: SimpleNamespace) -> int:
 def _backtest(args: SimpleNamespace) -> int:
     from gasungbi.plan.backtest import format_backtest, run_backtest
 
-    bt = run_backtest(_catalog(args), args.run)
+    bt = run_backtest(_catalog(args), args.run, decode=args.decode)
     return _emit(args, bt.to_dict(), format_backtest(bt, sources=args.sources))
