@@ -140,7 +140,8 @@ def test_engine_steps_equal_a_full_forward(one_thread, mode):
 def test_compiled_step_gives_the_eager_tokens(one_thread):
     """The compiled decode step (inductor) decodes the same greedy tokens as the eager one, across
     a window change (64 -> 128 slots), a second generation reuses the compiled graphs, and one of
-    another length (a longer cache: the same windows, other strides) compiles its own."""
+    another length (a longer cache: the same windows, other strides) compiles its own; steps that
+    compiled are counted apart from the decode speed."""
     from gasungbi.infer.engine import compiled_step
     from gasungbi.infer.generate import generate, stream
 
@@ -162,8 +163,20 @@ def test_compiled_step_gives_the_eager_tokens(one_thread):
     assert st.compile_steps == 2 and st.compile_s == pytest.approx(compiled_step(model).compile_s)
     assert st.decode_tokens_per_s == pytest.approx(2 * (70 - 1 - 2) / st.decode_s)
     again = stream(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
-    assert [c.tokens for c in drain(again)] == [c.tokens for c in eager] and compiled_step(model).shapes == shapes
+    assert [c.tokens for c in drain(again)] == [c.tokens for c in eager] and set(compiled_step(model).shapes) == shapes
     assert again.stats.compile_steps == 0 and again.stats.compile_s == 0
     # another length: the same window shapes over a longer cache (other strides) compile anew
     longer = generate(model, prompts, max_new_tokens=80, stop_tokens=(), compile=True)
     assert [c.tokens[:70] for c in longer] == [c.tokens for c in eager]
+    # the steps run without guards, and read the parameters at each call: an in-place update (an
+    # optimizer step) and a reassigned tensor are seen, with no new compilation
+    step = compiled_step(model)
+    assert all(step.shapes.values()), "the CPU step should be compiled ahead of time"
+    compiles = step.compiles
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    model.model.layers[0].input_layernorm.weight = torch.nn.Parameter(torch.rand(cfg.hidden_size) + 0.5)
+    eager2 = generate(model, prompts, max_new_tokens=70, stop_tokens=())
+    compiled2 = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
+    assert [c.tokens for c in eager2] != [c.tokens for c in eager]
+    assert [c.tokens for c in compiled2] == [c.tokens for c in eager2] and step.compiles == compiles
