@@ -180,3 +180,24 @@ def test_compiled_step_gives_the_eager_tokens(one_thread):
     compiled2 = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
     assert [c.tokens for c in eager2] != [c.tokens for c in eager]
     assert [c.tokens for c in compiled2] == [c.tokens for c in eager2] and step.compiles == compiles
+
+
+def test_compiled_step_falls_back_to_guarded_compile(one_thread, monkeypatch):
+    """Where ahead-of-time compilation fails, the step warns once and runs torch.compile with its
+    guards: the same tokens."""
+    import torch._dynamo.aot_compile
+
+    from gasungbi.infer.engine import compiled_step
+    from gasungbi.infer.generate import generate
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("no aot here")
+
+    monkeypatch.setattr(torch._dynamo.aot_compile, "aot_compile_fullgraph", fail)
+    cfg = gasungbi.get_preset("debug").replace(vocab_size=256, max_position_embeddings=64)
+    model = gasungbi.build_model(cfg, seed=2).eval()
+    eager = generate(model, [[3, 4, 5]], max_new_tokens=20, stop_tokens=())
+    with pytest.warns(UserWarning, match="no aot here"):
+        compiled = generate(model, [[3, 4, 5]], max_new_tokens=20, stop_tokens=(), compile=True)
+    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    assert list(compiled_step(model).shapes.values()) == [None]

@@ -113,15 +113,17 @@ class CompiledStep:
     that model.
 
     On CPU each shape is compiled ahead of its first call (``aot_compile``: dynamo's capture and
-    inductor, as torch.compile) into a function called with no guards at all: dynamo's cache
-    lookup cost ~0.3-0.4 ms a step here even with guard evaluation skipped, ~15% of a step of the
-    issue-15 model. The guards cannot differ between calls of one key: same model (its parameters
-    are read from it at each call, so in-place updates and reassigned tensors are seen), and the
-    key holds the shapes, the cache's strides (an engine of another ``max_len`` changes them), its
-    dtype and device, and the grad mode. Where ahead-of-time compilation is not possible (CUDA,
-    whose CUDA graphs go through ``mode="reduce-overhead"``; a graph break; a torch without it)
-    the step is an ordinary torch.compile function, called with guard evaluation skipped (its code
-    object is a copy, so its graphs are this model's alone)."""
+    inductor, as torch.compile) into a function called with no guards and no size asserts:
+    dynamo's cache lookup cost ~0.3-0.4 ms a step here even with guard evaluation skipped, and the
+    ~290 asserts of the wrapper ~0.1 ms, together ~20% of a step of the issue-15 model. Neither
+    can fail between calls of one key: the same model, whose parameters are read from it at each
+    call (in-place updates and reassigned tensors are seen), and a key of the shapes, the cache's
+    strides (an engine of another ``max_len`` changes them), dtype and device, and the grad mode.
+    A parameter replaced by one of another shape or layout, or swapped modules, need a new model
+    object. Where ahead-of-time compilation is not possible (CUDA, whose CUDA graphs go through
+    ``mode="reduce-overhead"``; a graph break; a torch without it) the step is an ordinary
+    torch.compile function called with guard evaluation skipped (its code object is a copy, so its
+    graphs are this model's alone)."""
 
     MAX_SHAPES = 8
     """Shapes (rows, tokens, window) compiled at most; steps of further shapes run eagerly."""
@@ -157,15 +159,16 @@ class CompiledStep:
     def _precompile(self, *args) -> Callable | None:
         """The step compiled ahead of time for these arguments' shapes, guards off; None where it
         cannot be (the step then goes through ``self.fn``)."""
+        import torch._inductor.config
+
         fn = types.FunctionType(decode_logits.__code__, decode_logits.__globals__, "decode_logits")
-        try:
-            step = torch.compile(fn, dynamic=False, fullgraph=True).aot_compile((args, {}))
+        try:  # no size asserts either: ~290 a step (0.3 us each), on inputs the key pins
+            with torch._inductor.config.patch(size_asserts=False, alignment_asserts=False):
+                step = torch.compile(fn, dynamic=False, fullgraph=True).aot_compile((args, {}))
             step.disable_guard_check()
         except Exception as e:  # noqa: BLE001 - any failure leaves the ordinary compiled path
-            if not getattr(self, "_warned", False):
-                warnings.warn(f"decode step: ahead-of-time compilation failed ({type(e).__name__}: {e}); "
-                              "using torch.compile with guards", stacklevel=3)
-                self._warned = True
+            warnings.warn(f"decode step: ahead-of-time compilation failed ({type(e).__name__}: {e}); "
+                          "using torch.compile with guards", stacklevel=3)
             self.aot = False
             return None
         return step
