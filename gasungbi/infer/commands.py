@@ -191,35 +191,22 @@ def write_decode_report(path: str, args: ModelArgs, model, stats, speculative: b
     from gasungbi.atomic import write_text
     from gasungbi.infer.quant import quantization_config
 
-    qcfg = quantization_config(args.checkpoint)
-    weights = args.quant or (qcfg["mode"] if qcfg else
-                             {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-                                 next(model.parameters()).dtype, str(next(model.parameters()).dtype)))
+    qcfg, weight = quantization_config(args.checkpoint), next(model.parameters())
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    weights = args.quant or (qcfg["mode"] if qcfg else names.get(weight.dtype, str(weight.dtype)))
     config = json.loads((Path(args.checkpoint) / "config.json").read_text(encoding="utf-8"))
     data = {"kind": "gasungbi decode", "checkpoint": str(Path(args.checkpoint).resolve()), "config": config,
-            "weights": weights, "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
+            "weights": weights, "device": str(weight.device), "threads": torch.get_num_threads(),
             "compile": args.compile, "speculative": speculative, "batch_size": stats.batch_size,
             "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "prefill_s": stats.prefill_s,
-            "compile_steps": stats.compile_steps, "compile_s": stats.compile_s, "decode_s": stats.decode_s, "decode_tokens_per_s": stats.decode_tokens_per_s,
-            "machine": {"host": platform.node(), "cpu": cpu_name()}}
+            "compile_steps": stats.compile_steps, "compile_s": stats.compile_s, "decode_s": stats.decode_s,
+            "decode_tokens_per_s": stats.decode_tokens_per_s,
+            "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine()}}
     try:
         write_text(path, json.dumps(data, indent=1) + "\n")
     except OSError as e:
         raise UserError(f"--report {path}: {e.strerror or e}") from None
     print(f"decode report written to {path}", file=sys.stderr)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else ``platform.processor()``."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Any
 from gasungbi.config import from_hf_config, get_preset
 from gasungbi.plan.catalog import Catalog, Gpu, Hardware, parse_hardware
 from gasungbi.plan.estimate import (FP8_TRAINING_SPEEDUP, CountModel, Model, Setup, estimate_serve, flops_per_token,
-                                    read_run)
+                                    local_decode, quant_bits, read_run)
 
 PUBLISHED = Path(__file__).with_name("published.json")
 CALIBRATION_KINDS = ("train_moe", "train_dense", "decode")
@@ -292,7 +292,6 @@ def here_decode_row(report: str | Path, constants: dict[str, float]) -> Row:
     data = read_decode_report(report)
     try:
         cfg = from_hf_config(data["config"])
-        from gasungbi.plan.estimate import local_decode, quant_bits
         quant_bits(data["weights"])
     except ValueError as e:
         raise ValueError(f"--decode {report}: {e}") from None

@@ -125,7 +125,8 @@ def model(model: str = "deepseek-v3-671b", seq_len: int = 4096, catalog: Catalog
     return _run(_model_cmd, locals())
 
 
-def backtest(run: str | None = None, decode: str | None = None, sources: bool = False, catalog: Catalogs = (), json: bool = False) -> int:
+def backtest(run: str | None = None, decode: str | None = None, sources: bool = False, catalog: Catalogs = (),
+             json: bool = False) -> int:
     """The planner against published training runs and decode speeds: each measurement in
     gasungbi/plan/published.json (one cited source per row) predicted, with its error and implied
     efficiency; the median and worst error are over the rows not used for calibration.
