@@ -112,30 +112,37 @@ class CompiledStep:
     """:func:`decode_logits` compiled for one model, once per shape, shared by all the engines of
     that model.
 
-    On CPU each shape is compiled ahead of its first call (``aot_compile``: dynamo's capture and
-    inductor, as torch.compile) into a function called with no guards and no size asserts:
-    dynamo's cache lookup cost ~0.3-0.4 ms a step here even with guard evaluation skipped, and the
-    ~290 asserts of the wrapper ~0.1 ms, together ~20% of a step of the issue-15 model. Neither
-    can fail between calls of one key: the same model, whose parameters are read from it at each
-    call (in-place updates and reassigned tensors are seen), and a key of the shapes, the cache's
-    strides (an engine of another ``max_len`` changes them), dtype and device, and the grad mode.
-    A parameter replaced by one of another shape or layout, or swapped modules, need a new model
-    object. Where ahead-of-time compilation is not possible (CUDA, whose CUDA graphs go through
-    ``mode="reduce-overhead"``; a graph break; a torch without it) the step is an ordinary
-    torch.compile function called with guard evaluation skipped (its code object is a copy, so its
-    graphs are this model's alone)."""
+    Each shape compiles through the ordinary torch.compile (dynamo's capture, then inductor, whose
+    caches make a shape seen in an earlier process cost a few seconds). On CPU the step of a shape
+    is then called *directly*: the bytecode dynamo made for it (its cache entry's code, which calls
+    the compiled graph) becomes a plain function of the same globals, so no cache lookup and no
+    guards run, and inductor's ~290 size asserts are compiled out. Together those cost ~20% of a
+    step of the issue-15 model (the lookup ~0.3-0.4 ms even with guard evaluation skipped).
+    Neither check can fail between calls of one key: the same model, whose parameters are read
+    from it at each call (in-place updates and reassigned tensors are seen), and a key of the
+    shapes, the cache's strides (an engine of another ``max_len`` changes them), dtype and device,
+    and the grad and inference modes. A parameter replaced by one of another shape or layout, or
+    swapped modules, need a new model object.
+
+    Deviation from torch's own ``aot_compile`` (the same direct call, tried first): in torch 2.13
+    its cache key holds a fresh id per compile, so every shape recompiled from scratch (~10 s
+    here, against ~3 s). Reading the cache entry is a private API
+    (``torch._C._dynamo.eval_frame._debug_get_cache_entry_list``); where it is missing, or a shape
+    added no single entry, that shape runs the guarded function with guard evaluation skipped.
+    CUDA keeps that guarded path too: its CUDA graphs go through ``mode="reduce-overhead"``."""
 
     MAX_SHAPES = 8
     """Shapes (rows, tokens, window) compiled at most; steps of further shapes run eagerly."""
 
     def __init__(self, device: torch.device):
-        self.aot = device.type == "cpu"
-        fn = types.FunctionType(decode_logits.__code__.replace(), decode_logits.__globals__, "decode_logits")
+        self.direct = device.type == "cpu"
+        # a copy of the code object: its dynamo cache entries are this model's alone
+        self.raw = types.FunctionType(decode_logits.__code__.replace(), decode_logits.__globals__, "decode_logits")
         if device.type == "cuda":  # CUDA graphs replay the step (not measured yet: no GPU here)
-            self.fn = torch.compile(fn, dynamic=False, mode="reduce-overhead")
+            self.fn = torch.compile(self.raw, dynamic=False, mode="reduce-overhead")
         else:
-            self.fn = torch.compile(fn, dynamic=False)
-        self.shapes: dict[tuple, Callable | None] = {}  # key -> the precompiled step, or None: self.fn
+            self.fn = torch.compile(self.raw, dynamic=False, fullgraph=True)
+        self.shapes: dict[tuple, Callable | None] = {}  # key -> the direct step, or None: self.fn
         self.compiles, self.compile_s = 0, 0.0  # steps that compiled a shape, and their seconds
 
     def __call__(self, model, ids, view, slots, pad):
@@ -149,29 +156,42 @@ class CompiledStep:
                 return self.fn(model, ids, view, slots, pad)
         if len(self.shapes) >= self.MAX_SHAPES:
             return decode_logits(model, ids, view, slots, pad)
+        from torch._inductor import config as inductor
+
         t0 = time.perf_counter()
-        step = self._precompile(model, ids, view, slots, pad) if self.aot else None
-        out = (step or self.fn)(model, ids, view, slots, pad)  # self.fn: compiles, guards checked
-        self.shapes[key] = step
+        before = self._entries()
+        # no size asserts: ~290 a step (0.3 us each), on inputs the key pins
+        with inductor.patch(size_asserts=False, alignment_asserts=False):
+            out = self.fn(model, ids, view, slots, pad)
+        self.shapes[key] = self._direct(before)
         self.compiles, self.compile_s = self.compiles + 1, self.compile_s + time.perf_counter() - t0
         return out
 
-    def _precompile(self, *args) -> Callable | None:
-        """The step compiled ahead of time for these arguments' shapes, guards off; None where it
-        cannot be (the step then goes through ``self.fn``)."""
-        import torch._inductor.config
-
-        fn = types.FunctionType(decode_logits.__code__, decode_logits.__globals__, "decode_logits")
-        try:  # no size asserts either: ~290 a step (0.3 us each), on inputs the key pins
-            with torch._inductor.config.patch(size_asserts=False, alignment_asserts=False):
-                step = torch.compile(fn, dynamic=False, fullgraph=True).aot_compile((args, {}))
-            step.disable_guard_check()
-        except Exception as e:  # noqa: BLE001 - any failure leaves the ordinary compiled path
-            warnings.warn(f"decode step: ahead-of-time compilation failed ({type(e).__name__}: {e}); "
-                          "using torch.compile with guards", stacklevel=3)
-            self.aot = False
+    def _entries(self) -> dict[int, types.CodeType] | None:
+        """The code objects of this step's dynamo cache entries, by id; None where they cannot be
+        read (or the step is not called directly)."""
+        if not self.direct:
             return None
-        return step
+        try:
+            from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            return {id(e.code): e.code for e in _debug_get_cache_entry_list(self.raw.__code__)}
+        except (ImportError, AttributeError) as e:
+            warnings.warn(f"decode step: dynamo's cache entries cannot be read ({e}); "
+                          "the compiled step keeps its guards", stacklevel=3)
+            self.direct = False
+            return None
+
+    def _direct(self, before: dict | None) -> Callable | None:
+        """The shape just compiled, as a plain function of its bytecode (no lookup, no guards);
+        None where it did not add exactly one cache entry (the step then goes through ``self.fn``)."""
+        after = self._entries()
+        if before is None or after is None:
+            return None
+        new = [code for i, code in after.items() if i not in before]
+        if len(new) != 1:
+            return None
+        return types.FunctionType(new[0], self.raw.__globals__, "decode_step")
 
 
 try:  # the switch under torch.compiler.set_stance, whose context manager costs ~120 us a call here
