@@ -250,11 +250,19 @@ def _final_weights(out):
 
 def test_grpo_under_torchrun_with_expert_parallel(ckpt, tmp_path):
     """GRPO on 2 processes, each sampling half of a step's groups: with the routed experts sharded
-    over both (EP 2) the rollouts, losses and weights are those of plain DDP, the experts only
-    placed differently; a sharded checkpoint resumes into the same weights."""
+    over both (EP 2), stopped at step 2 (a sharded checkpoint) and resumed to step 4, the
+    rollouts, rewards and weights are those of an uninterrupted plain-DDP run, the experts only
+    placed differently."""
+    import torch.distributed.checkpoint as dcp
+
     _torchrun(*_grpo_args(ckpt, tmp_path / "ddp"))
-    _torchrun(*_grpo_args(ckpt, tmp_path / "ep", "--expert-parallel", "2"))
+    _torchrun(*_grpo_args(ckpt, tmp_path / "ep", "--expert-parallel", "2", "--steps", "2"))
+    meta = dcp.FileSystemReader(tmp_path / "ep" / "step_000002" / "shards").read_metadata().state_dict_metadata
+    chunks = meta["model.model.model.layers.1.mlp.experts.gate_proj"].chunks  # written by the rank that owns them
+    assert [(c.offsets[0], c.sizes[0]) for c in chunks] == [(0, 4), (4, 4)]
+    _torchrun(*_grpo_args(ckpt, tmp_path / "ep", "--expert-parallel", "2", "--resume"))
     ddp, ep = _rows(tmp_path / "ddp"), _rows(tmp_path / "ep")
+    assert [r["step"] for r in ep] == [1, 2, 3, 4]
     assert [r["sample"] for r in ep] == [r["sample"] for r in ddp]
     assert [r["reward"] for r in ep] == [r["reward"] for r in ddp]
     wd, we = _final_weights(tmp_path / "ddp"), _final_weights(tmp_path / "ep")
@@ -262,16 +270,6 @@ def test_grpo_under_torchrun_with_expert_parallel(ckpt, tmp_path):
     assert all((wd[k] - we[k]).abs().max() < 1e-5 for k in wd)
     report = json.loads((tmp_path / "ep" / "report.json").read_text())
     assert report["device_count"] == 2 and report["after"]["n"] == 4
-    # stopped at step 2 (sharded: each rank its experts), resumed to step 4
-    _torchrun(*_grpo_args(ckpt, tmp_path / "resumed", "--expert-parallel", "2", "--steps", "2"))
-    import torch.distributed.checkpoint as dcp
-    meta = dcp.FileSystemReader(tmp_path / "resumed" / "step_000002" / "shards").read_metadata().state_dict_metadata
-    chunks = meta["model.model.model.layers.1.mlp.experts.gate_proj"].chunks  # written by the rank that owns them
-    assert [(c.offsets[0], c.sizes[0]) for c in chunks] == [(0, 4), (4, 4)]
-    _torchrun(*_grpo_args(ckpt, tmp_path / "resumed", "--expert-parallel", "2", "--resume"))
-    wr = _final_weights(tmp_path / "resumed")
-    assert all((wr[k] - we[k]).abs().max() < 1e-5 for k in we)
-    assert [r["step"] for r in _rows(tmp_path / "resumed")] == [1, 2, 3, 4]
 
 
 def test_grpo_names_a_bad_layout(ckpt, tmp_path, monkeypatch):
