@@ -204,3 +204,26 @@ def test_compiled_step_falls_back_to_guarded_compile(one_thread, monkeypatch):
         compiled = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
     assert [c.tokens for c in compiled] == [c.tokens for c in eager]
     assert list(compiled_step(model).shapes.values()) == [None, None]
+
+
+def test_compiled_step_with_a_graph_break(one_thread):
+    """A step that is not one graph (here the head breaks it) warns and is compiled in pieces: the
+    same tokens as eager."""
+    from gasungbi.infer.engine import compiled_step
+    from gasungbi.infer.generate import generate
+
+    cfg = gasungbi.get_preset("debug").replace(vocab_size=256, max_position_embeddings=64, num_hidden_layers=1)
+    model = gasungbi.build_model(cfg, seed=3).eval()
+    head = model.lm_head.forward
+
+    def breaking_head(x):
+        torch._dynamo.graph_break()
+        return head(x)
+
+    model.lm_head.forward = breaking_head
+    eager = generate(model, [[3, 4, 5]], max_new_tokens=12, stop_tokens=())
+    with pytest.warns(UserWarning, match="not one graph"):
+        compiled = generate(model, [[3, 4, 5]], max_new_tokens=12, stop_tokens=(), compile=True)
+    assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+    step = compiled_step(model)
+    assert list(step.shapes.values()) == [step.fn]  # called with its guards

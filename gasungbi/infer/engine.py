@@ -128,7 +128,8 @@ class CompiledStep:
     its cache key holds a fresh id per compile, so every shape recompiled from scratch (~10 s
     here, against ~3 s). Reading the cache entry is a private API
     (``torch._C._dynamo.eval_frame._debug_get_cache_entry_list``); where it is missing, or a shape
-    added no single entry, that shape runs the guarded function with guard evaluation skipped.
+    added no single entry, that shape runs the guarded function with guard evaluation skipped; a
+    step that is not one graph (a graph break) warns and is compiled in pieces, guards checked.
     CUDA keeps that guarded path too: its CUDA graphs go through ``mode="reduce-overhead"``."""
 
     MAX_SHAPES = 8
@@ -144,7 +145,7 @@ class CompiledStep:
     empty inductor cache (51 s with the Python wrapper), 8.2 s from the cache (7.9 s)."""
 
     def __init__(self, device: torch.device):
-        self.direct = device.type == "cpu"
+        self.direct, self.pieces = device.type == "cpu", False
         self.inductor = {**self.INDUCTOR, **(self.CPU_INDUCTOR if device.type == "cpu" else {})}
         # a copy of the code object: its dynamo cache entries are this model's alone
         self.raw = types.FunctionType(decode_logits.__code__.replace(), decode_logits.__globals__, "decode_logits")
@@ -171,8 +172,18 @@ class CompiledStep:
         t0 = time.perf_counter()
         before = self._entries()
         with inductor.patch(self.inductor):
-            out = self.fn(model, ids, view, slots, pad)
-        self.shapes[key] = self._direct(before)
+            try:
+                out = self.fn(model, ids, view, slots, pad)
+            except torch._dynamo.exc.Unsupported as e:  # a graph break, which fullgraph refuses
+                if not self.direct:
+                    raise
+                warnings.warn(f"decode step: not one graph ({str(e).strip().splitlines()[0]}); compiled in "
+                              "pieces, called with guards", stacklevel=3)
+                self.direct, self.pieces = False, True
+                self.fn = torch.compile(self.raw, dynamic=False)
+                out = self.fn(model, ids, view, slots, pad)
+        # in pieces the guards stay on: skipping them recompiles the pieces after the break
+        self.shapes[key] = self.fn if self.pieces else self._direct(before)
         self.compiles, self.compile_s = self.compiles + 1, self.compile_s + time.perf_counter() - t0
         return out
 
