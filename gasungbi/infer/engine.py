@@ -175,7 +175,7 @@ class CompiledStep:
             try:
                 out = self.fn(model, ids, view, slots, pad)
             except torch._dynamo.exc.Unsupported as e:  # a graph break, which fullgraph refuses
-                if not self.direct:
+                if self.pieces:
                     raise
                 warnings.warn(f"decode step: not one graph ({str(e).strip().splitlines()[0]}); compiled in "
                               "pieces, called with guards", stacklevel=3)
