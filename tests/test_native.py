@@ -139,9 +139,9 @@ def test_engine_steps_equal_a_full_forward(one_thread, mode):
 
 def test_compiled_step_gives_the_eager_tokens(one_thread):
     """The compiled decode step (inductor) decodes the same greedy tokens as the eager one, across
-    a window change (64 -> 128 slots), a second generation reuses the compiled graphs, and one of
-    another length (a longer cache: the same windows, other strides) compiles its own; steps that
-    compiled are counted apart from the decode speed."""
+    a window change (64 slots -> 75, the cache's length), a second generation reuses the compiled
+    graphs, and one of another length (a longer cache: the same 64-slot window, other strides)
+    compiles its own; steps that compiled are counted apart from the decode speed."""
     from gasungbi.infer.engine import compiled_step
     from gasungbi.infer.generate import generate, stream
 
