@@ -16,7 +16,9 @@ What it prints, every figure measured in this run (ratios are within the run: ti
   * batch 16 beside batch 1, sampling at temperature 1 (what GRPO rollouts run), ours;
   * int8 bandwidth on a bandwidth-bound model (deepseek-v2-lite's shape with 3 layers: 1.7B total
     parameters, vocab 102400): weight bytes one token reads x tokens/s, as a share of STREAM;
-  * with --ppl: a small byte-level model's perplexity in fp32, int8 and int4.
+  * with --ppl: a small byte-level model's perplexity in fp32, int8 and int4;
+  * on a CUDA machine (unless --no-cuda): the checkpoint in bf16 on the GPU, batch 1 and 16, eager
+    beside the step compiled with CUDA graphs (not run yet: no GPU has been lent to this project).
 """
 
 from __future__ import annotations
@@ -196,6 +198,23 @@ def big_section(args, bw: float) -> None:
               f"({bw:.1f} GB/s)")
 
 
+def cuda_section(args) -> None:
+    """On a CUDA machine: the issue's checkpoint in bf16 on the GPU, batch 1 and 16, eager beside
+    the compiled step (``mode="reduce-overhead"``: the step replayed as a CUDA graph). Not run yet
+    on this project's machines (no GPU was lent when it was written)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(args.checkpoint) if args.checkpoint else build_issue_checkpoint(Path(tmp) / "issue15")
+        model = gasungbi.load_model(path, dtype=torch.bfloat16).to("cuda").eval()
+        prompt = torch.randint(3, model.config.vocab_size, (args.prompt_len,),
+                               generator=torch.Generator().manual_seed(0)).tolist()
+        print(f"\nCUDA ({torch.cuda.get_device_name()}), bf16, greedy, best of {args.rounds} rounds:")
+        for b in (1, 16):
+            tps = {c: max(time_ours(model, [prompt] * b, args.new_tokens, c) for _ in range(args.rounds))
+                   for c in (False, True)}
+            print(f"  batch {b:2d}: eager {tps[False]:8.1f} tok/s, compiled (CUDA graphs) {tps[True]:8.1f} tok/s "
+                  f"({tps[True] / tps[False]:.2f}x)")
+
+
 def ppl_section(steps: int, seed: int = 0) -> None:
     if SHAKESPEARE.exists():
         text, source = SHAKESPEARE.read_bytes(), "tiny Shakespeare"
@@ -243,6 +262,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-big", dest="big", action="store_false", help="skip the 1.7B-parameter bandwidth section")
     ap.add_argument("--ppl", action="store_true", help="also the quantized perplexity section")
+    ap.add_argument("--no-cuda", dest="cuda", action="store_false", help="skip the GPU section on a CUDA machine")
     ap.add_argument("--ppl-steps", type=int, default=300)
     args = ap.parse_args()
     if args.threads:
@@ -258,6 +278,8 @@ def main() -> None:
     issue_section(args, bw)
     if args.big:
         big_section(args, bw)
+    if args.cuda and torch.cuda.is_available():
+        cuda_section(args)
     if args.ppl:
         ppl_section(args.ppl_steps)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")

@@ -227,3 +227,36 @@ def test_compiled_step_with_a_graph_break(one_thread):
     assert [c.tokens for c in compiled] == [c.tokens for c in eager]
     step = compiled_step(model)
     assert list(step.shapes.values()) == [step.fn]  # called with its guards
+
+
+def test_step_is_one_graph_without_native_kernels(one_thread, monkeypatch):
+    """Without the native kernels (bf16, CUDA, GASUNGBI_NATIVE=0) the routed experts of a compiled
+    step are traced with no host sync, so the step is one graph (no warning: traced by dynamo with
+    the eager backend) with eager's tokens, batch 1 (gathered pairs) and 4 (all experts, a dense
+    combine); both forms equal the sorted dispatch."""
+    import warnings
+
+    import gasungbi.infer.engine as E
+    from gasungbi.infer import native
+    from gasungbi.infer.generate import generate
+    from gasungbi.model.moe import Experts, dispatch, expert_counts
+
+    monkeypatch.setattr(native, "_built", False)
+    cfg = gasungbi.get_preset("debug").replace(vocab_size=256, max_position_embeddings=64, num_hidden_layers=2)
+    model = gasungbi.build_model(cfg, seed=4).eval()
+    experts = next(m for m in model.modules() if isinstance(m, Experts))
+    x, g = torch.randn(4, cfg.hidden_size), torch.Generator().manual_seed(0)
+    for n in (1, 4):  # n * K = 2 < E = 8 gathers; 8 runs all experts
+        idx = torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[:2] for _ in range(n)])
+        w = torch.rand(n, 2, generator=g)
+        ref = dispatch(experts.expert, x[:n], idx, w, expert_counts(idx, cfg.n_routed_experts))
+        torch.testing.assert_close(experts.traced(x[:n], idx, w), ref, rtol=1e-5, atol=1e-6)
+    prompts = [[3, 4, 5], [6, 7], [8], [9, 10, 11, 12]]
+    for rows in (prompts[:1], prompts):
+        eager = generate(model, rows, max_new_tokens=6, stop_tokens=())
+        E._COMPILED[model] = E.CompiledStep(torch.device("cpu"), backend="eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a graph break would warn "not one graph"
+            compiled = generate(model, rows, max_new_tokens=6, stop_tokens=(), compile=True)
+        assert [c.tokens for c in compiled] == [c.tokens for c in eager]
+        assert all(callable(s) and s is not E._COMPILED[model].fn for s in E._COMPILED[model].shapes.values())

@@ -144,15 +144,16 @@ class CompiledStep:
     in-process A/Bs of 8 rounds on the issue-15 model. Its two windows compiled in 81 s with an
     empty inductor cache (51 s with the Python wrapper), 8.2 s from the cache (7.9 s)."""
 
-    def __init__(self, device: torch.device):
-        self.direct, self.pieces = device.type == "cpu", False
+    def __init__(self, device: torch.device, backend: str = "inductor"):
+        """``backend``: torch.compile's (tests trace with ``"eager"``: dynamo without inductor)."""
+        self.direct, self.pieces, self.backend = device.type == "cpu", False, backend
         self.inductor = {**self.INDUCTOR, **(self.CPU_INDUCTOR if device.type == "cpu" else {})}
         # a copy of the code object: its dynamo cache entries are this model's alone
         self.raw = types.FunctionType(decode_logits.__code__.replace(), decode_logits.__globals__, "decode_logits")
         if device.type == "cuda":  # CUDA graphs replay the step (not measured yet: no GPU here)
             self.fn = torch.compile(self.raw, dynamic=False, mode="reduce-overhead")
         else:
-            self.fn = torch.compile(self.raw, dynamic=False, fullgraph=True)
+            self.fn = torch.compile(self.raw, dynamic=False, fullgraph=True, backend=backend)
         self.shapes: dict[tuple, Callable | None] = {}  # key -> the direct step, or None: self.fn
         self.compiles, self.compile_s = 0, 0.0  # steps that compiled a shape, and their seconds
 
@@ -180,7 +181,7 @@ class CompiledStep:
                 warnings.warn(f"decode step: not one graph ({str(e).strip().splitlines()[0]}); compiled in "
                               "pieces, called with guards", stacklevel=3)
                 self.direct, self.pieces = False, True
-                self.fn = torch.compile(self.raw, dynamic=False)
+                self.fn = torch.compile(self.raw, dynamic=False, backend=self.backend)
                 out = self.fn(model, ids, view, slots, pad)
         # in pieces the guards stay on: skipping them recompiles the pieces after the break
         self.shapes[key] = self.fn if self.pieces else self._direct(before)
