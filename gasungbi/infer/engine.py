@@ -126,11 +126,12 @@ class CompiledStep:
 
     Deviation from torch's own ``aot_compile`` (the same direct call, tried first): in torch 2.13
     its cache key holds a fresh id per compile, so every shape recompiled from scratch (13.5 s a
-    window of the issue-15 model here, against 6.6 s from inductor's cache). Reading the cache entry is a private API
-    (``torch._C._dynamo.eval_frame._debug_get_cache_entry_list``); where it is missing, or a shape
-    added no single entry, that shape runs the guarded function with guard evaluation skipped; a
-    step that is not one graph (a graph break) warns and is compiled in pieces, guards checked.
-    CUDA keeps that guarded path too: its CUDA graphs go through ``mode="reduce-overhead"``."""
+    window of the issue-15 model here, against 6.6 s from inductor's cache). Reading the cache
+    entry is a private API (``torch._C._dynamo.eval_frame._debug_get_cache_entry_list``); where it
+    is missing, or a shape added no single entry, that shape runs the guarded function with guard
+    evaluation skipped; a step that is not one graph (a graph break) warns and is compiled in
+    pieces, guards checked. CUDA keeps that guarded path too: its CUDA graphs go through
+    ``mode="reduce-overhead"``."""
 
     MAX_SHAPES = 8
     """Shapes (rows, tokens, window) compiled at most; steps of further shapes run eagerly."""
