@@ -382,7 +382,7 @@ def test_published_table_loads_and_every_row_is_cited():
         if "hf" in r["model"] or "counts" in r["model"]:
             assert r["model"].get("source"), f"{r['name']}: model shape has no source"
     names = " ".join(r["name"] for r in rows)
-    for want in ("DeepSeek-V3", "DeepSeek-V2", "67B", "405B", "70B", "8B", "nanochat", "modded-nanogpt",
+    for want in ("DeepSeek-V3", "DeepSeek-V2", "67B", "405B", "70B", "8B", "Llama 2 7B", "nanochat", "modded-nanogpt",
                  "KTransformers", "llama.cpp", "EPYC", "DeepSeek online service"):
         assert want in names
 
@@ -400,10 +400,11 @@ def test_backtest_reproduces_calibration_and_states_its_record(catalog):
     # The record as it stands (deterministic: shapes, figures, formulas). Issue 18's goal is a
     # median of 25% or less and no row beyond 2x. With Llama 3.1's long-context stages counted,
     # DeepSeek's data-parallel attention read per GPU and FP8 counted at torchao's 1.43x over BF16
-    # (DeepSeek-V2, BF16, +32% -> -5%), the median is 18.3%; Llama 3.1 8B is 2.04x (Meta's hours
-    # imply 19% MFU against 38% for the 405B, a gap already in Llama 3 8B's 8K-only hours). These
-    # bounds keep the record from getting worse.
-    assert bt.median_abs_error == pytest.approx(0.183, abs=0.005)
+    # (DeepSeek-V2, BF16, +32% -> -5%), the median was 18.3%; with Llama 2's three sizes (+10% to
+    # +21%) it is 16.9%. Llama 3.1 8B is 2.04x (Meta's hours imply 19% MFU against 38% for the
+    # 405B, a gap already in Llama 3 8B's 8K-only hours). These bounds keep the record from
+    # getting worse.
+    assert bt.median_abs_error == pytest.approx(0.169, abs=0.005)
     assert bt.constants["train_dense"] == pytest.approx(0.382, abs=0.002)  # Llama 3 paper Table 4: 38-43%
     assert bt.worst.name == "Llama 3.1 8B" and bt.worst.ratio <= 2.05
     assert sum(r.ratio > 2 for r in predicted) <= 1
@@ -411,6 +412,11 @@ def test_backtest_reproduces_calibration_and_states_its_record(catalog):
     assert service.error <= 0.45  # +96% before each GPU read its own copy of MLA and the shared expert
     for r in predicted:  # every row off by more than 25% says what the planner misses
         assert abs(r.error) <= 0.25 or r.misses, r.name
+    # the 8B's note rules out its shape with Llama 2's implied MFUs: the figures it quotes are the rows'
+    llama2 = {r.name: r for r in predicted if r.name.startswith("Llama 2")}
+    assert len(llama2) == 3 and all(abs(r.error) <= 0.25 for r in llama2.values())
+    for name in ("Llama 2 7B", "Llama 2 13B"):
+        assert f"{name}" in bt.worst.misses and f"{llama2[name].efficiency:.1%}" in bt.worst.misses
 
 
 def test_backtest_data_parallel_parts_are_read_by_every_gpu(catalog):
