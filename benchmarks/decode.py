@@ -101,10 +101,13 @@ def time_ours(model, prompts, n: int, compile: bool, sampling: SamplingParams = 
 def time_llama_cpp(gguf: Path, prompt: list[int], n: int, threads: int) -> float:
     """llama.cpp's decode tokens/s on ``gguf`` (llama-cpp-python), batch 1, greedy, timed as ours:
     (N - 1) tokens / (time(N tokens) - time(1 token)); its default KV cache (f16)."""
-    import llama_cpp
+    from gasungbi.interop.gguf import open_in_llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(prompt) + n + 8, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm, off = open_in_llama_cpp(gguf, n_ctx=len(prompt) + n + 8, n_threads=threads, n_threads_batch=threads,
+                                 verbose=False)
+    if off:
+        print(f"  (llama.cpp on {gguf.name}: AMX and repacked weight buffers off, as --no-repack; "
+              "they crash on this CPU)")
 
     def run(k: int) -> float:
         t = time.perf_counter()

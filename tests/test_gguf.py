@@ -20,6 +20,7 @@ import torch
 from gasungbi.config import get_preset
 from gasungbi.data.chat import CHAT_TEMPLATE
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
+from gasungbi.interop.gguf import open_in_llama_cpp
 from gasungbi.infer.generate import generate
 from gasungbi.interop.hf import load_model, save_model
 from gasungbi.model.transformer import build_model
@@ -41,8 +42,8 @@ def tok_dir(tmp_path_factory):
 
 
 def _llama(path: Path, n_ctx: int = 256):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, type_k=F32, type_v=F32,
-                           n_threads=2, n_batch=n_ctx, verbose=False)
+    return open_in_llama_cpp(path, n_ctx=n_ctx, logits_all=True, type_k=F32, type_v=F32, n_threads=2,
+                             n_batch=n_ctx, verbose=False)[0]
 
 
 def llama_logits(path: Path, tokens: list[int]) -> torch.Tensor:

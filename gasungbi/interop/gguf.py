@@ -361,3 +361,31 @@ def write_modelfile(gguf_file: Path, tok: dict) -> Path:
     path = gguf_file.parent / "Modelfile"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def open_in_llama_cpp(path: str | Path, **kwargs):
+    """``llama_cpp.Llama`` on a GGUF (llama-cpp-python, an optional dependency: tests and benchmarks).
+
+    On a CPU with AMX (``AMX_INT8 = 1`` in llama.cpp's system info), llama.cpp's extra weight
+    buffers are turned off (``use_extra_bufts``, the CLI's ``--no-repack``): llama-cpp-python
+    0.3.36 built with ``GGML_NATIVE=ON`` on a Xeon with AMX aborts (``GGML_ASSERT(*cur_backend_id !=
+    -1)``) or segfaults on q8_0 files, llama.cpp's own converter's as well as ours. Elsewhere it opens
+    as llama.cpp's defaults have it. Returns the model and whether the buffers were turned off."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as capi
+
+    amx = "AMX_INT8 = 1" in capi.llama_print_system_info().decode(errors="replace")
+    if not amx:
+        return llama_cpp.Llama(model_path=str(path), **kwargs), False
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params  # read by Llama.__init__ (no keyword for it)
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs), True
+    finally:
+        capi.llama_model_default_params = default
