@@ -149,6 +149,23 @@ def test_deepseek_v3_published_cost_is_reproduced(catalog):
                                              abs=0.0005)
 
 
+def test_dense_models_default_to_the_dense_calibration(catalog):
+    from gasungbi.plan.backtest import run_backtest
+
+    h100 = catalog.gpus["h100-sxm"]
+    # the constant is the one the backtest derives from Llama 3.1 405B's published hours
+    assert run_backtest(catalog).constants["train_dense"] == pytest.approx(E.CALIBRATED_DENSE_MFU, abs=0.0005)
+    dense, counted = get_preset("llama-small"), E.CountModel(params=8e9, active=8e9)
+    for model in (dense, counted):
+        est = E.estimate_train(model, 1e12, h100, 8)
+        assert est.mfu == E.CALIBRATED_DENSE_MFU and "Llama 3.1 405B" in est.basis
+        fp8 = E.estimate_train(model, 1e12, h100, 8, precision="fp8")  # 1.43x faster than BF16
+        assert fp8.gpu_hours == pytest.approx(est.gpu_hours / E.FP8_TRAINING_SPEEDUP)
+    for moe in (V3, E.CountModel(params=671e9, active=37e9)):
+        est = E.estimate_train(moe, 1e12, h100, 8)
+        assert est.mfu == E.CALIBRATED_MFU and "DeepSeek-V3" in est.basis
+
+
 def test_expert_parallel_bytes_by_hand():
     # debug preset: hidden 64, top-2 of 8 experts, 3 layers (the first dense) + 1 MTP module = 3 MoE layers.
     cfg = get_preset("debug")

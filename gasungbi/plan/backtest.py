@@ -37,7 +37,7 @@ from typing import Any
 from gasungbi.config import from_hf_config, get_preset
 from gasungbi.plan.catalog import Catalog, Gpu, Hardware, parse_hardware
 from gasungbi.plan.estimate import (FP8_TRAINING_SPEEDUP, CountModel, Model, Setup, estimate_serve, flops_per_token,
-                                    local_decode, quant_bits, read_run)
+                                    is_moe, local_decode, quant_bits, read_run)
 
 PUBLISHED = Path(__file__).with_name("published.json")
 CALIBRATION_KINDS = ("train_moe", "train_dense", "decode")
@@ -129,10 +129,6 @@ def row_model(spec: dict[str, Any]) -> Model:
     if "hf" in spec:
         return from_hf_config(spec["hf"])
     return CountModel(**spec["counts"])
-
-
-def is_moe(model: Model) -> bool:
-    return not isinstance(model, CountModel) and model.is_mla and model.n_routed_experts > 0
 
 
 def _peak_tflops(gpu: Gpu, precision: str) -> float:

@@ -200,6 +200,23 @@ with FP8 GEMMs, over :data:`FP8_TRAINING_SPEEDUP` (0.455 / 1.43). DeepSeek-V2, a
 BF16 on H800s, implies 30.2% (172.8K GPU-hours per trillion tokens; ``gasungbi plan backtest``)."""
 
 
+CALIBRATED_DENSE_MFU = 0.382
+"""Default MFU of a dense BF16 run (no routed experts), against the BF16 peak: what Llama 3.1 405B's
+30.84M H100-hours imply under our FLOP count (15.6T tokens, the long-context stages included:
+``published.json``), inside the 38-43% the Llama 3 paper reports for that run (arXiv:2407.21783,
+Table 4). ``gasungbi plan backtest`` recomputes it as its ``train_dense`` constant and predicts the
+other dense runs with it; ``tests/test_plan.py`` checks the two agree.
+The MoE default (:data:`CALIBRATED_MFU`) is lower: routed experts are smaller matmuls, with all-to-all."""
+
+
+def is_moe(model: Model) -> bool:
+    """A mixture-of-experts model: routed experts, or, known by its counts alone, fewer activated
+    parameters than stored ones."""
+    if isinstance(model, CountModel):
+        return model.active < model.params
+    return model.n_routed_experts > 0
+
+
 def implied_mfu(cfg: Model, tokens: float, gpu_hours: float, peak_tflops: float, seq_len: int) -> float:
     """The MFU at which ``tokens`` of training take ``gpu_hours`` on GPUs of ``peak_tflops``."""
     return tokens * flops_per_token(cfg, seq_len) / (gpu_hours * 3600 * peak_tflops * 1e12)
@@ -232,16 +249,23 @@ def estimate_train(cfg: Model, tokens: float, gpu: Gpu, count: int, mfu: float |
                    price: float | None = None, seq_len: int = 4096, precision: str = "bf16") -> TrainEstimate:
     """Time and cost of training ``cfg`` on ``tokens`` with ``count`` x ``gpu`` at ``mfu``:
     GPU-seconds = tokens x FLOPs/token / (mfu x peak). ``precision`` picks the peak, BF16 or FP8 (the
-    GEMMs in FP8, as DeepSeek-V3 trained), and the default MFU (:data:`CALIBRATED_MFU` or
-    :data:`CALIBRATED_FP8_MFU`: both from DeepSeek-V3, FP8 faster by :data:`FP8_TRAINING_SPEEDUP`);
+    GEMMs in FP8, as DeepSeek-V3 trained), and the default MFU: for a mixture of experts
+    :data:`CALIBRATED_MFU` or :data:`CALIBRATED_FP8_MFU` (both from DeepSeek-V3), for a dense model
+    :data:`CALIBRATED_DENSE_MFU` (Llama 3.1 405B); FP8 is faster by :data:`FP8_TRAINING_SPEEDUP`.
     ``ValueError`` for FP8 on a GPU without it."""
     if precision not in ("bf16", "fp8"):
         raise ValueError(f"precision {precision!r}: choose bf16 or fp8")
     if precision == "fp8" and not gpu.fp8_tflops:
         raise ValueError(f"{gpu.key} has no FP8 tensor cores (no fp8_tflops in the catalog)")
     fpt = flops_per_token(cfg, seq_len)
-    basis = "given MFU" if mfu is not None else "calibrated on DeepSeek-V3's published H800-hours"
-    mfu = (CALIBRATED_MFU if precision == "bf16" else CALIBRATED_FP8_MFU) if mfu is None else mfu
+    basis = "given MFU"
+    if mfu is None and is_moe(cfg):
+        basis = "calibrated on DeepSeek-V3's published H800-hours"
+        mfu = CALIBRATED_MFU if precision == "bf16" else CALIBRATED_FP8_MFU
+    elif mfu is None:
+        basis = "dense: calibrated on Llama 3.1 405B's published H100-hours"
+        mfu = CALIBRATED_DENSE_MFU * (1 if precision == "bf16" else
+                                      FP8_TRAINING_SPEEDUP * gpu.bf16_tflops / gpu.fp8_tflops)
     peak = gpu.bf16_tflops if precision == "bf16" else gpu.fp8_tflops
     gpu_hours = tokens * fpt / (mfu * peak * 1e12) / 3600
     price = gpu.price_per_hour if price is None else price
