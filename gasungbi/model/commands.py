@@ -7,6 +7,15 @@ import json as json_lib
 from tyro.conf import Positional
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU has BF16 matmul instructions (AVX512-BF16 or AMX). torch's capability string
+    says only AVX512 on such CPUs, so ask torch's own probes (private; absent = no)."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
 def info(json: bool = False) -> int:
     """Versions, device, CPU capability and threads.
 
@@ -35,7 +44,8 @@ def info(json: bool = False) -> int:
         "cuda devices": torch.cuda.device_count() if cuda else 0,
         "cpu capability": capability,
         "cpu threads": torch.get_num_threads(),
-        "bf16 on cpu": "fast (AVX512-BF16/AMX)" if capability in ("AVX512_BF16", "AMX") else "slow: train in fp32 on this CPU",
+        "bf16 on cpu": "fast (AVX512-BF16/AMX): --precision bf16 may train faster" if _cpu_has_bf16()
+                       else "slow: train in fp32 on this CPU",
     }
     if json:
         print(json_lib.dumps(rows, indent=2))
