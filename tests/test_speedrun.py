@@ -76,6 +76,15 @@ def test_speedrun_shortens_a_post_training_stage_that_cannot_fit_and_says_so(cor
     assert json.loads((tmp_path / "sft_plan.json").read_text())["steps"] == 1  # a rerun keeps this schedule
 
 
+def test_speedrun_deadline_cuts_grpo_to_what_is_left(corpus, tmp_path):
+    """The whole run's deadline (cpu recipe: 14.5 minutes) gives GRPO only what is left of it."""
+    post = {**TINY_POST, "deadline_minutes": 1e-4}  # long gone by GRPO: the floor, 3 s
+    report = speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=2, overrides=TINY, post=post)
+    note = report["stages"]["grpo"]["note"]
+    assert "0.05-minute budget (cut from 4.5 to keep the whole run within 0.0001 minutes)" in note
+    assert json.loads((tmp_path / "grpo" / "report.json").read_text())["time_budget"] == 0.05
+
+
 def test_speedrun_rerun_reuses_data_and_resumes(corpus, tmp_path):
     speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=3, overrides=TINY, post=False)
     report = speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=3, overrides=TINY, post=False)
