@@ -56,8 +56,8 @@ slow for the recipe's steps, SFT is sized down from a measured step time and GRP
 boundary, and the report's stage table says so. ``deadline_minutes`` bounds the whole run from its
 start: GRPO gets what is left of it (less :data:`FINAL_S` for the final checkpoint and report) when
 that is less than ``grpo_minutes``. The cpu recipe's 14.5 keeps the README's "under 15 minutes" on a
-machine slower than the ones the stage budgets were set on (an Intel Xeon with half the memory
-bandwidth ran the stages over it: 16.6 minutes, its SFT 5.6 of its 5).
+machine slower than the ones the stage budgets were set on (an Intel Xeon, at a slow hour,
+ran the stages over it: 16.6 minutes, its SFT 5.6 of its 5).
 
 Why the cpu recipe is what it is (2-core machine; greedy accuracy on held-out two-digit additions,
 paired 95% intervals; the README's results table has the fresh-clone runs):
