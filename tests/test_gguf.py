@@ -20,8 +20,8 @@ import torch
 from gasungbi.config import get_preset
 from gasungbi.data.chat import CHAT_TEMPLATE
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
-from gasungbi.interop.gguf import open_in_llama_cpp
 from gasungbi.infer.generate import generate
+from gasungbi.interop.gguf import open_in_llama_cpp
 from gasungbi.interop.hf import load_model, save_model
 from gasungbi.model.transformer import build_model
 

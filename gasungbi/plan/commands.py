@@ -280,11 +280,11 @@ def _train(args: SimpleNamespace) -> int:
         pc = count_params(cfg)
         total, activated = pc.total, pc.activated
     data = {"model": model_name, "total_params": total, "activated_params": activated, **est.to_dict()}
-    default_mfu = args.mfu is None and run is None
+    default_mfu, dense = args.mfu is None and run is None, not E.is_moe(cfg)
     if default_mfu:
         data["calibration"] = {"deepseek_v3": E.DEEPSEEK_V3, "calibrated_mfu": E.CALIBRATED_MFU,
                                "calibrated_fp8_mfu": E.CALIBRATED_FP8_MFU,
-                               "calibrated_dense_mfu": E.CALIBRATED_DENSE_MFU, "dense": not E.is_moe(cfg),
+                               "calibrated_dense_mfu": E.CALIBRATED_DENSE_MFU, "dense": dense,
                                "fp8_training_speedup": E.FP8_TRAINING_SPEEDUP}
     lines = [
         f"model        {model_name}: {_si(total)} total, {_si(activated)} activated parameters",
@@ -303,12 +303,11 @@ def _train(args: SimpleNamespace) -> int:
     if args.expert_parallel is not None:  # beside the GPU-hours, before the calibration note
         data["expert_parallel"], more = _expert_parallel(args, cfg, est, gpu, count)
         lines += more
-    if default_mfu and not E.is_moe(cfg):
+    if default_mfu and dense:
         lines.append(f"calibration  dense: Meta's Llama 3.1 405B card reports 30.84M H100-hours for 15.6T tokens, "
                      f"{E.CALIBRATED_DENSE_MFU:.1%} of the BF16 peak under this FLOP count (the Llama 3 paper: "
                      f"38-43%); `gasungbi plan backtest` checks it against other published dense runs. A mixture "
-                     f"of experts gets DeepSeek-V3's "
-                     f"{E.CALIBRATED_MFU:.1%}.")
+                     f"of experts gets DeepSeek-V3's {E.CALIBRATED_MFU:.1%}.")
     elif default_mfu:
         d = E.DEEPSEEK_V3
         lines.append(f"calibration  DeepSeek-V3 reports {d['pretrain_gpu_hours'] / 1e6:.3f}M H800-hours for "
