@@ -28,7 +28,7 @@ from pathlib import Path
 
 from gasungbi import build_model, get_preset, save_model
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
-from gasungbi.data.chat import CHAT_TEMPLATE, render_chat
+from gasungbi.data.conventions import CHAT_TEMPLATE, render_chat
 from gasungbi.post.grpo import GRPOConfig, grpo
 from gasungbi.gym.cold_start import cold_start_conversations, write_jsonl
 from gasungbi.train.trainer import TrainConfig, train

@@ -232,7 +232,7 @@ def cpu_tiny() -> ModelConfig:
 
 
 def small() -> ModelConfig:
-    """~130M total / ~45M activated: a single-GPU research size."""
+    """148M total (133M without MTP) / 56M activated: a single-GPU research size."""
     return ModelConfig(vocab_size=32768, hidden_size=512, num_hidden_layers=8, intermediate_size=1536,
                        num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64,
                        qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, n_shared_experts=1,

@@ -129,10 +129,10 @@ def start_server():
 
 def chat_reference(model, tokenizer, messages, n: int):
     """What the server's chat endpoint must answer: greedy generation on gasungbi's chat template."""
-    from gasungbi.data.chat import END, encode_chat
+    from gasungbi.data.conventions import END, render_chat
     from gasungbi.infer.generate import generate
 
-    ids = encode_chat(tokenizer, messages)
+    ids = tokenizer.encode(render_chat(messages)).ids
     stops = [tokenizer.token_to_id(END), model.config.eos_token_id]
     return generate(model, [ids], max_new_tokens=n, stop_tokens=stops, tokenizer=tokenizer)[0]
 

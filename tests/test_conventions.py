@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gasungbi.data.chat import CHAT_TEMPLATE, render_chat  # noqa: E402
+from gasungbi.data.conventions import CHAT_TEMPLATE, render_chat  # noqa: E402
 from gasungbi.data.conventions import Conventions  # noqa: E402
 
 SPECIAL = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gasungbi.config import get_preset
-from gasungbi.data.chat import CHAT_TEMPLATE
+from gasungbi.data.conventions import CHAT_TEMPLATE
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
 from gasungbi.infer.generate import generate
 from gasungbi.interop.gguf import open_in_llama_cpp

@@ -14,7 +14,7 @@ import torch
 
 from gasungbi import build_model, get_preset, save_model
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
-from gasungbi.data.chat import CHAT_TEMPLATE
+from gasungbi.data.conventions import CHAT_TEMPLATE
 from gasungbi.post.distill import DistillConfig, distill
 from gasungbi.post.grpo import GRPOConfig, completion_logprobs, group_advantages, grpo, grpo_loss
 

@@ -11,7 +11,7 @@ import torch
 
 import gasungbi
 from gasungbi.infer.cache import KVCache
-from gasungbi.data.chat import encode_chat, render_chat
+from gasungbi.data.conventions import render_chat
 from gasungbi.infer.generate import ContextLengthError, Detokenizer, generate, stream
 from gasungbi.infer.placement import apply_placement, offload_experts, plan_placement
 from gasungbi.infer.sampling import SamplingParams, apply_repetition_penalty, draw, filter_logits, sample
@@ -318,7 +318,7 @@ def test_chat_template(tokenizer):
     text = render_chat(msgs)
     assert text == ("<|bos|><|system|>be brief<|end|><|user|>hi<|end|><|assistant|>hello<|end|>"
                     "<|user|>bye<|end|><|assistant|>")
-    ids = encode_chat(tokenizer, msgs)
+    ids = tokenizer.encode(render_chat(msgs)).ids
     assert ids[:2] == [0, tokenizer.token_to_id("<|system|>")] and ids[-1] == tokenizer.token_to_id("<|assistant|>")
     assert ids.count(tokenizer.token_to_id("<|end|>")) == 4
     with pytest.raises(ValueError, match="unknown chat role"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gasungbi import build_model, get_preset, save_model
-from gasungbi.data.chat import CHAT_TEMPLATE
+from gasungbi.data.conventions import CHAT_TEMPLATE
 from gasungbi.data.prepare import prepare_corpus
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
 

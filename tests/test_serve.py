@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from gasungbi.data.chat import encode_chat
+from gasungbi.data.conventions import render_chat
 from gasungbi.infer.generate import generate
 from gasungbi.infer.sampling import SamplingParams
 
@@ -94,7 +94,7 @@ def test_models_and_plain_requests(server, client, model, tokenizer, chat_ref):
     want = chat_ref(model, tokenizer, msgs, 12)
     assert c.choices[0].message.role == "assistant" and c.choices[0].message.content == want.text
     assert c.choices[0].finish_reason == want.finish_reason
-    assert c.usage.prompt_tokens == len(encode_chat(tokenizer, msgs))
+    assert c.usage.prompt_tokens == len(tokenizer.encode(render_chat(msgs)).ids)
     c = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0, logprobs=True,
                                        top_logprobs=2)
     entries = c.choices[0].logprobs.content

@@ -8,7 +8,7 @@ import torch
 
 from gasungbi import build_model, get_preset, save_model
 from gasungbi.data.tokenizer import train_tokenizer
-from gasungbi.data.chat import CHAT_TEMPLATE, render_chat
+from gasungbi.data.conventions import CHAT_TEMPLATE, render_chat
 from gasungbi.data.sft import IGNORE, SFTDataError, SFTLoader, read_conversations, tokenize_conversation
 from gasungbi.train.trainer import TrainConfig, train
 

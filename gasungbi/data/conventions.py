@@ -12,8 +12,8 @@ checkpoint gets the same prompt ids here as from ``AutoTokenizer`` and ``apply_c
   (a string, or the one named ``default``), rendered as ``apply_chat_template`` renders it
   (a sandboxed Jinja environment with trim_blocks/lstrip_blocks, ``raise_exception``,
   ``strftime_now``, ``tojson``, ``bos_token``/``eos_token``/... from the tokenizer config), and
-  encoded without adding special tokens again. gasungbi's own template
-  (:mod:`gasungbi.data.chat`) is the fallback where the checkpoint has none.
+  encoded without adding special tokens again. gasungbi's own template (:func:`render_chat`,
+  below) is the fallback where the checkpoint has none.
 - **stops**: the ``eos_token_id`` of generation_config.json (an int or a list; else config.json's)
   and the tokenizer's eos token; with gasungbi's template also ``<|end|>``, its end of turn.
 
@@ -32,10 +32,55 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 from tokenizers import Tokenizer
 
-from gasungbi.data.chat import CHAT_TEMPLATE, END, render_chat as render_native
 from gasungbi.data.tokenizer import BOS_ID, SPECIAL_TOKENS, load_tokenizer
 
 NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+# --- gasungbi's own chat template -------------------------------------------------------------
+# How a conversation becomes one token sequence for gasungbi's own checkpoints (SFT and GRPO use it):
+#
+#     <|bos|><|system|>{system}<|end|><|user|>{user}<|end|><|assistant|>{reply}<|end|><|user|>...
+#
+# Every message is its role marker, the content, and ``<|end|>``; the sequence opens with
+# ``<|bos|>`` as every pretraining document does. To ask for a reply, the rendering ends with an open
+# ``<|assistant|>``; the model ends its reply with ``<|end|>`` (the stop token of a chat). No
+# whitespace is added around the markers: the tokenizer's special tokens split the text there.
+# Reasoning traces, when a model produces them, stay inside the assistant content as
+# ``<think>...</think><answer>...</answer>``.
+
+ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+BOS, END = "<|bos|>", "<|end|>"
+
+
+def render_chat(messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True, bos: bool = True) -> str:
+    """Render ``[{"role": "system"|"user"|"assistant", "content": str}, ...]`` as one string.
+
+    ``add_generation_prompt``: end with an open ``<|assistant|>`` turn for the model to complete.
+    """
+    parts = [BOS] if bos else []
+    for m in messages:
+        role = m["role"]
+        if role not in ROLES:
+            raise ValueError(f"unknown chat role {role!r}; expected one of {', '.join(ROLES)}")
+        parts.append(f"{ROLES[role]}{m['content']}{END}")
+    if add_generation_prompt:
+        parts.append(ROLES["assistant"])
+    return "".join(parts)
+
+
+# The same template in Jinja, written into tokenizer_config.json so that transformers'
+# ``apply_chat_template`` renders exactly what :func:`render_chat` does (tests/test_sft.py).
+CHAT_TEMPLATE = (
+    "{{- '<|bos|>' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown chat role ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
 
 
 class Encoded(NamedTuple):
@@ -182,7 +227,7 @@ class Conventions:
         tokenize=False)``); a template's ``raise_exception`` is a ValueError."""
         messages = [dict(m) for m in messages]
         if self._compiled is None:
-            return render_native(messages, add_generation_prompt)
+            return render_chat(messages, add_generation_prompt)
         import jinja2
 
         try:

@@ -8,7 +8,7 @@ from typing import Iterator
 from gasungbi.data.corpus import CorpusStats, describe_source, iter_documents
 from gasungbi.data.shards import Manifest, build_shards
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
-from gasungbi.data.chat import CHAT_TEMPLATE
+from gasungbi.data.conventions import CHAT_TEMPLATE
 
 
 def _take_bytes(docs: Iterator[str], limit: int | None) -> Iterator[str]:

@@ -2,7 +2,7 @@
 with the loss only on assistant tokens.
 
 Input: JSONL, one ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}`` per
-line. Each conversation is rendered with the chat template (``gasungbi.data.chat``) and
+line. Each conversation is rendered with the chat template (``gasungbi.data.conventions``) and
 labelled: targets are the assistant contents and their closing ``<|end|>``; everything else
 (bos, role markers, system and user turns) gets the ignore index -100.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gasungbi.data.chat import END, ROLES
+from gasungbi.data.conventions import END, ROLES
 from gasungbi.data.conventions import Conventions
 from gasungbi.data.tokenizer import BOS_ID, PAD_ID
 

@@ -39,14 +39,9 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # Matrices that stay in float under q8_0: the router (tiny; its scores decide which experts run, and
 # the converter keeps it f32 too) and MLA's per-head factors attn_k_b / attn_v_b, which every head's
-# attention goes through twice (measured on a random DeepseekV3 with d_nope = 32: top-1 agreement with
-# the float model 0.875 with them in Q8_0, 0.9375 in f16). The q8_0 abort at the first decode reported
-# with llama.cpp's own converter (GGML_ASSERT(*cur_backend_id != -1)) did not reproduce here with
-# llama-cpp-python 0.3.36 built natively: both its q8_0 files and ours decode.
+# attention goes through twice, so their rounding error costs more top-1 agreement than the bytes
+# they save are worth.
 KEEP_FLOAT = ("attn_k_b", "attn_v_b", "ffn_gate_inp")
-
-# tokenizer.json pre-tokenizers -> the name llama.cpp applies the same split under
-_GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
 
 
 class GGUFExportError(ValueError):
@@ -341,7 +336,7 @@ def _tokenizer(w, tok: dict, cfg: ModelConfig) -> None:
 # Ollama
 # ---------------------------------------------------------------------------------------------
 
-# gasungbi's own chat format (gasungbi.data.chat) in Ollama's Go template language
+# gasungbi's own chat format (gasungbi.data.conventions) in Ollama's Go template language
 OLLAMA_TEMPLATE = ('{{- if .System }}<|system|>{{ .System }}<|end|>{{ end }}'
                    '{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>')
 

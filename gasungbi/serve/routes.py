@@ -16,7 +16,7 @@ import hmac
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response
 
-from gasungbi.data.chat import ROLES
+from gasungbi.data.conventions import ROLES
 from gasungbi.serve.metrics import CONTENT_TYPE
 from gasungbi.serve.openai_format import ChatReply, CompletionReply, chat_prompt, encode_prompts, prompt_count
 from gasungbi.serve.protocol import (COMPLETION_MAX_TOKENS, MAX_LOGPROBS, ApiError, ChatRequest, CompletionRequest,
