@@ -31,7 +31,8 @@ from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
 from gasungbi.data.conventions import CHAT_TEMPLATE, render_chat
 from gasungbi.post.grpo import GRPOConfig, grpo
 from gasungbi.gym.cold_start import cold_start_conversations, write_jsonl
-from gasungbi.train.trainer import TrainConfig, train
+from gasungbi.post.sft import sft as run_sft
+from gasungbi.train.trainer import TrainConfig
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ def main() -> None:
                                       q_lora_rank=64, qk_nope_head_dim=32, v_head_dim=32, qk_rope_head_dim=16)
     save_model(build_model(cfg, seed=0), out / "init", tokenizer=out / "tokenizer")
 
-    sft = train(TrainConfig(task="sft", init_from=str(out / "init"), data=str(out / "sft.jsonl"),
+    sft = run_sft(TrainConfig(init_from=str(out / "init"), data=str(out / "sft.jsonl"),
                             out_dir=str(out / "sft"), batch_size=16, seq_len=96, max_steps=args.sft_steps,
                             lr=3e-3, warmup_steps=20, eval_interval=0, ckpt_interval=0, log_interval=20,
                             device="cpu", progress=False, sample_tokens=2, bias_update_speed=0.01))

@@ -248,7 +248,7 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict, deadline: f
     from gasungbi.eval.tasks import paired_gain
     from gasungbi.gym.cold_start import cold_start_conversations, write_jsonl
     from gasungbi.post.grpo import GRPOConfig, grpo
-    from gasungbi.train.trainer import train
+    from gasungbi.post.sft import sft as run_sft
 
     convs = cold_start_conversations(p["task"], p["sft_examples"], p["difficulty"], seed=tc.seed)
     gym = write_jsonl(convs, out / "gym_sft.jsonl")
@@ -263,7 +263,7 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict, deadline: f
         base = {"accuracy": r["pass@1"], "ci95": list(r["ci95"]), "n": r["n_tasks"], "per_task": r["per_task"],
                 "elapsed_s": round(time.perf_counter() - t, 2)}
         base_file.write_text(json.dumps(base))
-    sft_tc = TrainConfig(task="sft", init_from=pretrained, data=str(gym), out_dir=str(out / "sft"),
+    sft_tc = TrainConfig(init_from=pretrained, data=str(gym), out_dir=str(out / "sft"),
                          batch_size=p["sft_batch"], seq_len=_sft_seq_len(pretrained, convs),
                          max_steps=p["sft_steps"], lr=1e-3,
                          warmup_steps=10, eval_interval=0, ckpt_interval=0, log_interval=10,
@@ -273,7 +273,7 @@ def post_train(out: Path, tc: TrainConfig, pretrained: str, p: dict, deadline: f
     print(f"[4/5] cold-start SFT on {p['sft_examples']} gym conversations for {sft_plan['steps']} steps, "
           f"then GRPO for up to {p['grpo_steps']} steps ({p['grpo_minutes']:g} minutes at most"
           + (f", within the whole run's {p['deadline_minutes']:g})" if deadline is not None else ")"))
-    sft = train(dataclasses.replace(sft_tc, max_steps=sft_plan["steps"]))
+    sft = run_sft(dataclasses.replace(sft_tc, max_steps=sft_plan["steps"]))
     grpo_minutes = p["grpo_minutes"]
     if deadline is not None:  # what is left of the whole run's deadline, if that is less
         grpo_minutes = min(grpo_minutes, max(0.05, (deadline - time.perf_counter() - FINAL_S) / 60))

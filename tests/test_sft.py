@@ -10,7 +10,8 @@ from gasungbi import build_model, get_preset, save_model
 from gasungbi.data.tokenizer import train_tokenizer
 from gasungbi.data.conventions import CHAT_TEMPLATE, render_chat
 from gasungbi.data.sft import IGNORE, SFTDataError, SFTLoader, read_conversations, tokenize_conversation
-from gasungbi.train.trainer import TrainConfig, train
+from gasungbi.post.sft import sft
+from gasungbi.train.trainer import TrainConfig
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "<think>2 and 2</think><answer>4</answer>"},
@@ -81,15 +82,15 @@ def test_loader_packs_masks_and_resumes(ckpt):
 
 def test_sft_run_lowers_assistant_loss_and_resumes_exactly(ckpt, tmp_path):
     root, _ = ckpt
-    base = dict(task="sft", init_from=str(root / "ckpt"), data=str(root / "chats.jsonl"), batch_size=4,
+    base = dict(init_from=str(root / "ckpt"), data=str(root / "chats.jsonl"), batch_size=4,
                 seq_len=64, max_steps=6, warmup_steps=1, eval_interval=0, eval_batches=2, log_interval=1,
                 progress=False, device="cpu", lr=3e-3, sample_tokens=2)
-    straight = train(TrainConfig(out_dir=str(tmp_path / "a"), **base))
+    straight = sft(TrainConfig(out_dir=str(tmp_path / "a"), **base))
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "lm_loss" in l]
     assert rows[-1]["lm_loss"] < rows[0]["lm_loss"]
     assert straight["val_loss"] > 0 and straight["val_bpb"] is None
-    train(TrainConfig(out_dir=str(tmp_path / "b"), stop_after=3, **base))
-    resumed = train(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
+    sft(TrainConfig(out_dir=str(tmp_path / "b"), stop_after=3, **base))
+    resumed = sft(TrainConfig(out_dir=str(tmp_path / "b"), resume=True, **base))
     from safetensors.torch import load_file
     wa = load_file(f"{straight['checkpoint']}/model.safetensors")
     wb = load_file(f"{resumed['checkpoint']}/model.safetensors")

@@ -5,7 +5,6 @@ Each command's flags are the fields of its config dataclass (``SFT`` reuses the 
 
 from __future__ import annotations
 
-import dataclasses
 import json as json_lib
 from typing import Annotated
 
@@ -14,11 +13,9 @@ from tyro.conf import OmitArgPrefixes, Positional
 from gasungbi.errors import UserError
 from gasungbi.post.distill import DistillConfig
 from gasungbi.post.grpo import GRPOConfig
+from gasungbi.post.sft import SFT_DEFAULTS
 from gasungbi.train.commands import Overrides, with_model_overrides
 from gasungbi.train.trainer import TrainConfig
-
-SFT_DEFAULTS = TrainConfig(task="sft", out_dir="runs/sft", max_steps=200, lr=1e-3, warmup_steps=10, eval_interval=50,
-                           ckpt_interval=100, seq_len=512, batch_size=8)
 
 
 def sft(cfg: Annotated[TrainConfig, OmitArgPrefixes] = SFT_DEFAULTS, set: Overrides = (),
@@ -27,14 +24,14 @@ def sft(cfg: Annotated[TrainConfig, OmitArgPrefixes] = SFT_DEFAULTS, set: Overri
     the assistant tokens only. --init-from is the checkpoint to fine-tune (it brings the tokenizer).
 
     Args:
-        cfg: the run (the training fields; --task is always sft)
+        cfg: the run (the training fields)
         set: override a model config field
         config: a JSON or TOML file of fields; flags given here override it
     """
-    from gasungbi.train.trainer import train
+    from gasungbi.post.sft import sft as run_sft
 
     try:
-        report = train(dataclasses.replace(with_model_overrides(cfg, set), task="sft"))
+        report = run_sft(with_model_overrides(cfg, set))
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"step {report['step']}: val loss {report['val_loss']:.4f} on assistant tokens; "

@@ -108,7 +108,8 @@ def collect_traces(cfg: DistillConfig) -> tuple[Path, dict[str, Any]]:
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """Collect accepted traces from the teacher, then SFT the student on them."""
     from gasungbi.train.checkpoint import holds_run
-    from gasungbi.train.trainer import TrainConfig, train
+    from gasungbi.post.sft import sft
+    from gasungbi.train.trainer import TrainConfig
 
     if not cfg.teacher or not cfg.student:
         raise ValueError("distill needs a teacher (checkpoint or endpoint URL) and a student checkpoint")
@@ -120,9 +121,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if stats["kept"] < 2:
         raise ValueError(f"the teacher produced {stats['kept']} accepted traces out of {stats['sampled']}: "
                          "nothing to distill (lower min_reward, raise samples_per_prompt, or use a stronger teacher)")
-    report = train(TrainConfig(task="sft", init_from=cfg.student, data=str(traces),
-                               out_dir=str(Path(cfg.out_dir) / "student"), batch_size=cfg.batch_size,
-                               seq_len=cfg.seq_len, max_steps=cfg.sft_steps, lr=cfg.lr,
-                               warmup_steps=max(1, cfg.sft_steps // 10), eval_interval=0, device=cfg.device,
-                               seed=cfg.seed, progress=False, overwrite=cfg.overwrite))
+    report = sft(TrainConfig(init_from=cfg.student, data=str(traces), out_dir=str(Path(cfg.out_dir) / "student"),
+                             batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_steps=cfg.sft_steps, lr=cfg.lr,
+                             warmup_steps=max(1, cfg.sft_steps // 10), eval_interval=0, device=cfg.device,
+                             seed=cfg.seed, progress=False, overwrite=cfg.overwrite))
     return {"traces": str(traces), **stats, "student": report}

@@ -49,7 +49,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -63,12 +62,10 @@ from gasungbi.interop.hf import load_model
 from gasungbi.eval.accuracy import evaluate_model
 from gasungbi.gym.rewards import load_reward
 from gasungbi.gym.tasks import get_family, make_split, render_task_prompt
-from gasungbi.train import checkpoint as ckpt
+from gasungbi.model.accounting import count_params
 from gasungbi.train import distributed as dist
-from gasungbi.train import sharded
-from gasungbi.train.expert_parallel import gathered_model
-from gasungbi.train.meter import CostMeter, device_peak
 from gasungbi.train.optim import build_optimizers
+from gasungbi.train.run import Run
 
 
 @dataclass
@@ -231,184 +228,162 @@ def grpo(cfg: GRPOConfig) -> dict[str, Any]:
     cfg.validate()
     info = dist.setup(cfg.device)
     try:
-        return _grpo(cfg, info)
+        return GRPO(cfg, info).fit()
     finally:
         dist.teardown()
 
 
-def _grpo(cfg: GRPOConfig, info: dist.DistInfo) -> dict[str, Any]:
-    out = Path(cfg.out_dir)
-    conv = Conventions.load(cfg.init_from)  # the checkpoint's chat template and stops (a bad path fails here)
-    ckpt.claim_run_dir(out, cfg.resume, cfg.overwrite, remove=info.is_main)
-    dist.barrier()  # no rank looks at the directory after the main one has started writing
-    out.mkdir(parents=True, exist_ok=True)
-    device, world = info.device, info.world_size
-    tok, stop_ids = conv.tokenizer, conv.stop_ids
-    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
-    from_shards = resume_from is not None and sharded.is_sharded(resume_from)
-    if resume_from is not None and not from_shards:
-        model, state = ckpt.load_checkpoint(resume_from, device)
-    else:  # a sharded checkpoint's weights are read once the model is laid out (below)
-        model = load_model(cfg.init_from, device=device, dtype=torch.float32)
-        state = ckpt.load_training_state(resume_from) if from_shards else None
-    reference = load_model(cfg.init_from, device=device, dtype=torch.float32) if cfg.beta > 0 else None
-    if cfg.precision == "fp8":
-        from gasungbi.train.fp8 import apply_fp8
-        apply_fp8(model)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-           else contextlib.nullcontext())
-    model.model.mtp.requires_grad_(False)  # no GRPO loss reaches the MTP modules (DDP needs every trained parameter used)
-    policy = Policy(model)
-    mesh, group, ep = None, None, None
-    if cfg.expert_parallel > 1:
-        from gasungbi.train import expert_parallel as ep
-        mesh = ep.ep_mesh(world, cfg.expert_parallel, device.type)
-        ep.apply_expert_parallel(model, mesh)
-        group = mesh["ep"].get_group()
-    wrapped = dist.wrap(policy, info, "ddp", ignore=ep.expert_param_names(policy) if mesh is not None else ())
-    policy.train()
-    opt = build_optimizers(model, "adamw", cfg.lr, weight_decay=0.0, moments=cfg.adam_moments)[0]
-    reward_fn, accuracy_fn = load_reward(cfg.reward), load_reward("accuracy")
-    family = cfg.task
-    pool = make_split(family, max(1000, cfg.steps * cfg.prompts_per_step), cfg.difficulty, seed=cfg.seed, split="train")
-    start = 0
-    history: list[dict] = []
-    if state is not None and "optimizer" in state:  # written before 2026-12-02: one process, by position
-        if info.enabled:
-            raise ValueError(f"{resume_from} was written by an older gasungbi in one process: resume it without torchrun")
-        opt.load_state_dict(state["optimizer"])
-    elif state is not None:
-        sharded.load_run_checkpoint(resume_from, policy, [opt], mesh, state)
-    if state is not None:
-        start, history = state["step"], state["history"]
-        torch.set_rng_state(state["rng"]["torch"])
-    peak, price, dev_name = device_peak(device, torch.float32)
-    from gasungbi.model.accounting import count_params
-    n_act = count_params(model.config).activated
-    # per generated token: ~2N to sample it, 2N for pi_old, (2N for pi_ref), 6N x updates to train
-    flops_per_token = n_act * (4 + (2 if reference is not None else 0) + 6 * cfg.updates)
-    meter = CostMeter(flops_per_token, peak, cfg.price_per_hour if cfg.price_per_hour is not None else (price or 0.0),
-                      world, elapsed_before=state["meter"]["elapsed"] if state else 0.0,
-                      tokens_before=state["meter"]["tokens"] if state else 0)
+class GRPO:
+    """One GRPO run: the policy, its reference and optimizer on a :class:`Run`, the task pool, and
+    the loop of rollouts and updates."""
 
-    def gathered():
-        """The whole policy on rank 0, None elsewhere (collective under torchrun): the model itself
-        where every rank holds all of it, a gathered copy under expert parallelism."""
-        if mesh is None:
-            return model if info.is_main else None
-        m = gathered_model(policy, model.config, mesh, info.is_main)
-        return m.to(device) if m is not None else None
+    FIGURES = ("loss", "reward", "accuracy", "zero_variance_groups", "response_length", "kl", "clip_frac")
+    """A step's figures, means over all ranks (each rank's mean over its equal share of completions)."""
 
-    def held_out() -> dict:
-        """Rank 0 evaluates (the replicas are equal; with EP, on the gathered experts), all get it."""
-        m = gathered()
-        res = [evaluate_policy(m.eval(), conv, cfg, cfg.eval_tasks) if info.is_main else None]
-        policy.train()
-        if info.enabled:
+    def __init__(self, cfg: GRPOConfig, info: dist.DistInfo):
+        self.cfg, self.info = cfg, info
+        self.conv = Conventions.load(cfg.init_from)  # the checkpoint's chat template and stops (a bad path fails here)
+        self.run = Run(cfg.out_dir, info, resume=cfg.resume, overwrite=cfg.overwrite, tokenizer=cfg.init_from,
+                       keep=cfg.keep_checkpoints, name="grpo", progress=cfg.progress)
+        device = info.device
+        self.model = self.run.model(lambda: load_model(cfg.init_from, device=device, dtype=torch.float32))
+        self.reference = load_model(cfg.init_from, device=device, dtype=torch.float32) if cfg.beta > 0 else None
+        if cfg.precision == "fp8":
+            from gasungbi.train.fp8 import apply_fp8
+            apply_fp8(self.model)
+        self.amp = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                    else contextlib.nullcontext())
+        self.model.model.mtp.requires_grad_(False)  # no GRPO loss reaches the MTP modules (DDP needs every trained parameter used)
+        self.policy = Policy(self.model)
+        self.wrapped = self.run.layout(self.policy, cfg.expert_parallel, "ddp")
+        self.policy.train()
+        self.opt = build_optimizers(self.model, "adamw", cfg.lr, weight_decay=0.0, moments=cfg.adam_moments)[0]
+        self.run.restore([self.opt])
+        self.reward_fn, self.accuracy_fn = load_reward(cfg.reward), load_reward("accuracy")
+        self.pool = make_split(cfg.task, max(1000, cfg.steps * cfg.prompts_per_step), cfg.difficulty, seed=cfg.seed,
+                               split="train")
+        n_act = count_params(self.model.config).activated
+        # per generated token: ~2N to sample it, 2N for pi_old, (2N for pi_ref), 6N x updates to train
+        flops_per_token = n_act * (4 + (2 if self.reference is not None else 0) + 6 * cfg.updates)
+        self.meter = self.run.start_meter(flops_per_token, torch.float32, cfg.price_per_hour)
+        if self.run.state:
+            self.before = self.run.state["before"]
+        else:
+            t = time.perf_counter()
+            self.before = {**self.held_out(), "elapsed_s": round(time.perf_counter() - t, 2)}
+
+    def held_out(self) -> dict:
+        """Greedy accuracy on the held-out tasks (collective under torchrun): see :meth:`evaluate`."""
+        return self.evaluate(self.run.whole_model())
+
+    def evaluate(self, whole) -> dict:
+        """Greedy accuracy on the held-out tasks of ``whole`` (:meth:`Run.whole_model`): rank 0
+        evaluates (the replicas are equal; with EP, on the gathered experts), all get it."""
+        res = [evaluate_policy(whole.to(self.info.device).eval(), self.conv, self.cfg, self.cfg.eval_tasks)
+               if self.info.is_main else None]
+        self.policy.train()
+        if self.info.enabled:
             torch.distributed.broadcast_object_list(res, src=0)
         return res[0]
 
-    def save(step: int, final: bool = False) -> Path | None:
-        st = {"step": step, "history": history, "rng": {"torch": torch.get_rng_state()},
-              "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens},
-              "grpo_config": json.dumps(dataclasses.asdict(cfg)), "before": before}
-        hf_model = gathered() if final or not info.enabled else None  # one process: the model itself
-        return sharded.save_run_checkpoint(out, step, policy, [opt], mesh, st, info, cfg.init_from,
-                                           cfg.keep_checkpoints, hf_model)
-
-    if state:
-        before = state["before"]
-    else:
-        t = time.perf_counter()
-        before = {**held_out(), "elapsed_s": round(time.perf_counter() - t, 2)}
-
-    def out_of_time(steps_here: int, since: float) -> bool:
-        """Whether one more step (this process's mean so far) and the final evaluation (as long as
-        the first) would overrun ``cfg.time_budget``; every rank gets the same answer."""
-        if cfg.time_budget is None:
+    def out_of_time(self, steps_here: int, since: float) -> bool:
+        """Whether one more step (this run's mean so far) and the final evaluation (as long as the
+        first) would overrun ``cfg.time_budget``; every rank gets the same answer."""
+        if self.cfg.time_budget is None:
             return False
-        step_s = (meter.elapsed - since) / steps_here if steps_here else 0.0
-        late = torch.tensor([float(meter.elapsed + step_s + before.get("elapsed_s", 0.0) > cfg.time_budget * 60)],
-                            device=device)
-        return bool((dist.all_reduce_sum(late) if info.enabled else late).item() > 0)
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", disable=not (cfg.progress and info.is_main),
-               dynamic_ncols=True)
-    if cfg.resume and info.is_main:  # rows logged after the checkpoint (before a kill) are logged again
-        ckpt.truncate_metrics(out / "metrics.jsonl", start)
-    metrics = open(out / "metrics.jsonl", "a") if info.is_main else None
-    local = cfg.prompts_per_step // world  # this rank's prompts: whole groups
-    done, since = start, meter.elapsed
-    for step in range(start, cfg.steps):
-        if done > 0 and out_of_time(done - start, since):
-            break
+        elapsed = self.meter.elapsed
+        step_s = (elapsed - since) / steps_here if steps_here else 0.0
+        late = torch.tensor([float(elapsed + step_s + self.before.get("elapsed_s", 0.0) > self.cfg.time_budget * 60)],
+                            device=self.info.device)
+        return bool((dist.all_reduce_sum(late) if self.info.enabled else late).item() > 0)
+
+    def fit(self) -> dict[str, Any]:
+        cfg, run = self.cfg, self.run
+        bar = run.progress(cfg.steps)
+        start = done = run.start_step
+        since = self.meter.elapsed
+        for step in range(start, cfg.steps):
+            if done > 0 and self.out_of_time(done - start, since):
+                break
+            row = self.step(step)
+            run.log(row)
+            bar.update(1)
+            bar.set_postfix_str(f"reward {row['reward']:.2f} | acc {row['accuracy']:.2f} | "
+                                f"len {row['response_length']:.0f} | kl {row['kl']:.3f}")
+            if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
+                run.history.append({"step": step + 1, "eval": self.held_out()})
+            if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.steps:
+                self.save(step + 1)
+            done = step + 1
+        bar.close()
+        return self.finish(done)
+
+    def rollouts(self, step: int) -> tuple[list, list[list[int]], list[list[int]], list[str]]:
+        """This rank's tasks of ``step`` (whole groups), their prompts repeated ``group_size``
+        times, the sampled completions (with the stop token where one ended them) and their texts."""
+        cfg, info = self.cfg, self.info
+        local = cfg.prompts_per_step // info.world_size
         first = step * cfg.prompts_per_step + info.rank * local
-        batch = [pool[(first + i) % len(pool)] for i in range(local)]
-        prompts = [conv.chat_ids(render_task_prompt(t, cfg.reasoning), content_as_text=False) for t in batch]
+        batch = [self.pool[(first + i) % len(self.pool)] for i in range(local)]
+        prompts = [self.conv.chat_ids(render_task_prompt(t, cfg.reasoning), content_as_text=False) for t in batch]
         group_prompts = [p for p in prompts for _ in range(cfg.group_size)]
-        model.eval()
-        seed = cfg.seed * 1_000_003 + step * world + info.rank  # one process: seed * 1_000_003 + step
-        outs = generate(model, group_prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=tok, stop_tokens=stop_ids,
-                        sampling=SamplingParams(temperature=cfg.temperature, seed=seed), group=group)
+        self.model.eval()
+        seed = cfg.seed * 1_000_003 + step * info.world_size + info.rank  # one process: seed * 1_000_003 + step
+        stop_ids = self.conv.stop_ids
+        outs = generate(self.model, group_prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=self.conv.tokenizer,
+                        stop_tokens=stop_ids, sampling=SamplingParams(temperature=cfg.temperature, seed=seed),
+                        group=self.run.ep_group)
         completions = [o.tokens + ([stop_ids[0]] if o.finish_reason == "stop" else []) for o in outs]
-        texts = [o.text or "" for o in outs]
-        rewards = torch.tensor([reward_fn(batch[i // cfg.group_size], texts[i]) for i in range(len(outs))],
-                               device=device).view(local, cfg.group_size)
+        return batch, group_prompts, completions, [o.text or "" for o in outs]
+
+    def step(self, step: int) -> dict:
+        """Sample the groups, reward them, update the policy ``cfg.updates`` times; the step's row."""
+        cfg, G = self.cfg, self.cfg.group_size
+        batch, group_prompts, completions, texts = self.rollouts(step)
+        rewards = torch.tensor([self.reward_fn(batch[i // G], texts[i]) for i in range(len(texts))],
+                               device=self.info.device).view(len(batch), G)
         adv = group_advantages(rewards, cfg.variant).flatten()
         with torch.no_grad():
-            with amp:
-                old_logp, mask = completion_logprobs(model, group_prompts, completions, cfg.temperature)
-            ref_logp = completion_logprobs(reference, group_prompts, completions, cfg.temperature)[0] if reference is not None else None
-        policy.train()
+            with self.amp:
+                old_logp, mask = completion_logprobs(self.model, group_prompts, completions, cfg.temperature)
+            ref_logp = (completion_logprobs(self.reference, group_prompts, completions, cfg.temperature)[0]
+                        if self.reference is not None else None)
+        self.policy.train()
         for _ in range(cfg.updates):
-            with amp:
-                logp, _ = completion_logprobs(wrapped, group_prompts, completions, cfg.temperature)
+            with self.amp:
+                logp, _ = completion_logprobs(self.wrapped, group_prompts, completions, cfg.temperature)
             loss, stats = grpo_loss(logp, old_logp, ref_logp, mask, adv, cfg.clip_eps, cfg.beta, cfg.variant,
                                     cfg.max_new_tokens, cfg.kl_estimator)
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            if mesh is None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            else:
-                ep.reduce_expert_grads(model, mesh)
-                ep.clip_grad_norm(model, cfg.grad_clip, mesh)
-            opt.step()
-        accuracy = sum(accuracy_fn(batch[i // cfg.group_size], texts[i]) for i in range(len(outs))) / len(outs)
-        # the step's figures over all ranks: means of the per-rank means (equal counts), tokens summed
+            self.run.clip(cfg.grad_clip)
+            self.opt.step()
+        accuracy = sum(self.accuracy_fn(batch[i // G], texts[i]) for i in range(len(texts))) / len(texts)
         figures = torch.tensor([loss.item(), rewards.mean().item(), accuracy, (rewards.std(dim=1) == 0).float().mean().item(),
-                                mask.sum(dim=1).mean().item(), stats["kl"], stats["clip_frac"]], dtype=torch.float64, device=device)
-        tokens = torch.tensor([mask.sum().item()], dtype=torch.float64, device=device)
-        if info.enabled:
-            figures = dist.all_reduce_sum(figures) / world
+                                mask.sum(dim=1).mean().item(), stats["kl"], stats["clip_frac"]],
+                               dtype=torch.float64, device=self.info.device)
+        tokens = torch.tensor([mask.sum().item()], dtype=torch.float64, device=self.info.device)
+        if self.info.enabled:
+            figures = dist.all_reduce_sum(figures) / self.info.world_size
             dist.all_reduce_sum(tokens)
-        meter.update(int(tokens.item()))
-        names = ("loss", "reward", "accuracy", "zero_variance_groups", "response_length", "kl", "clip_frac")
-        row = {"step": step + 1, **dict(zip(names, figures.tolist())),
-               "dollars": round(meter.dollars, 6), "elapsed_s": round(meter.elapsed, 2), "sample": texts[0][:200]}
-        history.append(row)
-        if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-        bar.update(1)
-        bar.set_postfix_str(f"reward {row['reward']:.2f} | acc {row['accuracy']:.2f} | len {row['response_length']:.0f} | "
-                            f"kl {row['kl']:.3f}")
-        if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
-            history.append({"step": step + 1, "eval": held_out()})
-        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.steps:
-            save(step + 1)
-        done = step + 1
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-    after = held_out()
-    path = save(done, final=True)
-    if done < cfg.steps and info.is_main:
-        print(f"grpo: stopped after {done} of {cfg.steps} steps: the {cfg.time_budget:g}-minute budget was spent")
-    report = {"task": cfg.task, "difficulty": cfg.difficulty, "steps": done, "planned_steps": cfg.steps,
-              "time_budget": cfg.time_budget, "before": before, "after": after,
-              "improved_beyond_ci": after["accuracy"] > before["ci95"][1], "checkpoint": str(path),
-              **meter.summary(), "device": dev_name, "device_count": world}
-    if info.is_main:
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-    dist.barrier()  # every rank leaves together: a rank tearing down early aborts the others
-    return report
+        self.meter.update(int(tokens.item()))
+        return {"step": step + 1, **dict(zip(self.FIGURES, figures.tolist())), "dollars": round(self.meter.dollars, 6),
+                "elapsed_s": round(self.meter.elapsed, 2), "sample": texts[0][:200]}
+
+    def save(self, step: int, whole=None):
+        state = {"grpo_config": json.dumps(dataclasses.asdict(self.cfg)), "before": self.before}
+        return self.run.save(step, state, whole)
+
+    def finish(self, done: int) -> dict[str, Any]:
+        """The held-out evaluation after training, the final checkpoint, the report."""
+        cfg, info = self.cfg, self.info
+        whole = self.run.whole_model()
+        after = self.evaluate(whole)
+        path = self.save(done, whole)
+        if done < cfg.steps and info.is_main:
+            print(f"grpo: stopped after {done} of {cfg.steps} steps: the {cfg.time_budget:g}-minute budget was spent")
+        report = {"task": cfg.task, "difficulty": cfg.difficulty, "steps": done, "planned_steps": cfg.steps,
+                  "time_budget": cfg.time_budget, "before": self.before, "after": after,
+                  "improved_beyond_ci": after["accuracy"] > self.before["ci95"][1], "checkpoint": str(path),
+                  **self.meter.summary(), "device": self.run.device_name, "device_count": info.world_size}
+        return self.run.finish(report)

@@ -10,7 +10,7 @@ validations the run will do are subtracted from the budget:
 The time the run spent before the sizing (from the ``train`` command's start: imports, loading
 data, building the model, the timings themselves) is taken off the budget first, and
 :data:`TAIL_S` is kept back for the end. At the end of warmup the horizon is re-sized once from the
-real steps' time (the trainer's ``_resize_to_budget``). Checkpoints and samples during the run are
+real steps' time (:func:`resize_to_budget`). Checkpoints and samples during the run are
 not counted (a few seconds each at the sizes this fits).
 
 Short budgets get their own defaults (:func:`short_budget_defaults`): what a few minutes of a CPU
@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 
 import torch
 
 from gasungbi.config import ModelConfig
+from gasungbi.train import distributed as dist
 
 
 def measure_seconds(tc, model_config: ModelConfig, device: torch.device, steps: int = 3,
@@ -109,3 +111,54 @@ def short_budget_defaults(tc, defaults) -> tuple[object, dict]:
         return tc, {}
     changed = {k: v for k, v in SHORT_BUDGET.items() if getattr(tc, k) == getattr(defaults, k) != v}
     return dataclasses.replace(tc, **changed), changed
+
+
+def size_to_budget(tc, cfg: ModelConfig, info, amp, state: dict | None,
+                    spent: float = 0.0):
+    """``tc`` with max_steps sized to ``tc.time_budget`` minutes less the ``spent`` seconds of setup
+    and the sizing's own timings (the warmup capped at a fifth of the steps), and the sizing's
+    record; a resumed run keeps the steps it was sized to."""
+    if state is not None:
+        sized = json.loads(state["train_config"])
+        return (dataclasses.replace(tc, max_steps=sized["max_steps"], warmup_steps=sized["warmup_steps"]),
+                {**(state.get("time_budget") or {}), "resumed": True})
+    t0 = time.perf_counter()
+    if info.is_main:  # the plot's import (~1 s) is paid now, inside the measured setup
+        from gasungbi.eval.plots import preload
+        preload()
+    step_s, eval_s = measure_seconds(tc, cfg, info.device, amp=amp, batch_size=tc.batch_size // info.world_size)
+    if info.enabled:  # every rank must run the same number of steps: the mean of their timings
+        t = dist.all_reduce_sum(torch.tensor([step_s, eval_s], device=info.device)) / info.world_size
+        step_s, eval_s = t.tolist()
+    spent += time.perf_counter() - t0
+    seconds = tc.time_budget * 60 - spent - TAIL_S
+    steps = steps_for_budget(seconds, step_s, eval_s, tc.eval_interval, tc.eval_batches)
+    warmup = min(tc.warmup_steps, max(1, steps // 5))
+    evals = (steps // tc.eval_interval if tc.eval_interval else 0) + 1
+    record = {"minutes": tc.time_budget, "setup_s": spent, "tail_s": TAIL_S, "step_s": step_s, "eval_batch_s": eval_s,
+              "max_steps": steps, "warmup_steps": warmup,
+              "validation_s_estimate": round(evals * tc.eval_batches * eval_s, 2)}
+    if info.is_main:
+        print(f"time budget {tc.time_budget:g} min: {spent:.1f} s of setup, measured {step_s:.3f} s/step and "
+              f"{eval_s:.3f} s per validation batch: {steps} steps ({record['validation_s_estimate']:.0f} s of "
+              f"it validation), warmup {warmup}")
+    return dataclasses.replace(tc, max_steps=steps, warmup_steps=warmup), record
+
+
+def resize_to_budget(tc, budget: dict, step_s: float, step: int, spent: float, info) -> tuple[object, int]:
+    """Once, at the end of warmup: the horizon re-sized from the real steps' time (``step_s``, the
+    mean after the first step; the ranks' mean under torchrun), since a step timed on random tokens
+    before training misses the data, logging and balancing updates, and a machine that slows under
+    load. At the end of warmup the learning rate is the peak for any
+    horizon, so the schedule stays continuous. Recorded in ``budget["resized"]``; a resumed run keeps
+    its sizing."""
+    if info.enabled:
+        step_s = dist.all_reduce_sum(torch.tensor([step_s], device=info.device)).item() / info.world_size
+    total = step + steps_for_budget(tc.time_budget * 60 - spent - TAIL_S, step_s, budget["eval_batch_s"], tc.eval_interval,
+                                    tc.eval_batches)
+    budget["resized"] = {"at_step": step, "step_s": step_s, "max_steps": total}
+    if info.is_main:
+        print(f"\ntime budget: the first {step} steps ran at {step_s:.3f} s/step (measured before: "
+              f"{budget['step_s']:.3f}): {total} steps instead of {tc.max_steps}")
+    tc = dataclasses.replace(tc, max_steps=total)
+    return tc, min(total, tc.stop_after or total)

@@ -1,4 +1,8 @@
-"""Pretraining loop: one function, :func:`train`, read top to bottom.
+"""The training loop of pretraining and SFT: :func:`train` runs a :class:`Trainer`.
+
+The loop's data is pluggable (``data``): token shards for pretraining (:class:`TokenData`), chats
+for SFT (:class:`gasungbi.post.sft.SFTData`). What every run does around its steps (claim the
+directory, resume, lay the model out, meter, log, save) is :class:`gasungbi.train.run.Run`'s.
 
 Per optimizer step: ``grad_accum`` micro-batches of next-token + MTP (+ optional balance) loss,
 gradient clipping, the optimizer step(s) at the scheduled learning rate, then the
@@ -7,8 +11,8 @@ text, checkpoints. SIGINT/SIGTERM finish the current step, save a checkpoint and
 ``resume=True`` continues from the newest checkpoint and reproduces the uninterrupted run exactly
 on CPU (same weights, bit for bit).
 
-Precision (``precision``): ``auto`` is fp32 on CPU (bf16 autocast is ~14x slower without
-AVX512-BF16) and bf16 autocast with fp32 master weights on CUDA; ``fp32`` and ``bf16`` force one;
+Precision (``precision``): ``auto`` is fp32 on CPU (bf16 autocast is slow on CPUs without
+AVX512-BF16 or AMX) and bf16 autocast with fp32 master weights on CUDA; ``fp32`` and ``bf16`` force one;
 ``fp8`` swaps in DeepSeek-V3's block-scaled FP8 GEMMs (:mod:`gasungbi.train.fp8`) after the model is
 built and before the optimizer, with the rest as ``auto``. ``adam_moments=bf16`` keeps AdamW's
 moments in BF16 (V3 Sec. 3.3.3).
@@ -19,37 +23,31 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import random
-import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
-from gasungbi.config import ModelConfig, get_preset, read_config, to_hf_config
+from gasungbi.config import ModelConfig, get_preset, to_hf_config
 from gasungbi.data.shards import TokenLoader, load_manifest
-from gasungbi.eval.perplexity import evaluate, evaluate_batches
+from gasungbi.eval.perplexity import evaluate
 from gasungbi.model.accounting import count_params, training_flops_per_token
 from gasungbi.model.transformer import Transformer, build_model
-from gasungbi.train import checkpoint as ckpt
 from gasungbi.train import distributed as dist
-from gasungbi.train import sharded
-from gasungbi.train.expert_parallel import gathered_model
-from gasungbi.train.meter import CostMeter, device_peak
+from gasungbi.train.meter import device_peak
 from gasungbi.train.objective import Objective, update_expert_bias
 from gasungbi.train.optim import build_optimizers, lr_multiplier
+from gasungbi.train.run import Run, StopFlag
 
 
 @dataclass
 class TrainConfig:
-    """Everything a pretraining run needs. CLI flags and ``--config FILE`` map onto these fields."""
+    """Everything a pretraining or SFT run needs. CLI flags and ``--config FILE`` map onto these fields."""
 
-    data: str = ""  # pretrain: shard directory made by `gasungbi prepare`; sft: a JSONL of conversations
+    data: str = ""  # pretraining: a shard directory made by `gasungbi prepare`; sft: a JSONL of conversations
     out_dir: str = "runs/train"  # run directory: checkpoints, metrics.jsonl, loss.png, report.json
-    task: Literal["pretrain", "sft"] = "pretrain"  # sft: loss on the assistant tokens of chat conversations
     init_from: str | None = None  # a Hugging Face checkpoint to start from (with its tokenizer)
     model: str = "cpu-tiny"  # model preset (see `gasungbi params`), when not init_from; vocab_size follows the tokenizer
     model_overrides: dict[str, Any] = field(default_factory=dict)  # model config fields to change (CLI: --set)
@@ -127,354 +125,250 @@ class TrainConfig:
             bad(f"expert_parallel must be >= 1, got {self.expert_parallel}")
         if self.expert_parallel > 1 and (self.precision == "fp8" or self.compile):
             bad("expert_parallel > 1 works without --precision fp8 and --compile (for now)")
-        if self.task not in ("pretrain", "sft"):
-            bad(f"task={self.task!r}; choose pretrain or sft")
         if not self.data:
             bad("data (a shard directory made by `gasungbi prepare`, or a JSONL for sft) is required")
         if self.resume and self.overwrite:
             bad("resume continues the run in out_dir and overwrite replaces it: choose one")
-        if self.task == "sft" and not self.init_from:
-            bad("sft needs init_from, the checkpoint to fine-tune (it also provides the tokenizer)")
-
-    @property
-    def tokenizer_dir(self) -> str:
-        return self.init_from if self.task == "sft" else self.data
 
 
-class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between steps."""
-
-    def __init__(self):
-        self.signal: int | None = None
-
-    @contextlib.contextmanager
-    def installed(self):
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum, frame):
-            if self.signal is not None:  # a second Ctrl-C: give up immediately
-                signal.signal(signum, old[signum])
-                raise KeyboardInterrupt
-            self.signal = signum
-
-        try:
-            for s in old:
-                signal.signal(s, handler)
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-
-def train(tc: TrainConfig, started: float | None = None) -> dict[str, Any]:
-    """Run (or resume) pretraining; returns the final report (also written to out_dir/report.json).
-    ``started``: the ``time.perf_counter()`` a time budget counts from (the command's start; default
-    this call)."""
-    tc.validate()
-    info = dist.setup(tc.device)
-    try:
-        return _train(tc, info, started if started is not None else time.perf_counter())
-    finally:
-        dist.teardown()
-
-
-class _Data:
-    """The training batches and validation of a task: token shards (pretrain) or chats (sft)."""
+class TokenData:
+    """Pretraining's data: batches from the token shards of ``gasungbi prepare``, validation on
+    their held-out split (loss and bits per byte)."""
 
     def __init__(self, tc: TrainConfig, rank: int, world: int):
         self.tc, self.rank, self.world = tc, rank, world
-        if tc.task == "sft":
-            from gasungbi.data.conventions import Conventions
-            from gasungbi.data.sft import SFTLoader, read_conversations
-            tok = Conventions.load(tc.init_from)  # the checkpoint's own chat template
-            convs = read_conversations(tc.data)
-            self.vocab_size = tok.tokenizer.get_vocab_size()
-            self.train = SFTLoader(tc.data, tok, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
-                                   rank=rank, world_size=world, conversations=convs)
-            self.val = SFTLoader(tc.data, tok, "val", max(1, tc.batch_size // world), tc.seq_len, seed=tc.seed,
-                                 rank=rank, world_size=world, conversations=convs)
-        else:
-            self.vocab_size = load_manifest(tc.data).vocab_size
-            self.train = TokenLoader(tc.data, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
-                                     rank=rank, world_size=world)
+        self.vocab_size = load_manifest(tc.data).vocab_size
+        self.tokenizer_dir = tc.data
+        self.train = TokenLoader(tc.data, "train", tc.batch_size // world, tc.seq_len, seed=tc.seed,
+                                 rank=rank, world_size=world)
 
     def evaluate(self, objective, amp, alone: bool = False) -> dict:
         """Validation on every rank's share, or (``alone``) all of it by this process."""
         rank, world, reduce = (0, 1, None) if alone else (self.rank, self.world, dist.all_reduce_sum)
-        if self.tc.task == "sft":
-            saved = self.val.rank, self.val.world_size
-            self.val.rank, self.val.world_size = rank, world
-            batches = list(self.val.eval_batches(self.tc.eval_batches))
-            self.val.rank, self.val.world_size = saved
-            return evaluate_batches(objective, batches, amp, all_reduce_sum=reduce)
         return evaluate(objective, self.tc.data, "val", batch_size=max(1, self.tc.batch_size // self.world),
                         seq_len=self.tc.seq_len, max_batches=self.tc.eval_batches, rank=rank,
                         world_size=world, amp=amp, all_reduce_sum=reduce)
 
 
-def _train(tc: TrainConfig, info: dist.DistInfo, started: float) -> dict[str, Any]:
-    out = Path(tc.out_dir)
-    ckpt.claim_run_dir(out, tc.resume, tc.overwrite, remove=info.is_main)
-    world = info.world_size
-    if tc.batch_size % world:
-        raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {world} processes")
-    cuda = info.device.type == "cuda"
-    bf16 = tc.precision == "bf16" or (tc.precision in ("auto", "fp8") and cuda)
-    amp = torch.autocast(info.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+MakeData = Callable[[TrainConfig, int, int], Any]
+"""``(config, rank, world) ->`` a data object: ``vocab_size``, ``tokenizer_dir``, ``train`` (a loader
+with ``next_batch``, ``state_dict``, ``load_state_dict``) and ``evaluate(objective, amp, alone)``."""
 
-    # --- model, optimizer, data, possibly resumed ----------------------------------------------
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    start_step, state = 0, None
-    data = _Data(tc, info.rank, world)
-    resume_from = ckpt.latest_checkpoint(out) if tc.resume else None
-    sharded_from = resume_from is not None and sharded.is_sharded(resume_from)
-    if sharded_from:  # the weights are read into the model once it is laid out (below)
-        state = ckpt.load_training_state(resume_from)
-        cfg = read_config(resume_from)
-        model = build_model(cfg, device=info.device, seed=tc.seed)
-        start_step = state["step"]
-    elif resume_from is not None:
-        model, state = ckpt.load_checkpoint(resume_from, device=info.device)
-        cfg = model.config
-        start_step = state["step"]
-    elif tc.init_from:
-        from gasungbi.interop.hf import load_model
-        model = load_model(tc.init_from, device=info.device, dtype=torch.float32)
-        cfg = model.config
-    else:
-        cfg = tc.model_config(data.vocab_size)
-        model = build_model(cfg, device=info.device, seed=tc.seed)
-    if tc.precision == "fp8":
-        from gasungbi.train.fp8 import apply_fp8
-        apply_fp8(model)
-    model.train()
-    objective = Objective(model, tc.mtp_weight, tc.balance_alpha)
-    mesh = None  # the (dp, ep) mesh of expert parallelism
-    if tc.expert_parallel > 1:
-        from gasungbi.train import expert_parallel as ep
-        mesh = ep.ep_mesh(world, tc.expert_parallel, info.device.type)
-        ep.apply_expert_parallel(model, mesh)
-    wrapped = dist.wrap(objective, info, tc.parallel, ignore=ep.expert_param_names(objective) if mesh is not None else ())
-    if tc.compile:
-        wrapped = torch.compile(wrapped)
-    optimizers = build_optimizers(model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.muon_lr,
-                                  moments=tc.adam_moments)
-    loader = data.train
-    if state is not None:
-        sharded.load_run_checkpoint(resume_from, objective, optimizers, mesh, state)
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
 
-    budget: dict | None = None
-    if tc.time_budget is not None:
-        tc, budget = _size_to_budget(tc, cfg, info, amp, state, time.perf_counter() - started)
+def train(tc: TrainConfig, started: float | None = None, data: MakeData = TokenData) -> dict[str, Any]:
+    """Run (or resume) a training run on ``data`` (default: pretraining on token shards); returns
+    the final report (also written to out_dir/report.json). ``started``: the
+    ``time.perf_counter()`` a time budget counts from (the command's start; default this call)."""
+    tc.validate()
+    info = dist.setup(tc.device)
+    try:
+        return Trainer(tc, info, started if started is not None else time.perf_counter(), data).fit()
+    finally:
+        dist.teardown()
 
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
-    peak_dtype = torch.float8_e4m3fn if tc.precision == "fp8" and cuda else torch.bfloat16 if bf16 else torch.float32
-    peak, catalog_price, device_name = device_peak(info.device, peak_dtype)
-    meter = CostMeter(training_flops_per_token(cfg, tc.seq_len), peak,
-                      tc.price_per_hour if tc.price_per_hour is not None else (catalog_price or 0.0), world,
-                      elapsed_before=state["meter"]["elapsed"] if state else 0.0,
-                      tokens_before=state["meter"]["tokens"] if state else 0)
-    history: list[dict] = state["history"] if state else []
-    if tc.resume and info.is_main:  # rows logged after the checkpoint (before a kill) are logged again
-        ckpt.truncate_metrics(out / "metrics.jsonl", start_step)
-    log = _Logger(out, tc, info.is_main)
-    if info.is_main:
-        pc = count_params(cfg)
-        log.write_text("config.json", json.dumps({"train": dataclasses.asdict(tc), "model": dataclasses.asdict(cfg),
-                                                  "params_total": pc.total_with_mtp,
-                                                  "params_activated": pc.activated}, indent=2))
-        print(f"model {tc.init_from or tc.model}: {pc.total_with_mtp / 1e6:.2f}M parameters ({pc.activated / 1e6:.2f}M activated), "
-              f"{tokens_per_step:,} tokens/step, device {device_name} x{world}, "
-              f"peak {peak / 1e9:.1f} GFLOP/s" + (f", resuming from {resume_from}" if resume_from else ""))
 
-    def gather():
-        """A plain CPU copy of the model on rank 0 (collective: every rank must call it)."""
-        return gathered_model(objective, cfg, mesh, info.is_main)
+class Trainer:
+    """One training run: the model, its objective and optimizers on a :class:`Run`, and the loop."""
 
-    def save(step: int, hf_model: Transformer | None = None) -> Path | None:
-        """One process: the Hugging Face layout plus the full training state. Under torchrun: sharded
-        (every rank writes its part), plus the Hugging Face layout of ``hf_model`` (the final one)."""
-        training_state = {"step": step, "loader": loader.state_dict(),
-                          "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                          "meter": {"elapsed": meter.elapsed, "tokens": meter.tokens}, "time_budget": budget,
-                          "history": history, "train_config": json.dumps(dataclasses.asdict(tc))}
-        return sharded.save_run_checkpoint(out, step, objective, optimizers, mesh, training_state, info,
-                                           tc.tokenizer_dir, tc.keep_checkpoints, hf_model)
+    def __init__(self, tc: TrainConfig, info: dist.DistInfo, started: float, make_data: MakeData):
+        if tc.batch_size % info.world_size:
+            raise ValueError(f"batch_size={tc.batch_size} must be divisible by the {info.world_size} processes")
+        self.info, self.started = info, started
+        self.cuda = info.device.type == "cuda"
+        self.bf16 = tc.precision == "bf16" or (tc.precision in ("auto", "fp8") and self.cuda)
+        self.amp = torch.autocast(info.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        self.data = make_data(tc, info.rank, info.world_size)  # bad data fails before the directory is claimed
+        self.run = Run(tc.out_dir, info, resume=tc.resume, overwrite=tc.overwrite, tokenizer=self.data.tokenizer_dir,
+                       keep=tc.keep_checkpoints, progress=tc.progress, tensorboard=tc.tensorboard)
+        self.model = self.run.model(lambda: self._build(tc))
+        self.cfg: ModelConfig = self.model.config
+        if tc.precision == "fp8":
+            from gasungbi.train.fp8 import apply_fp8
+            apply_fp8(self.model)
+        self.model.train()
+        self.objective = Objective(self.model, tc.mtp_weight, tc.balance_alpha)
+        wrapped = self.run.layout(self.objective, tc.expert_parallel, tc.parallel)
+        self.wrapped = torch.compile(wrapped) if tc.compile else wrapped
+        self.optimizers = build_optimizers(self.model, tc.optimizer, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2),
+                                           tc.muon_lr, moments=tc.adam_moments)
+        self.run.restore(self.optimizers)
+        if self.run.state is not None:
+            self.data.train.load_state_dict(self.run.state["loader"])
+        self.budget: dict | None = None
+        if tc.time_budget is not None:
+            from gasungbi.train.budget import size_to_budget
+            tc, self.budget = size_to_budget(tc, self.cfg, info, self.amp, self.run.state,
+                                             time.perf_counter() - started)
+        self.tc = tc
+        self.tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
+        peak_dtype = torch.float8_e4m3fn if tc.precision == "fp8" and self.cuda else (
+            torch.bfloat16 if self.bf16 else torch.float32)
+        self.meter = self.run.start_meter(training_flops_per_token(self.cfg, tc.seq_len), peak_dtype, tc.price_per_hour)
+        self.load_stats: dict = {}
+        self.last_val: dict = next((h for h in reversed(self.run.history) if "val_loss" in h), {})
+        self._announce(tc.init_from or tc.model)
 
-    def validate(step: int) -> dict:
-        if mesh is None:
-            res = data.evaluate(wrapped, amp)
-        else:  # ranks may hold unequal shares of the validation set: rank 0 evaluates all of it
-            cpu_model = gather()
-            res = [data.evaluate(Objective(cpu_model.to(info.device)), amp, alone=True) if info.is_main else None]
+    def _build(self, tc: TrainConfig) -> Transformer:
+        if tc.init_from:
+            from gasungbi.interop.hf import load_model
+            return load_model(tc.init_from, device=self.info.device, dtype=torch.float32)
+        return build_model(tc.model_config(self.data.vocab_size), device=self.info.device, seed=tc.seed)
+
+    def _announce(self, name: str) -> None:
+        """The run's config.json, and one line about the model and the device."""
+        if not self.info.is_main:
+            return
+        tc, pc = self.tc, count_params(self.cfg)
+        self.run.write_text("config.json", json.dumps({"train": dataclasses.asdict(tc), "model": dataclasses.asdict(self.cfg),
+                                                       "params_total": pc.total_with_mtp,
+                                                       "params_activated": pc.activated}, indent=2))
+        resuming = f", resuming from {self.run.resume_from}" if self.run.resume_from else ""
+        print(f"model {name}: {pc.total_with_mtp / 1e6:.2f}M parameters ({pc.activated / 1e6:.2f}M activated), "
+              f"{self.tokens_per_step:,} tokens/step, device {self.run.device_name} x{self.info.world_size}, "
+              f"peak {self.meter.peak_flops / 1e9:.1f} GFLOP/s{resuming}")
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``max_steps`` (or ``stop_after``, a signal, or the time budget); the report."""
+        tc, run = self.tc, self.run
+        end_step = min(tc.max_steps, tc.stop_after or tc.max_steps)
+        stop = StopFlag()
+        bar = run.progress(end_step)
+        step, first_step_done = run.start_step, 0.0
+        with stop.installed():
+            while step < end_step and stop.signal is None:
+                figures = self.step(step)
+                step += 1
+                self.meter.update(self.tokens_per_step)
+                if step == run.start_step + 1:
+                    first_step_done = self.meter.elapsed
+                if self.budget is not None and step == max(tc.warmup_steps, run.start_step + 3) \
+                        and "resized" not in self.budget and not self.budget.get("resumed"):
+                    from gasungbi.train.budget import resize_to_budget
+                    step_s = (self.meter.elapsed - first_step_done) / (step - run.start_step - 1)
+                    tc, end_step = resize_to_budget(tc, self.budget, step_s, step,
+                                                    time.perf_counter() - self.started, self.info)
+                    self.tc = tc
+                    bar.total = end_step
+                self.after_step(step, end_step, figures)
+                bar.update(1)
+                bar.set_postfix_str(f"loss {figures['lm_loss']:.3f} | {self.meter.tokens_per_s:,.0f} tok/s | "
+                                    f"MFU {self.meter.mfu:.1%} | ${self.meter.dollars:.4f}" + _val_text(self.last_val))
+        bar.close()
+        return self.finish(step, stop.signal)
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimizer step (``grad_accum`` micro-batches) at the scheduled learning rate, then the
+        expert-bias update; the step's mean losses and gradient norm (one host sync per step)."""
+        tc = self.tc
+        mult = lr_multiplier(step, tc.max_steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_frac)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * mult
+        sums: dict[str, torch.Tensor] = {}
+        expert_counts = None  # (n_moe_layers, E) tokens per expert over the step's micro-batches
+        for micro in range(tc.grad_accum):
+            x, y = self.data.train.next_batch()
+            x, y = x.to(self.info.device, non_blocking=True), y.to(self.info.device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if micro < tc.grad_accum - 1 and hasattr(self.wrapped, "no_sync"):
+                sync = self.wrapped.no_sync()
+            with sync, self.amp:
+                losses = self.wrapped(x, y)
+                (losses["loss"] / tc.grad_accum).backward()
+            counts = losses.pop("expert_counts", None)
+            if counts is not None:
+                expert_counts = counts if expert_counts is None else expert_counts + counts
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / tc.grad_accum
+        grad_norm = self.run.clip(tc.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if expert_counts is not None:
+            self.load_stats = update_expert_bias(self.model, expert_counts, tc.bias_update_speed,
+                                                 dist.all_reduce_sum if self.info.enabled else None)
+        if self.info.enabled:  # the global mean loss
+            both = dist.all_reduce_sum(torch.stack([sums["loss"], sums["lm_loss"]])) / self.info.world_size
+            sums["loss"], sums["lm_loss"] = both[0], both[1]
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        names = list(sums)
+        values = torch.stack([sums[k] for k in names] + [grad_norm.detach().float().to(self.info.device)]).tolist()
+        return {**dict(zip(names, values[:-1])), "grad_norm": values[-1]}
+
+    def after_step(self, step: int, end_step: int, figures: dict[str, float]) -> None:
+        """The intervals: a metrics row, a validation, a sample, a checkpoint."""
+        tc, meter = self.tc, self.meter
+        if step % tc.log_interval == 0 or step == end_step:
+            self.run.log({"step": step, "lr": self.optimizers[0].param_groups[0]["lr"], **figures,
+                          "tokens": meter.tokens, "tokens_per_s": round(meter.tokens_per_s, 1),
+                          "mfu": round(meter.mfu, 5), "dollars": round(meter.dollars, 6),
+                          "elapsed_s": round(meter.elapsed, 2),
+                          **{k: v for k, v in self.load_stats.items() if k != "load"}})
+        if tc.eval_interval and step % tc.eval_interval == 0 and step < end_step:
+            self.last_val = self.validate(step)
+        if tc.sample_interval and step % tc.sample_interval == 0:
+            sampler = self.run.whole_model()
+            if self.info.is_main:
+                self._write_sample(step, _sample(sampler, tc, self.data.tokenizer_dir))
+        if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < end_step:
+            self.save(step)
+
+    def validate(self, step: int) -> dict:
+        """Validation loss (and bits per byte), logged; under expert parallelism rank 0 evaluates
+        all of it on the gathered model (ranks may hold unequal shares of the validation set)."""
+        if self.run.mesh is None:
+            res = self.data.evaluate(self.wrapped, self.amp)
+        else:
+            whole = self.run.whole_model()
+            res = [self.data.evaluate(Objective(whole.to(self.info.device)), self.amp, alone=True)
+                   if self.info.is_main else None]
             torch.distributed.broadcast_object_list(res, src=0)
             res = res[0]
-        row = {"step": step, "tokens": meter.tokens, "val_loss": res["loss"], "val_bpb": res.get("bpb")}
-        history.append(row)
-        log.metrics(row)
+        row = {"step": step, "tokens": self.meter.tokens, "val_loss": res["loss"], "val_bpb": res.get("bpb")}
+        self.run.log(row)
         return row
 
-    # --- the loop -----------------------------------------------------------------------------
-    end_step = min(tc.max_steps, tc.stop_after or tc.max_steps)
-    stop = _StopFlag()
-    bar = log.progress(start_step, end_step)
-    last_val: dict = next((h for h in reversed(history) if "val_loss" in h), {})
-    load_stats: dict = {}
-    step, first_step_done = start_step, 0.0
-    with stop.installed():
-        while step < end_step and stop.signal is None:
-            mult = lr_multiplier(step, tc.max_steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_frac)
-            for opt in optimizers:
-                for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] * mult
-            sums: dict[str, float] = {}
-            expert_counts = None  # (n_moe_layers, E) tokens per expert over the step's micro-batches
-            for micro in range(tc.grad_accum):
-                x, y = loader.next_batch()
-                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-                sync = contextlib.nullcontext()
-                if micro < tc.grad_accum - 1 and hasattr(wrapped, "no_sync"):
-                    sync = wrapped.no_sync()
-                with sync, amp:
-                    losses = wrapped(x, y)
-                    (losses["loss"] / tc.grad_accum).backward()
-                counts = losses.pop("expert_counts", None)
-                if counts is not None:
-                    expert_counts = counts if expert_counts is None else expert_counts + counts
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / tc.grad_accum
-            if mesh is None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            else:
-                ep.reduce_expert_grads(model, mesh)
-                grad_norm = ep.clip_grad_norm(model, tc.grad_clip, mesh)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if expert_counts is not None:
-                load_stats = update_expert_bias(model, expert_counts, tc.bias_update_speed,
-                                                dist.all_reduce_sum if info.enabled else None)
-            step += 1
-            if info.enabled:  # report the global mean loss
-                t = torch.tensor([sums["loss"], sums["lm_loss"]], device=info.device)
-                dist.all_reduce_sum(t)
-                sums["loss"], sums["lm_loss"] = (t / world).tolist()
-            meter.update(tokens_per_step)
-            if step == start_step + 1:
-                first_step_done = meter.elapsed
-            if budget is not None and step == max(tc.warmup_steps, start_step + 3) and "resized" not in budget \
-                    and not budget.get("resumed"):
-                tc, end_step = _resize_to_budget(tc, budget, (meter.elapsed - first_step_done) / (step - start_step - 1),
-                                                 step, time.perf_counter() - started, info)
-                bar.total = end_step
-            if step % tc.log_interval == 0 or step == end_step:
-                row = {"step": step, "lr": optimizers[0].param_groups[0]["lr"], **sums,
-                       "grad_norm": float(grad_norm), "tokens": meter.tokens,
-                       "tokens_per_s": round(meter.tokens_per_s, 1), "mfu": round(meter.mfu, 5),
-                       "dollars": round(meter.dollars, 6), "elapsed_s": round(meter.elapsed, 2),
-                       **{k: v for k, v in load_stats.items() if k != "load"}}
-                history.append(row)
-                log.metrics(row)
-            if tc.eval_interval and step % tc.eval_interval == 0 and step < end_step:
-                last_val = validate(step)
-            if tc.sample_interval and step % tc.sample_interval == 0:
-                sampler = gather() if (tc.parallel == "fsdp" or mesh is not None) and info.enabled else model
-                if info.is_main:
-                    log.sample(step, _sample(sampler, tc))
-            if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < end_step:
-                save(step)
-            bar.update(1)
-            bar.set_postfix_str(f"loss {sums['lm_loss']:.3f} | {meter.tokens_per_s:,.0f} tok/s | "
-                                f"MFU {meter.mfu:.1%} | ${meter.dollars:.4f}" +
-                                _val_text(last_val))
-    bar.close()
-    interrupted = stop.signal is not None
-    if not cuda and budget is None:  # a CPU peak measured while something else ran is too low: keep the better of two
-        meter.peak_flops = max(meter.peak_flops, device_peak(info.device, torch.float32)[0])
-    if not interrupted and step == tc.max_steps and not any(h["step"] == step and "val_loss" in h for h in history):
-        last_val = validate(step)  # (a rerun of a finished run has it already)
-    final_model = gather() if info.enabled else None  # the final checkpoint has the HF layout
-    path = save(step, final_model)
-    report = {"step": step, "max_steps": tc.max_steps, "interrupted": interrupted, "checkpoint": str(path),
-              "preset": tc.model, "model": to_hf_config(cfg),
-              "device": device_name, "device_count": world, **meter.summary(),
-              "final_train_loss": next((h["lm_loss"] for h in reversed(history) if "lm_loss" in h), None),
-              "val_loss": last_val.get("val_loss"), "val_bpb": last_val.get("val_bpb"),
-              "expert_load": load_stats.get("load", []), "max_violation": load_stats.get("max_violation")}
-    if budget is not None:
-        report["time_budget"] = budget
-    sampler = final_model if (tc.parallel == "fsdp" or mesh is not None) and info.enabled else model
-    if info.is_main:
-        report["sample"] = _sample(sampler, tc)
-        log.sample(step, report["sample"])
-        log.write_text("report.json", json.dumps(report, indent=2))
-        log.plot(history)
-        if interrupted:
-            print(f"\ninterrupted by signal {stop.signal} at step {step}; checkpoint saved to {path}. "
-                  f"Resume with the same command plus --resume.")
-    log.close()
-    dist.barrier()  # every rank leaves together: a rank tearing down early aborts the others
-    return report
+    def save(self, step: int, whole: Transformer | None = None):
+        state = {"loader": self.data.train.state_dict(), "time_budget": self.budget,
+                 "train_config": json.dumps(dataclasses.asdict(self.tc))}
+        return self.run.save(step, state, whole)
 
+    def _write_sample(self, step: int, text: str) -> None:
+        with open(self.run.out / "samples.txt", "a") as f:
+            f.write(f"--- step {step} ---\n{text}\n")
 
-def _size_to_budget(tc: TrainConfig, cfg: ModelConfig, info: dist.DistInfo, amp, state: dict | None,
-                    spent: float = 0.0):
-    """``tc`` with max_steps sized to ``tc.time_budget`` minutes less the ``spent`` seconds of setup
-    and the sizing's own timings (the warmup capped at a fifth of the steps), and the sizing's
-    record; a resumed run keeps the steps it was sized to."""
-    from gasungbi.train.budget import TAIL_S, measure_seconds, steps_for_budget
-
-    if state is not None:
-        sized = json.loads(state["train_config"])
-        return (dataclasses.replace(tc, max_steps=sized["max_steps"], warmup_steps=sized["warmup_steps"]),
-                {**(state.get("time_budget") or {}), "resumed": True})
-    t0 = time.perf_counter()
-    if info.is_main:  # the plot's import (~1 s) is paid now, inside the measured setup
-        from gasungbi.eval.plots import preload
-        preload()
-    step_s, eval_s = measure_seconds(tc, cfg, info.device, amp=amp, batch_size=tc.batch_size // info.world_size)
-    if info.enabled:  # every rank must run the same number of steps: the mean of their timings
-        t = dist.all_reduce_sum(torch.tensor([step_s, eval_s], device=info.device)) / info.world_size
-        step_s, eval_s = t.tolist()
-    spent += time.perf_counter() - t0
-    seconds = tc.time_budget * 60 - spent - TAIL_S
-    steps = steps_for_budget(seconds, step_s, eval_s, tc.eval_interval, tc.eval_batches)
-    warmup = min(tc.warmup_steps, max(1, steps // 5))
-    evals = (steps // tc.eval_interval if tc.eval_interval else 0) + 1
-    record = {"minutes": tc.time_budget, "setup_s": spent, "tail_s": TAIL_S, "step_s": step_s, "eval_batch_s": eval_s,
-              "max_steps": steps, "warmup_steps": warmup,
-              "validation_s_estimate": round(evals * tc.eval_batches * eval_s, 2)}
-    if info.is_main:
-        print(f"time budget {tc.time_budget:g} min: {spent:.1f} s of setup, measured {step_s:.3f} s/step and "
-              f"{eval_s:.3f} s per validation batch: {steps} steps ({record['validation_s_estimate']:.0f} s of "
-              f"it validation), warmup {warmup}")
-    return dataclasses.replace(tc, max_steps=steps, warmup_steps=warmup), record
-
-
-def _resize_to_budget(tc: TrainConfig, budget: dict, step_s: float, step: int, spent: float,
-                      info: dist.DistInfo) -> tuple[TrainConfig, int]:
-    """Once, at the end of warmup: the horizon re-sized from the real steps' time (``step_s``, the
-    mean after the first step; the ranks' mean under torchrun), since a step timed on random tokens
-    before training can be off by 20-40% on a shared CPU (the data, logging, balancing updates, and a
-    machine that slows under load). At the end of warmup the learning rate is the peak for any
-    horizon, so the schedule stays continuous. Recorded in ``budget["resized"]``; a resumed run keeps
-    its sizing."""
-    from gasungbi.train.budget import TAIL_S, steps_for_budget
-
-    if info.enabled:
-        step_s = dist.all_reduce_sum(torch.tensor([step_s], device=info.device)).item() / info.world_size
-    total = step + steps_for_budget(tc.time_budget * 60 - spent - TAIL_S, step_s, budget["eval_batch_s"], tc.eval_interval,
-                                    tc.eval_batches)
-    budget["resized"] = {"at_step": step, "step_s": step_s, "max_steps": total}
-    if info.is_main:
-        print(f"\ntime budget: the first {step} steps ran at {step_s:.3f} s/step (measured before: "
-              f"{budget['step_s']:.3f}): {total} steps instead of {tc.max_steps}")
-    tc = dataclasses.replace(tc, max_steps=total)
-    return tc, min(total, tc.stop_after or total)
+    def finish(self, step: int, signum: int | None) -> dict[str, Any]:
+        """The last validation, the final checkpoint (Hugging Face layout), the sample, the report."""
+        tc, run, info = self.tc, self.run, self.info
+        if not self.cuda and self.budget is None:  # a CPU peak measured while something else ran is too low
+            self.meter.peak_flops = max(self.meter.peak_flops, device_peak(info.device, torch.float32)[0])
+        if signum is None and step == tc.max_steps and not any(h["step"] == step and "val_loss" in h
+                                                               for h in run.history):
+            self.last_val = self.validate(step)  # (a rerun of a finished run has it already)
+        whole = run.whole_model()
+        path = self.save(step, whole)
+        report = {"step": step, "max_steps": tc.max_steps, "interrupted": signum is not None,
+                  "checkpoint": str(path), "preset": tc.model, "model": to_hf_config(self.cfg),
+                  "device": run.device_name, "device_count": info.world_size, **self.meter.summary(),
+                  "final_train_loss": next((h["lm_loss"] for h in reversed(run.history) if "lm_loss" in h), None),
+                  "val_loss": self.last_val.get("val_loss"), "val_bpb": self.last_val.get("val_bpb"),
+                  "expert_load": self.load_stats.get("load", []), "max_violation": self.load_stats.get("max_violation")}
+        if self.budget is not None:
+            report["time_budget"] = self.budget
+        if info.is_main:
+            report["sample"] = _sample(whole, tc, self.data.tokenizer_dir)
+            self._write_sample(step, report["sample"])
+            from gasungbi.eval.plots import loss_curve
+            loss_curve(run.history, run.out / "loss.png")
+            if signum is not None:
+                print(f"\ninterrupted by signal {signum} at step {step}; checkpoint saved to {path}. "
+                      f"Resume with the same command plus --resume.")
+        return run.finish(report)
 
 
 def _val_text(row: dict) -> str:
@@ -483,13 +377,13 @@ def _val_text(row: dict) -> str:
     return f" | val loss {row['val_loss']:.3f}" if row else ""
 
 
-def _sample(model, tc: TrainConfig) -> str:
+def _sample(model, tc: TrainConfig, tokenizer_dir: str) -> str:
     """Greedy continuation of ``tc.sample_prompt`` with the run's tokenizer (a quick look), on the
     decode engine."""
     from gasungbi.data.tokenizer import load_tokenizer
     from gasungbi.infer.generate import generate
 
-    tok = load_tokenizer(tc.tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     prompt = tok.encode(tc.sample_prompt).ids
     ids = ([model.config.bos_token_id] if model.config.bos_token_id is not None else []) + prompt
     room = model.config.max_position_embeddings - len(ids)
@@ -500,51 +394,3 @@ def _sample(model, tc: TrainConfig) -> str:
     finally:
         model.train(was_training)
     return tok.decode(prompt + out.tokens)  # the prompt and its continuation
-
-
-class _Logger:
-    """metrics.jsonl, a progress bar, samples, TensorBoard (optional) and the loss PNG (rank 0)."""
-
-    def __init__(self, out: Path, tc: TrainConfig, main: bool):
-        self.out, self.main, self.tc = out, main, tc
-        self.tb = None
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            if tc.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-                self.tb = SummaryWriter(str(out / "tb"))
-
-    def write_text(self, name: str, text: str) -> None:
-        if self.main:
-            (self.out / name).write_text(text + "\n")
-
-    def metrics(self, row: dict) -> None:
-        if not self.main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def sample(self, step: int, text: str) -> None:
-        if self.main:
-            with open(self.out / "samples.txt", "a") as f:
-                f.write(f"--- step {step} ---\n{text}\n")
-
-    def progress(self, start: int, end: int):
-        from tqdm import tqdm
-        return tqdm(total=end, initial=start, desc="train", unit="step", disable=not (self.main and self.tc.progress),
-                    dynamic_ncols=True)
-
-    def plot(self, history: list[dict]) -> None:
-        from gasungbi.eval.plots import loss_curve
-        loss_curve(history, self.out / "loss.png")
-
-    def close(self) -> None:
-        if self.tb:
-            self.tb.close()
