@@ -36,8 +36,11 @@ from typing import Any
 
 from gasungbi.config import from_hf_config, get_preset
 from gasungbi.plan.catalog import Catalog, Gpu, Hardware, parse_hardware
-from gasungbi.plan.estimate import (FP8_TRAINING_SPEEDUP, CountModel, Model, Setup, estimate_serve, flops_per_token,
-                                    is_moe, local_decode, quant_bits, read_run)
+from gasungbi.plan.counts import CountModel, Model, flops_per_token, is_moe, quant_bits
+from gasungbi.plan.local import local_decode
+from gasungbi.plan.runs import read_run
+from gasungbi.plan.serving import Setup, estimate_serve
+from gasungbi.plan.training import FP8_TRAINING_SPEEDUP
 
 PUBLISHED = Path(__file__).with_name("published.json")
 CALIBRATION_KINDS = ("train_moe", "train_dense", "decode")

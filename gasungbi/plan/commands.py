@@ -9,7 +9,8 @@
     gasungbi plan backtest                       # the planner against published runs
 
 Every subcommand takes ``--json`` and ``--catalog FILE`` (extra hardware entries). The arithmetic is
-in :mod:`gasungbi.plan.estimate`; this module parses, prints and draws. Importing it is cheap.
+in the modules named by their question (``counts``, ``training``, ``all_to_all``, ``serving``,
+``local``); this module parses, prints and draws. Importing it is cheap.
 """
 
 from __future__ import annotations
@@ -227,18 +228,21 @@ def _mfu_text(est, gpu) -> str:
 
 def _train(args: SimpleNamespace) -> int:
     from gasungbi.model.accounting import count_params
-    from gasungbi.plan import estimate as E
     from gasungbi.plan.catalog import Gpu
+    from gasungbi.plan.counts import CountModel, is_moe, parse_tokens
+    from gasungbi.plan.runs import read_run
+    from gasungbi.plan.training import (CALIBRATED_DENSE_MFU, CALIBRATED_FP8_MFU, CALIBRATED_MFU, DEEPSEEK_V3,
+                                        FP8_TRAINING_SPEEDUP, estimate_train, estimate_train_from_throughput)
 
     catalog = _catalog(args)
     try:
-        tokens = E.parse_tokens(args.tokens)
+        tokens = parse_tokens(args.tokens)
     except ValueError as e:
         raise UserError(f"--tokens: {e}") from None
     seq_len = _check(args.seq_len, "--seq-len", lo=1)
     mfu = _check(args.mfu, "--mfu", lo=1e-6, hi=1.0)
     price = _check(args.price, "--price", lo=0.0)
-    run = E.read_run(args.from_run) if args.from_run else None
+    run = read_run(args.from_run) if args.from_run else None
     counts = args.params is not None or args.active is not None
     if args.model is None and run is None and not counts:
         raise UserError("give --model, --params N [--active N] or --from-run DIR")
@@ -256,8 +260,8 @@ def _train(args: SimpleNamespace) -> int:
     if run and args.hardware is None and custom is None and args.model is None and not counts and mfu is None:
         # The run's own model on the run's own devices: its measured throughput carries over.
         price = price if price is not None else (gpu.price_per_hour if gpu else None)
-        est = E.estimate_train_from_throughput(cfg, tokens, run.tokens_per_s, run.device_count, count,
-                                               gpu.key if gpu else run.device, run.mfu, price, seq_len)
+        est = estimate_train_from_throughput(cfg, tokens, run.tokens_per_s, run.device_count, count,
+                                             gpu.key if gpu else run.device, run.mfu, price, seq_len)
         est.basis = f"measured {run.tokens_per_s:,.1f} tokens/s on {run.device_count}x {run.device} ({run.path})"
     else:
         if gpu is None:
@@ -268,24 +272,24 @@ def _train(args: SimpleNamespace) -> int:
                 raise UserError(f"{run.path}: mfu is {run.mfu}; pass --mfu")
             mfu = run.mfu
         try:
-            est = E.estimate_train(cfg, tokens, gpu, count, mfu, price, seq_len, precision=args.precision)
+            est = estimate_train(cfg, tokens, gpu, count, mfu, price, seq_len, precision=args.precision)
         except ValueError as e:
             raise UserError(f"--precision {args.precision}: {e}") from None
         if run and args.mfu is None:
             est.basis = f"MFU measured in {run.path}"
 
-    if isinstance(cfg, E.CountModel):
+    if isinstance(cfg, CountModel):
         total, activated = cfg.params, cfg.active
     else:
         pc = count_params(cfg)
         total, activated = pc.total, pc.activated
     data = {"model": model_name, "total_params": total, "activated_params": activated, **est.to_dict()}
-    default_mfu, dense = args.mfu is None and run is None, not E.is_moe(cfg)
+    default_mfu, dense = args.mfu is None and run is None, not is_moe(cfg)
     if default_mfu:
-        data["calibration"] = {"deepseek_v3": E.DEEPSEEK_V3, "calibrated_mfu": E.CALIBRATED_MFU,
-                               "calibrated_fp8_mfu": E.CALIBRATED_FP8_MFU,
-                               "calibrated_dense_mfu": E.CALIBRATED_DENSE_MFU, "dense": dense,
-                               "fp8_training_speedup": E.FP8_TRAINING_SPEEDUP}
+        data["calibration"] = {"deepseek_v3": DEEPSEEK_V3, "calibrated_mfu": CALIBRATED_MFU,
+                               "calibrated_fp8_mfu": CALIBRATED_FP8_MFU,
+                               "calibrated_dense_mfu": CALIBRATED_DENSE_MFU, "dense": dense,
+                               "fp8_training_speedup": FP8_TRAINING_SPEEDUP}
     lines = [
         f"model        {model_name}: {_si(total)} total, {_si(activated)} activated parameters",
         f"hardware     {est.count:,}x {est.hardware}" + (f" ({est.peak_bf16_tflops:g} dense BF16 TFLOPS each)"
@@ -305,18 +309,18 @@ def _train(args: SimpleNamespace) -> int:
         lines += more
     if default_mfu and dense:
         lines.append(f"calibration  dense: Meta's Llama 3.1 405B card reports 30.84M H100-hours for 15.6T tokens, "
-                     f"{E.CALIBRATED_DENSE_MFU:.1%} of the BF16 peak under this FLOP count (the Llama 3 paper: "
+                     f"{CALIBRATED_DENSE_MFU:.1%} of the BF16 peak under this FLOP count (the Llama 3 paper: "
                      f"38-43%); `gasungbi plan backtest` checks it against other published dense runs. A mixture "
-                     f"of experts gets DeepSeek-V3's {E.CALIBRATED_MFU:.1%}.")
+                     f"of experts gets DeepSeek-V3's {CALIBRATED_MFU:.1%}.")
     elif default_mfu:
-        d = E.DEEPSEEK_V3
+        d = DEEPSEEK_V3
         lines.append(f"calibration  DeepSeek-V3 reports {d['pretrain_gpu_hours'] / 1e6:.3f}M H800-hours for "
                      f"pre-training on 14.8T tokens (${d['pretrain_usd'] / 1e6:.3f}M at $2/h); "
                      f"{d['total_gpu_hours'] / 1e6:.3f}M (${d['total_usd'] / 1e6:.3f}M) with context extension "
-                     f"and post-training; that is an implied MFU of {E.CALIBRATED_FP8_MFU:.1%} of the H800's "
+                     f"and post-training; that is an implied MFU of {CALIBRATED_FP8_MFU:.1%} of the H800's "
                      f"dense FP8 peak (DeepSeek-V3 ran its GEMMs in FP8). A BF16 run is taken as "
-                     f"{E.FP8_TRAINING_SPEEDUP:g}x slower (torchao's published FP8 speed-ups, 1.34-1.51x): "
-                     f"{E.CALIBRATED_MFU:.1%} of the BF16 peak.")
+                     f"{FP8_TRAINING_SPEEDUP:g}x slower (torchao's published FP8 speed-ups, 1.34-1.51x): "
+                     f"{CALIBRATED_MFU:.1%} of the BF16 peak.")
     if args.chart:
         if est.dollars is None:
             raise UserError("--chart needs a price: pass --price")
@@ -335,15 +339,16 @@ def _train(args: SimpleNamespace) -> int:
 
 def _expert_parallel(args: SimpleNamespace, cfg, est, gpu, count: int) -> tuple[dict[str, Any], list[str]]:
     """``--expert-parallel K``: the all-to-all estimate as JSON and as lines of the table."""
-    from gasungbi.plan import estimate as E
+    from gasungbi.plan.all_to_all import estimate_expert_parallel, node_limit_of
+    from gasungbi.plan.counts import CountModel
 
     K = _check(args.expert_parallel, "--expert-parallel", lo=1)
     G = _check(args.gpus_per_node, "--gpus-per-node", lo=1)
     if K > count:
         raise UserError(f"--expert-parallel {K} needs at least {K} GPUs; --count is {count}")
-    if gpu is None or isinstance(cfg, E.CountModel):
+    if gpu is None or isinstance(cfg, CountModel):
         raise UserError("--expert-parallel needs --model (an MoE architecture) and --hardware (a GPU)")
-    ep = E.estimate_expert_parallel(cfg, est, gpu, K, G, E.node_limit_of(cfg, K, G), dispatch=args.dispatch)
+    ep = estimate_expert_parallel(cfg, est, gpu, K, G, node_limit_of(cfg, K, G), dispatch=args.dispatch)
     limit = f", node-limited routing: at most {ep.node_limit} nodes per token" if ep.node_limit else ""
     links = ", ".join(x for x in (f"network {ep.network_gbs:g} GB/s" if ep.nodes > 1 else "",
                                    f"NVLink {ep.nvlink_gbs_each_way:g} GB/s" if ep.within_node_bytes else "") if x)
@@ -376,14 +381,15 @@ def _expert_parallel(args: SimpleNamespace, cfg, est, gpu, count: int) -> tuple[
 # ---------------------------------------------------------------------------------------------
 
 def _serve(args: SimpleNamespace) -> int:
-    from gasungbi.plan import estimate as E
     from gasungbi.plan.catalog import Hardware, parse_hardware
+    from gasungbi.plan.counts import kv_bytes_per_token, mha_kv_bytes_per_token, quant_bits
+    from gasungbi.plan.serving import DEFAULT_GPU, DEFAULT_MEMORY, compare_setups
 
     catalog = _catalog(args)
     counts = args.params is not None or args.active is not None
     cfg = _config(None if counts else args.model, args)
     model_name = f"{args.params} parameters ({args.active or args.params} active)" if counts else args.model
-    E.quant_bits(args.quant)
+    quant_bits(args.quant)
     quant = args.quant.lower()
     context = _check(args.context, "--context", lo=0)
     batch = _check(args.batch, "--batch", lo=1)
@@ -397,14 +403,14 @@ def _serve(args: SimpleNamespace) -> int:
         hw = parse_hardware(args.hardware, catalog)
     else:
         raise UserError("give --hardware (a catalog name) or --peak-tflops X --bandwidth Y")
-    defaults = dict(default_gpu=catalog.lookup(E.DEFAULT_GPU), default_memory=catalog.lookup(E.DEFAULT_MEMORY))
-    results = E.compare_setups(cfg, hw, quant, context, batch, ddr_gb, **defaults)
+    defaults = dict(default_gpu=catalog.lookup(DEFAULT_GPU), default_memory=catalog.lookup(DEFAULT_MEMORY))
+    results = compare_setups(cfg, hw, quant, context, batch, ddr_gb, **defaults)
     req = results[0]
     if counts:
         kv = mha = 0
         kv_line = "KV cache not counted (--params/--active give no attention shape; pass --model for it)"
     else:
-        kv, mha = E.kv_bytes_per_token(cfg), E.mha_kv_bytes_per_token(cfg)
+        kv, mha = kv_bytes_per_token(cfg), mha_kv_bytes_per_token(cfg)
         kv_line = (f"KV cache {kv / 1e3:,.1f} KB/token in bf16 ({'MLA latent' if cfg.is_mla else 'GQA'}; an MHA "
                    f"model of this shape: {mha / 1e6:,.2f} MB/token, {mha / kv:.1f}x)")
 
@@ -441,7 +447,7 @@ def _serve(args: SimpleNamespace) -> int:
     if args.chart:
         rows: dict[str, dict[str, float]] = {}
         for q in ("bf16", "fp8", "int8", "int4", "q4_k_m"):
-            for r in E.compare_setups(cfg, hw, q, context, batch, ddr_gb, **defaults):
+            for r in compare_setups(cfg, hw, q, context, batch, ddr_gb, **defaults):
                 label = r.kind + "\n" + r.setup.split(" (")[0]
                 label = label if r.kind != "all-HBM" else f"all-HBM\n(N x {(hw.gpu or defaults['default_gpu']).key})"
                 rows.setdefault(label, {})[q] = r.decode_tokens_per_s if r.fits else 0.0
@@ -460,14 +466,14 @@ def _serve(args: SimpleNamespace) -> int:
 def _here(args: SimpleNamespace) -> int:
     import torch
 
-    from gasungbi.plan import estimate as E
+    from gasungbi.plan.local import local_decode
     from gasungbi.plan.measure import measure_matmul_flops, measure_memory_bandwidth
 
     cfg = _config(args.model)
     context = _check(args.context, "--context", lo=0)
     bw = measure_memory_bandwidth()
     flops = measure_matmul_flops(torch.float32)
-    rows = [E.local_decode(cfg, bw, flops, q, context) for q in ("fp32", "int8", "int4")]
+    rows = [local_decode(cfg, bw, flops, q, context) for q in ("fp32", "int8", "int4")]
     data = {"model": args.model, "memory_bandwidth_bytes_per_s": bw, "matmul_flops_fp32": flops,
             "threads": torch.get_num_threads(), "context": context, "decode": rows}
     lines = [f"memory bandwidth  {bw / 1e9:,.1f} GB/s (STREAM-style copy of 256 MB, best of 5)",
@@ -486,11 +492,11 @@ def _here(args: SimpleNamespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _model_cmd(args: SimpleNamespace) -> int:
-    from gasungbi.plan import estimate as E
+    from gasungbi.plan.counts import model_accounting
 
     cfg = _config(args.model)
     seq_len = _check(args.seq_len, "--seq-len", lo=1)
-    acc = E.model_accounting(cfg, seq_len)
+    acc = model_accounting(cfg, seq_len)
     lines = [f"{args.model}: {'MLA' if cfg.is_mla else 'GQA'}, {cfg.num_hidden_layers} layers",
              f"  {'component':<16}{'total':>10}{'activated':>11}"]
     for k, v in acc["components"].items():
