@@ -11,5 +11,6 @@
 * ``backtest``: the planner against published runs (``published.json``);
 * ``measure``: memory bandwidth and matmul FLOP/s of the machine it runs on (the only module that
   needs torch);
+* ``options``: the command's flags checked and turned into planner inputs;
 * ``charts``: PNG charts; ``commands``: the ``gasungbi plan`` command.
 """
