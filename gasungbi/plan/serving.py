@@ -64,6 +64,17 @@ class Setup:
     def memory_gb(self) -> float:
         return self.ddr_gb if self.ddr_gb is not None else self.memory.memory_gb
 
+    def cost_per_hour(self) -> float:
+        """GPUs at their rental rate; DRAM platforms (board, CPU and memory) bought and paid off
+        over :data:`AMORTIZE_HOURS`."""
+        cost = 0.0
+        if self.gpu:
+            cost += self.gpu_count * self.gpu.price_per_hour
+        if self.memory:
+            owned = self.memory.platform_price + self.memory_gb * self.memory.price_per_gb
+            cost += self.memory_count * owned / AMORTIZE_HOURS
+        return cost
+
     def placement(self) -> dict[str, str]:
         """Part -> "gpu" or "ddr". Hybrid (KTransformers' split): routed experts and the embedding
         table (a lookup reads one row) in DRAM; attention, dense and shared FFNs, router, norms,
@@ -161,40 +172,13 @@ def estimate_serve(cfg: Model, setup: Setup, quant: str, context: int = 4096, ba
         read[place[part]] += reads[part]
         work[place[part]] += flops.get(part, 0.0)
 
-    bandwidth, capacity, peak = {}, {}, {}
-    if setup.gpu:
-        g, n = setup.gpu, setup.gpu_count
-        bandwidth["gpu"] = g.bandwidth_gbs * 1e9 * n
-        capacity["gpu"] = g.memory_gb * 1e9 * GPU_USABLE * n
-        peak["gpu"] = (g.fp8_tflops if quant == "fp8" and g.fp8_tflops else g.bf16_tflops) * 1e12 * n
-    if setup.memory:
-        m, n = setup.memory, setup.memory_count
-        bandwidth["ddr"] = m.bandwidth_gbs * 1e9 * n
-        capacity["ddr"] = max(setup.memory_gb - DDR_RESERVE_GB, 0) * 1e9 * n
-        peak["ddr"] = m.tflops * 1e12 * n if m.tflops else None
+    bandwidth, capacity, peak = _memories(setup, quant)
     memory_time = sum(read[mem] / bandwidth[mem] for mem in bandwidth)
     compute_time = sum(work[mem] / peak[mem] for mem in bandwidth if peak.get(mem))
     decode = batch / max(memory_time, compute_time)
 
-    prefill = None
-    if isinstance(cfg, CountModel):
-        mem = place["weights"]
-        prefill = peak[mem] / prefill_flops if peak.get(mem) else None
-    else:
-        pc = count_params(cfg)
-        routed_act = pc.components.get("routed_experts", 0) * pc.routed_fraction
-        pwork = {"gpu": 0.0, "ddr": 0.0}
-        pwork[place["routed_experts"]] += 2 * routed_act
-        pwork[place["attention"]] += prefill_flops - 2 * routed_act
-        if all(peak.get(mem) for mem, w in pwork.items() if w):
-            prefill = 1 / sum(w / peak[mem] for mem, w in pwork.items() if w)
-
-    cost = 0.0
-    if setup.gpu:
-        cost += setup.gpu_count * setup.gpu.price_per_hour
-    if setup.memory:
-        owned = setup.memory.platform_price + setup.memory_gb * setup.memory.price_per_gb
-        cost += setup.memory_count * owned / AMORTIZE_HOURS
+    prefill = _prefill_rate(cfg, place, peak, prefill_flops)
+    cost = setup.cost_per_hour()
     fits = all(stored[mem] <= capacity.get(mem, 0.0) for mem in stored if stored[mem])
     notes = [] if fits else [f"does not fit: {mem} needs {stored[mem] / 1e9:,.1f} GB, has "
                              f"{capacity.get(mem, 0) / 1e9:,.1f} GB usable" for mem in stored
@@ -208,6 +192,42 @@ def estimate_serve(cfg: Model, setup: Setup, quant: str, context: int = 4096, ba
     return ServeEstimate(setup.describe(), setup.kind, quant, bits, context, batch, place,
                          {k: v / 1e9 for k, v in parts.items()}, gb(stored), gb(capacity),
                          fits, gb(read), decode, prefill, cost, cost / (decode * 3600) * 1e6, notes)
+
+
+def _memories(setup: Setup, quant: str) -> tuple[dict[str, float], dict[str, float], dict[str, float | None]]:
+    """Per memory of ``setup`` (``gpu``, ``ddr``): bandwidth in bytes/s, usable capacity in bytes
+    (less :data:`GPU_USABLE` or :data:`DDR_RESERVE_GB`), and the dense peak in FLOP/s of the devices
+    that compute on it (FP8 for ``fp8`` weights where the GPU has it; None for a DRAM platform
+    without a ``tflops`` figure)."""
+    bandwidth, capacity, peak = {}, {}, {}
+    if setup.gpu:
+        g, n = setup.gpu, setup.gpu_count
+        bandwidth["gpu"] = g.bandwidth_gbs * 1e9 * n
+        capacity["gpu"] = g.memory_gb * 1e9 * GPU_USABLE * n
+        peak["gpu"] = (g.fp8_tflops if quant == "fp8" and g.fp8_tflops else g.bf16_tflops) * 1e12 * n
+    if setup.memory:
+        m, n = setup.memory, setup.memory_count
+        bandwidth["ddr"] = m.bandwidth_gbs * 1e9 * n
+        capacity["ddr"] = max(setup.memory_gb - DDR_RESERVE_GB, 0) * 1e9 * n
+        peak["ddr"] = m.tflops * 1e12 * n if m.tflops else None
+    return bandwidth, capacity, peak
+
+
+def _prefill_rate(cfg: Model, place: dict[str, str], peak: dict[str, float | None],
+                  prefill_flops: float) -> float | None:
+    """Prompt tokens/s at the dense peaks: the routed experts' FLOPs on the devices of their memory,
+    the rest on those of the attention's; None when a device doing some of the work has no peak."""
+    if isinstance(cfg, CountModel):
+        mem = place["weights"]
+        return peak[mem] / prefill_flops if peak.get(mem) else None
+    pc = count_params(cfg)
+    routed_act = pc.components.get("routed_experts", 0) * pc.routed_fraction
+    pwork = {"gpu": 0.0, "ddr": 0.0}
+    pwork[place["routed_experts"]] += 2 * routed_act
+    pwork[place["attention"]] += prefill_flops - 2 * routed_act
+    if all(peak.get(mem) for mem, w in pwork.items() if w):
+        return 1 / sum(w / peak[mem] for mem, w in pwork.items() if w)
+    return None
 
 
 def compare_setups(cfg: Model, hw: Hardware, quant: str, context: int = 4096, batch: int = 1,
