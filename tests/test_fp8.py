@@ -342,23 +342,24 @@ def test_transformers_reads_our_fp8_checkpoint(fp8_pair, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_plan_train_precision_uses_the_matching_peak_and_calibration():
-    from gasungbi.plan import estimate as E
     from gasungbi.plan.catalog import load_catalog
+    from gasungbi.plan.training import (CALIBRATED_FP8_MFU, DEEPSEEK_V3, FP8_TRAINING_SPEEDUP, estimate_train,
+                                        implied_mfu)
 
     cat = load_catalog()
     h800, a100 = cat.gpus["h800"], cat.gpus["a100-80gb"]
-    v3, d = get_preset("deepseek-v3-671b"), E.DEEPSEEK_V3
-    implied = E.implied_mfu(v3, d["tokens"], d["pretrain_gpu_hours"], h800.fp8_tflops, 4096)
-    assert abs(implied - E.CALIBRATED_FP8_MFU) < 5e-4  # the FP8 MFU DeepSeek-V3's H800-hours imply
-    bf16 = E.estimate_train(v3, d["tokens"], h800, 2048)
-    fp8 = E.estimate_train(v3, d["tokens"], h800, 2048, precision="fp8")
+    v3, d = get_preset("deepseek-v3-671b"), DEEPSEEK_V3
+    implied = implied_mfu(v3, d["tokens"], d["pretrain_gpu_hours"], h800.fp8_tflops, 4096)
+    assert abs(implied - CALIBRATED_FP8_MFU) < 5e-4  # the FP8 MFU DeepSeek-V3's H800-hours imply
+    bf16 = estimate_train(v3, d["tokens"], h800, 2048)
+    fp8 = estimate_train(v3, d["tokens"], h800, 2048, precision="fp8")
     assert fp8.precision == "fp8" and abs(fp8.gpu_hours / d["pretrain_gpu_hours"] - 1) < 0.005
-    assert fp8.gpu_hours * E.FP8_TRAINING_SPEEDUP == pytest.approx(bf16.gpu_hours, rel=0.005)  # one calibration
-    given = E.estimate_train(v3, 1e12, h800, 8, mfu=0.3, precision="fp8")
-    assert given.gpu_hours == pytest.approx(E.estimate_train(v3, 1e12, h800, 8, mfu=0.3).gpu_hours
-                                            * h800.bf16_tflops / h800.fp8_tflops)
+    assert fp8.gpu_hours * FP8_TRAINING_SPEEDUP == pytest.approx(bf16.gpu_hours, rel=0.005)  # one calibration
+    given = estimate_train(v3, 1e12, h800, 8, mfu=0.3, precision="fp8")
+    assert given.gpu_hours == pytest.approx(estimate_train(v3, 1e12, h800, 8, mfu=0.3).gpu_hours
+                                          * h800.bf16_tflops / h800.fp8_tflops)
     with pytest.raises(ValueError, match="no FP8"):
-        E.estimate_train(v3, 1e12, a100, 8, precision="fp8")
+        estimate_train(v3, 1e12, a100, 8, precision="fp8")
 
 
 def test_params_states_fp8_bytes(capsys):

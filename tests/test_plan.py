@@ -10,8 +10,13 @@ import pytest
 
 from gasungbi.cli import main
 from gasungbi.config import ModelConfig, get_preset, to_hf_config
-from gasungbi.plan import estimate as E
+from gasungbi.plan.all_to_all import estimate_expert_parallel, node_limit_of
 from gasungbi.plan.catalog import CatalogError, Gpu, load_catalog, parse_hardware
+from gasungbi.plan.counts import CountModel, kv_bytes_per_token, mha_kv_bytes_per_token, parse_tokens
+from gasungbi.plan.local import local_decode
+from gasungbi.plan.serving import Setup, estimate_serve
+from gasungbi.plan.training import (CALIBRATED_DENSE_MFU, CALIBRATED_FP8_MFU, CALIBRATED_MFU, DEEPSEEK_V3,
+                                    FP8_TRAINING_SPEEDUP, estimate_train, implied_mfu)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 V3 = get_preset("deepseek-v3-671b")
@@ -105,12 +110,12 @@ def test_parse_hardware(catalog):
 
 
 def test_parse_tokens():
-    assert E.parse_tokens("14.8T") == pytest.approx(14.8e12)
-    assert E.parse_tokens("500B") == 500e9 and E.parse_tokens("2M") == 2e6
-    assert E.parse_tokens("1000") == 1000 and E.parse_tokens("1e9") == 1e9 and E.parse_tokens("10k") == 1e4
+    assert parse_tokens("14.8T") == pytest.approx(14.8e12)
+    assert parse_tokens("500B") == 500e9 and parse_tokens("2M") == 2e6
+    assert parse_tokens("1000") == 1000 and parse_tokens("1e9") == 1e9 and parse_tokens("10k") == 1e4
     for bad in ("abc", "", "1.2X", "-5", "0"):
         with pytest.raises(ValueError):
-            E.parse_tokens(bad)
+            parse_tokens(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +132,7 @@ def test_train_hand_computed():
     fpt = 6 * n + 3 * attention                          # = 1,083,264
     assert fpt == 1_083_264
     gpu = Gpu("toy", "toy", memory_gb=10, bandwidth_gbs=100, bf16_tflops=100, fp8_tflops=None, price_per_hour=2.0)
-    est = E.estimate_train(cfg, 1e9, gpu, count=4, mfu=0.5, seq_len=256)
+    est = estimate_train(cfg, 1e9, gpu, count=4, mfu=0.5, seq_len=256)
     gpu_hours = 1e9 * fpt / (0.5 * 100e12) / 3600      # = 6.0180 GPU-hours
     assert est.flops_per_token == fpt
     assert est.gpu_hours == pytest.approx(gpu_hours)
@@ -136,17 +141,17 @@ def test_train_hand_computed():
 
 
 def test_deepseek_v3_published_cost_is_reproduced(catalog):
-    d = E.DEEPSEEK_V3
-    est = E.estimate_train(V3, d["tokens"], catalog.gpus["h800"], 2048, seq_len=4096, precision="fp8")
+    d = DEEPSEEK_V3
+    est = estimate_train(V3, d["tokens"], catalog.gpus["h800"], 2048, seq_len=4096, precision="fp8")
     assert est.gpu_hours == pytest.approx(d["pretrain_gpu_hours"], rel=0.10)
     assert est.dollars == pytest.approx(d["pretrain_usd"], rel=0.10)
     # The default is the MFU the published figure implies under our FLOP count, rounded; BF16 takes
     # the published FP8 speed-up longer.
     h800 = catalog.gpus["h800"]
-    implied = E.implied_mfu(V3, d["tokens"], d["pretrain_gpu_hours"], h800.fp8_tflops, 4096)
-    assert implied == pytest.approx(E.CALIBRATED_FP8_MFU, abs=0.0005)
-    assert E.CALIBRATED_MFU == pytest.approx(implied * h800.fp8_tflops / h800.bf16_tflops / E.FP8_TRAINING_SPEEDUP,
-                                             abs=0.0005)
+    implied = implied_mfu(V3, d["tokens"], d["pretrain_gpu_hours"], h800.fp8_tflops, 4096)
+    assert implied == pytest.approx(CALIBRATED_FP8_MFU, abs=0.0005)
+    assert CALIBRATED_MFU == pytest.approx(implied * h800.fp8_tflops / h800.bf16_tflops / FP8_TRAINING_SPEEDUP,
+                                           abs=0.0005)
 
 
 def test_dense_models_default_to_the_dense_calibration(catalog):
@@ -154,16 +159,16 @@ def test_dense_models_default_to_the_dense_calibration(catalog):
 
     h100 = catalog.gpus["h100-sxm"]
     # the constant is the one the backtest derives from Llama 3.1 405B's published hours
-    assert run_backtest(catalog).constants["train_dense"] == pytest.approx(E.CALIBRATED_DENSE_MFU, abs=0.0005)
-    dense, counted = get_preset("llama-small"), E.CountModel(params=8e9, active=8e9)
+    assert run_backtest(catalog).constants["train_dense"] == pytest.approx(CALIBRATED_DENSE_MFU, abs=0.0005)
+    dense, counted = get_preset("llama-small"), CountModel(params=8e9, active=8e9)
     for model in (dense, counted):
-        est = E.estimate_train(model, 1e12, h100, 8)
-        assert est.mfu == E.CALIBRATED_DENSE_MFU and "Llama 3.1 405B" in est.basis
-        fp8 = E.estimate_train(model, 1e12, h100, 8, precision="fp8")  # 1.43x faster than BF16
-        assert fp8.gpu_hours == pytest.approx(est.gpu_hours / E.FP8_TRAINING_SPEEDUP)
-    for moe in (V3, E.CountModel(params=671e9, active=37e9)):
-        est = E.estimate_train(moe, 1e12, h100, 8)
-        assert est.mfu == E.CALIBRATED_MFU and "DeepSeek-V3" in est.basis
+        est = estimate_train(model, 1e12, h100, 8)
+        assert est.mfu == CALIBRATED_DENSE_MFU and "Llama 3.1 405B" in est.basis
+        fp8 = estimate_train(model, 1e12, h100, 8, precision="fp8")  # 1.43x faster than BF16
+        assert fp8.gpu_hours == pytest.approx(est.gpu_hours / FP8_TRAINING_SPEEDUP)
+    for moe in (V3, CountModel(params=671e9, active=37e9)):
+        est = estimate_train(moe, 1e12, h100, 8)
+        assert est.mfu == CALIBRATED_MFU and "DeepSeek-V3" in est.basis
 
 
 def test_expert_parallel_bytes_by_hand():
@@ -172,16 +177,16 @@ def test_expert_parallel_bytes_by_hand():
     assert (cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts) == (64, 2, 8)
     gpu = Gpu("toy", "toy", memory_gb=10, bandwidth_gbs=100, bf16_tflops=100, fp8_tflops=None, price_per_hour=1.0,
               nvlink_gbs=4, network_gbs=1)  # NVLink 2 GB/s each way
-    est = E.estimate_train(cfg, 1e9, gpu, count=4, mfu=0.5, seq_len=256)
+    est = estimate_train(cfg, 1e9, gpu, count=4, mfu=0.5, seq_len=256)
     # EP 4 over nodes of 2 GPUs: 2 nodes. A copy is 64 x (1 byte fp8 dispatch + 2 bytes bf16 combine) = 192 bytes.
-    plain = E.estimate_expert_parallel(cfg, est, gpu, 4, gpus_per_node=2, two_hop=False)
+    plain = estimate_expert_parallel(cfg, est, gpu, 4, gpus_per_node=2, two_hop=False)
     assert (plain.nodes, plain.moe_layers) == (2, 3)
     assert plain.cross_node_copies == 1.0      # 2 slots x (4 - 2)/4
     assert plain.within_node_copies == 0.5     # 2 slots x (2 - 1)/4
     assert (plain.cross_node_bytes, plain.within_node_bytes) == (192, 96)
     # Two hops: distinct nodes among 2 uniform draws over 2 nodes = 2 x (1 - 1/4) = 1.5, half of them remote;
     # every slot not on the landing GPU (1 of 2) takes an NVLink hop: 2 x 1/2 = 1 copy.
-    ep = E.estimate_expert_parallel(cfg, est, gpu, 4, gpus_per_node=2)
+    ep = estimate_expert_parallel(cfg, est, gpu, 4, gpus_per_node=2)
     assert ep.cross_node_copies == 0.75 and ep.within_node_copies == 1.0
     assert (ep.cross_node_bytes, ep.within_node_bytes) == (144, 192)
     # per MoE layer: network 144 B / 1 GB/s = 144 ns, NVLink 192 B / 2 GB/s = 96 ns, run at once: 144 ns;
@@ -192,15 +197,15 @@ def test_expert_parallel_bytes_by_hand():
     assert ep.overlap_ratio == pytest.approx(compute / (2 * 3 * 144e-9))
     assert ep.comm_s_per_step == pytest.approx(256 * 2 * 3 * 144e-9)  # one 256-token sequence per GPU
     # node-limited to 1 node: 1 x 1/2 remote copy; bf16 dispatch: 64 x 4 bytes a copy
-    assert E.estimate_expert_parallel(cfg, est, gpu, 4, 2, node_limit=1).cross_node_bytes == 96
-    assert E.estimate_expert_parallel(cfg, est, gpu, 4, 2, dispatch="bf16", two_hop=False).cross_node_bytes == 256
+    assert estimate_expert_parallel(cfg, est, gpu, 4, 2, node_limit=1).cross_node_bytes == 96
+    assert estimate_expert_parallel(cfg, est, gpu, 4, 2, dispatch="bf16", two_hop=False).cross_node_bytes == 256
     # one node: nothing crosses, the network figure is not needed
-    one = E.estimate_expert_parallel(cfg, est, Gpu("nv", "nv", 10, 100, 100, None, 1.0, nvlink_gbs=4), 4)
+    one = estimate_expert_parallel(cfg, est, Gpu("nv", "nv", 10, 100, 100, None, 1.0, nvlink_gbs=4), 4)
     assert one.cross_node_bytes == 0 and one.within_node_copies == 1.5  # 2 x 3/4
     with pytest.raises(ValueError, match="no network_gbs"):
-        E.estimate_expert_parallel(cfg, est, Gpu("nv", "nv", 10, 100, 100, None, 1.0, nvlink_gbs=4), 4, 2)
+        estimate_expert_parallel(cfg, est, Gpu("nv", "nv", 10, 100, 100, None, 1.0, nvlink_gbs=4), 4, 2)
     with pytest.raises(ValueError, match="cannot be split"):
-        E.estimate_expert_parallel(cfg, est, gpu, 3)
+        estimate_expert_parallel(cfg, est, gpu, 3)
 
 
 def test_deepseek_v3_expert_parallel_can_be_hidden(catalog):
@@ -209,10 +214,10 @@ def test_deepseek_v3_expert_parallel_can_be_hidden(catalog):
     # copies cross InfiniBand, 3.5 x 7168 x (1 + 2) bytes = 75,264 B per token and MoE layer (1.505 us at
     # 50 GB/s); 8 x 7/8 = 7 copies over NVLink, 150,528 B (0.753 us at 200 GB/s each way).
     # 58 MoE layers + the MTP module, forward and backward: 2 x 59 x 1.505 us = 177.6 us per token.
-    h800, d = catalog.gpus["h800"], E.DEEPSEEK_V3
-    assert E.node_limit_of(V3, 64) == 4
-    est = E.estimate_train(V3, d["tokens"], h800, 2048, precision="fp8")
-    ep = E.estimate_expert_parallel(V3, est, h800, 64, node_limit=4)
+    h800, d = catalog.gpus["h800"], DEEPSEEK_V3
+    assert node_limit_of(V3, 64) == 4
+    est = estimate_train(V3, d["tokens"], h800, 2048, precision="fp8")
+    ep = estimate_expert_parallel(V3, est, h800, 64, node_limit=4)
     assert (ep.nodes, ep.moe_layers, ep.cross_node_copies, ep.within_node_copies) == (8, 59, 3.5, 7.0)
     assert (ep.cross_node_bytes, ep.within_node_bytes) == (75_264, 150_528)
     assert ep.comm_s_per_token == pytest.approx(2 * 59 * 75_264 / 50e9)
@@ -224,7 +229,7 @@ def test_deepseek_v3_expert_parallel_can_be_hidden(catalog):
     assert ep.peak_overlap_ratio == pytest.approx(est.flops_per_token / 1979e12 / ep.comm_s_per_token)
     assert ep.overlap_ratio == pytest.approx(3.65, rel=0.01) and ep.can_hide
     # One copy per expert slot (no per-node deduplication) doubles the network bytes: 8 x 56/64 = 7 copies.
-    plain = E.estimate_expert_parallel(V3, est, h800, 64, node_limit=4, two_hop=False)
+    plain = estimate_expert_parallel(V3, est, h800, 64, node_limit=4, two_hop=False)
     assert plain.cross_node_copies == 7 and plain.overlap_ratio == pytest.approx(ep.overlap_ratio / 2)
 
 
@@ -273,10 +278,10 @@ def test_train_from_run_report(tmp_path, capsys):
 def test_serve_ceilings_bound_published_measurements(catalog):
     # KTransformers V0.2, DeepSeek-V3/R1 Q4_K_M, one Xeon Gold 6454S socket (8ch DDR5-4800) + RTX 4090D:
     # 8.73 tokens/s decode. Tencent Xuanwu Lab, Q8 CPU-only, EPYC 9135 with 12ch DDR5-5600: 7.17 tokens/s.
-    hybrid = E.estimate_serve(V3, E.Setup("h", catalog.gpus["rtx4090"], 1, catalog.memory["ddr5-8ch-4800"], 1),
-                              "q4_k_m", context=1024)
-    cpu = E.estimate_serve(V3, E.Setup("c", memory=catalog.memory["ddr5-12ch-5600"], memory_count=1),
-                           "int8", context=1024)
+    hybrid = estimate_serve(V3, Setup("h", catalog.gpus["rtx4090"], 1, catalog.memory["ddr5-8ch-4800"], 1),
+                            "q4_k_m", context=1024)
+    cpu = estimate_serve(V3, Setup("c", memory=catalog.memory["ddr5-12ch-5600"], memory_count=1),
+                         "int8", context=1024)
     assert hybrid.fits and cpu.fits
     assert 8.73 < hybrid.decode_tokens_per_s < 4 * 8.73
     assert 7.17 < cpu.decode_tokens_per_s < 4 * 7.17
@@ -284,7 +289,7 @@ def test_serve_ceilings_bound_published_measurements(catalog):
 
 def test_serve_bytes_read_by_hand(catalog):
     ddr = catalog.memory["ddr5-12ch-5600"]
-    est = E.estimate_serve(V3, E.Setup("c", memory=ddr, memory_count=1), "int8", context=1000)
+    est = estimate_serve(V3, Setup("c", memory=ddr, memory_count=1), "int8", context=1000)
     from gasungbi.model.accounting import count_params
 
     pc = count_params(V3)
@@ -293,7 +298,7 @@ def test_serve_bytes_read_by_hand(catalog):
     assert est.read_gb_per_step["ddr"] * 1e9 == pytest.approx(read)
     assert est.decode_tokens_per_s == pytest.approx(537.6e9 / read)
     # batch 2: the weights once, routed experts chosen by either token, two caches
-    est2 = E.estimate_serve(V3, E.Setup("c", memory=ddr, memory_count=1), "int8", context=1000, batch=2)
+    est2 = estimate_serve(V3, Setup("c", memory=ddr, memory_count=1), "int8", context=1000, batch=2)
     routed = pc.components["routed_experts"]
     read2 = read - routed * 8 / 256 + routed * (1 - (1 - 8 / 256) ** 2) + V3.hidden_size + 1000 * 576 * 61 * 2
     assert est2.read_gb_per_step["ddr"] * 1e9 == pytest.approx(read2)
@@ -302,24 +307,24 @@ def test_serve_bytes_read_by_hand(catalog):
 
 def test_fits_and_does_not_fit(catalog):
     h200 = catalog.gpus["h200"]
-    assert not E.estimate_serve(V3, E.Setup("x", h200, 1), "int4").fits
-    assert E.estimate_serve(V3, E.Setup("x", h200, 8), "int4").fits        # 377 GB in 8 x 126.9 GB
-    bf16 = E.estimate_serve(V3, E.Setup("x", h200, 8), "bf16")             # 1342 GB > 1015 GB
+    assert not estimate_serve(V3, Setup("x", h200, 1), "int4").fits
+    assert estimate_serve(V3, Setup("x", h200, 8), "int4").fits        # 377 GB in 8 x 126.9 GB
+    bf16 = estimate_serve(V3, Setup("x", h200, 8), "bf16")             # 1342 GB > 1015 GB
     assert not bf16.fits and "gpu needs" in bf16.notes[0]
-    desktop = E.estimate_serve(V3, E.Setup("x", catalog.gpus["rtx4090"], 1, catalog.memory["ddr5-2ch-5600"], 1), "int4")
+    desktop = estimate_serve(V3, Setup("x", catalog.gpus["rtx4090"], 1, catalog.memory["ddr5-2ch-5600"], 1), "int4")
     assert desktop.stored_gb["gpu"] < desktop.capacity_gb["gpu"] and not desktop.fits
-    assert E.estimate_serve(get_preset("debug"), E.Setup("x", catalog.gpus["rtx3090"], 1), "bf16").fits
+    assert estimate_serve(get_preset("debug"), Setup("x", catalog.gpus["rtx3090"], 1), "bf16").fits
     # a long context's KV cache alone can overflow the GPU of a hybrid set-up
-    long = E.estimate_serve(V3, E.Setup("x", catalog.gpus["rtx4090"], 1, catalog.memory["ddr5-8ch-4800"], 1),
-                            "int4", context=160_000, batch=4)
+    long = estimate_serve(V3, Setup("x", catalog.gpus["rtx4090"], 1, catalog.memory["ddr5-8ch-4800"], 1),
+                          "int4", context=160_000, batch=4)
     assert not long.fits
 
 
 def test_mla_against_mha_kv_bytes():
-    assert E.kv_bytes_per_token(V3) == (512 + 64) * 61 * 2 == 70_272
-    assert E.mha_kv_bytes_per_token(V3) == 128 * (192 + 128) * 61 * 2 == 4_997_120
+    assert kv_bytes_per_token(V3) == (512 + 64) * 61 * 2 == 70_272
+    assert mha_kv_bytes_per_token(V3) == 128 * (192 + 128) * 61 * 2 == 4_997_120
     llama = get_preset("llama-debug")
-    assert E.kv_bytes_per_token(llama) == E.mha_kv_bytes_per_token(llama)
+    assert kv_bytes_per_token(llama) == mha_kv_bytes_per_token(llama)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +337,7 @@ def test_cli_train_json_and_chart(tmp_path):
              "--precision", "fp8", "--json", "--chart", str(chart), env={"XDG_CONFIG_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["gpu_hours"] == pytest.approx(2.664e6, rel=0.1) and d["mfu"] == E.CALIBRATED_FP8_MFU
+    assert d["gpu_hours"] == pytest.approx(2.664e6, rel=0.1) and d["mfu"] == CALIBRATED_FP8_MFU
     assert chart.read_bytes().startswith(PNG)
 
 
@@ -411,7 +416,7 @@ def test_backtest_reproduces_calibration_and_states_its_record(catalog):
     for r in bt.rows:
         if r.calibrates:
             assert r.error == pytest.approx(0, abs=1e-9)
-    assert bt.constants["train_moe"] == pytest.approx(E.CALIBRATED_MFU, abs=0.003)  # BF16: 22.8% of FP8 / 1.43 x 2
+    assert bt.constants["train_moe"] == pytest.approx(CALIBRATED_MFU, abs=0.003)  # BF16: 22.8% of FP8 / 1.43 x 2
     predicted = bt.predicted_rows
     assert len(predicted) == len(bt.rows) - 3
     # The record as it stands (deterministic: shapes, figures, formulas). Issue 18's goal is a
@@ -442,7 +447,7 @@ def test_backtest_data_parallel_parts_are_read_by_every_gpu(catalog):
     row = next(r for r in load_published() if r.get("data_parallel"))
     split = {k: v for k, v in row.items() if k != "data_parallel"}
     n, gpu = 144, catalog.lookup("h800")
-    est = E.estimate_serve(get_preset("deepseek-v3-671b"), E.Setup("s", gpu, n), "fp8", row["context"], row["batch"])
+    est = estimate_serve(get_preset("deepseek-v3-671b"), Setup("s", gpu, n), "fp8", row["context"], row["batch"])
     copy = sum(est.parts_gb[p] for p in row["data_parallel"]) * 1e9
 
     def step(r: dict) -> float:  # seconds per decode step of the whole unit
@@ -497,7 +502,7 @@ def test_backtest_decode_row_from_a_report(tmp_path, catalog, monkeypatch):
     monkeypatch.setattr(measure, "measure_memory_bandwidth", lambda: 20e9)  # this machine, fixed for the check
     monkeypatch.setattr(measure, "measure_matmul_flops", lambda: 50e9)
     bt = run_backtest(catalog, decode=_decode_report(tmp_path / "r.json"))
-    row, ceiling = bt.rows[-1], E.local_decode(get_preset("debug"), 20e9, 50e9, "int8", 32 + 32)
+    row, ceiling = bt.rows[-1], local_decode(get_preset("debug"), 20e9, 50e9, "int8", 32 + 32)
     assert row.name == "this machine: tiny decode (int8, compiled, 2 threads)" and row.published == 300.0
     assert row.predicted == pytest.approx(bt.constants["decode"] * ceiling["predicted_tokens_per_s"])
     assert row.efficiency == pytest.approx(300.0 / ceiling["predicted_tokens_per_s"]) and row in bt.predicted_rows
@@ -518,8 +523,9 @@ def test_backtest_decode_report_errors_name_the_problem(tmp_path, changes, messa
 
 
 def test_plan_imports_no_torch():
-    code = ("import gasungbi.plan.estimate, gasungbi.plan.backtest, gasungbi.plan.models, gasungbi.plan.catalog, "
-            "gasungbi.plan.commands, sys; assert 'torch' not in sys.modules, 'torch imported'")
+    code = ("import gasungbi.plan.counts, gasungbi.plan.training, gasungbi.plan.all_to_all, gasungbi.plan.runs, "
+            "gasungbi.plan.serving, gasungbi.plan.local, gasungbi.plan.backtest, gasungbi.plan.models, "
+            "gasungbi.plan.catalog, gasungbi.plan.commands, sys; assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     r = plan("backtest")
@@ -527,7 +533,7 @@ def test_plan_imports_no_torch():
 
 
 def test_params_active_and_custom_hardware(tmp_path, capsys):
-    from gasungbi.plan.estimate import CountModel, flops_per_token
+    from gasungbi.plan.counts import flops_per_token
 
     m = CountModel(params=70e9, active=70e9)
     assert flops_per_token(m, 4096) == 6 * 70e9

@@ -10,20 +10,19 @@ shape and the hardware alone, with three constants, each set by one row (``calib
   single-socket 8.73 tokens/s.
 
 A row's implied MFU is against the dense peak *of the precision its matmuls used* (FP8 for
-DeepSeek-V3: 22.8% of 1,979 TFLOPS). The two training constants are kept against the BF16 peak, so
-that the MoE constant, set by an FP8 run, predicts BF16 runs too: FP8 counts as
-``FP8_TRAINING_SPEEDUP`` (1.43x, torchao's published end-to-end speed-ups) over BF16, not as the 2x
-of the peaks. DeepSeek-V3's 22.8% of the FP8 peak is 45.5% of the BF16 peak, so 31.8% for a BF16 run.
+DeepSeek-V3). The two training constants are kept against the BF16 peak, so that the MoE constant,
+set by an FP8 run, predicts BF16 runs too: FP8 counts as ``FP8_TRAINING_SPEEDUP`` (torchao's
+published end-to-end speed-ups) over BF16, not as the 2x of the peaks (``_bf16_equivalent``).
 Training FLOPs are ``flops_per_token`` (6 x activated + attention, PaLM's convention),
 summed over a row's phases, each at its own sequence length: attention is 12 x layers x width x
 seq per token (forward and backward over the full T x T, no causal halving, for every row and
 calibrator alike), so a long-context stage (Llama 3.1's, up to 128K) costs a small model far more
 per token than its 8K pass. A decode row may name ``data_parallel`` parts, held whole by every GPU
 (see ``decode_ceiling``).
-Every other row is a prediction; the summary gives the median and the worst error over them, this
-machine's rows included when asked for (``here_row``: one of our training runs; ``here_decode_row``:
-a decode report of our engine, written by ``gasungbi generate --report``).
-Importing this module needs no torch (measuring this machine for ``here_decode_row`` does).
+Every other row is a prediction; the summary gives the median and the worst error over them, rows
+of the local machine included when asked for (``here_row``: one of our training runs;
+``here_decode_row``: a decode report of our engine, written by ``gasungbi generate --report``).
+Importing this module needs no torch (measuring the local machine for ``here_decode_row`` does).
 """
 
 from __future__ import annotations
@@ -36,8 +35,11 @@ from typing import Any
 
 from gasungbi.config import from_hf_config, get_preset
 from gasungbi.plan.catalog import Catalog, Gpu, Hardware, parse_hardware
-from gasungbi.plan.estimate import (FP8_TRAINING_SPEEDUP, CountModel, Model, Setup, estimate_serve, flops_per_token,
-                                    is_moe, local_decode, quant_bits, read_run)
+from gasungbi.plan.counts import CountModel, Model, flops_per_token, is_moe, quant_bits
+from gasungbi.plan.local import local_decode
+from gasungbi.plan.runs import read_run
+from gasungbi.plan.serving import Setup, estimate_serve
+from gasungbi.plan.training import FP8_TRAINING_SPEEDUP
 
 PUBLISHED = Path(__file__).with_name("published.json")
 CALIBRATION_KINDS = ("train_moe", "train_dense", "decode")
@@ -230,8 +232,8 @@ def predict(row: dict[str, Any], catalog: Catalog, constants: dict[str, float]) 
 
 
 def here_row(run_dir: str | Path, constants: dict[str, float]) -> Row:
-    """This machine: one of our training runs (``report.json`` with ``peak_flops_per_device`` and
-    ``flops_per_token``, as the trainer writes them) predicted at the dense MFU."""
+    """A row for one of our training runs (``report.json`` with ``peak_flops_per_device`` and
+    ``flops_per_token``, as the trainer writes them), predicted at the dense MFU."""
     run = read_run(run_dir)
     data = json.loads(Path(run.path).read_text()) if run.path.endswith(".json") else {}
     for key in ("peak_flops_per_device", "flops_per_token"):
@@ -246,7 +248,7 @@ def here_row(run_dir: str | Path, constants: dict[str, float]) -> Row:
 
 def read_decode_report(path: str | Path) -> dict[str, Any]:
     """A ``gasungbi generate --report`` file, checked: batch-1, non-speculative decode on a CPU of
-    this host, with a config.json the planner reads and a weight format it knows."""
+    the host that runs the backtest, with a config.json the planner reads and a weight format it knows."""
     import platform
 
     try:
@@ -278,10 +280,10 @@ def read_decode_report(path: str | Path) -> dict[str, Any]:
 
 
 def here_decode_row(report: str | Path, constants: dict[str, float]) -> Row:
-    """This machine: our engine's measured batch-1 decode (a ``gasungbi generate --report`` file)
-    beside the planner's prediction: the decode constant x ``plan here``'s ceiling (``local_decode``,
-    the lower of the memory- and compute-bound rates at this machine's STREAM bandwidth and matmul
-    FLOP/s, measured now) for the report's config.json and weights, at its mean context (prompt +
+    """A row for our engine's measured batch-1 decode (a ``gasungbi generate --report`` file made on
+    the local machine) beside the planner's prediction: the decode constant x ``plan here``'s ceiling
+    (``local_decode``, the lower of the memory- and compute-bound rates at the local STREAM bandwidth
+    and matmul FLOP/s, measured now) for the report's config.json and weights, at its mean context (prompt +
     half the new tokens)."""
     from gasungbi.plan import measure
 

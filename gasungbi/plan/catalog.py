@@ -11,7 +11,7 @@ Units: ``memory_gb`` in GB (1e9 bytes), ``bandwidth_gbs`` in GB/s, ``*_tflops`` 
 and ``network_gbs`` (the scale-out NIC per GPU, one direction: 400 Gb/s = 50 GB/s) in GB/s, optional
 (null: none or unknown; the expert-parallel estimate needs them), ``price_per_hour`` in USD per
 GPU-hour (rental), ``price_per_gb`` and ``platform_price`` in USD (purchase: the planner amortizes
-them, see ``estimate.py``).
+them, see ``serving.py``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
     gasungbi plan backtest                       # the planner against published runs
 
 Every subcommand takes ``--json`` and ``--catalog FILE`` (extra hardware entries). The arithmetic is
-in :mod:`gasungbi.plan.estimate`; this module parses, prints and draws. Importing it is cheap.
+in the modules named by their question (``counts``, ``training``, ``all_to_all``, ``serving``,
+``local``); this module parses, prints and draws. Importing it is cheap.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Annotated, Any, Literal
 from tyro.conf import UseAppendAction
 
 from gasungbi.errors import UserError
+from gasungbi.plan import options as opt
 
 
 Catalogs = Annotated[tuple[str, ...], UseAppendAction]
@@ -145,57 +147,8 @@ PLAN = {"train": train, "serve": serve, "here": here, "model": model, "backtest"
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
+# output
 # ---------------------------------------------------------------------------------------------
-
-def _check(value, flag: str, lo: float | None = None, hi: float | None = None, default=None):
-    """``value`` (``default`` when None), or a one-line UserError naming ``flag`` when out of range."""
-    if value is None:
-        return default
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-        raise UserError(f"{flag}: must be {bounds}, got {value!r}")
-    return value
-
-
-def _catalog(args: SimpleNamespace):
-    from gasungbi.plan.catalog import load_catalog
-
-    return load_catalog(args.catalog)
-
-
-def _config(spec: Any, args: SimpleNamespace | None = None):
-    """A preset name, config.json path or Hugging Face config dict -> ModelConfig; or the
-    ``--params/--active`` counts of ``args`` -> CountModel."""
-    from gasungbi.plan.models import resolve
-
-    if isinstance(spec, dict):
-        from gasungbi.config import from_hf_config
-
-        return from_hf_config(spec)
-    params, active = getattr(args, "params", None), getattr(args, "active", None)
-    if spec is None and params is None and active is None:
-        raise UserError("no model: pass --model (or --params N [--active N])")
-    return resolve(spec, params, active)
-
-
-def _custom_gpu(args: SimpleNamespace):
-    """``--peak-tflops X --bandwidth Y [--memory Z]`` -> a Gpu, or None when not given."""
-    if getattr(args, "peak_tflops", None) is None and getattr(args, "bandwidth", None) is None:
-        if getattr(args, "memory", None) is not None:
-            raise UserError("--memory goes with --peak-tflops and --bandwidth")
-        return None
-    if args.peak_tflops is None or args.bandwidth is None:
-        raise UserError("an unlisted accelerator needs both --peak-tflops and --bandwidth")
-    if args.hardware:
-        raise UserError("give --hardware or --peak-tflops/--bandwidth, not both")
-    from gasungbi.plan.catalog import custom_gpu
-
-    return custom_gpu(_check(args.peak_tflops, "--peak-tflops", lo=1e-9),
-                      _check(args.bandwidth, "--bandwidth", lo=1e-9),
-                      _check(args.memory, "--memory", lo=1e-9), getattr(args, "price", None) and
-                      _check(args.price, "--price", lo=0.0))
-
 
 def _si(x: float, unit: str = "") -> str:
     for suffix, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -226,66 +179,109 @@ def _mfu_text(est, gpu) -> str:
 
 
 def _train(args: SimpleNamespace) -> int:
-    from gasungbi.model.accounting import count_params
-    from gasungbi.plan import estimate as E
-    from gasungbi.plan.catalog import Gpu
+    from gasungbi.plan.counts import is_moe
+    from gasungbi.plan.runs import read_run
 
-    catalog = _catalog(args)
-    try:
-        tokens = E.parse_tokens(args.tokens)
-    except ValueError as e:
-        raise UserError(f"--tokens: {e}") from None
-    seq_len = _check(args.seq_len, "--seq-len", lo=1)
-    mfu = _check(args.mfu, "--mfu", lo=1e-6, hi=1.0)
-    price = _check(args.price, "--price", lo=0.0)
-    run = E.read_run(args.from_run) if args.from_run else None
-    counts = args.params is not None or args.active is not None
+    catalog = opt.catalog(args)
+    tokens = opt.tokens(args.tokens)
+    seq_len = opt.check(args.seq_len, "--seq-len", lo=1)
+    mfu = opt.check(args.mfu, "--mfu", lo=1e-6, hi=1.0)
+    price = opt.check(args.price, "--price", lo=0.0)
+    run = read_run(args.from_run) if args.from_run else None
+    cfg, model_name = _train_model(args, run)
+    custom = opt.accelerator(args)
+    gpu = _train_gpu(args, catalog, run, custom)
+    count = opt.check(args.count, "--count", lo=1, default=run.device_count if run else 1)
+    own_model = args.model is None and not opt.gives_counts(args)
+    if run and own_model and args.hardware is None and custom is None and mfu is None:
+        # The run's own model on the run's own devices: its measured throughput carries over.
+        est = _train_at_throughput(run, cfg, tokens, gpu, count, price, seq_len)
+    else:
+        est = _train_at_mfu(args, catalog, run, cfg, tokens, gpu, count, mfu, price, seq_len)
+
+    data, lines = _train_table(cfg, model_name, est, gpu)
+    default_mfu, dense = args.mfu is None and run is None, not is_moe(cfg)
+    if default_mfu:
+        data["calibration"] = _calibration_data(dense)
+    if args.expert_parallel is not None:  # beside the GPU-hours, before the calibration note
+        data["expert_parallel"], more = _expert_parallel(args, cfg, est, gpu, count)
+        lines += more
+    if default_mfu:
+        lines.append(_calibration_line(dense))
+    if args.chart:
+        _train_chart(args.chart, est, catalog)
+        lines.append(f"chart        {args.chart}")
+        data["chart"] = args.chart
+    return _emit(args, data, lines)
+
+
+def _train_model(args: SimpleNamespace, run) -> tuple[Any, str]:
+    """The model to train and its display name: ``--model``, the counts, or the run's own model."""
+    counts = opt.gives_counts(args)
     if args.model is None and run is None and not counts:
         raise UserError("give --model, --params N [--active N] or --from-run DIR")
-    cfg = _config(args.model if args.model is not None or counts else run.model, args)
+    cfg = opt.model(args.model if args.model is not None or counts else run.model, args)
     model_name = args.model or (f"{args.params} parameters ({args.active or args.params} active)" if counts
                                 else run.name)
-    custom = _custom_gpu(args)
+    return cfg, model_name
+
+
+def _train_gpu(args: SimpleNamespace, catalog, run, custom):
+    """The GPU to train on: the unlisted accelerator, ``--hardware``, or the run's device when the
+    catalog knows it (else None)."""
+    from gasungbi.plan.catalog import Gpu
+
     gpu = custom or (catalog.lookup(args.hardware) if args.hardware
                      else (catalog.match_device(run.device) if run else None))
     if args.hardware and not isinstance(gpu, Gpu):
         raise UserError(f"--hardware {args.hardware!r} is a memory platform; plan train needs a GPU: "
                         f"{', '.join(catalog.gpus)}")
-    count = _check(args.count, "--count", lo=1, default=run.device_count if run else 1)
+    return gpu
 
-    if run and args.hardware is None and custom is None and args.model is None and not counts and mfu is None:
-        # The run's own model on the run's own devices: its measured throughput carries over.
-        price = price if price is not None else (gpu.price_per_hour if gpu else None)
-        est = E.estimate_train_from_throughput(cfg, tokens, run.tokens_per_s, run.device_count, count,
-                                               gpu.key if gpu else run.device, run.mfu, price, seq_len)
-        est.basis = f"measured {run.tokens_per_s:,.1f} tokens/s on {run.device_count}x {run.device} ({run.path})"
-    else:
-        if gpu is None:
-            hint = f"the run's device {run.device!r} is not in the catalog; " if run else ""
-            raise UserError(f"{hint}pass --hardware (one of: {', '.join(catalog.gpus)})")
-        if run and mfu is None:
-            if run.mfu <= 0:
-                raise UserError(f"{run.path}: mfu is {run.mfu}; pass --mfu")
-            mfu = run.mfu
-        try:
-            est = E.estimate_train(cfg, tokens, gpu, count, mfu, price, seq_len, precision=args.precision)
-        except ValueError as e:
-            raise UserError(f"--precision {args.precision}: {e}") from None
-        if run and args.mfu is None:
-            est.basis = f"MFU measured in {run.path}"
 
-    if isinstance(cfg, E.CountModel):
+def _train_at_throughput(run, cfg, tokens: float, gpu, count: int, price: float | None, seq_len: int):
+    """The estimate at the run's measured tokens/s, scaled to ``count`` devices."""
+    from gasungbi.plan.training import estimate_train_from_throughput
+
+    price = price if price is not None else (gpu.price_per_hour if gpu else None)
+    est = estimate_train_from_throughput(cfg, tokens, run.tokens_per_s, run.device_count, count,
+                                         gpu.key if gpu else run.device, run.mfu, price, seq_len)
+    est.basis = f"measured {run.tokens_per_s:,.1f} tokens/s on {run.device_count}x {run.device} ({run.path})"
+    return est
+
+
+def _train_at_mfu(args: SimpleNamespace, catalog, run, cfg, tokens: float, gpu, count: int, mfu: float | None,
+                  price: float | None, seq_len: int):
+    """The estimate at ``--mfu``, else the run's measured MFU, else the calibrated default."""
+    from gasungbi.plan.training import estimate_train
+
+    if gpu is None:
+        hint = f"the run's device {run.device!r} is not in the catalog; " if run else ""
+        raise UserError(f"{hint}pass --hardware (one of: {', '.join(catalog.gpus)})")
+    if run and mfu is None:
+        if run.mfu <= 0:
+            raise UserError(f"{run.path}: mfu is {run.mfu}; pass --mfu")
+        mfu = run.mfu
+    try:
+        est = estimate_train(cfg, tokens, gpu, count, mfu, price, seq_len, precision=args.precision)
+    except ValueError as e:
+        raise UserError(f"--precision {args.precision}: {e}") from None
+    if run and args.mfu is None:
+        est.basis = f"MFU measured in {run.path}"
+    return est
+
+
+def _train_table(cfg, model_name: str, est, gpu) -> tuple[dict[str, Any], list[str]]:
+    """The estimate as JSON and as the lines of the table, model to cost."""
+    from gasungbi.model.accounting import count_params
+    from gasungbi.plan.counts import CountModel
+
+    if isinstance(cfg, CountModel):
         total, activated = cfg.params, cfg.active
     else:
         pc = count_params(cfg)
         total, activated = pc.total, pc.activated
     data = {"model": model_name, "total_params": total, "activated_params": activated, **est.to_dict()}
-    default_mfu, dense = args.mfu is None and run is None, not E.is_moe(cfg)
-    if default_mfu:
-        data["calibration"] = {"deepseek_v3": E.DEEPSEEK_V3, "calibrated_mfu": E.CALIBRATED_MFU,
-                               "calibrated_fp8_mfu": E.CALIBRATED_FP8_MFU,
-                               "calibrated_dense_mfu": E.CALIBRATED_DENSE_MFU, "dense": dense,
-                               "fp8_training_speedup": E.FP8_TRAINING_SPEEDUP}
     lines = [
         f"model        {model_name}: {_si(total)} total, {_si(activated)} activated parameters",
         f"hardware     {est.count:,}x {est.hardware}" + (f" ({est.peak_bf16_tflops:g} dense BF16 TFLOPS each)"
@@ -297,53 +293,67 @@ def _train(args: SimpleNamespace) -> int:
         f"GPU-hours    {est.gpu_hours / 1e6:,.4g}M" if est.gpu_hours >= 1e5 else f"GPU-hours    {est.gpu_hours:,.1f}",
         "wall clock   " + (f"{est.days:,.1f} days" if est.days >= 1 else f"{est.days * 24:,.2f} hours")
         + f" on {est.count:,} GPU{'s' if est.count != 1 else ''}",
-        "cost         " + (f"${est.dollars:,.{0 if est.dollars >= 100 else 2}f} at ${est.price_per_hour:g}/GPU-hour" if est.dollars is not None
-                            else "n/a (no price for this device: pass --price)"),
+        "cost         " + (f"${est.dollars:,.{0 if est.dollars >= 100 else 2}f} at ${est.price_per_hour:g}/GPU-hour"
+                           if est.dollars is not None else "n/a (no price for this device: pass --price)"),
     ]
-    if args.expert_parallel is not None:  # beside the GPU-hours, before the calibration note
-        data["expert_parallel"], more = _expert_parallel(args, cfg, est, gpu, count)
-        lines += more
-    if default_mfu and dense:
-        lines.append(f"calibration  dense: Meta's Llama 3.1 405B card reports 30.84M H100-hours for 15.6T tokens, "
-                     f"{E.CALIBRATED_DENSE_MFU:.1%} of the BF16 peak under this FLOP count (the Llama 3 paper: "
-                     f"38-43%); `gasungbi plan backtest` checks it against other published dense runs. A mixture "
-                     f"of experts gets DeepSeek-V3's {E.CALIBRATED_MFU:.1%}.")
-    elif default_mfu:
-        d = E.DEEPSEEK_V3
-        lines.append(f"calibration  DeepSeek-V3 reports {d['pretrain_gpu_hours'] / 1e6:.3f}M H800-hours for "
-                     f"pre-training on 14.8T tokens (${d['pretrain_usd'] / 1e6:.3f}M at $2/h); "
-                     f"{d['total_gpu_hours'] / 1e6:.3f}M (${d['total_usd'] / 1e6:.3f}M) with context extension "
-                     f"and post-training; that is an implied MFU of {E.CALIBRATED_FP8_MFU:.1%} of the H800's "
-                     f"dense FP8 peak (DeepSeek-V3 ran its GEMMs in FP8). A BF16 run is taken as "
-                     f"{E.FP8_TRAINING_SPEEDUP:g}x slower (torchao's published FP8 speed-ups, 1.34-1.51x): "
-                     f"{E.CALIBRATED_MFU:.1%} of the BF16 peak.")
-    if args.chart:
-        if est.dollars is None:
-            raise UserError("--chart needs a price: pass --price")
-        curves = {est.hardware: est.dollars / est.tokens}
-        if est.mfu:
-            for g in catalog.gpus.values():
-                if g.key != est.hardware:
-                    curves[g.key] = est.flops_per_token / (est.mfu * g.bf16_tflops * 1e12) / 3600 * g.price_per_hour
-        from gasungbi.plan.charts import train_chart
+    return data, lines
 
-        train_chart(args.chart, curves, (est.hardware, est.tokens, est.dollars))
-        lines.append(f"chart        {args.chart}")
-        data["chart"] = args.chart
-    return _emit(args, data, lines)
+
+def _calibration_data(dense: bool) -> dict[str, Any]:
+    """The published figures and constants behind the default MFU, for ``--json``."""
+    from gasungbi.plan.training import (CALIBRATED_DENSE_MFU, CALIBRATED_FP8_MFU, CALIBRATED_MFU, DEEPSEEK_V3,
+                                        FP8_TRAINING_SPEEDUP)
+
+    return {"deepseek_v3": DEEPSEEK_V3, "calibrated_mfu": CALIBRATED_MFU, "calibrated_fp8_mfu": CALIBRATED_FP8_MFU,
+            "calibrated_dense_mfu": CALIBRATED_DENSE_MFU, "dense": dense, "fp8_training_speedup": FP8_TRAINING_SPEEDUP}
+
+
+def _calibration_line(dense: bool) -> str:
+    """Where the default MFU comes from: Llama 3.1 405B for a dense model, DeepSeek-V3 for an MoE."""
+    from gasungbi.plan.training import (CALIBRATED_DENSE_MFU, CALIBRATED_FP8_MFU, CALIBRATED_MFU, DEEPSEEK_V3,
+                                        FP8_TRAINING_SPEEDUP)
+
+    if dense:
+        return (f"calibration  dense: Meta's Llama 3.1 405B card reports 30.84M H100-hours for 15.6T tokens, "
+                f"{CALIBRATED_DENSE_MFU:.1%} of the BF16 peak under this FLOP count (the Llama 3 paper: "
+                f"38-43%); `gasungbi plan backtest` checks it against other published dense runs. A mixture "
+                f"of experts gets DeepSeek-V3's {CALIBRATED_MFU:.1%}.")
+    d = DEEPSEEK_V3
+    return (f"calibration  DeepSeek-V3 reports {d['pretrain_gpu_hours'] / 1e6:.3f}M H800-hours for "
+            f"pre-training on 14.8T tokens (${d['pretrain_usd'] / 1e6:.3f}M at $2/h); "
+            f"{d['total_gpu_hours'] / 1e6:.3f}M (${d['total_usd'] / 1e6:.3f}M) with context extension "
+            f"and post-training; that is an implied MFU of {CALIBRATED_FP8_MFU:.1%} of the H800's "
+            f"dense FP8 peak (DeepSeek-V3 ran its GEMMs in FP8). A BF16 run is taken as "
+            f"{FP8_TRAINING_SPEEDUP:g}x slower (torchao's published FP8 speed-ups, 1.34-1.51x): "
+            f"{CALIBRATED_MFU:.1%} of the BF16 peak.")
+
+
+def _train_chart(path: str, est, catalog) -> None:
+    """Dollars against tokens for the estimate's GPU and, at the same MFU, every other catalog GPU."""
+    from gasungbi.plan.charts import train_chart
+
+    if est.dollars is None:
+        raise UserError("--chart needs a price: pass --price")
+    curves = {est.hardware: est.dollars / est.tokens}
+    if est.mfu:
+        for g in catalog.gpus.values():
+            if g.key != est.hardware:
+                curves[g.key] = est.flops_per_token / (est.mfu * g.bf16_tflops * 1e12) / 3600 * g.price_per_hour
+    train_chart(path, curves, (est.hardware, est.tokens, est.dollars))
 
 
 def _expert_parallel(args: SimpleNamespace, cfg, est, gpu, count: int) -> tuple[dict[str, Any], list[str]]:
     """``--expert-parallel K``: the all-to-all estimate as JSON and as lines of the table."""
-    from gasungbi.plan import estimate as E
+    from gasungbi.plan.all_to_all import estimate_expert_parallel, node_limit_of
+    from gasungbi.plan.counts import CountModel
 
-    K = _check(args.expert_parallel, "--expert-parallel", lo=1)
-    G = _check(args.gpus_per_node, "--gpus-per-node", lo=1)
+    K = opt.check(args.expert_parallel, "--expert-parallel", lo=1)
+    G = opt.check(args.gpus_per_node, "--gpus-per-node", lo=1)
     if K > count:
         raise UserError(f"--expert-parallel {K} needs at least {K} GPUs; --count is {count}")
-    if gpu is None or isinstance(cfg, E.CountModel):
+    if gpu is None or isinstance(cfg, CountModel):
         raise UserError("--expert-parallel needs --model (an MoE architecture) and --hardware (a GPU)")
-    ep = E.estimate_expert_parallel(cfg, est, gpu, K, G, E.node_limit_of(cfg, K, G), dispatch=args.dispatch)
+    ep = estimate_expert_parallel(cfg, est, gpu, K, G, node_limit_of(cfg, K, G), dispatch=args.dispatch)
     limit = f", node-limited routing: at most {ep.node_limit} nodes per token" if ep.node_limit else ""
     links = ", ".join(x for x in (f"network {ep.network_gbs:g} GB/s" if ep.nodes > 1 else "",
                                    f"NVLink {ep.nvlink_gbs_each_way:g} GB/s" if ep.within_node_bytes else "") if x)
@@ -376,42 +386,66 @@ def _expert_parallel(args: SimpleNamespace, cfg, est, gpu, count: int) -> tuple[
 # ---------------------------------------------------------------------------------------------
 
 def _serve(args: SimpleNamespace) -> int:
-    from gasungbi.plan import estimate as E
-    from gasungbi.plan.catalog import Hardware, parse_hardware
+    from gasungbi.plan.counts import quant_bits
+    from gasungbi.plan.serving import DEFAULT_GPU, DEFAULT_MEMORY, compare_setups
 
-    catalog = _catalog(args)
-    counts = args.params is not None or args.active is not None
-    cfg = _config(None if counts else args.model, args)
+    catalog = opt.catalog(args)
+    counts = opt.gives_counts(args)
+    cfg = opt.model(None if counts else args.model, args)
     model_name = f"{args.params} parameters ({args.active or args.params} active)" if counts else args.model
-    E.quant_bits(args.quant)
+    quant_bits(args.quant)
     quant = args.quant.lower()
-    context = _check(args.context, "--context", lo=0)
-    batch = _check(args.batch, "--batch", lo=1)
-    ddr_gb = _check(args.ddr_gb, "--ddr-gb", lo=1.0)
-    custom = _custom_gpu(args)
-    if custom is not None:
-        hw = Hardware(gpu=custom, gpu_count=_check(args.count, "--count", lo=1, default=1))
-    elif args.hardware:
-        if args.count is not None:
-            raise UserError("--count goes with --peak-tflops/--bandwidth; in --hardware write '8x h200'")
-        hw = parse_hardware(args.hardware, catalog)
-    else:
-        raise UserError("give --hardware (a catalog name) or --peak-tflops X --bandwidth Y")
-    defaults = dict(default_gpu=catalog.lookup(E.DEFAULT_GPU), default_memory=catalog.lookup(E.DEFAULT_MEMORY))
-    results = E.compare_setups(cfg, hw, quant, context, batch, ddr_gb, **defaults)
+    context = opt.check(args.context, "--context", lo=0)
+    batch = opt.check(args.batch, "--batch", lo=1)
+    ddr_gb = opt.check(args.ddr_gb, "--ddr-gb", lo=1.0)
+    hw = _serve_hardware(args, catalog)
+    defaults = dict(default_gpu=catalog.lookup(DEFAULT_GPU), default_memory=catalog.lookup(DEFAULT_MEMORY))
+    results = compare_setups(cfg, hw, quant, context, batch, ddr_gb, **defaults)
     req = results[0]
-    if counts:
-        kv = mha = 0
-        kv_line = "KV cache not counted (--params/--active give no attention shape; pass --model for it)"
-    else:
-        kv, mha = E.kv_bytes_per_token(cfg), E.mha_kv_bytes_per_token(cfg)
-        kv_line = (f"KV cache {kv / 1e3:,.1f} KB/token in bf16 ({'MLA latent' if cfg.is_mla else 'GQA'}; an MHA "
-                   f"model of this shape: {mha / 1e6:,.2f} MB/token, {mha / kv:.1f}x)")
-
+    kv, mha, kv_line = _kv_line(None if counts else cfg)
     lines = [f"{model_name} at {quant} ({req.bits_per_weight:g} bits/weight), context {context:,}, batch {batch}"
              + (" (MTP modules not served)" if not counts and cfg.num_nextn_predict_layers else ""),
-             kv_line, "",
-             f"requested: {req.setup}  [{req.kind}]",
+             kv_line, ""]
+    lines += _requested_lines(req, hw)
+    lines += _comparison_lines(results, quant, context, batch)
+    data = {"model": model_name, "kv_bytes_per_token": kv, "mha_kv_bytes_per_token": mha,
+            "requested": req.to_dict(), "comparison": [r.to_dict() for r in results]}
+    if args.chart:
+        _serve_chart(args.chart, cfg, hw, model_name, context, batch, ddr_gb, defaults)
+        lines.append(f"\nchart: {args.chart}")
+        data["chart"] = args.chart
+    return _emit(args, data, lines)
+
+
+def _serve_hardware(args: SimpleNamespace, catalog):
+    """The set-up to serve on: the unlisted accelerator (``--count`` of them) or ``--hardware``."""
+    from gasungbi.plan.catalog import Hardware, parse_hardware
+
+    custom = opt.accelerator(args)
+    if custom is not None:
+        return Hardware(gpu=custom, gpu_count=opt.check(args.count, "--count", lo=1, default=1))
+    if args.hardware:
+        if args.count is not None:
+            raise UserError("--count goes with --peak-tflops/--bandwidth; in --hardware write '8x h200'")
+        return parse_hardware(args.hardware, catalog)
+    raise UserError("give --hardware (a catalog name) or --peak-tflops X --bandwidth Y")
+
+
+def _kv_line(cfg) -> tuple[int, int, str]:
+    """KV cache bytes per token of ``cfg`` and of an MHA model of its shape, and the line that
+    compares them; zeros when the model is known by its counts alone (``cfg`` None)."""
+    from gasungbi.plan.counts import kv_bytes_per_token, mha_kv_bytes_per_token
+
+    if cfg is None:
+        return 0, 0, "KV cache not counted (--params/--active give no attention shape; pass --model for it)"
+    kv, mha = kv_bytes_per_token(cfg), mha_kv_bytes_per_token(cfg)
+    return kv, mha, (f"KV cache {kv / 1e3:,.1f} KB/token in bf16 ({'MLA latent' if cfg.is_mla else 'GQA'}; an MHA "
+                     f"model of this shape: {mha / 1e6:,.2f} MB/token, {mha / kv:.1f}x)")
+
+
+def _requested_lines(req, hw) -> list[str]:
+    """The requested set-up: where each part lives, the fit and reads per memory, ceilings, cost."""
+    lines = [f"requested: {req.setup}  [{req.kind}]",
              f"  {'part':<16}{'where':<7}{'GB':>10}"]
     for part, gb in req.parts_gb.items():
         lines.append(f"  {part:<16}{req.placement[part]:<7}{gb:>10,.2f}")
@@ -427,30 +461,35 @@ def _serve(args: SimpleNamespace) -> int:
                                         if req.prefill_tokens_per_s else "n/a (no FLOPS figure for the CPU)"),
               f"  cost             ${req.cost_per_hour:,.3f}/hour -> ${req.usd_per_million_tokens:,.2f} per 1M output "
               "tokens at the ceiling (GPUs rented; DDR platforms bought, 3 years 24/7, no power)"]
-    lines += [f"  note: {n}" for n in req.notes]
-    lines += ["", f"comparison ({quant}, context {context:,}, batch {batch}):",
-              f"  {'set-up':<44}{'kind':<9}{'fits':<6}{'GPU GB':>8}{'DDR GB':>8}{'decode/s':>10}"
-              f"{'prefill/s':>11}{'$/hour':>9}{'$/1M tok':>10}"]
+    return lines + [f"  note: {n}" for n in req.notes]
+
+
+def _comparison_lines(results, quant: str, context: int, batch: int) -> list[str]:
+    """One row per set-up: kind, fit, GB per memory, ceilings and cost."""
+    lines = ["", f"comparison ({quant}, context {context:,}, batch {batch}):",
+             f"  {'set-up':<44}{'kind':<9}{'fits':<6}{'GPU GB':>8}{'DDR GB':>8}{'decode/s':>10}"
+             f"{'prefill/s':>11}{'$/hour':>9}{'$/1M tok':>10}"]
     for r in results:
         pre = f"{r.prefill_tokens_per_s:,.0f}" if r.prefill_tokens_per_s else "n/a"
         lines.append(f"  {r.setup:<44}{r.kind:<9}{'yes' if r.fits else 'no':<6}{r.stored_gb.get('gpu', 0):>8,.1f}"
                      f"{r.stored_gb.get('ddr', 0):>8,.1f}{r.decode_tokens_per_s:>10,.1f}{pre:>11}"
                      f"{r.cost_per_hour:>9,.2f}{r.usd_per_million_tokens:>10,.2f}")
-    data = {"model": model_name, "kv_bytes_per_token": kv, "mha_kv_bytes_per_token": mha,
-            "requested": req.to_dict(), "comparison": [r.to_dict() for r in results]}
-    if args.chart:
-        rows: dict[str, dict[str, float]] = {}
-        for q in ("bf16", "fp8", "int8", "int4", "q4_k_m"):
-            for r in E.compare_setups(cfg, hw, q, context, batch, ddr_gb, **defaults):
-                label = r.kind + "\n" + r.setup.split(" (")[0]
-                label = label if r.kind != "all-HBM" else f"all-HBM\n(N x {(hw.gpu or defaults['default_gpu']).key})"
-                rows.setdefault(label, {})[q] = r.decode_tokens_per_s if r.fits else 0.0
-        from gasungbi.plan.charts import serve_chart
+    return lines
 
-        serve_chart(args.chart, rows, f"{model_name}: decode ceiling, context {context:,}, batch {batch}")
-        lines.append(f"\nchart: {args.chart}")
-        data["chart"] = args.chart
-    return _emit(args, data, lines)
+
+def _serve_chart(path: str, cfg, hw, model_name: str, context: int, batch: int, ddr_gb: float | None,
+                 defaults: dict[str, Any]) -> None:
+    """Decode ceilings by set-up kind and weight format (0 where the model does not fit)."""
+    from gasungbi.plan.charts import serve_chart
+    from gasungbi.plan.serving import compare_setups
+
+    rows: dict[str, dict[str, float]] = {}
+    for q in ("bf16", "fp8", "int8", "int4", "q4_k_m"):
+        for r in compare_setups(cfg, hw, q, context, batch, ddr_gb, **defaults):
+            label = r.kind + "\n" + r.setup.split(" (")[0]
+            label = label if r.kind != "all-HBM" else f"all-HBM\n(N x {(hw.gpu or defaults['default_gpu']).key})"
+            rows.setdefault(label, {})[q] = r.decode_tokens_per_s if r.fits else 0.0
+    serve_chart(path, rows, f"{model_name}: decode ceiling, context {context:,}, batch {batch}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,14 +499,14 @@ def _serve(args: SimpleNamespace) -> int:
 def _here(args: SimpleNamespace) -> int:
     import torch
 
-    from gasungbi.plan import estimate as E
+    from gasungbi.plan.local import local_decode
     from gasungbi.plan.measure import measure_matmul_flops, measure_memory_bandwidth
 
-    cfg = _config(args.model)
-    context = _check(args.context, "--context", lo=0)
+    cfg = opt.model(args.model)
+    context = opt.check(args.context, "--context", lo=0)
     bw = measure_memory_bandwidth()
     flops = measure_matmul_flops(torch.float32)
-    rows = [E.local_decode(cfg, bw, flops, q, context) for q in ("fp32", "int8", "int4")]
+    rows = [local_decode(cfg, bw, flops, q, context) for q in ("fp32", "int8", "int4")]
     data = {"model": args.model, "memory_bandwidth_bytes_per_s": bw, "matmul_flops_fp32": flops,
             "threads": torch.get_num_threads(), "context": context, "decode": rows}
     lines = [f"memory bandwidth  {bw / 1e9:,.1f} GB/s (STREAM-style copy of 256 MB, best of 5)",
@@ -486,11 +525,11 @@ def _here(args: SimpleNamespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def _model_cmd(args: SimpleNamespace) -> int:
-    from gasungbi.plan import estimate as E
+    from gasungbi.plan.counts import model_accounting
 
-    cfg = _config(args.model)
-    seq_len = _check(args.seq_len, "--seq-len", lo=1)
-    acc = E.model_accounting(cfg, seq_len)
+    cfg = opt.model(args.model)
+    seq_len = opt.check(args.seq_len, "--seq-len", lo=1)
+    acc = model_accounting(cfg, seq_len)
     lines = [f"{args.model}: {'MLA' if cfg.is_mla else 'GQA'}, {cfg.num_hidden_layers} layers",
              f"  {'component':<16}{'total':>10}{'activated':>11}"]
     for k, v in acc["components"].items():
@@ -515,5 +554,5 @@ def _model_cmd(args: SimpleNamespace) -> int:
 def _backtest(args: SimpleNamespace) -> int:
     from gasungbi.plan.backtest import format_backtest, run_backtest
 
-    bt = run_backtest(_catalog(args), args.run, decode=args.decode)
+    bt = run_backtest(opt.catalog(args), args.run, decode=args.decode)
     return _emit(args, bt.to_dict(), format_backtest(bt, sources=args.sources))

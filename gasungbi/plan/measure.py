@@ -1,4 +1,5 @@
-"""Quick measurements of this machine: memory bandwidth and matmul FLOP/s (each well under 5 s).
+"""Quick measurements of the machine it runs on: memory bandwidth and matmul FLOP/s (each well
+under 5 s).
 
 ``measure_matmul_flops`` is also what the trainer uses as the peak for MFU on a CPU.
 """

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from gasungbi.config import PRESETS, ModelConfig, from_hf_config, get_preset
-from gasungbi.plan.estimate import CountModel, Model, parse_tokens
+from gasungbi.plan.counts import CountModel, Model, parse_tokens
 
 
 def model_from_spec(spec: str) -> ModelConfig:
