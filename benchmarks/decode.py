@@ -34,7 +34,8 @@ import torch
 import gasungbi
 from gasungbi.infer import native
 from gasungbi.infer.decode import decode_steps
-from gasungbi.infer.quant import QuantExperts, perplexity, quantize
+from gasungbi.eval.perplexity import perplexity
+from gasungbi.infer.quant import QuantExperts, quantize
 from gasungbi.infer.sampling import GREEDY, SamplingParams
 from gasungbi.model.moe import Experts
 

@@ -524,7 +524,8 @@ def test_quantized_checkpoint_with_a_tensor_missing_or_renamed_does_not_load(mod
 
 def test_perplexity_change_of_a_trained_model(trained):
     """Targets: int8 within +1%, int4 (group 128, here 64 = the width) within +5% of fp32."""
-    from gasungbi.infer.quant import perplexity, quantize
+    from gasungbi.eval.perplexity import perplexity
+    from gasungbi.infer.quant import quantize
     val = _corpus(8192, seed=1)
     base = perplexity(trained, val, 128)
     assert base < 5  # trained: the untrained model is at ~512

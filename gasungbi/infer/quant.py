@@ -46,7 +46,6 @@ gasungbi's own: transformers refuses its ``quant_method``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -592,35 +591,3 @@ def load_fp8_quantized(path: str | os.PathLike, mode: str, group_size: int = 128
         return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
-# ---------------------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def perplexity(model: Transformer, tokens: torch.Tensor, seq_len: int = 256, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of ``seq_len`` tokens of ``tokens`` [N]
-    (a minimal evaluator for comparing a model with its quantized copy)."""
-    device = model.model.embed_tokens.weight.device
-    n = (tokens.numel() - 1) // seq_len
-    if n < 1:
-        raise ValueError(f"need more than {seq_len} tokens, got {tokens.numel()}")
-    x = tokens[: n * seq_len].view(n, seq_len)
-    y = tokens[1: n * seq_len + 1].view(n, seq_len)
-    total = 0.0
-    for i in range(0, n, batch_size):
-        logits = model(x[i:i + batch_size].to(device)).float()
-        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch_size].flatten().to(device),
-                                 reduction="sum").item()
-    return math.exp(total / (n * seq_len))
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (quantized weights at their stored size)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen and not t.is_meta:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
