@@ -126,9 +126,11 @@ def quantize_cmd(checkpoint: Positional[str], mode: Literal["int8", "int4", "fp8
     import torch
 
     from gasungbi.eval.perplexity import perplexity
-    from gasungbi.infer.quant import load_quantized, quantization_config, quantize_state_dict, save_quantized
+    from gasungbi.infer.load import load_quantized
+    from gasungbi.infer.quant import quantize_state_dict
     from gasungbi.interop.fp8 import fp8_config
     from gasungbi.interop.hf import load_model
+    from gasungbi.interop.quantized import quantization_config, save_quantized
 
     if quantization_config(checkpoint) is not None:
         raise UserError(f"{checkpoint} is already quantized")

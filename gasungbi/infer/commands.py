@@ -189,7 +189,7 @@ def write_decode_report(path: str, args: ModelArgs, model, stats, speculative: b
     import torch
 
     from gasungbi.atomic import write_text
-    from gasungbi.infer.quant import quantization_config
+    from gasungbi.interop.quantized import quantization_config
 
     qcfg, weight = quantization_config(args.checkpoint), next(model.parameters())
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

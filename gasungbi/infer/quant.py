@@ -25,36 +25,23 @@ are; the result is cast back):
   CUDA  int8: dequantize-and-matmul (gpt-fast's int8 path; PyTorch's CUDA int8pack kernel is a
         naive fp32 one); int4: ``torch._convert_weight_to_int4pack`` + ``torch._weight_int4pack_mm``
 
-Files. :func:`quantize_state_dict` gives a *portable* state dict, one naming scheme for every
-quantized tensor: the values keep the float parameter's name (``model.layers.0.self_attn.o_proj.weight``,
-``model.layers.1.mlp.experts.gate_proj``) and its scales are ``<that name>_scales``:
-  int8  values int8 [..., N, K]; scales fp32 [..., N]
-  int4  values uint8 [..., N, K/2], two 4-bit values per byte, high nibble first;
-        scales fp32 [..., K/g, N, 2] (scale, zero per group of g input columns)
-The mode follows from the values' dtype and the int4 group size from the scales' shape; every
-other tensor is the float model's. :func:`save_quantized` writes it with the config
-(``quantization_config`` in config.json: ``quant_method``, ``mode``, the requested ``group_size``
-and ``format_version``). :func:`from_quantized_state_dict` builds the float model on the meta
-device, swaps in a quantized module wherever the state dict holds quantized tensors (its portable
-tensors are buffers under exactly those names), loads with ``load_state_dict(strict=True,
-assign=True)`` (a missing or unexpected tensor is an error naming it), then each quantized module's
-``prepare(device)`` turns its tensors into the kernel layout of its device. Format 1 (``.scales`` /
-``.scales_and_zeros`` suffixes) is refused: re-run ``gasungbi quantize``. A quantized checkpoint is
-gasungbi's own: transformers refuses its ``quant_method``.
+Files. :func:`quantize_state_dict` gives a *portable* state dict: each quantized tensor's values
+under the float parameter's name and its scales under ``<that name>_scales``, every other tensor the
+float model's (the file format that holds it: :mod:`gasungbi.interop.quantized`).
+:func:`from_quantized_state_dict` builds the float model on the meta device, swaps in a quantized
+module wherever the state dict holds quantized tensors (its portable tensors are buffers under
+exactly those names), loads with ``load_state_dict(strict=True, assign=True)`` (a missing or
+unexpected tensor is an error naming it), then each quantized module's ``prepare(device)`` turns its
+tensors into the kernel layout of its device.
 """
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gasungbi import atomic
-from gasungbi.config import CheckpointError, ModelConfig, from_hf_config, to_hf_config
+from gasungbi.config import ModelConfig
 from gasungbi.infer import native
 from gasungbi.infer.placement import offload_experts
 from gasungbi.model.layers import MLP
@@ -62,15 +49,12 @@ from gasungbi.model.moe import Experts, dispatch, expert_counts
 from gasungbi.model.transformer import Transformer, build_model
 
 MODES = ("int8", "int4")
-QUANT_METHOD = "gasungbi"
 SKIP = ("kv_b_proj",)  # read as a raw weight by the absorbed MLA
-FORMAT_VERSION = 2  # 1: ".scales" / ".scales_and_zeros" suffixes, the mode spelled in the name
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # an MLP's projections; the experts' stacked tensors
 _GROUPS = (256, 128, 64, 32)
-_COMPUTE = torch.bfloat16
 # torch 2.13's CPU _weight_int8pack_mm segfaults when a weight's input width is not a multiple of 16
 # (seen for 8, 24, 40; 16, 32, 48, 64, 96 work): such matrices stay in floating point
 INT8_K_MULTIPLE = 16
-_PROJS = ("gate_proj", "up_proj", "down_proj")
 _MODE_OF = {torch.int8: "int8", torch.uint8: "int4"}  # the dtype of the quantized values
 
 
@@ -124,6 +108,78 @@ def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     scales, zeros = sz.transpose(-3, -2).unbind(-1)  # (..., N, G)
     q = q.reshape(*lead, N, G, K // G)
     return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(*lead, N, K)
+
+
+def _quantize(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable (values, scales) of w [..., N, K]; int4 falls back to int8 on shapes it cannot take."""
+    g = int4_group_size(w.shape[-2], w.shape[-1], group_size) if mode == "int4" else None
+    return quantize_int8(w) if g is None else quantize_int4(w, g)
+
+
+def quantize_weight(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Portable (values, scales) of w [..., N, K], or None where it stays in floating point (an input
+    width that is not a multiple of :data:`INT8_K_MULTIPLE`)."""
+    return None if w.shape[-1] % INT8_K_MULTIPLE else _quantize(w, mode, group_size)
+
+
+def check_mode(mode: str) -> None:
+    """``ValueError`` naming the supported modes unless ``mode`` is one."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; supported: {', '.join(MODES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# state-dict transform
+# ---------------------------------------------------------------------------------------------
+
+def quant_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the Linear layers and the Experts modules to quantize."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and not n.endswith(SKIP) and not (tied and n == "lm_head")]
+    experts = [n for n, m in model.named_modules() if isinstance(m, Experts)]
+    return linears, experts
+
+
+def quantized_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of the tensors to quantize: the target Linears' weights and the routed
+    experts' stacked projections."""
+    linears, experts = quant_targets(model)
+    return [f"{n}.weight" for n in linears] + [f"{n}.{p}" for n in experts for p in EXPERT_PROJS]
+
+
+@torch.no_grad()
+def quantize_state_dict(model: Transformer, mode: str = "int8", group_size: int = 128) -> dict[str, torch.Tensor]:
+    """The portable quantized state dict of ``model`` (on the CPU; see the module docstring)."""
+    check_mode(mode)
+    out = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    for key in quantized_keys(model):
+        quantized = quantize_weight(out[key], mode, group_size)
+        if quantized is not None:
+            out[key], out[f"{key}_scales"] = quantized
+    return out
+
+
+def portable_layout(qsd: dict[str, torch.Tensor], key: str, shape: torch.Size) -> tuple[str, int | None] | None:
+    """(mode, int4 groups per row) in which ``qsd`` holds the float tensor ``key`` of ``shape``
+    [..., N, K]: the mode from the values' dtype (else from the scales' rank), the groups from the
+    scales' shape; None when it is in floating point (neither quantized values nor scales)."""
+    v, s = qsd.get(key), qsd.get(f"{key}_scales")
+    mode = _MODE_OF.get(v.dtype) if v is not None else None
+    if mode is None and s is not None:
+        mode = "int4" if s.dim() == len(shape) + 1 else "int8"
+    if mode != "int4":
+        return None if mode is None else ("int8", None)
+    if s is None or s.dim() != len(shape) + 1:
+        return "int4", 1  # the strict load names the missing or misshapen scales
+    k, groups = shape[-1], s.shape[-3]
+    if groups < 1 or k % groups or k // groups not in _GROUPS:
+        raise ValueError(f"{key}_scales: {groups} groups of {k} columns; the int4 kernels take groups of "
+                         f"{', '.join(map(str, _GROUPS))}")
+    return "int4", groups
+
+
+_COMPUTE = torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +371,7 @@ class QuantExperts(nn.Module):
             _portable(self, proj, shape, *layouts[proj])
 
     def prepare(self, device: torch.device) -> None:
-        gate, up, down = ((self._buffers.pop(p), self._buffers.pop(f"{p}_scales")) for p in _PROJS)
+        gate, up, down = ((self._buffers.pop(p), self._buffers.pop(f"{p}_scales")) for p in EXPERT_PROJS)
         self.gate_up, (gu_q, gu_s) = _fused(self.layouts["gate_proj"][0], gate, up, device)
         down_mode = self.layouts["down_proj"][0]
         down_q = _aligned(down[0].to(device)) if down_mode == "int8" else down[0]
@@ -342,57 +398,8 @@ class QuantExperts(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# state-dict transform
+# module swap
 # ---------------------------------------------------------------------------------------------
-
-def _targets(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Names of the Linear layers and the Experts modules to quantize."""
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-               and not n.endswith(SKIP) and not (tied and n == "lm_head")]
-    experts = [n for n, m in model.named_modules() if isinstance(m, Experts)]
-    return linears, experts
-
-
-def _quantize(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Portable (values, scales) of w [..., N, K]; int4 falls back to int8 on shapes it cannot take."""
-    g = int4_group_size(w.shape[-2], w.shape[-1], group_size) if mode == "int4" else None
-    return quantize_int8(w) if g is None else quantize_int4(w, g)
-
-
-@torch.no_grad()
-def quantize_state_dict(model: Transformer, mode: str = "int8", group_size: int = 128) -> dict[str, torch.Tensor]:
-    """The portable quantized state dict of ``model`` (on the CPU; see the module docstring)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}; supported: {', '.join(MODES)}")
-    out = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    linears, experts = _targets(model)
-    keys = [f"{n}.weight" for n in linears] + [f"{n}.{p}" for n in experts for p in _PROJS]
-    for key in keys:
-        if out[key].shape[-1] % INT8_K_MULTIPLE:
-            continue  # left in floating point: the CPU int8 kernel crashes on such widths
-        out[key], out[f"{key}_scales"] = _quantize(out[key], mode, group_size)
-    return out
-
-
-def _layout(qsd: dict[str, torch.Tensor], key: str, shape: torch.Size) -> tuple[str, int | None] | None:
-    """(mode, int4 groups per row) in which ``qsd`` holds the float tensor ``key`` of ``shape``
-    [..., N, K]: the mode from the values' dtype (else from the scales' rank), the groups from the
-    scales' shape; None when it is in floating point (neither quantized values nor scales)."""
-    v, s = qsd.get(key), qsd.get(f"{key}_scales")
-    mode = _MODE_OF.get(v.dtype) if v is not None else None
-    if mode is None and s is not None:
-        mode = "int4" if s.dim() == len(shape) + 1 else "int8"
-    if mode != "int4":
-        return None if mode is None else ("int8", None)
-    if s is None or s.dim() != len(shape) + 1:
-        return "int4", 1  # the strict load names the missing or misshapen scales
-    k, groups = shape[-1], s.shape[-3]
-    if groups < 1 or k % groups or k // groups not in _GROUPS:
-        raise ValueError(f"{key}_scales: {groups} groups of {k} columns; the int4 kernels take groups of "
-                         f"{', '.join(map(str, _GROUPS))}")
-    return "int4", groups
-
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
@@ -404,23 +411,23 @@ def _swap_quantized(model: Transformer, qsd: dict[str, torch.Tensor]) -> list[st
     portable buffers to load; returns the names of the modules replaced."""
     swapped = []
     for name, mlp in [(n, m) for n, m in model.named_modules() if isinstance(m, MLP)]:
-        layouts = {p: _layout(qsd, f"{name}.{p}.weight", getattr(mlp, p).weight.shape) for p in _PROJS}
+        layouts = {p: portable_layout(qsd, f"{name}.{p}.weight", getattr(mlp, p).weight.shape) for p in EXPERT_PROJS}
         if None in layouts.values():
             continue  # its quantized projections (if any) become QuantLinears below
         if layouts["gate_proj"] != layouts["up_proj"]:
             raise ValueError(f"{name}: gate_proj is {layouts['gate_proj']} but up_proj is {layouts['up_proj']}")
         _set_module(model, name, QuantMLP(mlp.gate_proj.in_features, mlp.gate_proj.out_features, layouts))
         swapped.append(name)
-    linears, experts = _targets(model)  # after the MLP swap: their projections are no nn.Linear now
+    linears, experts = quant_targets(model)  # after the MLP swap: their projections are no nn.Linear now
     for name in linears:
         lin = model.get_submodule(name)
-        layout = _layout(qsd, f"{name}.weight", lin.weight.shape)
+        layout = portable_layout(qsd, f"{name}.weight", lin.weight.shape)
         if layout is not None:
             _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, *layout, lin.bias is not None))
             swapped.append(name)
     for name in experts:
         ex = model.get_submodule(name)
-        layouts = {p: _layout(qsd, f"{name}.{p}", getattr(ex, p).shape) for p in _PROJS}
+        layouts = {p: portable_layout(qsd, f"{name}.{p}", getattr(ex, p).shape) for p in EXPERT_PROJS}
         known = [v for v in layouts.values() if v is not None]
         if not known:
             continue
@@ -480,114 +487,3 @@ def quantize(model: Transformer, mode: str = "int8", group_size: int = 128,
     w = model.model.embed_tokens.weight
     return from_quantized_state_dict(model.config, quantize_state_dict(model, mode, group_size),
                                      device if device is not None else w.device, w.dtype, experts_device)
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-# ---------------------------------------------------------------------------------------------
-
-def save_quantized(qsd: dict[str, torch.Tensor], cfg: ModelConfig, path: str | os.PathLike, mode: str,
-                   group_size: int, tokenizer: str | os.PathLike | None = None) -> Path:
-    """Write a portable quantized state dict with its config (and tokenizer files) to ``path``."""
-    from safetensors.torch import save_file
-
-    from gasungbi.interop.hf import copy_tokenizer
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors, seen = {}, set()
-    for k, v in qsd.items():
-        v = v.detach().to("cpu").contiguous()
-        if v.untyped_storage().data_ptr() in seen:
-            v = v.clone()
-        seen.add(v.untyped_storage().data_ptr())
-        tensors[k] = v
-    hf = to_hf_config(cfg)
-    hf["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode, "group_size": group_size,
-                                 "format_version": FORMAT_VERSION}
-    atomic.write_file(path / "model.safetensors",
-                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "quantization": mode}))
-    atomic.write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
-    if tokenizer is not None:
-        copy_tokenizer(tokenizer, path)
-    return path
-
-
-def quantization_config(path: str | os.PathLike) -> dict | None:
-    """The ``quantization_config`` of a gasungbi-quantized checkpoint directory, else None;
-    ``CheckpointError`` for one written in another format version."""
-    f = Path(path) / "config.json"
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing or not JSON: read_config names the problem
-        return None
-    q = d.get("quantization_config") if isinstance(d, dict) else None
-    if not (isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD):
-        return None
-    if q.get("format_version", 1) != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is a gasungbi-quantized checkpoint in format {q.get('format_version', 1)}; "
-                              f"this version reads format {FORMAT_VERSION}: re-run `gasungbi quantize` on the "
-                              f"floating-point checkpoint")
-    return q
-
-
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   experts_device: str | torch.device | None = None) -> Transformer:
-    """Load a checkpoint written by :func:`save_quantized`, in the kernel layout of ``device``."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if quantization_config(path) is None:
-        raise CheckpointError(f"{path} is not a gasungbi-quantized checkpoint (no quantization_config in config.json)")
-    cfg = from_hf_config(json.loads((path / "config.json").read_text()))
-    qsd = load_file(str(path / "model.safetensors"))
-    try:
-        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
-    except ValueError as e:
-        raise CheckpointError(f"{path / 'model.safetensors'}: {e}") from None
-
-
-def load_fp8_quantized(path: str | os.PathLike, mode: str, group_size: int = 128, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32,
-                       experts_device: str | torch.device | None = None) -> Transformer:
-    """A DeepSeek FP8 checkpoint (:mod:`gasungbi.interop.fp8`) straight to ``mode`` (int8/int4), one
-    tensor at a time: each FP8 weight is dequantized (in float32) and at once quantized, so the largest
-    float tensor alive is one weight matrix, never the model. Equal to quantizing the dequantized model."""
-    import re
-
-    from gasungbi.config import read_config
-    from gasungbi.interop.fp8 import read_fp8
-    from gasungbi.interop.hf import _HF_EXPERT, from_hf_state_dict, weight_files
-
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}; supported: {', '.join(MODES)}")
-    path = Path(path)
-    cfg = read_config(path)
-    linears, experts = _targets(build_model(cfg, device="meta"))
-    targets = {f"{n}.weight" for n in linears} | {f"{n}.{p}" for n in experts for p in _PROJS}
-    L = cfg.num_hidden_layers
-
-    def ours(name: str) -> str:  # our name of an HF tensor: MTP renumbered, expert index dropped
-        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
-        if m and int(m.group(1)) >= L:
-            name = f"model.mtp.{int(m.group(1)) - L}.{m.group(2)}"
-        m = _HF_EXPERT.match(name)
-        return f"{m.group(1)}.{m.group(3)}" if m else name
-
-    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        if ours(name) in targets and t.shape[-1] % INT8_K_MULTIPLE == 0:
-            values, scales = _quantize(t, mode, group_size)
-            return {name: values, name + "_scales": scales}
-        return {name: t.to(dtype) if t.is_floating_point() else t}
-
-    tensors = read_fp8(weight_files(path), "cpu", torch.float32, convert=convert)
-    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):
-        cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP declared but not stored (see load_model)
-    values = {k: v for k, v in tensors.items() if not k.endswith("_scales")}
-    scales = {k.removesuffix("_scales"): v for k, v in tensors.items() if k.endswith("_scales")}
-    qsd = from_hf_state_dict(cfg, values)
-    qsd.update({k + "_scales": v for k, v in from_hf_state_dict(cfg, scales).items()})
-    try:
-        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
