@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 
 import gasungbi
+from gasungbi.eval.perplexity import perplexity
 from gasungbi.infer import native
 from gasungbi.infer.decode import decode_steps
-from gasungbi.eval.perplexity import perplexity
-from gasungbi.infer.quant import QuantExperts, quantize
+from gasungbi.infer.quant_modules import QuantExperts, quantize
 from gasungbi.infer.sampling import GREEDY, SamplingParams
 from gasungbi.model.moe import Experts
 

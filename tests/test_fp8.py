@@ -375,7 +375,7 @@ def test_fp8_checkpoint_goes_straight_to_int8_and_int4(fp8_pair, mode, monkeypat
     built: load_model is never called), and gives exactly the model that quantizing the dequantized
     float model gives."""
     import gasungbi.infer.load as load
-    from gasungbi.infer.quant import quantize
+    from gasungbi.infer.quant_modules import quantize
     from gasungbi.interop.hf import load_model
 
     root, _, _ = fp8_pair

@@ -11,7 +11,7 @@ import gasungbi
 from gasungbi.infer import native
 from gasungbi.infer.engine import Engine
 from gasungbi.infer.quant import dequantize_int8, quantize_int8, quantize_state_dict
-from gasungbi.infer.quant import from_quantized_state_dict
+from gasungbi.infer.quant_modules import from_quantized_state_dict
 from gasungbi.model.moe import dispatch
 from gasungbi.model.transformer import from_state_dict
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from gasungbi.config import CheckpointError, read_config
 from gasungbi.infer.placement import apply_placement, plan_placement, resolve_device
-from gasungbi.infer.quant import check_mode, from_quantized_state_dict, quantize, quantize_weight, quantized_keys
+from gasungbi.infer.quant import check_mode, quantize_weight, quantized_keys
+from gasungbi.infer.quant_modules import from_quantized_state_dict, quantize
 from gasungbi.interop.fp8 import fp8_config, read_fp8
 from gasungbi.interop.hf import _HF_EXPERT, from_hf_state_dict, load_model, weight_files
 from gasungbi.interop.quantized import quantization_config, read_quantized
