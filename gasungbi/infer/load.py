@@ -22,7 +22,7 @@ from gasungbi.infer.quant import check_mode, quantize_weight, quantized_keys
 from gasungbi.infer.quant_modules import from_quantized_state_dict, quantize
 from gasungbi.interop.fp8 import fp8_config, read_fp8
 from gasungbi.interop.hf import _HF_EXPERT, from_hf_state_dict, load_model, weight_files
-from gasungbi.interop.quantized import quantization_config, read_quantized
+from gasungbi.interop.quantized import WEIGHTS_FILE, quantization_config, read_quantized
 from gasungbi.model.transformer import Transformer, build_model
 
 
@@ -63,7 +63,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     try:
         return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
     except ValueError as e:
-        raise CheckpointError(f"{Path(path) / 'model.safetensors'}: {e}") from None
+        raise CheckpointError(f"{Path(path) / WEIGHTS_FILE}: {e}") from None
 
 
 def load_fp8_quantized(path: str | os.PathLike, mode: str, group_size: int = 128, device: str | torch.device = "cpu",

@@ -33,7 +33,7 @@ from gasungbi.interop.hf import copy_tokenizer
 
 QUANT_METHOD = "gasungbi"
 FORMAT_VERSION = 2
-WEIGHTS = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def save_quantized(qsd: dict[str, torch.Tensor], cfg: ModelConfig, path: str | os.PathLike, mode: str,
@@ -53,7 +53,7 @@ def save_quantized(qsd: dict[str, torch.Tensor], cfg: ModelConfig, path: str | o
     hf = to_hf_config(cfg)
     hf["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode, "group_size": group_size,
                                  "format_version": FORMAT_VERSION}
-    atomic.write_file(path / WEIGHTS,
+    atomic.write_file(path / WEIGHTS_FILE,
                       lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "quantization": mode}))
     atomic.write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     if tokenizer is not None:
@@ -88,4 +88,4 @@ def read_quantized(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torc
     if quantization_config(path) is None:
         raise CheckpointError(f"{path} is not a gasungbi-quantized checkpoint (no quantization_config in config.json)")
     cfg = from_hf_config(json.loads((path / "config.json").read_text()))
-    return cfg, load_file(str(path / WEIGHTS))
+    return cfg, load_file(str(path / WEIGHTS_FILE))
