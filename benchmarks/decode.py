@@ -18,7 +18,7 @@ What it prints, every figure measured in this run (ratios are within the run: ti
     parameters, vocab 102400): weight bytes one token reads x tokens/s, as a share of STREAM;
   * with --ppl: a small byte-level model's perplexity in fp32, int8 and int4;
   * on a CUDA machine (unless --no-cuda): the checkpoint in bf16 on the GPU, batch 1 and 16, eager
-    beside the step compiled with CUDA graphs (not run yet: no GPU has been lent to this project).
+    beside the step compiled with CUDA graphs.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 import gasungbi
+from gasungbi.eval.perplexity import perplexity
 from gasungbi.infer import native
 from gasungbi.infer.decode import decode_steps
-from gasungbi.infer.quant import QuantExperts, perplexity, quantize
+from gasungbi.infer.quant_modules import QuantExperts, quantize
 from gasungbi.infer.sampling import GREEDY, SamplingParams
 from gasungbi.model.moe import Experts
 
@@ -203,8 +204,7 @@ def big_section(args, bw: float) -> None:
 
 def cuda_section(args) -> None:
     """On a CUDA machine: the issue's checkpoint in bf16 on the GPU, batch 1 and 16, eager beside
-    the compiled step (``mode="reduce-overhead"``: the step replayed as a CUDA graph). Not run yet
-    on this project's machines (no GPU was lent when it was written)."""
+    the compiled step (``mode="reduce-overhead"``: the step replayed as a CUDA graph)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.checkpoint) if args.checkpoint else build_issue_checkpoint(Path(tmp) / "issue15")
         model = gasungbi.load_model(path, dtype=torch.bfloat16).to("cuda").eval()

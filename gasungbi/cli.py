@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("gasungbi.infer.commands:generate_cmd",
                  "generate text from a checkpoint (batched prompts, sampling, stop strings, speculative)"),
     "chat": ("gasungbi.infer.commands:chat_cmd", "multi-turn chat with a checkpoint, streaming (/reset, /quit)"),
-    "quantize": ("gasungbi.infer.commands:quantize_cmd",
+    "quantize": ("gasungbi.eval.commands:quantize_cmd",
                  "weight-only int8/int4 quantization of a checkpoint, saved for generate/chat"),
     "serve": ("gasungbi.serve.commands:serve_cmd",
               "OpenAI-compatible HTTP server with continuous batching, streaming and a chat page"),

@@ -308,7 +308,7 @@ def test_our_fp8_writer_matches_the_published_formula_and_reloads_equal(fp8_pair
 
 
 def test_quantize_command_writes_fp8_and_generate_reads_it(fp8_pair, tmp_path):
-    from gasungbi.infer.commands import quantize_cmd
+    from gasungbi.eval.commands import quantize_cmd
     from gasungbi.infer.load import load_for_inference
 
     root, _, _ = fp8_pair
@@ -376,7 +376,7 @@ def test_fp8_checkpoint_goes_straight_to_int8_and_int4(fp8_pair, mode, monkeypat
     built: load_model is never called), and gives exactly the model that quantizing the dequantized
     float model gives."""
     import gasungbi.infer.load as load
-    from gasungbi.infer.quant import quantize
+    from gasungbi.infer.quant_modules import quantize
     from gasungbi.interop.hf import load_model
 
     root, _, _ = fp8_pair

@@ -393,7 +393,8 @@ def test_quantizers_round_trip_within_half_a_step():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_cpu_kernels_equal_the_dequantized_matmul(mode):
-    from gasungbi.infer.quant import QuantLinear, _quantize, dequantize_int4, dequantize_int8
+    from gasungbi.infer.quant import _quantize, dequantize_int4, dequantize_int8
+    from gasungbi.infer.quant_modules import QuantLinear
     w, x = torch.randn(48, 128), torch.randn(5, 128)
     q, s = _quantize(w, mode, 32)
     ref = x @ (dequantize_int8(q, s) if mode == "int8" else dequantize_int4(q, s)).T
@@ -432,7 +433,8 @@ def _naive_ffn(ffn, x: torch.Tensor) -> torch.Tensor:
 def test_quantized_ffns_equal_the_dequantized_float_ones(mode):
     """The fused gate/up ``QuantMLP`` (dense layer, shared experts) and ``QuantExperts`` on one token
     (the direct loop over its K experts) and on several (the sorted dispatch)."""
-    from gasungbi.infer.quant import QuantExperts, QuantMLP, from_quantized_state_dict, quantize_state_dict
+    from gasungbi.infer.quant import quantize_state_dict
+    from gasungbi.infer.quant_modules import QuantExperts, QuantMLP, from_quantized_state_dict
     cfg = gasungbi.get_preset("debug").replace(first_k_dense_replace=1)
     model = gasungbi.build_model(cfg, seed=0).eval()
     qsd = quantize_state_dict(model, mode, 32)
@@ -453,8 +455,10 @@ def test_quantized_ffns_equal_the_dequantized_float_ones(mode):
 
 
 def test_quantize_save_load(trained, tmp_path):
-    from gasungbi.infer.quant import (QuantExperts, QuantLinear, load_quantized, quantize, quantize_state_dict,
-                                      save_quantized)
+    from gasungbi.infer.load import load_quantized
+    from gasungbi.infer.quant import quantize_state_dict
+    from gasungbi.infer.quant_modules import QuantExperts, QuantLinear, quantize
+    from gasungbi.interop.quantized import save_quantized
     q = quantize(trained, "int4", 128)
     layer = q.model.layers[1]
     assert isinstance(layer.mlp.experts, QuantExperts) and isinstance(q.lm_head, QuantLinear)
@@ -478,8 +482,10 @@ def test_quantized_checkpoint_round_trip(model, tmp_path, mode):
     """One naming scheme (values under the float name, scales under ``<name>_scales``), and save ->
     load gives the in-memory quantized model's logits exactly: fused MLPs, routed experts, and under
     int4 the matrix that falls back to int8."""
-    from gasungbi.infer.quant import (QuantExperts, QuantLinear, QuantMLP, load_quantized, quantize,
-                                      quantize_state_dict, save_quantized)
+    from gasungbi.infer.load import load_quantized
+    from gasungbi.infer.quant import quantize_state_dict
+    from gasungbi.infer.quant_modules import QuantExperts, QuantLinear, QuantMLP, quantize
+    from gasungbi.interop.quantized import save_quantized
     qsd = quantize_state_dict(model, mode, 32)
     quantized = {k for k, v in qsd.items() if v.dtype in (torch.int8, torch.uint8)}
     assert {k for k in qsd if "scales" in k} == {f"{k}_scales" for k in quantized}
@@ -501,7 +507,9 @@ def test_quantized_checkpoint_with_a_tensor_missing_or_renamed_does_not_load(mod
     from safetensors.torch import load_file, save_file
 
     from gasungbi.config import CheckpointError
-    from gasungbi.infer.quant import load_quantized, quantize_state_dict, save_quantized
+    from gasungbi.infer.load import load_quantized
+    from gasungbi.infer.quant import quantize_state_dict
+    from gasungbi.interop.quantized import save_quantized
     path = save_quantized(quantize_state_dict(model, "int4", 32), model.config, tmp_path, "int4", 32)
     f = path / "model.safetensors"
     full = load_file(f)
@@ -524,7 +532,8 @@ def test_quantized_checkpoint_with_a_tensor_missing_or_renamed_does_not_load(mod
 
 def test_perplexity_change_of_a_trained_model(trained):
     """Targets: int8 within +1%, int4 (group 128, here 64 = the width) within +5% of fp32."""
-    from gasungbi.infer.quant import perplexity, quantize
+    from gasungbi.eval.perplexity import perplexity
+    from gasungbi.infer.quant_modules import quantize
     val = _corpus(8192, seed=1)
     base = perplexity(trained, val, 128)
     assert base < 5  # trained: the untrained model is at ~512
@@ -535,7 +544,8 @@ def test_perplexity_change_of_a_trained_model(trained):
 def test_quantize_leaves_widths_the_int8_kernel_cannot_take_in_float():
     """q_lora_rank 24: q_b_proj's input width is not a multiple of 16, where torch's CPU int8 kernel
     segfaults; it stays in floating point and the model generates (as its float twin does for it)."""
-    from gasungbi.infer.quant import quantize, quantize_state_dict
+    from gasungbi.infer.quant import quantize_state_dict
+    from gasungbi.infer.quant_modules import quantize
 
     cfg = gasungbi.get_preset("debug").replace(q_lora_rank=24, initializer_range=0.25)
     m = gasungbi.build_model(cfg, seed=0).eval()

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import gasungbi
 from gasungbi.infer import native
 from gasungbi.infer.engine import Engine
-from gasungbi.infer.quant import dequantize_int8, from_quantized_state_dict, quantize_int8, quantize_state_dict
+from gasungbi.infer.quant import dequantize_int8, quantize_int8, quantize_state_dict
+from gasungbi.infer.quant_modules import from_quantized_state_dict
 from gasungbi.model.moe import dispatch
 from gasungbi.model.transformer import from_state_dict
 

@@ -1,4 +1,6 @@
-"""CLI: ``gasungbi eval`` (lm-evaluation-harness tasks on gasungbi's engine); heavy imports stay inside.
+"""CLI: ``gasungbi eval`` (lm-evaluation-harness tasks on gasungbi's engine) and ``gasungbi quantize``
+(here rather than in ``infer/commands.py`` because it reports the perplexity change, and infer does not
+import eval); heavy imports stay inside.
 
 The gym accuracy (``gasungbi eval-gym``, alias ``eval-tasks``) is ``gasungbi.post.commands:eval_tasks_cmd``.
 """
@@ -7,9 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from tyro.conf import OmitArgPrefixes, UseAppendAction
+from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction
 
 from gasungbi.errors import UserError
 from gasungbi.infer.commands import ModelArgs, tokenizer_for
@@ -101,3 +103,76 @@ def eval_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], tasks: str,
     if results.get("groups"):
         print(make_table(results, "groups"))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize
+# ---------------------------------------------------------------------------------------------
+
+def quantize_cmd(checkpoint: Positional[str], mode: Literal["int8", "int4", "fp8"], out: str, group_size: int = 128,
+                 eval_text: str | None = None, eval_tokens: int = 32768, seq_len: int = 256) -> int:
+    """Weight-only int8/int4 quantization of a checkpoint, saved for generate, chat and serve, or
+    DeepSeek's FP8 checkpoint format (fp8).
+
+    Args:
+        checkpoint: a floating-point checkpoint directory
+        mode: int8 (per-channel), int4 (grouped) or fp8 (DeepSeek-V3's E4M3 with 128x128 block scales)
+        out: output directory
+        group_size: int4 group size
+        eval_text: a text file: report the perplexity change on it
+        eval_tokens: tokens of --eval-text to use
+        seq_len: window of the perplexity evaluation
+    """
+    import torch
+
+    from gasungbi.eval.perplexity import perplexity
+    from gasungbi.infer.load import load_quantized
+    from gasungbi.infer.quant import quantize_state_dict
+    from gasungbi.interop.fp8 import fp8_config
+    from gasungbi.interop.hf import load_model
+    from gasungbi.interop.quantized import quantization_config, save_quantized
+
+    if quantization_config(checkpoint) is not None:
+        raise UserError(f"{checkpoint} is already quantized")
+    source_fp8 = fp8_config(checkpoint) is not None
+    if source_fp8 and mode == "fp8":
+        raise UserError(f"{checkpoint} is already in DeepSeek's FP8 format")
+    # an FP8 source is dequantized to bf16 one tensor at a time, never to a whole float32 model
+    model = load_model(checkpoint, "cpu", torch.bfloat16 if source_fp8 else torch.float32)
+    has_tok = (Path(checkpoint) / "tokenizer.json").exists()
+    if mode == "fp8":
+        from gasungbi.interop.hf import save_model
+
+        out = save_model(model, out, tokenizer=checkpoint if has_tok else None, fp8=True)
+        qmodel = load_model(out, "cpu", torch.float32)
+        stored = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+        print(f"fp8: {_weight_bytes(model) / 2**20:.1f} MiB in float32 -> {stored / 2**20:.1f} MiB on disk; wrote {out}")
+    else:
+        qsd = quantize_state_dict(model, mode, group_size)
+        out = save_quantized(qsd, model.config, out, mode, group_size,
+                             tokenizer=checkpoint if has_tok else None)
+        qmodel = load_quantized(out)
+        print(f"{mode}: {_weight_bytes(model) / 2**20:.1f} MiB -> {_weight_bytes(qmodel) / 2**20:.1f} MiB "
+              f"in memory; wrote {out}")
+    if eval_text:
+        tok = tokenizer_for(checkpoint, required=True)
+        ids = tok.encode(Path(eval_text).read_text(encoding="utf-8")).ids[: eval_tokens + 1]
+        ids = torch.tensor(ids)
+        seq = min(seq_len, model.config.max_position_embeddings, ids.numel() - 1)
+        try:
+            base, new = perplexity(model, ids, seq), perplexity(qmodel, ids, seq)
+        except ValueError as e:
+            raise UserError(f"--eval-text: {e}") from None
+        print(f"perplexity on {ids.numel() - 1:,} tokens of {eval_text}: float32 {base:.3f}, "
+              f"{mode} {new:.3f} ({(new / base - 1) * 100:+.2f}%)")
+    return 0
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer (quantized weights at their stored size)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen and not t.is_meta:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

@@ -1,4 +1,4 @@
-"""CLI: ``gasungbi generate``, ``gasungbi chat`` and ``gasungbi quantize``.
+"""CLI: ``gasungbi generate`` and ``gasungbi chat``.
 
 :class:`ModelArgs` (the checkpoint and where it runs) is shared with ``gasungbi serve``; heavy imports
 stay inside the functions.
@@ -189,7 +189,7 @@ def write_decode_report(path: str, args: ModelArgs, model, stats, speculative: b
     import torch
 
     from gasungbi.atomic import write_text
-    from gasungbi.infer.quant import quantization_config
+    from gasungbi.interop.quantized import quantization_config
 
     qcfg, weight = quantization_config(args.checkpoint), next(model.parameters())
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -274,65 +274,4 @@ def chat_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs
         messages.append({"role": "assistant", "content": s.completions[0].text})
         if sampling.stats:
             _print_stats(s.stats)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# quantize
-# ---------------------------------------------------------------------------------------------
-
-def quantize_cmd(checkpoint: Positional[str], mode: Literal["int8", "int4", "fp8"], out: str, group_size: int = 128,
-                 eval_text: str | None = None, eval_tokens: int = 32768, seq_len: int = 256) -> int:
-    """Weight-only int8/int4 quantization of a checkpoint, saved for generate, chat and serve, or
-    DeepSeek's FP8 checkpoint format (fp8).
-
-    Args:
-        checkpoint: a floating-point checkpoint directory
-        mode: int8 (per-channel), int4 (grouped) or fp8 (DeepSeek-V3's E4M3 with 128x128 block scales)
-        out: output directory
-        group_size: int4 group size
-        eval_text: a text file: report the perplexity change on it
-        eval_tokens: tokens of --eval-text to use
-        seq_len: window of the perplexity evaluation
-    """
-    import torch
-
-    from gasungbi.infer import quant as q
-    from gasungbi.interop.hf import load_model
-
-    if q.quantization_config(checkpoint) is not None:
-        raise UserError(f"{checkpoint} is already quantized")
-    from gasungbi.interop.fp8 import fp8_config
-
-    source_fp8 = fp8_config(checkpoint) is not None
-    if source_fp8 and mode == "fp8":
-        raise UserError(f"{checkpoint} is already in DeepSeek's FP8 format")
-    # an FP8 source is dequantized to bf16 one tensor at a time, never to a whole float32 model
-    model = load_model(checkpoint, "cpu", torch.bfloat16 if source_fp8 else torch.float32)
-    has_tok = (Path(checkpoint) / "tokenizer.json").exists()
-    if mode == "fp8":
-        from gasungbi.interop.hf import save_model
-
-        out = save_model(model, out, tokenizer=checkpoint if has_tok else None, fp8=True)
-        qmodel = load_model(out, "cpu", torch.float32)
-        stored = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
-        print(f"fp8: {q.weight_bytes(model) / 2**20:.1f} MiB in float32 -> {stored / 2**20:.1f} MiB on disk; wrote {out}")
-    else:
-        qsd = q.quantize_state_dict(model, mode, group_size)
-        out = q.save_quantized(qsd, model.config, out, mode, group_size,
-                               tokenizer=checkpoint if has_tok else None)
-        qmodel = q.load_quantized(out)
-        print(f"{mode}: {q.weight_bytes(model) / 2**20:.1f} MiB -> {q.weight_bytes(qmodel) / 2**20:.1f} MiB "
-              f"in memory; wrote {out}")
-    if eval_text:
-        tok = tokenizer_for(checkpoint, required=True)
-        ids = tok.encode(Path(eval_text).read_text(encoding="utf-8")).ids[: eval_tokens + 1]
-        ids = torch.tensor(ids)
-        seq = min(seq_len, model.config.max_position_embeddings, ids.numel() - 1)
-        try:
-            base, new = q.perplexity(model, ids, seq), q.perplexity(qmodel, ids, seq)
-        except ValueError as e:
-            raise UserError(f"--eval-text: {e}") from None
-        print(f"perplexity on {ids.numel() - 1:,} tokens of {eval_text}: float32 {base:.3f}, "
-              f"{mode} {new:.3f} ({(new / base - 1) * 100:+.2f}%)")
     return 0

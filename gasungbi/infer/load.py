@@ -1,18 +1,29 @@
-"""Loading a checkpoint for generation: memory report, then load, quantize and place."""
+"""Loading a checkpoint for generation: memory report, then load, quantize and place.
+
+Three kinds of checkpoint: a floating-point one (quantized on the fly when asked), a
+gasungbi-quantized one (:func:`load_quantized`; the files: :mod:`gasungbi.interop.quantized`), and
+DeepSeek's FP8 one, which with a quantization asked goes straight to int8/int4 one tensor at a time
+(:func:`load_fp8_quantized`).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from gasungbi.config import read_config
-from gasungbi.infer import quant as q
+from gasungbi.config import CheckpointError, read_config
 from gasungbi.infer.placement import apply_placement, plan_placement, resolve_device
-from gasungbi.interop.fp8 import fp8_config
-from gasungbi.interop.hf import load_model
+from gasungbi.infer.quant import check_mode, quantize_weight, quantized_keys
+from gasungbi.infer.quant_modules import from_quantized_state_dict, quantize
+from gasungbi.interop.fp8 import fp8_config, read_fp8
+from gasungbi.interop.hf import _HF_EXPERT, from_hf_state_dict, load_model, weight_files
+from gasungbi.interop.quantized import WEIGHTS_FILE, quantization_config, read_quantized
+from gasungbi.model.transformer import Transformer, build_model
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device | None = "auto",
@@ -23,7 +34,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device | Non
     gasungbi-quantized checkpoint as it is; otherwise quantize on the fly when ``quant`` is given)
     and place. ``dtype`` defaults to bf16 on CUDA and to the checkpoint's on the CPU."""
     device = resolve_device(device)
-    qcfg = q.quantization_config(path)
+    qcfg = quantization_config(path)
     if qcfg is not None:
         if quant is not None and quant != qcfg["mode"]:
             raise ValueError(f"{path} is already quantized to {qcfg['mode']}; cannot load it as {quant}")
@@ -35,10 +46,59 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device | Non
     if report is not None:
         report(plan.format(cfg.max_position_embeddings))
     if qcfg is not None:
-        return q.load_quantized(path, device, dtype or torch.float32, plan.experts_device)
+        return load_quantized(path, device, dtype or torch.float32, plan.experts_device)
     if quant is not None and fp8_config(path) is not None:  # DeepSeek's FP8 straight to int8/int4
-        return q.load_fp8_quantized(path, quant, group_size, device, dtype or torch.float32, plan.experts_device)
+        return load_fp8_quantized(path, quant, group_size, device, dtype or torch.float32, plan.experts_device)
     model = load_model(path, "cpu", dtype)
     if quant is not None:
-        return q.quantize(model, quant, group_size, device, plan.experts_device)
+        return quantize(model, quant, group_size, device, plan.experts_device)
     return apply_placement(model, plan).eval()
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                   experts_device: str | torch.device | None = None) -> Transformer:
+    """Load a checkpoint written by :func:`gasungbi.interop.quantized.save_quantized`, in the kernel
+    layout of ``device``."""
+    cfg, qsd = read_quantized(path)
+    try:
+        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+    except ValueError as e:
+        raise CheckpointError(f"{Path(path) / WEIGHTS_FILE}: {e}") from None
+
+
+def load_fp8_quantized(path: str | os.PathLike, mode: str, group_size: int = 128, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32,
+                       experts_device: str | torch.device | None = None) -> Transformer:
+    """A DeepSeek FP8 checkpoint (:mod:`gasungbi.interop.fp8`) straight to ``mode`` (int8/int4), one
+    tensor at a time: each FP8 weight is dequantized (in float32) and at once quantized, so the largest
+    float tensor alive is one weight matrix, never the model. Equal to quantizing the dequantized model."""
+    check_mode(mode)
+    path = Path(path)
+    cfg = read_config(path)
+    targets = set(quantized_keys(build_model(cfg, device="meta")))
+    L = cfg.num_hidden_layers
+
+    def ours(name: str) -> str:  # our name of an HF tensor: MTP renumbered, expert index dropped
+        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
+        if m and int(m.group(1)) >= L:
+            name = f"model.mtp.{int(m.group(1)) - L}.{m.group(2)}"
+        m = _HF_EXPERT.match(name)
+        return f"{m.group(1)}.{m.group(3)}" if m else name
+
+    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        quantized = quantize_weight(t, mode, group_size) if ours(name) in targets else None
+        if quantized is not None:
+            return {name: quantized[0], name + "_scales": quantized[1]}
+        return {name: t.to(dtype) if t.is_floating_point() else t}
+
+    tensors = read_fp8(weight_files(path), "cpu", torch.float32, convert=convert)
+    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):
+        cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP declared but not stored (see load_model)
+    values = {k: v for k, v in tensors.items() if not k.endswith("_scales")}
+    scales = {k.removesuffix("_scales"): v for k, v in tensors.items() if k.endswith("_scales")}
+    qsd = from_hf_state_dict(cfg, values)
+    qsd.update({k + "_scales": v for k, v in from_hf_state_dict(cfg, scales).items()})
+    try:
+        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None

@@ -1,9 +1,11 @@
 """Weight-only quantization: int8 per output channel, int4 group-wise; a state-dict transform plus
-a module swap, as gpt-fast does.
+a module swap, as gpt-fast does. This module holds the maths and the state-dict transform; the
+quantized modules, their kernels and the swap are in :mod:`gasungbi.infer.quant_modules`.
 
 * ``int8``: w ~ q * s, q in [-127, 127], one fp scale per output row (symmetric).
 * ``int4``: per group of ``group_size`` input columns, w ~ (q - 8) * s + z with q in [0, 15]
-  (asymmetric min/max; the layout of gpt-fast and torchao's "tinygemm" kernels).
+  (asymmetric min/max; the layout of gpt-fast and torchao's "tinygemm" kernels), two values per
+  byte, high nibble first.
 
 What is quantized: every ``nn.Linear`` of the model (attention projections, dense FFNs, shared
 experts, the MTP projection, the output head unless tied) and the routed experts. Left in floating
@@ -13,65 +15,27 @@ A matrix whose shape the int4 kernels cannot take (rows not a multiple of 16, or
 multiple of 32) is stored as int8 instead; one whose input width is not a multiple of 16 stays in
 floating point (torch's CPU int8 kernel crashes on it: :data:`INT8_K_MULTIPLE`).
 
-Modules. A quantized ``nn.Linear`` becomes a :class:`QuantLinear`; a SwiGLU ``MLP`` (dense layers,
-shared experts) becomes a :class:`QuantMLP` and each routed expert a gate+up pair in
-:class:`QuantExperts`, both with gate and up fused into one matmul and the activations kept in the
-compute dtype between the two matmuls (fewer kernel calls and casts per decoded token).
-
-Kernels (activations are cast to bf16 for the product, which is where PyTorch's fast CPU paths
-are; the result is cast back):
-  CPU   int8: ``torch._weight_int8pack_mm``; int4: ``torch._convert_weight_to_int4pack_for_cpu`` +
-        ``torch._weight_int4pack_mm_for_cpu``
-  CUDA  int8: dequantize-and-matmul (gpt-fast's int8 path; PyTorch's CUDA int8pack kernel is a
-        naive fp32 one); int4: ``torch._convert_weight_to_int4pack`` + ``torch._weight_int4pack_mm``
-
-Files. :func:`quantize_state_dict` gives a *portable* state dict, one naming scheme for every
-quantized tensor: the values keep the float parameter's name (``model.layers.0.self_attn.o_proj.weight``,
-``model.layers.1.mlp.experts.gate_proj``) and its scales are ``<that name>_scales``:
-  int8  values int8 [..., N, K]; scales fp32 [..., N]
-  int4  values uint8 [..., N, K/2], two 4-bit values per byte, high nibble first;
-        scales fp32 [..., K/g, N, 2] (scale, zero per group of g input columns)
-The mode follows from the values' dtype and the int4 group size from the scales' shape; every
-other tensor is the float model's. :func:`save_quantized` writes it with the config
-(``quantization_config`` in config.json: ``quant_method``, ``mode``, the requested ``group_size``
-and ``format_version``). :func:`from_quantized_state_dict` builds the float model on the meta
-device, swaps in a quantized module wherever the state dict holds quantized tensors (its portable
-tensors are buffers under exactly those names), loads with ``load_state_dict(strict=True,
-assign=True)`` (a missing or unexpected tensor is an error naming it), then each quantized module's
-``prepare(device)`` turns its tensors into the kernel layout of its device. Format 1 (``.scales`` /
-``.scales_and_zeros`` suffixes) is refused: re-run ``gasungbi quantize``. A quantized checkpoint is
-gasungbi's own: transformers refuses its ``quant_method``.
+:func:`quantize_state_dict` gives the *portable* state dict: each quantized tensor's values under
+the float parameter's name and its scales under ``<that name>_scales``, every other tensor the
+float model's (the file format that holds it: :mod:`gasungbi.interop.quantized`).
+:func:`portable_layout` reads back from such a state dict the mode and int4 group size of a tensor.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gasungbi import atomic
-from gasungbi.config import CheckpointError, ModelConfig, from_hf_config, to_hf_config
-from gasungbi.infer import native
-from gasungbi.infer.placement import offload_experts
-from gasungbi.model.layers import MLP
-from gasungbi.model.moe import Experts, dispatch, expert_counts
-from gasungbi.model.transformer import Transformer, build_model
+from gasungbi.model.moe import Experts
+from gasungbi.model.transformer import Transformer
 
 MODES = ("int8", "int4")
-QUANT_METHOD = "gasungbi"
 SKIP = ("kv_b_proj",)  # read as a raw weight by the absorbed MLA
-FORMAT_VERSION = 2  # 1: ".scales" / ".scales_and_zeros" suffixes, the mode spelled in the name
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # an MLP's projections; the experts' stacked tensors
 _GROUPS = (256, 128, 64, 32)
-_COMPUTE = torch.bfloat16
 # torch 2.13's CPU _weight_int8pack_mm segfaults when a weight's input width is not a multiple of 16
 # (seen for 8, 24, 40; 16, 32, 48, 64, 96 work): such matrices stay in floating point
 INT8_K_MULTIPLE = 16
-_PROJS = ("gate_proj", "up_proj", "down_proj")
 _MODE_OF = {torch.int8: "int8", torch.uint8: "int4"}  # the dtype of the quantized values
 
 
@@ -127,226 +91,29 @@ def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(*lead, N, K)
 
 
-# ---------------------------------------------------------------------------------------------
-# kernels
-# ---------------------------------------------------------------------------------------------
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy unless ``t`` already starts on a 64-byte boundary: the CPU int8 kernel
-    crashes (segfault, torch 2.13) on weights that do not, e.g. tensors from safetensors' load_file."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 64 == 0 else t.clone()
+def _quantize(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable (values, scales) of w [..., N, K]; int4 falls back to int8 on shapes it cannot take."""
+    g = int4_group_size(w.shape[-2], w.shape[-1], group_size) if mode == "int4" else None
+    return quantize_int8(w) if g is None else quantize_int4(w, g)
 
 
-class _Weight:
-    """One quantized matrix in the kernel layout of its device, and its matmul ``x @ w.T``."""
-
-    def __init__(self, mode: str, q: torch.Tensor, scales: torch.Tensor, device: torch.device):
-        """``q``/``scales``: portable int8 + [N] scales, or packed uint8 + [K/g, N, 2]."""
-        self.mode, self.cuda = mode, device.type == "cuda"
-        self.out_features = q.shape[0]
-        self.s32 = None  # fp32 scales for the native CPU int8 kernel
-        if mode == "int8":
-            self.in_features = q.shape[1]
-            self.w = _aligned(q.to(device))
-            self.s = _aligned(scales.to(device, _COMPUTE))
-            if not self.cuda:
-                self.s32 = scales.to(device, torch.float32).contiguous()
-        else:
-            self.in_features = q.shape[1] * 2
-            self.group_size = self.in_features // scales.shape[0]
-            if self.cuda:
-                tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2
-                self.w = torch._convert_weight_to_int4pack(q.to(device).contiguous(), tiles)
-            else:
-                self.w = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).contiguous(), 2)
-            self.s = scales.to(device, _COMPUTE).contiguous()
-
-    def native(self, x: torch.Tensor) -> bool:
-        """Whether ``x @ w.T`` runs on the native int8 kernel (CPU, a few fp32 tokens)."""
-        return self.s32 is not None and native.usable(x, self.w)
-
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> [M, N] in x's dtype."""
-        if self.native(x):
-            return self.mm_native(x)
-        return self.mm_compute(x.to(_COMPUTE)).to(x.dtype)
-
-    def mm_native(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] fp32 -> [M, N] fp32 on the native int8 kernel (when :meth:`native` says so)."""
-        return native.linear(x, self.w, self.s32)
-
-    def mm_compute(self, xc: torch.Tensor) -> torch.Tensor:
-        """xc [M, K] already in the compute dtype (bf16) -> [M, N] in bf16."""
-        if self.mode == "int8":
-            if self.cuda:
-                return F.linear(xc, self.w.to(_COMPUTE)) * self.s
-            return torch._weight_int8pack_mm(xc, self.w, self.s)
-        if self.cuda:
-            return torch._weight_int4pack_mm(xc, self.w, self.group_size, self.s)
-        return torch._weight_int4pack_mm_for_cpu(xc, self.w, self.group_size, self.s)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.w, self.s] + ([self.s32] if self.s32 is not None else [])
+def quantize_weight(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Portable (values, scales) of w [..., N, K], or None where it stays in floating point (an input
+    width that is not a multiple of :data:`INT8_K_MULTIPLE`)."""
+    return None if w.shape[-1] % INT8_K_MULTIPLE else _quantize(w, mode, group_size)
 
 
-def _portable(module: nn.Module, name: str, shape: tuple[int, ...], mode: str, groups: int | None) -> None:
-    """Register the portable tensors of a quantized float tensor ``name`` of ``shape`` [..., N, K] as
-    empty persistent buffers, to be loaded: ``name`` (int8 [..., N, K] or uint8 [..., N, K/2]) and
-    ``name_scales`` (fp32 [..., N] or [..., groups, N, 2])."""
-    *lead, n, k = shape
-    if mode == "int8":
-        specs = ((shape, torch.int8), ((*lead, n), torch.float32))
-    else:
-        specs = (((*lead, n, k // 2), torch.uint8), ((*lead, groups, n, 2), torch.float32))
-    for suffix, (size, dtype) in zip(("", "_scales"), specs):
-        module.register_buffer(name + suffix, torch.empty(size, dtype=dtype, device="meta"))
-
-
-def _kernel_buffers(module: nn.Module, weights: list[_Weight]) -> None:
-    """Register the kernel-layout tensors as non-persistent buffers (seen by ``.device`` and memory
-    accounting, not by ``state_dict``)."""
-    for i, w in enumerate(weights):
-        for j, t in enumerate(w.tensors()):
-            module.register_buffer(f"_w{i}_{j}", t, persistent=False)
-
-
-class QuantLinear(nn.Module):
-    """A weight-only quantized ``nn.Linear``: loads ``weight`` + ``weight_scales`` (portable), then
-    :meth:`prepare` puts them in the kernel layout of a device, under the same names.
-
-    The kernel layout is specific to the device it was prepared for: place the float model first
-    (or pass ``device``/``experts_device`` to the loader), never ``.to()`` a quantized model."""
-
-    def __init__(self, in_features: int, out_features: int, mode: str, groups: int | None = None,
-                 bias: bool = False):
-        super().__init__()
-        self.in_features, self.out_features, self.mode, self.groups = in_features, out_features, mode, groups
-        _portable(self, "weight", (out_features, in_features), mode, groups)
-        self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
-        self.qweight: _Weight | None = None
-
-    def portable(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.weight, self.weight_scales
-
-    def prepare(self, device: torch.device) -> None:
-        self.qweight = _Weight(self.mode, *self.portable(), device)
-        self.register_buffer("weight", self.qweight.w, persistent=False)
-        self.register_buffer("weight_scales", self.qweight.s, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.qweight.mm(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        g = f", group_size={self.in_features // self.groups}" if self.mode == "int4" else ""
-        return f"{self.in_features}, {self.out_features}, {self.mode}{g}"
-
-
-def _fused(mode: str, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.Tensor, torch.Tensor],
-           device: torch.device) -> tuple[list[_Weight], tuple[torch.Tensor, torch.Tensor]]:
-    """Kernel-layout weights for gate and up stacked along the output, from portable (values, scales)
-    of the same layout, [N, K] or [E, N, K] (then one weight per expert, views of one tensor), and
-    the stacked (values, scales) themselves."""
-    n_dim = -1 if mode == "int8" else -2  # N in scales [..., N] / [..., K/g, N, 2]
-    q, s = torch.cat((gate[0], up[0]), dim=-2), torch.cat((gate[1], up[1]), dim=n_dim)
-    if mode == "int8":
-        q = _aligned(q.to(device))
-    weights = [_Weight(mode, q, s, device)] if q.dim() == 2 else [_Weight(mode, qe, se, device) for qe, se in zip(q, s)]
-    return weights, (q, s)
-
-
-def _swiglu(gate_up: _Weight, down: _Weight, xc: torch.Tensor, native_path: bool = False) -> torch.Tensor:
-    """SwiGLU with gate and up fused into one matmul, all in the compute dtype: xc [n, d] -> [n, d];
-    with ``native_path``, fp32 tokens on the native int8 kernel."""
-    mm = _Weight.mm_native if native_path else _Weight.mm_compute
-    gu = mm(gate_up, xc)  # (n, 2I)
-    inter = gu.shape[-1] // 2
-    return mm(down, F.silu(gu[:, :inter]) * gu[:, inter:])
-
-
-class QuantMLP(nn.Module):
-    """A quantized SwiGLU ``MLP`` (dense layers, shared experts) with gate and up fused into one
-    matmul; activations are cast to the compute dtype once on the way in and once on the way out.
-
-    Loads the portable ``gate_proj``/``up_proj``/``down_proj`` (:class:`QuantLinear` holders); after
-    :meth:`prepare` only the fused kernel-layout ``gate_up`` and ``down`` remain."""
-
-    def __init__(self, dim: int, hidden: int, layouts: dict[str, tuple[str, int | None]]):
-        super().__init__()
-        self.gate_proj = QuantLinear(dim, hidden, *layouts["gate_proj"])
-        self.up_proj = QuantLinear(dim, hidden, *layouts["up_proj"])
-        self.down_proj = QuantLinear(hidden, dim, *layouts["down_proj"])
-
-    def prepare(self, device: torch.device) -> None:
-        [self.gate_up], _ = _fused(self.gate_proj.mode, self.gate_proj.portable(), self.up_proj.portable(), device)
-        self.down = _Weight(self.down_proj.mode, *self.down_proj.portable(), device)
-        del self.gate_proj, self.up_proj, self.down_proj
-        _kernel_buffers(self, [self.gate_up, self.down])
-
-    def native_tensors(self) -> list[torch.Tensor] | None:
-        """[gate, up, down, their fp32 scales] for the native experts kernel (int8 on CPU), else None."""
-        gu, down = self.gate_up, self.down
-        if gu.s32 is None or down.s32 is None:
-            return None
-        inter = gu.w.shape[0] // 2
-        return [gu.w[:inter], gu.w[inter:], down.w, gu.s32[:inter], gu.s32[inter:], down.s32]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        native_path = self.gate_up.native(flat) and self.down.s32 is not None
-        y = _swiglu(self.gate_up, self.down, flat if native_path else flat.to(_COMPUTE), native_path)
-        return y.to(x.dtype).view(x.shape)
-
-
-class QuantExperts(nn.Module):
-    """Routed experts with quantized weights; the same sorted-by-expert loop as ``Experts``, with
-    each expert's gate and up projections fused into one matmul. Tokens are cast to the compute
-    dtype once for all experts; each expert's output is cast back before it is weighted and summed.
-
-    Loads the portable stacked ``gate_proj``/``up_proj``/``down_proj`` and their ``_scales``; after
-    :meth:`prepare` one kernel-layout ``gate_up[e]`` and ``down[e]`` per expert remain."""
-
-    def __init__(self, n_experts: int, dim: int, inter: int, layouts: dict[str, tuple[str, int | None]]):
-        super().__init__()
-        self.layouts = layouts
-        shapes = {"gate_proj": (n_experts, inter, dim), "up_proj": (n_experts, inter, dim),
-                  "down_proj": (n_experts, dim, inter)}
-        for proj, shape in shapes.items():
-            _portable(self, proj, shape, *layouts[proj])
-
-    def prepare(self, device: torch.device) -> None:
-        gate, up, down = ((self._buffers.pop(p), self._buffers.pop(f"{p}_scales")) for p in _PROJS)
-        self.gate_up, (gu_q, gu_s) = _fused(self.layouts["gate_proj"][0], gate, up, device)
-        down_mode = self.layouts["down_proj"][0]
-        down_q = _aligned(down[0].to(device)) if down_mode == "int8" else down[0]
-        self.down = [_Weight(down_mode, q, s, device) for q, s in zip(down_q, down[1])]
-        _kernel_buffers(self, self.gate_up + self.down)
-        self.stacked = None  # int8 on CPU: the stacked tensors of the native experts kernel (native.NativeMoE)
-        if self.gate_up[0].s32 is not None and self.down[0].s32 is not None:
-            inter = gu_q.shape[1] // 2
-            gu_s, down_s = gu_s.to(device, torch.float32), down[1].to(device, torch.float32)
-            self.stacked = ((gu_q[:, :inter], gu_q[:, inter:], down_q),
-                            (gu_s[:, :inter], gu_s[:, inter:], down_s.contiguous()))
-
-    def native_tensors(self) -> list[torch.Tensor] | None:
-        """The stacked [gate, up, down, their fp32 scales] for the native kernel (int8 on CPU), else None."""
-        return None if self.stacked is None else [*self.stacked[0], *self.stacked[1]]
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                counts: torch.Tensor | None = None) -> torch.Tensor:
-        def expert(e: int, xc: torch.Tensor) -> torch.Tensor:
-            return _swiglu(self.gate_up[e], self.down[e], xc).to(x.dtype)
-
-        counts = expert_counts(idx, len(self.down), counts)
-        return dispatch(expert, x.to(_COMPUTE), idx, weights, counts).to(x.dtype)
+def check_mode(mode: str) -> None:
+    """``ValueError`` naming the supported modes unless ``mode`` is one."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; supported: {', '.join(MODES)}")
 
 
 # ---------------------------------------------------------------------------------------------
 # state-dict transform
 # ---------------------------------------------------------------------------------------------
 
-def _targets(model: nn.Module) -> tuple[list[str], list[str]]:
+def quant_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     """Names of the Linear layers and the Experts modules to quantize."""
     tied = getattr(model.config, "tie_word_embeddings", False)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
@@ -355,28 +122,26 @@ def _targets(model: nn.Module) -> tuple[list[str], list[str]]:
     return linears, experts
 
 
-def _quantize(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Portable (values, scales) of w [..., N, K]; int4 falls back to int8 on shapes it cannot take."""
-    g = int4_group_size(w.shape[-2], w.shape[-1], group_size) if mode == "int4" else None
-    return quantize_int8(w) if g is None else quantize_int4(w, g)
+def quantized_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of the tensors to quantize: the target Linears' weights and the routed
+    experts' stacked projections."""
+    linears, experts = quant_targets(model)
+    return [f"{n}.weight" for n in linears] + [f"{n}.{p}" for n in experts for p in EXPERT_PROJS]
 
 
 @torch.no_grad()
 def quantize_state_dict(model: Transformer, mode: str = "int8", group_size: int = 128) -> dict[str, torch.Tensor]:
     """The portable quantized state dict of ``model`` (on the CPU; see the module docstring)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}; supported: {', '.join(MODES)}")
+    check_mode(mode)
     out = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    linears, experts = _targets(model)
-    keys = [f"{n}.weight" for n in linears] + [f"{n}.{p}" for n in experts for p in _PROJS]
-    for key in keys:
-        if out[key].shape[-1] % INT8_K_MULTIPLE:
-            continue  # left in floating point: the CPU int8 kernel crashes on such widths
-        out[key], out[f"{key}_scales"] = _quantize(out[key], mode, group_size)
+    for key in quantized_keys(model):
+        quantized = quantize_weight(out[key], mode, group_size)
+        if quantized is not None:
+            out[key], out[f"{key}_scales"] = quantized
     return out
 
 
-def _layout(qsd: dict[str, torch.Tensor], key: str, shape: torch.Size) -> tuple[str, int | None] | None:
+def portable_layout(qsd: dict[str, torch.Tensor], key: str, shape: torch.Size) -> tuple[str, int | None] | None:
     """(mode, int4 groups per row) in which ``qsd`` holds the float tensor ``key`` of ``shape``
     [..., N, K]: the mode from the values' dtype (else from the scales' rank), the groups from the
     scales' shape; None when it is in floating point (neither quantized values nor scales)."""
@@ -393,234 +158,3 @@ def _layout(qsd: dict[str, torch.Tensor], key: str, shape: torch.Size) -> tuple[
         raise ValueError(f"{key}_scales: {groups} groups of {k} columns; the int4 kernels take groups of "
                          f"{', '.join(map(str, _GROUPS))}")
     return "int4", groups
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _swap_quantized(model: Transformer, qsd: dict[str, torch.Tensor]) -> list[str]:
-    """Replace every module whose weights ``qsd`` holds quantized by its quantized module, with empty
-    portable buffers to load; returns the names of the modules replaced."""
-    swapped = []
-    for name, mlp in [(n, m) for n, m in model.named_modules() if isinstance(m, MLP)]:
-        layouts = {p: _layout(qsd, f"{name}.{p}.weight", getattr(mlp, p).weight.shape) for p in _PROJS}
-        if None in layouts.values():
-            continue  # its quantized projections (if any) become QuantLinears below
-        if layouts["gate_proj"] != layouts["up_proj"]:
-            raise ValueError(f"{name}: gate_proj is {layouts['gate_proj']} but up_proj is {layouts['up_proj']}")
-        _set_module(model, name, QuantMLP(mlp.gate_proj.in_features, mlp.gate_proj.out_features, layouts))
-        swapped.append(name)
-    linears, experts = _targets(model)  # after the MLP swap: their projections are no nn.Linear now
-    for name in linears:
-        lin = model.get_submodule(name)
-        layout = _layout(qsd, f"{name}.weight", lin.weight.shape)
-        if layout is not None:
-            _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, *layout, lin.bias is not None))
-            swapped.append(name)
-    for name in experts:
-        ex = model.get_submodule(name)
-        layouts = {p: _layout(qsd, f"{name}.{p}", getattr(ex, p).shape) for p in _PROJS}
-        known = [v for v in layouts.values() if v is not None]
-        if not known:
-            continue
-        layouts = {p: v or known[0] for p, v in layouts.items()}  # a float one: the strict load names it
-        if layouts["gate_proj"] != layouts["up_proj"]:
-            raise ValueError(f"{name}: gate_proj is {layouts['gate_proj']} but up_proj is {layouts['up_proj']}")
-        E, inter, dim = ex.gate_proj.shape
-        _set_module(model, name, QuantExperts(E, dim, inter, layouts))
-        swapped.append(name)
-    return swapped
-
-
-def from_quantized_state_dict(cfg: ModelConfig, qsd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                              dtype: torch.dtype = torch.float32,
-                              experts_device: str | torch.device | None = None) -> Transformer:
-    """Build the model with quantized modules from a portable state dict, on ``device`` (routed
-    experts on ``experts_device`` when given; see :mod:`gasungbi.infer.placement`): the float model
-    on the meta device, the module swap, one strict ``load_state_dict``, then each quantized module
-    prepared for its device. ``ValueError`` naming the tensors when ``qsd`` does not fit ``cfg``."""
-    device = torch.device(device)
-    exp_device = torch.device(experts_device) if experts_device is not None else device
-    model = build_model(cfg, device="meta")
-    swapped = _swap_quantized(model, qsd)
-    expected = model.state_dict()
-    for k, v in qsd.items():
-        e = expected.get(k)
-        if e is not None and (v.dtype != e.dtype if not e.is_floating_point() else not v.is_floating_point()):
-            raise ValueError(f"{k} is {v.dtype}, expected {e.dtype if not e.is_floating_point() else 'floating point'}")
-    portable = {f"{n}.{b}" for n in swapped for b, _ in model.get_submodule(n).named_buffers()}
-    experts = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, (Experts, QuantExperts)))
-
-    def place(k: str, v: torch.Tensor) -> torch.Tensor:
-        if k in portable:
-            return v  # prepare() moves it, in its kernel layout
-        dev = exp_device if k.startswith(experts) else device
-        return v.to(dev, dtype) if v.is_floating_point() else v.to(dev)
-
-    try:
-        model.load_state_dict({k: place(k, v) for k, v in qsd.items()}, strict=True, assign=True)
-    except RuntimeError as e:  # "Error(s) in loading state_dict ...:\n\tMissing key(s) ...\n\tUnexpected ..."
-        why = " ".join(str(e).split("\n\t")[1:]).strip() or str(e)
-        raise ValueError(f"the quantized state dict does not match the config: {why}") from None
-    for name in swapped:
-        m = model.get_submodule(name)
-        m.prepare(exp_device if isinstance(m, QuantExperts) else device)
-    if cfg.tie_word_embeddings and not isinstance(model.lm_head, QuantLinear):
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_buffers()
-    if exp_device != device:
-        offload_experts(model, exp_device, move=False)
-    return model.eval()
-
-
-def quantize(model: Transformer, mode: str = "int8", group_size: int = 128,
-             device: str | torch.device | None = None, experts_device: str | torch.device | None = None) -> Transformer:
-    """A quantized copy of ``model`` (state-dict transform, then module swap)."""
-    w = model.model.embed_tokens.weight
-    return from_quantized_state_dict(model.config, quantize_state_dict(model, mode, group_size),
-                                     device if device is not None else w.device, w.dtype, experts_device)
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-# ---------------------------------------------------------------------------------------------
-
-def save_quantized(qsd: dict[str, torch.Tensor], cfg: ModelConfig, path: str | os.PathLike, mode: str,
-                   group_size: int, tokenizer: str | os.PathLike | None = None) -> Path:
-    """Write a portable quantized state dict with its config (and tokenizer files) to ``path``."""
-    from safetensors.torch import save_file
-
-    from gasungbi.interop.hf import copy_tokenizer
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors, seen = {}, set()
-    for k, v in qsd.items():
-        v = v.detach().to("cpu").contiguous()
-        if v.untyped_storage().data_ptr() in seen:
-            v = v.clone()
-        seen.add(v.untyped_storage().data_ptr())
-        tensors[k] = v
-    hf = to_hf_config(cfg)
-    hf["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode, "group_size": group_size,
-                                 "format_version": FORMAT_VERSION}
-    atomic.write_file(path / "model.safetensors",
-                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "quantization": mode}))
-    atomic.write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
-    if tokenizer is not None:
-        copy_tokenizer(tokenizer, path)
-    return path
-
-
-def quantization_config(path: str | os.PathLike) -> dict | None:
-    """The ``quantization_config`` of a gasungbi-quantized checkpoint directory, else None;
-    ``CheckpointError`` for one written in another format version."""
-    f = Path(path) / "config.json"
-    try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # missing or not JSON: read_config names the problem
-        return None
-    q = d.get("quantization_config") if isinstance(d, dict) else None
-    if not (isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD):
-        return None
-    if q.get("format_version", 1) != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is a gasungbi-quantized checkpoint in format {q.get('format_version', 1)}; "
-                              f"this version reads format {FORMAT_VERSION}: re-run `gasungbi quantize` on the "
-                              f"floating-point checkpoint")
-    return q
-
-
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                   experts_device: str | torch.device | None = None) -> Transformer:
-    """Load a checkpoint written by :func:`save_quantized`, in the kernel layout of ``device``."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if quantization_config(path) is None:
-        raise CheckpointError(f"{path} is not a gasungbi-quantized checkpoint (no quantization_config in config.json)")
-    cfg = from_hf_config(json.loads((path / "config.json").read_text()))
-    qsd = load_file(str(path / "model.safetensors"))
-    try:
-        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
-    except ValueError as e:
-        raise CheckpointError(f"{path / 'model.safetensors'}: {e}") from None
-
-
-def load_fp8_quantized(path: str | os.PathLike, mode: str, group_size: int = 128, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32,
-                       experts_device: str | torch.device | None = None) -> Transformer:
-    """A DeepSeek FP8 checkpoint (:mod:`gasungbi.interop.fp8`) straight to ``mode`` (int8/int4), one
-    tensor at a time: each FP8 weight is dequantized (in float32) and at once quantized, so the largest
-    float tensor alive is one weight matrix, never the model. Equal to quantizing the dequantized model."""
-    import re
-
-    from gasungbi.config import read_config
-    from gasungbi.interop.fp8 import read_fp8
-    from gasungbi.interop.hf import _HF_EXPERT, from_hf_state_dict, weight_files
-
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}; supported: {', '.join(MODES)}")
-    path = Path(path)
-    cfg = read_config(path)
-    linears, experts = _targets(build_model(cfg, device="meta"))
-    targets = {f"{n}.weight" for n in linears} | {f"{n}.{p}" for n in experts for p in _PROJS}
-    L = cfg.num_hidden_layers
-
-    def ours(name: str) -> str:  # our name of an HF tensor: MTP renumbered, expert index dropped
-        m = re.match(r"^model\.layers\.(\d+)\.(.*)$", name)
-        if m and int(m.group(1)) >= L:
-            name = f"model.mtp.{int(m.group(1)) - L}.{m.group(2)}"
-        m = _HF_EXPERT.match(name)
-        return f"{m.group(1)}.{m.group(3)}" if m else name
-
-    def convert(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        if ours(name) in targets and t.shape[-1] % INT8_K_MULTIPLE == 0:
-            values, scales = _quantize(t, mode, group_size)
-            return {name: values, name + "_scales": scales}
-        return {name: t.to(dtype) if t.is_floating_point() else t}
-
-    tensors = read_fp8(weight_files(path), "cpu", torch.float32, convert=convert)
-    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):
-        cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP declared but not stored (see load_model)
-    values = {k: v for k, v in tensors.items() if not k.endswith("_scales")}
-    scales = {k.removesuffix("_scales"): v for k, v in tensors.items() if k.endswith("_scales")}
-    qsd = from_hf_state_dict(cfg, values)
-    qsd.update({k + "_scales": v for k, v in from_hf_state_dict(cfg, scales).items()})
-    try:
-        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation
-# ---------------------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def perplexity(model: Transformer, tokens: torch.Tensor, seq_len: int = 256, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of ``seq_len`` tokens of ``tokens`` [N]
-    (a minimal evaluator for comparing a model with its quantized copy)."""
-    device = model.model.embed_tokens.weight.device
-    n = (tokens.numel() - 1) // seq_len
-    if n < 1:
-        raise ValueError(f"need more than {seq_len} tokens, got {tokens.numel()}")
-    x = tokens[: n * seq_len].view(n, seq_len)
-    y = tokens[1: n * seq_len + 1].view(n, seq_len)
-    total = 0.0
-    for i in range(0, n, batch_size):
-        logits = model(x[i:i + batch_size].to(device)).float()
-        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + batch_size].flatten().to(device),
-                                 reduction="sum").item()
-    return math.exp(total / (n * seq_len))
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (quantized weights at their stored size)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen and not t.is_meta:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
