@@ -111,6 +111,22 @@ def test_kernels_name_bad_input():
         torch.ops.gasungbi.mla_attend(q, q, kv, kv[..., :3], w, w, torch.ones(1, 1, 1, 5, dtype=torch.bool), 1.0)
 
 
+def test_extension_name_is_keyed_by_the_instruction_sets(tmp_path):
+    """The kernels are built with -march=native: two CPUs whose flags differ (here one without
+    VNNI) get two builds, the same flags (in any order) one; the flags are read from cpuinfo's
+    x86 or ARM line, with a stand-in where there is none."""
+    vnni = ["fpu", "avx2", "avx512f", "avx512_vnni", "fma"]
+    assert native.extension_name(vnni) == native.extension_name(vnni[::-1])
+    assert native.extension_name(vnni) != native.extension_name([f for f in vnni if f != "avx512_vnni"])
+    assert native.extension_name(vnni, b"one source") != native.extension_name(vnni, b"another")
+    (tmp_path / "x86").write_text("processor\t: 0\nflags\t\t: sse avx512f avx2\n\nprocessor\t: 1\n"
+                                  "flags\t\t: sse avx512f avx2\n")
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    assert native.cpu_flags(tmp_path / "x86") == ["avx2", "avx512f", "sse"]
+    assert native.cpu_flags(tmp_path / "arm") == ["asimd", "fp", "sve"]
+    assert native.cpu_flags(tmp_path / "absent")
+
+
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
 def test_engine_steps_equal_a_full_forward(one_thread, mode):
     """The engine's native steps (fixed-shape window, absorbed MLA) give the logits of a plain
