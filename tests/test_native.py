@@ -112,6 +112,22 @@ def test_kernels_name_bad_input():
         torch.ops.gasungbi.mla_attend(q, q, kv, kv[..., :3], w, w, torch.ones(1, 1, 1, 5, dtype=torch.bool), 1.0)
 
 
+def test_extension_name_is_keyed_by_the_instruction_sets(tmp_path):
+    """The kernels are built with -march=native: two CPUs whose flags differ (here one without
+    VNNI) get two builds, the same flags (in any order) one; the flags are read from cpuinfo's
+    x86 or ARM line, with a stand-in where there is none."""
+    vnni = ["fpu", "avx2", "avx512f", "avx512_vnni", "fma"]
+    assert native.extension_name(vnni) == native.extension_name(vnni[::-1])
+    assert native.extension_name(vnni) != native.extension_name([f for f in vnni if f != "avx512_vnni"])
+    assert native.extension_name(vnni, b"one source") != native.extension_name(vnni, b"another")
+    (tmp_path / "x86").write_text("processor\t: 0\nflags\t\t: sse avx512f avx2\n\nprocessor\t: 1\n"
+                                  "flags\t\t: sse avx512f avx2\n")
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    assert native.cpu_flags(tmp_path / "x86") == ["avx2", "avx512f", "sse"]
+    assert native.cpu_flags(tmp_path / "arm") == ["asimd", "fp", "sve"]
+    assert native.cpu_flags(tmp_path / "absent")
+
+
 @pytest.mark.parametrize("mode", ["fp32", "int8"])
 def test_engine_steps_equal_a_full_forward(one_thread, mode):
     """The engine's native steps (fixed-shape window, absorbed MLA) give the logits of a plain
@@ -187,24 +203,77 @@ def test_compiled_step_gives_the_eager_tokens(one_thread):
     assert [c.tokens for c in compiled2] == [c.tokens for c in eager2] and step.compiles == compiles
 
 
-def test_compiled_step_falls_back_to_guarded_compile(one_thread, monkeypatch):
-    """Where dynamo's cache entries cannot be read (another torch), the step warns once and runs
-    torch.compile with its guards: the same tokens."""
+def test_direct_step_internals_hold_on_this_torch(monkeypatch):
+    """The torch internals the direct step uses pass their check on the installed torch (a fresh
+    check, not one an earlier test made), so the CPU step is called directly here."""
+    from gasungbi.infer import direct_step
+
+    monkeypatch.setattr(direct_step, "_verdict", None)
+    assert direct_step._check() is None and direct_step.usable()
+
+
+def test_compiled_step_falls_back_to_the_public_api(one_thread, monkeypatch):
+    """Where the torch internals fail their check (here dynamo's cache entries cannot be read),
+    the step warns once and runs torch.compile's public path, guards skipped through
+    ``set_stance``: the same tokens."""
     import torch._C._dynamo.eval_frame
 
-    from gasungbi.infer.engine import compiled_step
+    import gasungbi.infer.engine as E
+    from gasungbi.infer import direct_step
     from gasungbi.infer.generate import generate
 
     monkeypatch.delattr(torch._C._dynamo.eval_frame, "_debug_get_cache_entry_list")
-    # the shapes of the test above (inductor's cache serves its graphs), another model
+    monkeypatch.setattr(direct_step, "_verdict", None)
     cfg = gasungbi.get_preset("debug").replace(vocab_size=256, max_position_embeddings=160, num_hidden_layers=2)
     model = gasungbi.build_model(cfg, seed=2).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
     eager = generate(model, prompts, max_new_tokens=70, stop_tokens=())
-    with pytest.warns(UserWarning, match="cache entries cannot be read"):
-        compiled = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
+    with pytest.warns(UserWarning, match="torch internals unusable"):
+        E._COMPILED[model] = E.CompiledStep(torch.device("cpu"), backend="eager")
+    compiled = generate(model, prompts, max_new_tokens=70, stop_tokens=(), compile=True)
     assert [c.tokens for c in compiled] == [c.tokens for c in eager]
-    assert list(compiled_step(model).shapes.values()) == [None, None]
+    assert list(E.compiled_step(model).shapes.values()) == [None, None]
+
+
+def test_direct_step_is_keyed_by_the_state_guards_check(one_thread):
+    """A directly called step is not reused once what dynamo's skipped guards would check has
+    changed: another thread count, default dtype or autocast state compiles its own entry (a new
+    direct function), and going back reuses the first one without compiling."""
+    import contextlib
+
+    import gasungbi.infer.engine as E
+    from gasungbi.infer.generate import generate
+
+    cfg = gasungbi.get_preset("debug").replace(vocab_size=256, max_position_embeddings=64, num_hidden_layers=1)
+    model = gasungbi.build_model(cfg, seed=5).eval()
+    step = E._COMPILED[model] = E.CompiledStep(torch.device("cpu"), backend="eager")
+    prompts = [[3, 4, 5], [6, 7]]
+
+    def run():
+        return [c.tokens for c in generate(model, prompts, max_new_tokens=4, stop_tokens=(), compile=True)]
+
+    first = run()
+    assert step.compiles == 1
+    (key,) = step.shapes
+    @contextlib.contextmanager
+    def changed(set_, get, value):
+        before = get()
+        set_(value)
+        try:
+            yield
+        finally:
+            set_(before)
+
+    changes = {"threads": lambda: changed(torch.set_num_threads, torch.get_num_threads, 2),
+               "default dtype": lambda: changed(torch.set_default_dtype, torch.get_default_dtype, torch.float64),
+               "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+    for n, (what, change) in enumerate(changes.items(), start=2):
+        with change():
+            run()
+        assert step.compiles == n, what
+        assert len(step.shapes) == n and len({id(f) for f in step.shapes.values()}) == n, what
+    assert run() == first and step.compiles == len(changes) + 1  # the first state: its own entry again
+    assert all(step.shapes.values()), "the CPU steps should be called directly"
 
 
 def test_compiled_step_with_a_graph_break(one_thread):

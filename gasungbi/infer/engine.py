@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from gasungbi.infer import native
+from gasungbi.infer import direct_step, native
 from gasungbi.infer.cache import KVCache
 from gasungbi.model.attention import DecodeContext
 
@@ -112,126 +112,78 @@ class CompiledStep:
     """:func:`decode_logits` compiled for one model, once per shape, shared by all the engines of
     that model.
 
-    Each shape compiles through the ordinary torch.compile (dynamo's capture, then inductor, whose
-    caches make a shape seen in an earlier process cost a few seconds). On CPU the step of a shape
-    is then called *directly*: the bytecode dynamo made for it (its cache entry's code, which calls
-    the compiled graph) becomes a plain function of the same globals, so no cache lookup and no
-    guards run, and inductor's ~290 size asserts are compiled out. Together those cost ~20% of a
-    step of the issue-15 model (the lookup ~0.3-0.4 ms even with guard evaluation skipped).
-    Neither check can fail between calls of one key: the same model, whose parameters are read
-    from it at each call (in-place updates and reassigned tensors are seen), and a key of the
-    shapes, the cache's strides (an engine of another ``max_len`` changes them), dtype and device,
-    and the grad and inference modes. A parameter replaced by one of another shape or layout, or
-    swapped modules, need a new model object.
+    Each shape compiles through the ordinary ``torch.compile`` (dynamo's capture, then inductor,
+    whose caches make a shape seen in an earlier process cheap). Calls of a compiled shape skip
+    dynamo's guards: on CPU the shape's bytecode is called directly, with no cache lookup either
+    (:mod:`gasungbi.infer.direct_step`, which checks that the torch internals this needs still
+    work); elsewhere, or where they do not, the compiled function is called under
+    ``torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)``. Both are keyed by
+    :func:`direct_step.key <gasungbi.infer.direct_step.key>`: the shapes, the cache's strides (an
+    engine of another ``max_len`` changes them), dtype and device, and the global state the guards
+    would check (grad and inference mode, threads, autocast, default dtype). Parameters are read
+    from the model at each call (in-place updates and reassigned tensors are seen); a parameter
+    replaced by one of another shape or layout, or swapped modules, need a new model object.
 
-    Deviation from torch's own ``aot_compile`` (the same direct call, tried first): in torch 2.13
-    its cache key holds a fresh id per compile, so every shape recompiled from scratch (13.5 s a
-    window of the issue-15 model here, against 6.6 s from inductor's cache). Reading the cache
-    entry is a private API (``torch._C._dynamo.eval_frame._debug_get_cache_entry_list``); where it
-    is missing, or a shape added no single entry, that shape runs the guarded function with guard
-    evaluation skipped; a step that is not one graph (a graph break) warns and is compiled in
-    pieces, guards checked. CUDA keeps that guarded path too: its CUDA graphs go through
-    ``mode="reduce-overhead"``."""
+    Deviation from torch's own ``aot_compile`` (the same direct call): its cache key holds a fresh
+    id per compile, so every shape would recompile from scratch instead of coming from inductor's
+    cache. A step that is not one graph (a graph break) warns and is compiled in pieces, called
+    with its guards (skipping them would recompile the pieces after the break). CUDA steps replay
+    CUDA graphs (inductor's ``triton.cudagraphs``, what ``mode="reduce-overhead"`` sets)."""
 
     MAX_SHAPES = 8
-    """Shapes (rows, tokens, window) compiled at most; steps of further shapes run eagerly."""
-
-    INDUCTOR = {"size_asserts": False, "alignment_asserts": False}
-    """inductor's settings for the step: no size asserts (~290 a step, 0.3 us each, on inputs the
-    key pins)."""
-
-    CPU_INDUCTOR = {"cpp_wrapper": True}
-    """On CPU the step's wrapper is C++ too: decode +8% (fp32) and +9-21% (int8) in the median of
-    in-process A/Bs of 8 rounds on the issue-15 model. Its two windows compiled in 81 s with an
-    empty inductor cache (51 s with the Python wrapper), 8.2 s from the cache (7.9 s)."""
+    """Keys compiled at most; steps of further keys run eagerly."""
 
     def __init__(self, device: torch.device, backend: str = "inductor"):
         """``backend``: torch.compile's (tests trace with ``"eager"``: dynamo without inductor)."""
-        self.direct, self.pieces, self.backend = device.type == "cpu", False, backend
-        self.inductor = {**self.INDUCTOR, **(self.CPU_INDUCTOR if device.type == "cpu" else {})}
+        self.internals = direct_step.usable()
+        self.direct, self.pieces, self.backend = self.internals and device.type == "cpu", False, backend
+        self.device_type = device.type
         # a copy of the code object: its dynamo cache entries are this model's alone
         self.raw = types.FunctionType(decode_logits.__code__.replace(), decode_logits.__globals__, "decode_logits")
-        if device.type == "cuda":  # CUDA graphs replay the step (not measured yet: no GPU here)
-            self.fn = torch.compile(self.raw, dynamic=False, mode="reduce-overhead")
-        else:
-            self.fn = torch.compile(self.raw, dynamic=False, fullgraph=True, backend=backend)
+        self.fn = self._compile(fullgraph=device.type != "cuda")
         self.shapes: dict[tuple, Callable | None] = {}  # key -> the direct step, or None: self.fn
         self.compiles, self.compile_s = 0, 0.0  # steps that compiled a shape, and their seconds
 
+    def _compile(self, fullgraph: bool) -> Callable:
+        if self.backend != "inductor":
+            return torch.compile(self.raw, dynamic=False, fullgraph=fullgraph, backend=self.backend)
+        if self.internals:
+            options = direct_step.inductor_options(self.device_type)
+            return torch.compile(self.raw, dynamic=False, fullgraph=fullgraph, options=options)
+        mode = "reduce-overhead" if self.device_type == "cuda" else None
+        return torch.compile(self.raw, dynamic=False, fullgraph=fullgraph, mode=mode)
+
     def __call__(self, model, ids, view, slots, pad):
-        cache = view.layers[0][0]
-        key = (*ids.shape, cache.shape[1], cache.stride(), cache.dtype, cache.device, torch.is_grad_enabled(),
-               torch.is_inference_mode_enabled())
+        key = direct_step.key(ids, view.layers[0][0])
         if key in self.shapes:
             if (step := self.shapes[key]) is not None:
                 return step(model, ids, view, slots, pad)
-            with skipping_guards():
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self.fn(model, ids, view, slots, pad)
         if len(self.shapes) >= self.MAX_SHAPES:
             return decode_logits(model, ids, view, slots, pad)
-        from torch._inductor import config as inductor
-
         t0 = time.perf_counter()
-        before = self._entries()
-        with inductor.patch(self.inductor):
-            try:
-                out = self.fn(model, ids, view, slots, pad)
-            except torch._dynamo.exc.Unsupported as e:  # a graph break, which fullgraph refuses
-                if self.pieces:
-                    raise
-                warnings.warn(f"decode step: not one graph ({str(e).strip().splitlines()[0]}); compiled in "
-                              "pieces, called with guards", stacklevel=3)
-                self.direct, self.pieces = False, True
-                self.fn = torch.compile(self.raw, dynamic=False, backend=self.backend)
-                out = self.fn(model, ids, view, slots, pad)
+        before = direct_step.cache_entries(self.raw.__code__) if self.direct else None
+        try:
+            out = self.fn(model, ids, view, slots, pad)
+        except direct_step.graph_break() as e:  # which fullgraph refuses
+            if self.pieces:
+                raise
+            warnings.warn(f"decode step: not one graph ({str(e).strip().splitlines()[0]}); compiled in "
+                          "pieces, called with guards", stacklevel=3)
+            self.direct, self.pieces = False, True
+            self.fn = self._compile(fullgraph=False)
+            out = self.fn(model, ids, view, slots, pad)
         # in pieces the guards stay on: skipping them recompiles the pieces after the break
-        self.shapes[key] = self.fn if self.pieces else self._direct(before)
+        self.shapes[key] = self.fn if self.pieces else self._direct(before) if self.direct else None
         self.compiles, self.compile_s = self.compiles + 1, self.compile_s + time.perf_counter() - t0
         return out
 
-    def _entries(self) -> dict[int, types.CodeType] | None:
-        """The code objects of this step's dynamo cache entries, by id; None where they cannot be
-        read (or the step is not called directly)."""
-        if not self.direct:
-            return None
-        try:
-            from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-
-            return {id(e.code): e.code for e in _debug_get_cache_entry_list(self.raw.__code__)}
-        except (ImportError, AttributeError) as e:
-            warnings.warn(f"decode step: dynamo's cache entries cannot be read ({e}); "
-                          "the compiled step keeps its guards", stacklevel=3)
-            self.direct = False
-            return None
-
-    def _direct(self, before: dict | None) -> Callable | None:
+    def _direct(self, before: dict) -> Callable | None:
         """The shape just compiled, as a plain function of its bytecode (no lookup, no guards);
         None where it did not add exactly one cache entry (the step then goes through ``self.fn``)."""
-        after = self._entries()
-        if before is None or after is None:
-            return None
-        new = [code for i, code in after.items() if i not in before]
-        if len(new) != 1:
-            return None
-        return types.FunctionType(new[0], self.raw.__globals__, "decode_step")
-
-
-try:  # the switch under torch.compiler.set_stance, whose context manager costs ~120 us a call here
-    from torch._dynamo.eval_frame import DynamoStance, _set_stance
-
-    class skipping_guards:
-        """``torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)``, cheaply."""
-
-        STANCE = DynamoStance("default", skip_guard_eval_unsafe=True)
-
-        def __enter__(self):
-            self.prior = _set_stance(self.STANCE)
-
-        def __exit__(self, *exc):
-            _set_stance(self.prior)
-except ImportError:  # another torch: the public API
-    def skipping_guards():
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        new = [code for i, code in direct_step.cache_entries(self.raw.__code__).items() if i not in before]
+        return direct_step.entry_function(new[0], self.raw.__globals__, "decode_step") if len(new) == 1 else None
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -1,15 +1,13 @@
 // Decode kernels for CPUs: matrix-vector products that read weights at memory speed.
 //
 // At decode time a step multiplies a few token vectors by every weight matrix once: the work is
-// reading the weights. PyTorch's CPU GEMM (MKL) runs such skinny products at ~11 GB/s on the 2-core
-// machine this was written on, a fifth of what the memory gives. These kernels read each weight
-// row once, front to back, row after row, for all the tokens at once, split over threads by rows
-// with at::parallel_for (torch's own OpenMP pool): each thread's share is one sequential stream,
-// which the hardware prefetchers follow without help. (Four rows interleaved with software
-// prefetches, the earlier design, read rows of 512 at about half that speed on a 2-core AMD EPYC:
-// 21 vs 42 GB/s fp32, 14 vs 29 int8, one 64 MiB matrix timed alone after a cache flush.) Rows go
-// four at a time, each still read whole before the next, so that their four sums are reduced
-// together: short rows otherwise spend much of their time in the horizontal reductions.
+// reading the weights, and PyTorch's CPU GEMM (MKL) runs such skinny products well below the
+// memory's speed. These kernels read each weight row once, front to back, row after row, for all
+// the tokens at once, split over threads by rows with at::parallel_for (torch's own OpenMP pool):
+// each thread's share is one sequential stream, which the hardware prefetchers follow without
+// help, so there are no software prefetches. Rows go four at a time, each still read whole before
+// the next, so that their four sums are reduced together: short rows otherwise spend much of their
+// time in the horizontal reductions.
 //
 //   gasungbi::linear(x [M, K] f32, w [N, K] f32|i8, scale [N] f32?) -> [M, N] f32
 //       y = x w^T (times scale[n] per row for int8 weights: w ~ q * s). On CPUs with AVX512-VNNI,
@@ -31,7 +29,9 @@
 //       a mask and a softmax; masked slots are skipped, not computed and zeroed.
 //
 // Plain C++ with `omp simd` loops: the compiler vectorizes for the machine it builds on
-// (-march=native; AVX2, AVX-512 or NEON), with AVX-512 and VNNI loops where the CPU has them. The pure-PyTorch modules are the reference in tests.
+// (-march=native; AVX2, AVX-512 or NEON), with AVX-512 and VNNI loops where the CPU has them, so a
+// build runs only on CPUs with the same instruction-set flags (native.py keys its name by them).
+// The pure-PyTorch modules are the reference in tests.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

@@ -7,9 +7,10 @@ products to the native kernels; training, large batches, CUDA and tensors of oth
 PyTorch path, which stays the reference the tests compare against.
 
 The extension is compiled by ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja, both
-installed with the package's dependencies on Linux) into torch's extension cache, under a name
-that includes the CPU's capability, so a cache shared between machines never runs code built
-for another instruction set. Set ``GASUNGBI_NATIVE=0`` to turn it off; a failed build warns once
+installed with the package's dependencies on Linux) with ``-march=native`` into torch's extension
+cache, under a name keyed by the CPU's instruction-set flags (:func:`extension_name`), so a cache
+shared between machines never runs code built for another instruction set (two AVX-512 CPUs, one
+without VNNI, get two builds). Set ``GASUNGBI_NATIVE=0`` to turn it off; a failed build warns once
 and falls back.
 """
 
@@ -52,9 +53,7 @@ def _build() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        tag = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
-        cap = torch.backends.cpu.get_cpu_capability().lower()
-        cpp_extension.load(f"gasungbi_native_{platform.machine()}_{cap}_{tag}", [str(SOURCE)],
+        cpp_extension.load(extension_name(cpu_flags()), [str(SOURCE)],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch
@@ -64,6 +63,31 @@ def _build() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The CPU's feature flags, sorted: the ``flags`` (x86) or ``Features`` (ARM) line of
+    ``cpuinfo``, which names the instruction sets ``-march=native`` builds for (and a few flags
+    that are not instruction sets: at worst a needless rebuild). Where the file is absent or has
+    no such line (not Linux), the processor's name and torch's CPU capability stand in."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("flags", "Features"):
+                return sorted(set(value.split()))
+    except OSError:
+        pass
+    return [platform.processor() or "unknown", torch.backends.cpu.get_cpu_capability().lower()]
+
+
+def extension_name(flags: list[str], source: bytes | None = None) -> str:
+    """The build's name in torch's extension cache: the architecture, torch's CPU capability, and
+    hashes of the instruction-set ``flags`` and of the ``source`` (native.cpp's by default), so that
+    a cache shared between machines or source versions never loads a binary built for another."""
+    isa = hashlib.sha1(" ".join(sorted(set(flags))).encode()).hexdigest()[:10]
+    tag = hashlib.sha1(SOURCE.read_bytes() if source is None else source).hexdigest()[:10]
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    return f"gasungbi_native_{platform.machine()}_{cap}_{isa}_{tag}"
 
 
 def _register_fakes() -> None:
