@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "parameter accounting (total and activated, by component) of a preset or checkpoint"),
     "speedrun": ("gasungbi.pipeline:speedrun_cmd",
                  "the whole pipeline: tokenizer, shards, pretraining, SFT, GRPO, report, checkpoint"),
-    "prepare": ("gasungbi.train.commands:prepare", "build a tokenizer and token shards from a corpus"),
+    "prepare": ("gasungbi.data.commands:prepare", "build a tokenizer and token shards from a corpus"),
     "train": ("gasungbi.train.commands:train_cmd", "pretrain a model on token shards (works under torchrun for DDP/FSDP2)"),
     "sft": ("gasungbi.post.commands:sft", "chat SFT on OpenAI-format conversations (JSONL); loss on assistant tokens only"),
     "grpo": ("gasungbi.post.commands:grpo_cmd",
@@ -33,9 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "sample reasoning traces from a teacher, keep the rewarded ones, SFT a student on them"),
     "eval": ("gasungbi.eval.commands:eval_cmd",
              "lm-evaluation-harness tasks on gasungbi's engine (offline; needs gasungbi[eval])"),
-    "eval-gym": ("gasungbi.post.commands:eval_tasks_cmd",
+    "eval-gym": ("gasungbi.eval.commands:eval_gym_cmd",
                  "held-out accuracy on the reasoning gym: pass@1 (greedy) and pass@k"),
-    "eval-tasks": ("gasungbi.post.commands:eval_tasks_cmd", "alias of eval-gym"),
+    "eval-tasks": ("gasungbi.eval.commands:eval_gym_cmd", "alias of eval-gym"),
     "generate": ("gasungbi.infer.commands:generate_cmd",
                  "generate text from a checkpoint (batched prompts, sampling, stop strings, speculative)"),
     "chat": ("gasungbi.infer.commands:chat_cmd", "multi-turn chat with a checkpoint, streaming (/reset, /quit)"),
@@ -130,7 +130,9 @@ def _one_line_parse_errors(prog: str):
             return "an argument"
         if names and names[0].startswith("-"):
             return "/".join(names)
-        return (names[0] if names else "argument").split(".")[-1].upper()  # a positional: CHECKPOINT
+        metavar = getattr(arg.lowered, "metavar", None)  # a positional: its metavar (CKPT)
+        return metavar if isinstance(metavar, str) and metavar.isupper() else \
+            (names[0] if names else "argument").split(".")[-1].upper()
 
     def hook(event) -> None:
         if isinstance(event, E.InstantiationFailure):

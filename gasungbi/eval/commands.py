@@ -1,8 +1,7 @@
-"""CLI: ``gasungbi eval`` (lm-evaluation-harness tasks on gasungbi's engine) and ``gasungbi quantize``
-(here rather than in ``infer/commands.py`` because it reports the perplexity change, and infer does not
-import eval); heavy imports stay inside.
-
-The gym accuracy (``gasungbi eval-gym``, alias ``eval-tasks``) is ``gasungbi.post.commands:eval_tasks_cmd``.
+"""CLI: ``gasungbi eval`` (lm-evaluation-harness tasks on gasungbi's engine), ``gasungbi eval-gym``
+(held-out accuracy on the reasoning gym) and ``gasungbi quantize`` (here rather than in
+``infer/commands.py`` because it reports the perplexity change, and infer does not import eval);
+heavy imports stay inside.
 """
 
 from __future__ import annotations
@@ -11,9 +10,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction
+from tyro.conf import OmitArgPrefixes, UseAppendAction
 
 from gasungbi.errors import UserError
+from gasungbi.flags import Checkpoint
 from gasungbi.infer.commands import ModelArgs, tokenizer_for
 
 INSTALL_HINT = "pip install 'gasungbi[eval]'"
@@ -109,7 +109,7 @@ def eval_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], tasks: str,
 # quantize
 # ---------------------------------------------------------------------------------------------
 
-def quantize_cmd(checkpoint: Positional[str], mode: Literal["int8", "int4", "fp8"], out: str, group_size: int = 128,
+def quantize_cmd(checkpoint: Checkpoint, mode: Literal["int8", "int4", "fp8"], out: str, group_size: int = 128,
                  eval_text: str | None = None, eval_tokens: int = 32768, seq_len: int = 256) -> int:
     """Weight-only int8/int4 quantization of a checkpoint, saved for generate, chat and serve, or
     DeepSeek's FP8 checkpoint format (fp8).
@@ -176,3 +176,37 @@ def _weight_bytes(model) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def eval_gym_cmd(checkpoint: Checkpoint, task: str = "arithmetic", difficulty: int = 2, n: int = 200,
+                   k: int = 1, reasoning: bool = True, max_new_tokens: int = 64, seed: int = 0,
+                   json: bool = False) -> int:
+    """Held-out accuracy on the reasoning gym: pass@1 (greedy) with a 95% interval, and pass@k.
+
+    Args:
+        checkpoint: a checkpoint directory
+        task: gym task family (arithmetic, addition, countdown, sort)
+        difficulty: task difficulty
+        n: held-out tasks
+        k: pass@k (samples k per task at temperature 1)
+        reasoning: ask for <think>...</think><answer>...</answer>
+        max_new_tokens: longest completion
+        seed: seed of the task draw and the sampler
+        json: print JSON
+    """
+    import json as json_module
+
+    from gasungbi.eval.accuracy import evaluate_checkpoint
+
+    try:
+        r = evaluate_checkpoint(checkpoint, task, difficulty, n=n, k=k, reasoning=reasoning,
+                                max_new_tokens=max_new_tokens, seed=seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if json:
+        print(json_module.dumps(r, indent=2))
+    else:
+        lo, hi = r["ci95"]
+        print(f"{task} (difficulty {difficulty}), {r['n_tasks']} held-out tasks: pass@1 {r['pass@1']:.3f} "
+              f"[{lo:.3f}, {hi:.3f}]" + (f", pass@{k} {r[f'pass@{k}']:.3f}" if k > 1 else ""))
+    return 0

@@ -11,16 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction
+from tyro.conf import OmitArgPrefixes, UseAppendAction
 
 from gasungbi.errors import UserError, run_dir_hint
+from gasungbi.flags import Checkpoint
 
 
 @dataclass
 class ModelArgs:
     """A checkpoint and how to run it: device, dtype, quantization, placement of the experts."""
 
-    checkpoint: Positional[str]
+    checkpoint: Checkpoint
     """a Hugging Face-layout checkpoint directory (gasungbi's, transformers', or one written by gasungbi quantize)"""
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1 ...
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bfloat16 on CUDA, the checkpoint's on CPU

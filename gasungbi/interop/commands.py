@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
-from tyro.conf import Positional
-
 from gasungbi.errors import UserError
+from gasungbi.flags import Checkpoint
 
 
-def export_cmd(checkpoint: Positional[str], out: str, format: Literal["gguf"] = "gguf",
+def export_cmd(checkpoint: Checkpoint, out: str, format: Literal["gguf"] = "gguf",
                dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f32") -> int:
     """Export a checkpoint for another engine: a GGUF file that llama.cpp and Ollama run (architecture
     deepseek2 for MLA/MoE models, llama for dense ones; the tokenizer and chat template inside), and an

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json as json_lib
 
-from tyro.conf import Positional
+from gasungbi.flags import Model
 
 
 def _cpu_has_bf16() -> bool:
@@ -56,7 +56,7 @@ def info(json: bool = False) -> int:
     return 0
 
 
-def params(model: Positional[str], json: bool = False) -> int:
+def params(model: Model, json: bool = False) -> int:
     """Parameter accounting (total and activated, by component) of a preset or checkpoint; the model is
     also built on the meta device (no memory) to check the formula against the real module tree.
 

@@ -116,8 +116,7 @@ class Experts(nn.Module):
         [N, E] combine matrix (zero where not routed). Same sum as :func:`dispatch`, in another
         order of additions. Meant for the GPU, where decode is bound by reading the weights; the
         dense form does E/K times the FLOPs, which a CPU pays (CPU decode in fp32 takes the native
-        kernels instead: bf16 on this CPU, batch 16 of the issue-15 model decoded at 150 tok/s
-        compiled against 675 eager; batch 1 at 161 against 63)."""
+        kernels instead, which run only the chosen experts)."""
         N, K = idx.shape
         E = self.gate_proj.shape[0]
         if N * K < E:

@@ -1,14 +1,13 @@
-"""CLI: ``gasungbi sft``, ``gasungbi grpo``, ``gasungbi distill``, ``gasungbi eval-gym`` (alias ``eval-tasks``).
+"""CLI: ``gasungbi sft``, ``gasungbi grpo``, ``gasungbi distill``.
 
 Each command's flags are the fields of its config dataclass (``SFT`` reuses the training fields).
 """
 
 from __future__ import annotations
 
-import json as json_lib
 from typing import Annotated
 
-from tyro.conf import OmitArgPrefixes, Positional
+from tyro.conf import OmitArgPrefixes
 
 from gasungbi.errors import UserError
 from gasungbi.post.distill import DistillConfig
@@ -71,36 +70,4 @@ def distill_cmd(cfg: Annotated[DistillConfig, OmitArgPrefixes]) -> int:
         raise UserError(str(e)) from None
     print(f"kept {r['kept']} of {r['sampled']} teacher traces ({r['acceptance']:.0%}); "
           f"student checkpoint {r['student']['checkpoint']}")
-    return 0
-
-
-def eval_tasks_cmd(checkpoint: Positional[str], task: str = "arithmetic", difficulty: int = 2, n: int = 200,
-                   k: int = 1, reasoning: bool = True, max_new_tokens: int = 64, seed: int = 0,
-                   json: bool = False) -> int:
-    """Held-out accuracy on the reasoning gym: pass@1 (greedy) with a 95% interval, and pass@k.
-
-    Args:
-        checkpoint: a checkpoint directory
-        task: gym task family (arithmetic, addition, countdown, sort)
-        difficulty: task difficulty
-        n: held-out tasks
-        k: pass@k (samples k per task at temperature 1)
-        reasoning: ask for <think>...</think><answer>...</answer>
-        max_new_tokens: longest completion
-        seed: seed of the task draw and the sampler
-        json: print JSON
-    """
-    from gasungbi.eval.accuracy import evaluate_checkpoint
-
-    try:
-        r = evaluate_checkpoint(checkpoint, task, difficulty, n=n, k=k, reasoning=reasoning,
-                                max_new_tokens=max_new_tokens, seed=seed)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if json:
-        print(json_lib.dumps(r, indent=2))
-    else:
-        lo, hi = r["ci95"]
-        print(f"{task} (difficulty {difficulty}), {r['n_tasks']} held-out tasks: pass@1 {r['pass@1']:.3f} "
-              f"[{lo:.3f}, {hi:.3f}]" + (f", pass@{k} {r[f'pass@{k}']:.3f}" if k > 1 else ""))
     return 0

@@ -1,5 +1,5 @@
-"""CLI: ``gasungbi prepare`` (corpus -> tokenizer + shards), ``gasungbi train`` and ``gasungbi export-hf``
-(a training checkpoint, sharded or not, in the Hugging Face layout).
+"""CLI: ``gasungbi train`` and ``gasungbi export-hf`` (a training checkpoint, sharded or not, in the
+Hugging Face layout).
 
 Training flags are the fields of :class:`~gasungbi.train.trainer.TrainConfig` (``--batch-size``,
 ``--lr``...); ``--config FILE`` gives their defaults and ``--set field=value`` overrides fields of the
@@ -13,16 +13,14 @@ import json
 import time
 from typing import Annotated
 
-from tyro.conf import OmitArgPrefixes, Positional, UseAppendAction, arg
-
 from gasungbi.errors import UserError
+from gasungbi.flags import Flat, OutDir, Repeated, RunOrStep
 
 STARTED = time.perf_counter()  # before torch is imported: ``train --time-budget`` counts from here
 
 from gasungbi.train.trainer import TrainConfig  # noqa: E402
 
-Flat = OmitArgPrefixes  # a config dataclass whose fields are top-level flags (--lr, not --cfg.lr)
-Overrides = Annotated[tuple[str, ...], UseAppendAction]
+Overrides = Repeated
 
 
 def with_model_overrides(cfg: TrainConfig, items: tuple[str, ...]) -> TrainConfig:
@@ -37,34 +35,6 @@ def with_model_overrides(cfg: TrainConfig, items: tuple[str, ...]) -> TrainConfi
         except json.JSONDecodeError:
             overrides[key] = raw
     return dataclasses.replace(cfg, model_overrides=overrides)
-
-
-def prepare(out: str, corpus: str = "stdlib", vocab_size: int = 4096, tokenizer_bytes: int = 20_000_000,
-            max_bytes: int | None = None, text_field: str = "text", val_fraction: float = 0.01) -> int:
-    """Build a byte-level BPE tokenizer and token shards from a corpus.
-
-    Args:
-        out: output directory for tokenizer.json, the shards and manifest.json
-        corpus: stdlib (the Python standard library), a file, folder or glob, a .jsonl/.parquet file, or
-            hf:NAME[:SPLIT[:CONFIG]] (from the local Hugging Face cache)
-        vocab_size: BPE vocabulary size
-        tokenizer_bytes: train the tokenizer on the first N bytes of the corpus
-        max_bytes: use only the first N bytes of the corpus
-        text_field: the field holding the text in JSONL/Parquet/HF sources
-        val_fraction: share of documents for validation
-    """
-    from gasungbi.data.prepare import prepare_corpus
-    from gasungbi.data.tokenizer import N_BYTES, SPECIAL_TOKENS
-
-    if vocab_size <= N_BYTES + len(SPECIAL_TOKENS):
-        raise UserError(f"--vocab-size {vocab_size}: must exceed {N_BYTES} bytes + {len(SPECIAL_TOKENS)} special "
-                        f"tokens = {N_BYTES + len(SPECIAL_TOKENS)} (e.g. 4096)")
-    try:
-        prepare_corpus(corpus, out, vocab_size=vocab_size, tokenizer_bytes=tokenizer_bytes, max_bytes=max_bytes,
-                       text_field=text_field, val_fraction=val_fraction)
-    except ValueError as e:  # CorpusError and the shard builder's checks name the input
-        raise UserError(str(e)) from None
-    return 0
 
 
 def train_cmd(cfg: Annotated[TrainConfig, Flat] = TrainConfig(), set: Overrides = (), config: str | None = None) -> int:
@@ -95,8 +65,7 @@ def train_cmd(cfg: Annotated[TrainConfig, Flat] = TrainConfig(), set: Overrides 
     return 0
 
 
-def export_hf_cmd(run_or_step: Annotated[Positional[str], arg(metavar="RUN_OR_STEP")],
-                  out: Annotated[Positional[str], arg(metavar="OUT")]) -> int:
+def export_hf_cmd(run_or_step: RunOrStep, out: OutDir) -> int:
     """Write a training checkpoint in the Hugging Face layout (config.json, model.safetensors,
     tokenizer.json) that gasungbi and transformers load; reads the sharded checkpoints of torchrun runs.
 
