@@ -1,4 +1,4 @@
-"""FP8 vs FP32 training of cpu-tiny from the same seed, on the same batches (issue 14).
+"""FP8 vs FP32 training of cpu-tiny from the same seed, on the same batches.
 
 Two copies of cpu-tiny start from identical weights; one gets ``apply_fp8`` (DeepSeek-V3's
 block-scaled E4M3 GEMMs, emulated exactly on the CPU). Each step both train on the same batch of
@@ -55,7 +55,7 @@ def main() -> None:
         start = torch.randint(0, len(data) - args.seq - 1, (args.batch,), generator=gen)
         idx = start[:, None] + torch.arange(args.seq + 1)
         x, y = data[idx[:, :-1]], data[idx[:, 1:]]
-        mult = lr_multiplier(step, args.steps, warmup=20)
+        mult = lr_multiplier((step + 1) / args.steps, warmup=20 / args.steps)
         for k, model in models.items():
             t = time.perf_counter()
             for g in opts[k].param_groups:

@@ -64,9 +64,36 @@ def code_shards(tmp_path_factory):
     return root / "shards"
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU seconds a process has used (user + system, its reaped children included), from /proc;
+    None where /proc is not there."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for(ready, proc: subprocess.Popen, what: str, log: Path | None = None, stall_s: float = 120.0):
+    """Poll ``ready()`` until it is true, following the process rather than a wall clock: fails when
+    ``proc`` exits first, or shows no sign of life (no CPU time used, nothing new in ``log``) for
+    ``stall_s`` seconds. A slow or busy machine only makes the wait longer."""
+    last, alive_at = None, time.monotonic()
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited ({proc.returncode}) first"
+                                 + (f"\n{log.read_text()}" if log else ""))
+        sign, now = (_cpu_seconds(proc.pid), log.stat().st_size if log and log.exists() else None), time.monotonic()
+        if sign != last:
+            last, alive_at = sign, now
+        elif now - alive_at > stall_s:
+            raise TimeoutError(f"{what}: no sign of life for {stall_s:.0f} s" + (f"\n{log.read_text()}" if log else ""))
+        time.sleep(0.05)
+
+
 class Server:
     """``gasungbi serve CHECKPOINT ARGS`` in a subprocess on a free loopback port; ``url`` once /health
-    answers (within 60 s, else TimeoutError with the server's log)."""
+    answers (:func:`wait_for`: as long as the server starting up is alive)."""
 
     def __init__(self, checkpoint: Path, *args: str, env: dict | None = None):
         import httpx
@@ -79,22 +106,14 @@ class Server:
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "gasungbi", "serve", str(checkpoint), "--port", "0",
                                           "--threads", "1", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = re.search(r"at (http://127\.0\.0\.1:\d+)", self.log.read_text())
-            if m:
-                self.url = m.group(1)
-                break
-            assert self.proc.poll() is None, self.log.read_text()
-            time.sleep(0.1)
-        else:
+        try:
+            wait_for(lambda: re.search(r"at (http://127\.0\.0\.1:\d+)", self.log.read_text()) is not None,
+                     self.proc, "the server's start", self.log)
+            self.url = re.search(r"at (http://127\.0\.0\.1:\d+)", self.log.read_text()).group(1)
+            wait_for(lambda: httpx.get(self.url + "/health").status_code == 200, self.proc, "/health", self.log)
+        except BaseException:
             self.close()
-            raise TimeoutError(self.log.read_text())
-        while httpx.get(self.url + "/health").status_code != 200:
-            if time.monotonic() > deadline:
-                self.close()
-                raise TimeoutError(f"/health did not answer 200 within 60 s\n{self.log.read_text()}")
-            time.sleep(0.05)
+            raise
 
     def close(self):
         self.proc.terminate()

@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import wait_for
 
 from gasungbi import build_model, get_preset, save_model
 from gasungbi.data.conventions import CHAT_TEMPLATE
@@ -96,7 +97,6 @@ def test_kill_9_then_resume_logs_each_step_once(shards, tmp_path, cli):
                       "--eval-batches", "1")
     proc = subprocess.Popen([sys.executable, "-m", "gasungbi", *map(str, args)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
 
     def logged_past_checkpoint() -> bool:  # rows written after the newest checkpoint: the ones a kill repeats
         if not (run / "latest").exists() or not (run / "metrics.jsonl").exists():
@@ -105,8 +105,7 @@ def test_kill_9_then_resume_logs_each_step_once(shards, tmp_path, cli):
         steps = rows(run)
         return bool(steps) and steps[-1] >= saved + 3
     try:
-        while time.time() < deadline and not logged_past_checkpoint():
-            time.sleep(0.05)
+        wait_for(logged_past_checkpoint, proc, "rows logged past a checkpoint")
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -1,6 +1,7 @@
 """The speedrun pipeline end to end at tiny sizes: every recipe (cpu, gpu, node) runs on this CPU."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_speedrun_recipe_at_tiny_size(recipe, corpus, tmp_path):
     md = (tmp_path / "report.md").read_text()
     for needle in ("validation bits per byte", "MFU", "device-hours", "cost", "Expert load", "Sample", "loss.png",
                    "Held-out gym accuracy", "after GRPO", "paired", "## Stages", "a fixed number of steps",
-                   "the recipe's 2 steps (a measured", "the recipe's 1 steps, within its"):
+                   "the recipe's 2 steps, within its", "the recipe's 1 steps, within its"):
         assert needle in md
     # base, SFT and GRPO scored on the same held-out tasks; each gain with a paired interval
     post, held = report["post"], report["post"]["held_out"]
@@ -57,31 +58,41 @@ def test_speedrun_recipe_at_tiny_size(recipe, corpus, tmp_path):
     assert saved["val_bpb"] == report["val_bpb"] > 0
 
 
-def test_speedrun_report_says_when_pretraining_was_sized_to_the_budget(corpus, tmp_path):
-    report = speedrun("cpu", out=tmp_path, corpus=str(corpus), minutes=0.01, overrides=TINY, post=False)
+def test_speedrun_pretrains_by_the_clock_and_says_so(corpus, tmp_path):
+    report = speedrun("cpu", out=tmp_path, corpus=str(corpus), minutes=0.05, overrides=TINY, post=False)
     note = report["stages"]["pretrain"]["note"]
-    assert note.startswith("sized to the 0.01-minute budget") and note in (tmp_path / "report.md").read_text()
-    assert report["time_budget"]["minutes"] == 0.01  # the trainer holds the run to it (and re-sizes after warmup)
+    assert note.startswith("trained by the clock within its 0.05-minute budget") and note in (tmp_path / "report.md").read_text()
+    b = report["time_budget"]
+    assert b["minutes"] == 0.05 and b["stopped_by_clock"] and report["max_steps"] is None
 
 
 def test_speedrun_shortens_a_post_training_stage_that_cannot_fit_and_says_so(corpus, tmp_path):
     post = {**TINY_POST, "sft_steps": 3, "grpo_steps": 3, "sft_minutes": 1e-5, "grpo_minutes": 1e-4}
     report = speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=2, overrides=TINY, post=post)
     sft, grpo = report["stages"]["sft"], report["stages"]["grpo"]
-    assert sft["steps"] == 1 and sft["note"].startswith("**shortened** from the recipe's 3 steps to 1")
+    assert sft["steps"] == 1 and sft["note"].startswith("**shortened**: stopped after 1 of the recipe's 3 steps")
     assert grpo["steps"] == 1 and grpo["note"].startswith("**shortened**: stopped after 1 of the recipe's 3 steps")
     md = (tmp_path / "report.md").read_text()
     assert sft["note"] in md and grpo["note"] in md
     assert "40 worked addition tasks" in sft["note"] and "temperature 0.7" in grpo["note"]  # the cpu recipe's
-    assert json.loads((tmp_path / "sft_plan.json").read_text())["steps"] == 1  # a rerun keeps this schedule
 
 
-def test_speedrun_deadline_cuts_grpo_to_what_is_left(corpus, tmp_path):
-    """The whole run's deadline (cpu recipe: 14.5 minutes) gives GRPO only what is left of it."""
-    post = {**TINY_POST, "deadline_minutes": 1e-4}  # long gone by GRPO: the floor, 3 s
-    report = speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=2, overrides=TINY, post=post)
-    note = report["stages"]["grpo"]["note"]
-    assert "0.05-minute budget (cut from 4.5 to keep the whole run within 0.0001 minutes)" in note
+def test_speedrun_deadline_shares_what_is_left(corpus, tmp_path):
+    """A stage that starts with less of the whole run's deadline left than the stages still to run
+    asked for gets the same share of what is left, and the report says how much it got."""
+    import dataclasses
+
+    from gasungbi.pipeline import Clock
+
+    clock = Clock(20.0, {"a": 6.0, "b": 3.0, "c": 3.0})
+    clock.deadline = clock.t0 + 6 * 60  # 6 minutes left for 12 asked: half
+    assert clock.share("a") == pytest.approx(3.0, rel=0.01)
+    clock.deadline = time.perf_counter() + 1.5 * 60  # 1.5 minutes left for the last stage's 3
+    assert clock.share("c") == pytest.approx(1.5, rel=0.01)
+    assert clock.note("c").startswith("**1.50 of its 3 minutes**")
+    recipe = dataclasses.replace(RECIPES["cpu"], deadline_minutes=1e-4)  # long gone by GRPO: the floor
+    report = speedrun(recipe, out=tmp_path, corpus=str(corpus), steps=2, overrides=TINY, post=TINY_POST)
+    assert "**0.05 of its 3.5 minutes**" in report["stages"]["grpo"]["note"]
     assert json.loads((tmp_path / "grpo" / "report.json").read_text())["time_budget"] == 0.05
 
 
@@ -90,4 +101,4 @@ def test_speedrun_rerun_reuses_data_and_resumes(corpus, tmp_path):
     report = speedrun("cpu", out=tmp_path, corpus=str(corpus), steps=3, overrides=TINY, post=False)
     assert report["step"] == 3  # nothing left to train: the finished run is reported again
     plan = json.loads((tmp_path / "speedrun.json").read_text())
-    assert plan == {"corpus": str(corpus), "vocab_size": 4096, "max_steps": 3}
+    assert plan == {"corpus": str(corpus), "vocab_size": 4096, "schedule": {"steps": 3}}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def preload() -> None:
-    """Import matplotlib now (about 1 s on a small CPU), e.g. before a time budget is sized."""
+    """Import matplotlib now (about a second on a small CPU), e.g. before a time budget's training starts."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -35,10 +35,11 @@ so the K ranks of a group generate together until all their rows are done. Held-
 runs on rank 0 alone (the experts gathered there); checkpoints are sharded
 (:mod:`gasungbi.train.sharded`) and the final one also has the Hugging Face layout.
 
-``time_budget`` (minutes) bounds the whole run: before each step after the first, the run stops if
-that step (at this run's mean step time) and the final evaluation (as long as the first one) would
-overrun it; the report's ``steps`` is then below ``planned_steps``. The learning rate is constant,
-so a shortened run is the first steps of the planned one.
+``time_budget`` (minutes) bounds the whole run, its held-out evaluations included, by the clock
+(:class:`gasungbi.train.budget.Budget`): before each step the run stops if that step and what
+follows the last one (the final evaluation, timed by the first, and the checkpoint) would overrun
+it; the report's ``steps`` is then below ``planned_steps``. The learning rate is constant, so a
+shortened run is the first steps of the planned one.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from gasungbi.gym.rewards import load_reward
 from gasungbi.gym.tasks import get_family, make_split, render_task_prompt
 from gasungbi.model.accounting import count_params
 from gasungbi.train import distributed as dist
+from gasungbi.train.budget import Budget, save_seconds_estimate
 from gasungbi.train.optim import build_optimizers
 from gasungbi.train.run import Run
 
@@ -222,13 +224,14 @@ class Policy(nn.Module):
         return self.model(ids)
 
 
-def grpo(cfg: GRPOConfig) -> dict[str, Any]:
+def grpo(cfg: GRPOConfig, started: float | None = None) -> dict[str, Any]:
     """Run (or resume) GRPO, in one process or under torchrun; returns the report (also
-    out_dir/report.json)."""
+    out_dir/report.json). ``started``: the ``time.perf_counter()`` the time budget counts from
+    (default: this call)."""
     cfg.validate()
     info = dist.setup(cfg.device)
     try:
-        return GRPO(cfg, info).fit()
+        return GRPO(cfg, info, started if started is not None else time.perf_counter()).fit()
     finally:
         dist.teardown()
 
@@ -240,7 +243,7 @@ class GRPO:
     FIGURES = ("loss", "reward", "accuracy", "zero_variance_groups", "response_length", "kl", "clip_frac")
     """A step's figures, means over all ranks (each rank's mean over its equal share of completions)."""
 
-    def __init__(self, cfg: GRPOConfig, info: dist.DistInfo):
+    def __init__(self, cfg: GRPOConfig, info: dist.DistInfo, started: float):
         self.cfg, self.info = cfg, info
         self.conv = Conventions.load(cfg.init_from)  # the checkpoint's chat template and stops (a bad path fails here)
         self.run = Run(cfg.out_dir, info, resume=cfg.resume, overwrite=cfg.overwrite, tokenizer=cfg.init_from,
@@ -266,11 +269,26 @@ class GRPO:
         # per generated token: ~2N to sample it, 2N for pi_old, (2N for pi_ref), 6N x updates to train
         flops_per_token = n_act * (4 + (2 if self.reference is not None else 0) + 6 * cfg.updates)
         self.meter = self.run.start_meter(flops_per_token, torch.float32, cfg.price_per_hour)
+        self.budget = self._budget(started)
         if self.run.state:
             self.before = self.run.state["before"]
         else:
             t = time.perf_counter()
             self.before = {**self.held_out(), "elapsed_s": round(time.perf_counter() - t, 2)}
+        self.budget.measure("evaluation", self.before["elapsed_s"])  # the final one is as long as the first
+
+    def _budget(self, started: float) -> Budget:
+        info, saved = self.info, (self.run.state or {}).get("budget") or {}
+        reduce = None
+        if info.enabled:
+            def reduce(values: list[float]) -> list[float]:
+                return dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=info.device)).tolist()
+        budget = Budget(self.cfg.time_budget * 60 if self.cfg.time_budget is not None else None, self.cfg.steps,
+                        started, before=saved.get("clock", 0.0), reduce=reduce, world=info.world_size)
+        budget.load_state_dict(saved)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        budget.estimate("checkpoint", save_seconds_estimate(3 * weights))  # weights and AdamW's two moments
+        return budget
 
     def held_out(self) -> dict:
         """Greedy accuracy on the held-out tasks (collective under torchrun): see :meth:`evaluate`."""
@@ -286,37 +304,37 @@ class GRPO:
             torch.distributed.broadcast_object_list(res, src=0)
         return res[0]
 
-    def out_of_time(self, steps_here: int, since: float) -> bool:
-        """Whether one more step (this run's mean so far) and the final evaluation (as long as the
-        first) would overrun ``cfg.time_budget``; every rank gets the same answer."""
-        if self.cfg.time_budget is None:
-            return False
-        elapsed = self.meter.elapsed
-        step_s = (elapsed - since) / steps_here if steps_here else 0.0
-        late = torch.tensor([float(elapsed + step_s + self.before.get("elapsed_s", 0.0) > self.cfg.time_budget * 60)],
-                            device=self.info.device)
-        return bool((dist.all_reduce_sum(late) if self.info.enabled else late).item() > 0)
-
     def fit(self) -> dict[str, Any]:
-        cfg, run = self.cfg, self.run
+        cfg, run, budget = self.cfg, self.run, self.budget
         bar = run.progress(cfg.steps)
-        start = done = run.start_step
-        since = self.meter.elapsed
-        for step in range(start, cfg.steps):
-            if done > 0 and self.out_of_time(done - start, since):
+        done = run.start_step
+        for step in range(run.start_step, cfg.steps):
+            if budget.out_of_time(step, self._due_after(step + 1)):
                 break
+            started = budget.step_started()
             row = self.step(step)
+            budget.step_done(started)
             run.log(row)
             bar.update(1)
             bar.set_postfix_str(f"reward {row['reward']:.2f} | acc {row['accuracy']:.2f} | "
                                 f"len {row['response_length']:.0f} | kl {row['kl']:.3f}")
             if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.steps:
+                t = time.perf_counter()
                 run.history.append({"step": step + 1, "eval": self.held_out()})
+                budget.measure("evaluation", time.perf_counter() - t)
             if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.steps:
+                t = time.perf_counter()
                 self.save(step + 1)
+                budget.measure("checkpoint", time.perf_counter() - t)
             done = step + 1
         bar.close()
         return self.finish(done)
+
+    def _due_after(self, step: int) -> float:
+        """Seconds of the intervals' work due after step ``step`` (an evaluation, a checkpoint)."""
+        cfg, tail = self.cfg, self.budget.tail
+        due = tail.get("evaluation", 0.0) if cfg.eval_interval and step % cfg.eval_interval == 0 else 0.0
+        return due + (tail.get("checkpoint", 0.0) if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 else 0.0)
 
     def rollouts(self, step: int) -> tuple[list, list[list[int]], list[list[int]], list[str]]:
         """This rank's tasks of ``step`` (whole groups), their prompts repeated ``group_size``
@@ -371,7 +389,8 @@ class GRPO:
                 "elapsed_s": round(self.meter.elapsed, 2), "sample": texts[0][:200]}
 
     def save(self, step: int, whole=None):
-        state = {"grpo_config": json.dumps(dataclasses.asdict(self.cfg)), "before": self.before}
+        state = {"grpo_config": json.dumps(dataclasses.asdict(self.cfg)), "before": self.before,
+                 "budget": self.budget.state_dict()}
         return self.run.save(step, state, whole)
 
     def finish(self, done: int) -> dict[str, Any]:
@@ -383,7 +402,7 @@ class GRPO:
         if done < cfg.steps and info.is_main:
             print(f"grpo: stopped after {done} of {cfg.steps} steps: the {cfg.time_budget:g}-minute budget was spent")
         report = {"task": cfg.task, "difficulty": cfg.difficulty, "steps": done, "planned_steps": cfg.steps,
-                  "time_budget": cfg.time_budget, "before": self.before, "after": after,
+                  "time_budget": cfg.time_budget, "budget": self.budget.record(), "before": self.before, "after": after,
                   "improved_beyond_ci": after["accuracy"] > self.before["ci95"][1], "checkpoint": str(path),
                   **self.meter.summary(), "device": self.run.device_name, "device_count": info.world_size}
         return self.run.finish(report)

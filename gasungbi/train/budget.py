@@ -1,17 +1,29 @@
-"""Sizing a run to a time budget: measure a step, then fit the steps (the schedule's horizon).
+"""Time budgets by the clock: a stage trains for its minutes, whatever the machine's speed.
 
-Used by ``gasungbi train --time-budget MINUTES`` and by the speedrun. A step is timed on random
-tokens with a fresh model of the run's configuration (the first of ``steps`` timings is a warm-up
-and dropped); a validation batch (a forward pass without gradients) is timed the same way, so the
-validations the run will do are subtracted from the budget:
+Cramming (Geiping and Goldstein 2022, Sec. 3) schedules the learning rate by the fraction of the
+time budget elapsed, not by a step count fixed in advance: a slower or busier machine trains fewer
+steps of the same schedule and still ends on time. :class:`Budget` does that for pretraining, SFT,
+distillation and GRPO:
 
-    budget = n x step_s + (n // eval_interval + 1) x eval_batches x eval_batch_s   solved for n
+* **Progress.** The schedule's progress after a step is the fraction of the training time spent:
 
-The time the run spent before the sizing (from the ``train`` command's start: imports, loading
-data, building the model, the timings themselves) is taken off the budget first, and
-:data:`TAIL_S` is kept back for the end. At the end of warmup the horizon is re-sized once from the
-real steps' time (:func:`resize_to_budget`). Checkpoints and samples during the run are
-not counted (a few seconds each at the sizes this fits).
+      progress = (t_end_of_step - t_first_step) / (seconds - reserve - t_first_step)
+
+  where ``t`` is the run's clock (seconds since its start, plus what a resumed run had spent), and
+  ``reserve`` is what the stage still has to do after its last step (below). With ``max_steps`` too,
+  progress is the larger of that and ``(step + 1) / max_steps``: whichever comes first ends the run.
+  Without a time budget it is ``(step + 1) / max_steps`` alone, the usual step schedule.
+* **Warmup** is linear over ``warmup_steps`` steps, or until a fifth of the progress if that comes
+  first; the decay then runs over the rest of the progress, continuous where the warmup ended.
+* **Stopping.** Before each step the loop asks :meth:`Budget.out_of_time`: whether one more step
+  (the slowest of the last few) and anything due after it would eat into the reserve.
+* **The reserve** is the stage's tail: its final validation or evaluation, the final checkpoint,
+  the sample and report. Each part is measured while the run goes (an intermediate validation
+  times the final one, a checkpoint times the final save; GRPO's first held-out evaluation times
+  its last); until a part is measured, it is estimated from the run's own step time and model size.
+
+Under torchrun every rank takes the same decisions: progress and the stop flag are averaged and
+agreed across the processes (``reduce``).
 
 Short budgets get their own defaults (:func:`short_budget_defaults`): what a few minutes of a CPU
 buys is a few hundred small optimizer steps, not a few dozen large ones.
@@ -19,79 +31,153 @@ buys is a few hundred small optimizer steps, not a few dozen large ones.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import time
+from collections import deque
+from typing import Callable
 
-import torch
+WARMUP_MAX_PROGRESS = 0.2
+"""With a time budget, the warmup ends at this progress at the latest (its steps are not known)."""
 
-from gasungbi.config import ModelConfig
-from gasungbi.train import distributed as dist
+SAVE_BYTES_PER_S = 300e6
+"""Until a checkpoint has been timed, a save is estimated at this rate over the weights and the
+optimizer's state (writes that the page cache absorbs), plus :data:`SAVE_FIXED_S`."""
 
-
-def measure_seconds(tc, model_config: ModelConfig, device: torch.device, steps: int = 3,
-                    amp=None, batch_size: int | None = None) -> tuple[float, float]:
-    """(seconds per optimizer step, seconds per validation batch) of ``tc``'s settings for a model
-    of ``model_config``: the best of ``steps`` - 1 timings each. ``batch_size``: sequences per
-    micro-batch (default ``tc.batch_size``; under data parallelism, one process's share)."""
-    from gasungbi.model.transformer import build_model
-    from gasungbi.train.objective import Objective
-    from gasungbi.train.optim import build_optimizers
-
-    amp = amp if amp is not None else contextlib.nullcontext()
-    model = build_model(model_config, device=device, seed=0).train()
-    obj = Objective(model, tc.mtp_weight)
-    opt = build_optimizers(model, tc.optimizer, tc.lr)
-    x = torch.randint(0, model_config.vocab_size, (batch_size or tc.batch_size, tc.seq_len), device=device)
-
-    def timed(fn) -> float:
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return min(times[1:]) if len(times) > 1 else times[0]
-
-    def train_step():
-        for _ in range(tc.grad_accum):
-            with amp:
-                loss = obj(x, x)["loss"]
-            loss.backward()
-        for o in opt:
-            o.step()
-            o.zero_grad()
-
-    def eval_batch():
-        with torch.no_grad(), amp:
-            obj(x, x)
-
-    return timed(train_step), timed(eval_batch)
+SAVE_FIXED_S = 0.2
 
 
-def measure_step_seconds(tc, vocab_size: int, steps: int = 5) -> float:
-    """Seconds per optimizer step of ``tc``'s preset model on random tokens (best of ``steps`` - 1:
-    with 3 steps, one measurement on this machine came out at 2.26 s for a model that then trained
-    at 1.3-1.7 s/step, and the speedrun's pretraining used 70% of its budget)."""
-    from gasungbi.infer.placement import resolve_device
+class Budget:
+    """A stage's deadline on the run's clock, and the learning-rate schedule's progress toward it.
 
-    return measure_seconds(tc, tc.model_config(vocab_size), resolve_device(tc.device), steps)[0]
+    ``seconds``: the budget, counted from ``started`` (a ``time.perf_counter()``; the command's or
+    the stage's start) plus ``before`` (seconds a resumed run had spent); None for steps alone.
+    ``max_steps``: a step limit (None: the clock alone). ``warmup_steps``: the linear warmup.
+    ``reduce``: sums a list of floats over the processes under torchrun (None in one process)."""
+
+    def __init__(self, seconds: float | None, max_steps: int | None, started: float, warmup_steps: int = 0,
+                 before: float = 0.0, reduce: Callable[[list[float]], list[float]] | None = None, world: int = 1):
+        if seconds is None and not max_steps:
+            raise ValueError("a budget needs a time (minutes) or a number of steps")
+        self.seconds, self.max_steps, self.warmup_steps = seconds, max_steps, warmup_steps
+        self.started, self.before, self.reduce, self.world = started, before, reduce, world
+        self.t_first: float | None = None  # the clock when the run's first step began
+        self.t_last: float | None = None  # the clock when the last step ended
+        self.recent: deque[float] = deque(maxlen=5)  # the last steps' seconds
+        self.tail: dict[str, float] = {}  # what follows the last step: name -> seconds (measured or estimated)
+        self.measured: set[str] = set()
+        self.warmup_end: float | None = None  # the progress at which the warmup ended
+        self.stopped_early = False
+
+    # --- the clock -------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The run's clock: seconds since ``started`` plus those a resumed run had spent."""
+        return self.before + time.perf_counter() - self.started
+
+    def step_started(self) -> float:
+        t = self.now()
+        if self.t_first is None:
+            self.t_first = t
+        return t
+
+    def step_done(self, started_at: float) -> None:
+        self.t_last = self.now()
+        self.recent.append(self.t_last - started_at)
+
+    @property
+    def step_s(self) -> float:
+        """The mean of the last steps' seconds (0 before the first)."""
+        return sum(self.recent) / len(self.recent) if self.recent else 0.0
+
+    # --- the tail --------------------------------------------------------------------------------
+
+    def estimate(self, name: str, seconds: float) -> None:
+        """An estimate of a tail part's seconds, kept until the part is measured."""
+        if name not in self.measured:
+            self.tail[name] = seconds
+
+    def measure(self, name: str, seconds: float) -> None:
+        """A tail part's seconds, timed while the run goes (the last timing counts)."""
+        self.tail[name] = seconds
+        self.measured.add(name)
+
+    @property
+    def reserve(self) -> float:
+        """Seconds kept for what follows the last step."""
+        return sum(self.tail.values())
+
+    # --- the schedule and the stop ---------------------------------------------------------------
+
+    def _agreed(self, values: list[float]) -> list[float]:
+        if self.reduce is None:
+            return values
+        return [v / self.world for v in self.reduce(values)]
+
+    def _time_progress(self, extra: float = 0.0) -> float:
+        start = self.t_first if self.t_first is not None else self.now()
+        horizon = self.seconds - self.reserve - start
+        return 1.0 if horizon <= 0 else (self.now() + extra - start) / horizon
+
+    def progress(self, step: int) -> float:
+        """Progress in [0, 1] at the end of step ``step`` (0-based), which is about to run."""
+        p = (step + 1) / self.max_steps if self.max_steps else 0.0
+        if self.seconds is not None:
+            p = max(p, self._agreed([self._time_progress(self.step_s)])[0])
+        return min(1.0, p)
+
+    def schedule(self, step: int) -> tuple[float, float]:
+        """(progress, warmup) of step ``step`` for :func:`gasungbi.train.optim.lr_multiplier`:
+        ``warmup`` is the progress at which the linear warmup ends (so that progress / warmup =
+        (step + 1) / warmup_steps while it lasts)."""
+        p = self.progress(step)
+        if self.seconds is None:
+            return p, self.warmup_steps / self.max_steps
+        if self.warmup_end is None:
+            if step + 1 < self.warmup_steps and p < WARMUP_MAX_PROGRESS:
+                return p, p * self.warmup_steps / (step + 1)
+            self.warmup_end = max(p, 1e-9)
+        return p, self.warmup_end
+
+    def out_of_time(self, step: int, extra: float = 0.0) -> bool:
+        """Whether step ``step`` must not run: the step limit is reached, or one more step (the
+        slowest of the last few) plus ``extra`` seconds due after it would eat into the reserve.
+        A run's first step always runs."""
+        if self.max_steps and step >= self.max_steps:
+            return True
+        if self.seconds is None or not self.recent:
+            return False
+        late = float(self.now() + max(self.recent) + extra > self.seconds - self.reserve)
+        self.stopped_early = self._agreed([late])[0] > 0
+        return self.stopped_early
+
+    def state_dict(self) -> dict:
+        """What a resumed run continues from: its clock, when its training began, where its warmup
+        ended, and its tail's timings."""
+        return {"clock": self.now(), "t_first": self.t_first, "warmup_end": self.warmup_end,
+                "recent": list(self.recent), "tail": dict(self.tail), "measured": sorted(self.measured)}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Continue a run saved with :meth:`state_dict` (its clock is ``before``, given at construction)."""
+        if state:
+            self.t_first, self.warmup_end = state.get("t_first"), state.get("warmup_end")
+            self.recent.extend(state.get("recent", []))
+            self.tail.update(state.get("tail", {}))
+            self.measured.update(state.get("measured", []))
+
+    def record(self) -> dict:
+        """What the report says about the budget: asked, used, and what the tail took."""
+        return {"seconds": self.seconds, "max_steps": self.max_steps, "trained_until_s": round(self.t_last or 0.0, 2),
+                "ended_s": round(self.now(), 2),
+                "first_step_s": round(self.t_first or 0.0, 2), "step_s": round(self.step_s, 4),
+                "reserve_s": {k: round(v, 2) for k, v in self.tail.items()},
+                "stopped_by_clock": self.stopped_early}
 
 
-def steps_for_budget(seconds: float, step_s: float, eval_batch_s: float, eval_interval: int,
-                     eval_batches: int) -> int:
-    """The most optimizer steps (>= 1) whose training and validations fit ``seconds``."""
-    per_eval = eval_batches * eval_batch_s
-    per_step = step_s + (per_eval / eval_interval if eval_interval else 0.0)
-    return max(1, int((seconds - per_eval) / per_step))  # - per_eval: the validation at the end
+def save_seconds_estimate(n_bytes: int) -> float:
+    """The seconds a checkpoint of ``n_bytes`` (weights and optimizer state) is estimated to take
+    until one has been timed."""
+    return SAVE_FIXED_S + n_bytes / SAVE_BYTES_PER_S
 
-
-TAIL_S = 1.0
-"""Seconds kept back for what follows the last step: the final checkpoint, a sample and the report
-(0.6-0.9 s for ``cpu-tiny`` on the 2-core machine this was written on; the plot's import is paid
-during setup instead). The budget counts from the ``train`` command's start, imports included."""
 
 SHORT_BUDGET_MINUTES = 5.0
 """At or below this budget, :func:`short_budget_defaults` applies."""
@@ -111,54 +197,3 @@ def short_budget_defaults(tc, defaults) -> tuple[object, dict]:
         return tc, {}
     changed = {k: v for k, v in SHORT_BUDGET.items() if getattr(tc, k) == getattr(defaults, k) != v}
     return dataclasses.replace(tc, **changed), changed
-
-
-def size_to_budget(tc, cfg: ModelConfig, info, amp, state: dict | None,
-                    spent: float = 0.0):
-    """``tc`` with max_steps sized to ``tc.time_budget`` minutes less the ``spent`` seconds of setup
-    and the sizing's own timings (the warmup capped at a fifth of the steps), and the sizing's
-    record; a resumed run keeps the steps it was sized to."""
-    if state is not None:
-        sized = json.loads(state["train_config"])
-        return (dataclasses.replace(tc, max_steps=sized["max_steps"], warmup_steps=sized["warmup_steps"]),
-                {**(state.get("time_budget") or {}), "resumed": True})
-    t0 = time.perf_counter()
-    if info.is_main:  # the plot's import (~1 s) is paid now, inside the measured setup
-        from gasungbi.eval.plots import preload
-        preload()
-    step_s, eval_s = measure_seconds(tc, cfg, info.device, amp=amp, batch_size=tc.batch_size // info.world_size)
-    if info.enabled:  # every rank must run the same number of steps: the mean of their timings
-        t = dist.all_reduce_sum(torch.tensor([step_s, eval_s], device=info.device)) / info.world_size
-        step_s, eval_s = t.tolist()
-    spent += time.perf_counter() - t0
-    seconds = tc.time_budget * 60 - spent - TAIL_S
-    steps = steps_for_budget(seconds, step_s, eval_s, tc.eval_interval, tc.eval_batches)
-    warmup = min(tc.warmup_steps, max(1, steps // 5))
-    evals = (steps // tc.eval_interval if tc.eval_interval else 0) + 1
-    record = {"minutes": tc.time_budget, "setup_s": spent, "tail_s": TAIL_S, "step_s": step_s, "eval_batch_s": eval_s,
-              "max_steps": steps, "warmup_steps": warmup,
-              "validation_s_estimate": round(evals * tc.eval_batches * eval_s, 2)}
-    if info.is_main:
-        print(f"time budget {tc.time_budget:g} min: {spent:.1f} s of setup, measured {step_s:.3f} s/step and "
-              f"{eval_s:.3f} s per validation batch: {steps} steps ({record['validation_s_estimate']:.0f} s of "
-              f"it validation), warmup {warmup}")
-    return dataclasses.replace(tc, max_steps=steps, warmup_steps=warmup), record
-
-
-def resize_to_budget(tc, budget: dict, step_s: float, step: int, spent: float, info) -> tuple[object, int]:
-    """Once, at the end of warmup: the horizon re-sized from the real steps' time (``step_s``, the
-    mean after the first step; the ranks' mean under torchrun), since a step timed on random tokens
-    before training misses the data, logging and balancing updates, and a machine that slows under
-    load. At the end of warmup the learning rate is the peak for any
-    horizon, so the schedule stays continuous. Recorded in ``budget["resized"]``; a resumed run keeps
-    its sizing."""
-    if info.enabled:
-        step_s = dist.all_reduce_sum(torch.tensor([step_s], device=info.device)).item() / info.world_size
-    total = step + steps_for_budget(tc.time_budget * 60 - spent - TAIL_S, step_s, budget["eval_batch_s"], tc.eval_interval,
-                                    tc.eval_batches)
-    budget["resized"] = {"at_step": step, "step_s": step_s, "max_steps": total}
-    if info.is_main:
-        print(f"\ntime budget: the first {step} steps ran at {step_s:.3f} s/step (measured before: "
-              f"{budget['step_s']:.3f}): {total} steps instead of {tc.max_steps}")
-    tc = dataclasses.replace(tc, max_steps=total)
-    return tc, min(total, tc.stop_after or total)

@@ -140,23 +140,25 @@ def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float
     return opts
 
 
-def lr_multiplier(step: int, total: int, warmup: int, schedule: str = "cosine", min_ratio: float = 0.1,
+def lr_multiplier(progress: float, warmup: float, schedule: str = "cosine", min_ratio: float = 0.1,
                   decay_frac: float = 0.2) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total``.
+    """Learning-rate multiplier at ``progress`` in [0, 1]: the fraction of the run done at the end of
+    the step (of its steps, or of its time budget: :class:`gasungbi.train.budget.Budget`).
 
-    Linear warmup over ``warmup`` steps, then ``cosine`` decay to ``min_ratio``, or ``wsd``
-    (warmup-stable-decay, Hu et al. 2024 MiniCPM): constant, then a linear decay to ``min_ratio``
-    over the last ``decay_frac`` of training.
+    Linear warmup until progress ``warmup``, then ``cosine`` decay to ``min_ratio`` at progress 1,
+    or ``wsd`` (warmup-stable-decay, Hu et al. 2024 MiniCPM): constant, then a linear decay to
+    ``min_ratio`` over the last ``decay_frac`` of the run. With steps, progress = (step + 1) /
+    total and warmup = warmup_steps / total.
     """
-    if step < warmup:
-        return (step + 1) / warmup
+    if progress < warmup:
+        return progress / warmup
     if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        q = (progress - warmup) / max(1e-12, 1 - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(q, 1.0)))
     if schedule == "wsd":
-        decay_start = total - int(decay_frac * total)
-        if step < decay_start:
+        decay_start = 1 - decay_frac
+        if progress < decay_start:
             return 1.0
-        progress = (step - decay_start) / max(1, total - decay_start)
-        return 1.0 - (1 - min_ratio) * min(progress, 1.0)
+        q = (progress - decay_start) / max(1e-12, decay_frac)
+        return 1.0 - (1 - min_ratio) * min(q, 1.0)
     raise ValueError(f"unknown schedule {schedule!r}; choose cosine or wsd")

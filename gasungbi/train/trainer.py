@@ -36,6 +36,7 @@ from gasungbi.eval.perplexity import evaluate
 from gasungbi.model.accounting import count_params, training_flops_per_token
 from gasungbi.model.transformer import Transformer, build_model
 from gasungbi.train import distributed as dist
+from gasungbi.train.budget import Budget, save_seconds_estimate
 from gasungbi.train.meter import device_peak
 from gasungbi.train.objective import Objective, update_expert_bias
 from gasungbi.train.optim import build_optimizers, lr_multiplier
@@ -55,8 +56,8 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch, all processes together
     seq_len: int = 256  # tokens per sequence
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000  # optimizer steps of the whole run (the schedule's horizon)
-    time_budget: float | None = None  # minutes: set max_steps from a measured step time so training and its validations fit (train/budget.py)
+    max_steps: int | None = None  # optimizer steps (the schedule's horizon); default 1000, or none with a time budget
+    time_budget: float | None = None  # minutes for the whole command: the schedule follows the clock and training stops in time for its final validation and checkpoint (train/budget.py); with --max-steps, whichever comes first
     # optimizer and schedule
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices + AdamW for the rest
     lr: float = 3e-3  # AdamW peak learning rate
@@ -103,11 +104,18 @@ class TrainConfig:
             cfg = cfg.replace(vocab_size=vocab_size)
         return cfg
 
+    @property
+    def step_limit(self) -> int | None:
+        """``max_steps``, or its default: 1000 steps without a time budget, none with one."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return None if self.time_budget is not None else 1000
+
     def validate(self) -> None:
         def bad(msg: str):
             raise ValueError(f"invalid training config: {msg}")
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.optimizer not in ("adamw", "muon"):
             bad(f"optimizer={self.optimizer!r}; choose adamw or muon")
@@ -129,6 +137,11 @@ class TrainConfig:
             bad("data (a shard directory made by `gasungbi prepare`, or a JSONL for sft) is required")
         if self.resume and self.overwrite:
             bad("resume continues the run in out_dir and overwrite replaces it: choose one")
+
+
+FINISH_S = 0.5
+"""Seconds kept for the end's sample, plot and report (the final validation and checkpoint are
+reserved apart, from the run's own timings)."""
 
 
 class TokenData:
@@ -196,12 +209,8 @@ class Trainer:
         self.run.restore(self.optimizers)
         if self.run.state is not None:
             self.data.train.load_state_dict(self.run.state["loader"])
-        self.budget: dict | None = None
-        if tc.time_budget is not None:
-            from gasungbi.train.budget import size_to_budget
-            tc, self.budget = size_to_budget(tc, self.cfg, info, self.amp, self.run.state,
-                                             time.perf_counter() - started)
         self.tc = tc
+        self.budget = self._budget(started)
         self.tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
         peak_dtype = torch.float8_e4m3fn if tc.precision == "fp8" and self.cuda else (
             torch.bfloat16 if self.bf16 else torch.float32)
@@ -209,6 +218,26 @@ class Trainer:
         self.load_stats: dict = {}
         self.last_val: dict = next((h for h in reversed(self.run.history) if "val_loss" in h), {})
         self._announce(tc.init_from or tc.model)
+
+    def _budget(self, started: float) -> Budget:
+        """The run's :class:`Budget` (a resumed run continues its clock and schedule), with its tail
+        estimated until measured: the final validation, the checkpoint, the sample and report."""
+        tc, info, state = self.tc, self.info, self.run.state
+        reduce = None
+        if info.enabled:
+            def reduce(values: list[float]) -> list[float]:
+                return dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=info.device)).tolist()
+        saved = (state or {}).get("budget") or {}
+        budget = Budget(tc.time_budget * 60 if tc.time_budget is not None else None, tc.step_limit, started,
+                        tc.warmup_steps, before=saved.get("clock", 0.0), reduce=reduce, world=info.world_size)
+        budget.load_state_dict(saved)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        budget.estimate("checkpoint", save_seconds_estimate(3 * weights))  # weights and AdamW's two moments
+        budget.estimate("sample and report", FINISH_S)
+        if tc.time_budget is not None and info.is_main:  # the plot's import is paid now, not after the last step
+            from gasungbi.eval.plots import preload
+            preload()
+        return budget
 
     def _build(self, tc: TrainConfig) -> Transformer:
         if tc.init_from:
@@ -232,39 +261,46 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``max_steps`` (or ``stop_after``, a signal, or the time budget); the report."""
-        tc, run = self.tc, self.run
-        end_step = min(tc.max_steps, tc.stop_after or tc.max_steps)
+        """Train until the budget (steps, the clock, or both) or ``stop_after`` or a signal ends the
+        run; the report."""
+        tc, run, budget = self.tc, self.run, self.budget
         stop = StopFlag()
-        bar = run.progress(end_step)
-        step, first_step_done = run.start_step, 0.0
+        bar = run.progress(tc.step_limit)
+        step, figures = run.start_step, None
         with stop.installed():
-            while step < end_step and stop.signal is None:
+            while stop.signal is None and not (tc.stop_after and step >= tc.stop_after):
+                if budget.out_of_time(step, self._due_after(step + 1)):
+                    break
+                started = budget.step_started()
                 figures = self.step(step)
+                budget.step_done(started)
+                # a validation batch is a forward without the backward: about a third of a step's work
+                budget.estimate("validation", tc.eval_batches * budget.step_s / (2 * tc.grad_accum))
                 step += 1
                 self.meter.update(self.tokens_per_step)
-                if step == run.start_step + 1:
-                    first_step_done = self.meter.elapsed
-                if self.budget is not None and step == max(tc.warmup_steps, run.start_step + 3) \
-                        and "resized" not in self.budget and not self.budget.get("resumed"):
-                    from gasungbi.train.budget import resize_to_budget
-                    step_s = (self.meter.elapsed - first_step_done) / (step - run.start_step - 1)
-                    tc, end_step = resize_to_budget(tc, self.budget, step_s, step,
-                                                    time.perf_counter() - self.started, self.info)
-                    self.tc = tc
-                    bar.total = end_step
-                self.after_step(step, end_step, figures)
+                self.after_step(step, figures)
                 bar.update(1)
+                left = f" | {max(0.0, budget.seconds - budget.now()):.0f} s left" if budget.seconds else ""
                 bar.set_postfix_str(f"loss {figures['lm_loss']:.3f} | {self.meter.tokens_per_s:,.0f} tok/s | "
-                                    f"MFU {self.meter.mfu:.1%} | ${self.meter.dollars:.4f}" + _val_text(self.last_val))
+                                    f"MFU {self.meter.mfu:.1%} | ${self.meter.dollars:.4f}" +
+                                    _val_text(self.last_val) + left)
         bar.close()
+        if figures is not None and step % tc.log_interval:  # the last step's row
+            self._log_step(step, figures)
         return self.finish(step, stop.signal)
+
+    def _due_after(self, step: int) -> float:
+        """Seconds of the intervals' work due after step ``step`` (validation, checkpoint)."""
+        tc, tail = self.tc, self.budget.tail
+        due = tail.get("validation", 0.0) if tc.eval_interval and step % tc.eval_interval == 0 else 0.0
+        return due + (tail.get("checkpoint", 0.0) if tc.ckpt_interval and step % tc.ckpt_interval == 0 else 0.0)
 
     def step(self, step: int) -> dict[str, float]:
         """One optimizer step (``grad_accum`` micro-batches) at the scheduled learning rate, then the
         expert-bias update; the step's mean losses and gradient norm (one host sync per step)."""
         tc = self.tc
-        mult = lr_multiplier(step, tc.max_steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, tc.decay_frac)
+        progress, warmup = self.budget.schedule(step)
+        mult = lr_multiplier(progress, warmup, tc.schedule, tc.min_lr_ratio, tc.decay_frac)
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["initial_lr"] * mult
@@ -300,23 +336,33 @@ class Trainer:
         values = torch.stack([sums[k] for k in names] + [grad_norm.detach().float().to(self.info.device)]).tolist()
         return {**dict(zip(names, values[:-1])), "grad_norm": values[-1]}
 
-    def after_step(self, step: int, end_step: int, figures: dict[str, float]) -> None:
-        """The intervals: a metrics row, a validation, a sample, a checkpoint."""
-        tc, meter = self.tc, self.meter
-        if step % tc.log_interval == 0 or step == end_step:
-            self.run.log({"step": step, "lr": self.optimizers[0].param_groups[0]["lr"], **figures,
-                          "tokens": meter.tokens, "tokens_per_s": round(meter.tokens_per_s, 1),
-                          "mfu": round(meter.mfu, 5), "dollars": round(meter.dollars, 6),
-                          "elapsed_s": round(meter.elapsed, 2),
-                          **{k: v for k, v in self.load_stats.items() if k != "load"}})
-        if tc.eval_interval and step % tc.eval_interval == 0 and step < end_step:
+    def after_step(self, step: int, figures: dict[str, float]) -> None:
+        """The intervals: a metrics row, a validation, a sample, a checkpoint (each one timed for the
+        budget's tail)."""
+        tc, budget = self.tc, self.budget
+        if step % tc.log_interval == 0:
+            self._log_step(step, figures)
+        last = step == tc.step_limit  # the final validation and checkpoint come with the report
+        if tc.eval_interval and step % tc.eval_interval == 0 and not last:
+            t = time.perf_counter()
             self.last_val = self.validate(step)
+            budget.measure("validation", time.perf_counter() - t)
         if tc.sample_interval and step % tc.sample_interval == 0:
             sampler = self.run.whole_model()
             if self.info.is_main:
                 self._write_sample(step, _sample(sampler, tc, self.data.tokenizer_dir))
-        if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < end_step:
+        if tc.ckpt_interval and step % tc.ckpt_interval == 0 and not last:
+            t = time.perf_counter()
             self.save(step)
+            budget.measure("checkpoint", time.perf_counter() - t)
+
+    def _log_step(self, step: int, figures: dict[str, float]) -> None:
+        meter = self.meter
+        self.run.log({"step": step, "lr": self.optimizers[0].param_groups[0]["lr"], **figures,
+                      "tokens": meter.tokens, "tokens_per_s": round(meter.tokens_per_s, 1),
+                      "mfu": round(meter.mfu, 5), "dollars": round(meter.dollars, 6),
+                      "elapsed_s": round(meter.elapsed, 2),
+                      **{k: v for k, v in self.load_stats.items() if k != "load"}})
 
     def validate(self, step: int) -> dict:
         """Validation loss (and bits per byte), logged; under expert parallelism rank 0 evaluates
@@ -334,7 +380,8 @@ class Trainer:
         return row
 
     def save(self, step: int, whole: Transformer | None = None):
-        state = {"loader": self.data.train.state_dict(), "time_budget": self.budget,
+        state = {"loader": self.data.train.state_dict(),
+                 "budget": self.budget.state_dict(),
                  "train_config": json.dumps(dataclasses.asdict(self.tc))}
         return self.run.save(step, state, whole)
 
@@ -345,21 +392,21 @@ class Trainer:
     def finish(self, step: int, signum: int | None) -> dict[str, Any]:
         """The last validation, the final checkpoint (Hugging Face layout), the sample, the report."""
         tc, run, info = self.tc, self.run, self.info
-        if not self.cuda and self.budget is None:  # a CPU peak measured while something else ran is too low
+        if not self.cuda and tc.time_budget is None:  # a CPU peak measured while something else ran is too low
             self.meter.peak_flops = max(self.meter.peak_flops, device_peak(info.device, torch.float32)[0])
-        if signum is None and step == tc.max_steps and not any(h["step"] == step and "val_loss" in h
+        if signum is None and step != tc.stop_after and not any(h["step"] == step and "val_loss" in h
                                                                for h in run.history):
             self.last_val = self.validate(step)  # (a rerun of a finished run has it already)
         whole = run.whole_model()
         path = self.save(step, whole)
-        report = {"step": step, "max_steps": tc.max_steps, "interrupted": signum is not None,
+        report = {"step": step, "max_steps": tc.step_limit, "interrupted": signum is not None,
                   "checkpoint": str(path), "preset": tc.model, "model": to_hf_config(self.cfg),
                   "device": run.device_name, "device_count": info.world_size, **self.meter.summary(),
                   "final_train_loss": next((h["lm_loss"] for h in reversed(run.history) if "lm_loss" in h), None),
                   "val_loss": self.last_val.get("val_loss"), "val_bpb": self.last_val.get("val_bpb"),
                   "expert_load": self.load_stats.get("load", []), "max_violation": self.load_stats.get("max_violation")}
-        if self.budget is not None:
-            report["time_budget"] = self.budget
+        if tc.time_budget is not None:
+            report["time_budget"] = {"minutes": tc.time_budget, **self.budget.record()}
         if info.is_main:
             report["sample"] = _sample(whole, tc, self.data.tokenizer_dir)
             self._write_sample(step, report["sample"])
