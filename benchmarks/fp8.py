@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gasungbi.config import get_preset
+from gasungbi.presets import get_preset
 from gasungbi.model.transformer import build_model
 from gasungbi.train.fp8 import apply_fp8
 from gasungbi.train.optim import build_optimizers, lr_multiplier

@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from gasungbi.config import get_preset
+from gasungbi.presets import get_preset
 from gasungbi.model.accounting import count_params, training_flops_per_token
 from gasungbi.train.trainer import TrainConfig, train
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gasungbi.config import get_preset
+from gasungbi.presets import get_preset
 from gasungbi.model.accounting import count_params, training_flops_per_token
 from gasungbi.model.transformer import build_model
 from gasungbi.train.objective import Objective

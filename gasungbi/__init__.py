@@ -7,7 +7,7 @@ hardware you have, and know what it will cost before you spend.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ModelConfig": "gasungbi.config", "get_preset": "gasungbi.config",
+    "ModelConfig": "gasungbi.config", "get_preset": "gasungbi.presets",
     "load_model": "gasungbi.interop.hf", "save_model": "gasungbi.interop.hf",
     "Transformer": "gasungbi.model.transformer", "build_model": "gasungbi.model.transformer",
 }

@@ -2,11 +2,12 @@
 
 One dataclass, :class:`ModelConfig`, describes every model gasungbi builds: DeepSeek-V3 (MLA +
 DeepSeekMoE with sigmoid routing and auxiliary-loss-free bias + MTP), DeepSeek-V2 (MLA + softmax
-routing) and the dense Llama-style baseline (GQA attention + SwiGLU). Fields are grouped as in the
+routing), and dense GQA transformers: the Llama-style baseline, and Qwen2 / Qwen3, the
+architectures of DeepSeek's R1 distills. Fields are grouped as in the
 DeepSeek reference ``ModelArgs`` and named as in the Hugging Face configs, so that
 :func:`to_hf_config` / :func:`from_hf_config` are mostly a renaming.
 
-Presets are plain functions returning a ``ModelConfig``; ``PRESETS`` maps their names.
+Presets (named configurations, the published ones among them) are in :mod:`gasungbi.presets`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ ARCHITECTURES = {
     # model_type -> Hugging Face architecture class name
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",  # V3 + DeepSeek Sparse Attention's lightning indexer
     "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",  # the R1-Distill-Qwen releases
+    "qwen3": "Qwen3ForCausalLM",  # DeepSeek-R1-0528-Qwen3-8B
 }
+GQA_TYPES = ("llama", "qwen2", "qwen3")
+"""Dense GQA transformers: Llama, and Qwen2/Qwen3 (Llama plus Q/K/V biases, per-head Q/K RMSNorm)."""
 
 
 @dataclass
@@ -37,7 +43,8 @@ class ModelConfig:
 
     # --- family -------------------------------------------------------------------------------
     model_type: str = "deepseek_v3"
-    """``deepseek_v3``, ``deepseek_v2`` or ``llama``: selects attention (MLA vs GQA) and router."""
+    """``deepseek_v3``, ``deepseek_v2``, ``llama``, ``qwen2`` or ``qwen3``: selects attention (MLA vs GQA),
+    router and the small differences between the GQA families (biases, Q/K norm)."""
 
     # --- trunk --------------------------------------------------------------------------------
     vocab_size: int = 512
@@ -64,7 +71,8 @@ class ModelConfig:
     num_attention_heads: int = 4
     """Number of query heads n_h."""
     attention_bias: bool = False
-    """Bias on the attention input/output projections (``q_a``, ``kv_a``, ``o``; Llama q/k/v/o)."""
+    """Bias on the attention input/output projections (``q_a``, ``kv_a``, ``o``; Llama and Qwen3 q/k/v/o;
+    Qwen2 always has q/k/v biases and no o bias, whatever this says)."""
 
     # --- attention: MLA (DeepSeek-V2 Sec. 2.1) ------------------------------------------------
     q_lora_rank: int | None = 32
@@ -78,11 +86,23 @@ class ModelConfig:
     v_head_dim: int = 16
     """Per-head value width."""
 
+    # --- attention: DeepSeek Sparse Attention (V3.2 Sec. 2.1) ----------------------------------
+    index_n_heads: int = 0
+    """The lightning indexer's query heads H^I (V3.2: 64); 0 for models without one."""
+    index_head_dim: int = 0
+    """The indexer's query/key width d^I (V3.2: 128)."""
+    index_topk: int = 0
+    """Keys each query attends to, chosen by the indexer (V3.2: 2048)."""
+
     # --- attention: GQA (Llama baseline) ------------------------------------------------------
     num_key_value_heads: int | None = None
     """Llama: number of K/V heads (GQA); ``None`` = MHA. Ignored by MLA."""
     head_dim: int | None = None
     """Llama: per-head width; ``None`` = hidden_size // num_attention_heads. Ignored by MLA."""
+    sliding_window: int | None = None
+    """Qwen2: the keys a sliding-window layer attends to (its own and the W-1 before it); ``None``: none."""
+    layer_types: list | None = None
+    """Per layer ``full_attention`` or ``sliding_attention`` (with ``sliding_window``); ``None``: all full."""
 
     # --- RoPE / YaRN --------------------------------------------------------------------------
     rope_theta: float = 10000.0
@@ -126,7 +146,33 @@ class ModelConfig:
     # --- derived --------------------------------------------------------------------------------
     @property
     def is_mla(self) -> bool:
-        return self.model_type in ("deepseek_v3", "deepseek_v2")
+        return self.model_type in ("deepseek_v3", "deepseek_v2", "deepseek_v32")
+
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek-V3.2's sparse attention: a lightning indexer chooses each query's keys."""
+        return self.model_type == "deepseek_v32"
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on a GQA layer's q/k/v projections (always in Qwen2)."""
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        """A bias on a GQA layer's output projection (never in Qwen2)."""
+        return self.model_type != "qwen2" and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3's per-head RMSNorm of queries and keys before RoPE."""
+        return self.model_type == "qwen3"
+
+    def window(self, layer_idx: int) -> int | None:
+        """The sliding window of block ``layer_idx``, or None where it attends to the whole context."""
+        types = self.layer_types or []
+        sliding = layer_idx < len(types) and types[layer_idx] == "sliding_attention"
+        return self.sliding_window if sliding else None
 
     @property
     def qk_head_dim(self) -> int:
@@ -157,7 +203,7 @@ class ModelConfig:
         def bad(msg: str) -> None:
             raise ValueError(f"invalid model config: {msg}")
 
-        kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None)}
+        kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "None": type(None), "list": list}
         for f in dataclasses.fields(self):  # a config.json or --set value of the wrong type, named
             value = getattr(self, f.name)
             allowed = [kinds.get(t.strip(), dict) for t in f.type.split("|")]  # "dict[str, Any]" -> dict
@@ -172,6 +218,14 @@ class ModelConfig:
         if self.is_mla:
             if self.qk_rope_head_dim % 2:
                 bad(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+            if self.has_indexer:
+                for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                    if getattr(self, name) <= 0:
+                        bad(f"{name} must be positive for deepseek_v32, got {getattr(self, name)}")
+                if self.index_head_dim < self.qk_rope_head_dim:
+                    bad(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
+                if not self.q_lora_rank:
+                    bad("deepseek_v32 needs q_lora_rank (the indexer's queries come from the query latent)")
             if self.n_routed_experts:
                 if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
                     bad(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts={self.n_routed_experts}")
@@ -193,6 +247,13 @@ class ModelConfig:
                 bad(f"num_attention_heads={self.num_attention_heads} not divisible by num_key_value_heads={self.gqa_kv_heads}")
             if self.gqa_head_dim % 2:
                 bad(f"head_dim must be even, got {self.gqa_head_dim}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or \
+                    not set(self.layer_types) <= {"full_attention", "sliding_attention"}:
+                bad(f"layer_types must give full_attention or sliding_attention for each of the "
+                    f"{self.num_hidden_layers} layers, got {self.layer_types!r}")
+            if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
+                bad(f"sliding_window must be a positive number of tokens, got {self.sliding_window!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind != "yarn":
@@ -200,122 +261,6 @@ class ModelConfig:
             for key in ("factor", "original_max_position_embeddings"):
                 if key not in self.rope_scaling:
                     bad(f"rope_scaling needs {key!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Presets. Published values are copied from the released config.json files.
-# ---------------------------------------------------------------------------------------------
-
-def _yarn(factor: float, original: int, mscale: float, mscale_all_dim: float) -> dict[str, Any]:
-    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
-            "beta_fast": 32, "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
-
-
-def debug() -> ModelConfig:
-    """Under 1M parameters, every feature on (q-LoRA, groups, a dense layer, MTP): for tests."""
-    return ModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=3, intermediate_size=128,
-                       num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-                       qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
-                       moe_intermediate_size=32, num_experts_per_tok=2, n_group=2, topk_group=1,
-                       first_k_dense_replace=1, routed_scaling_factor=1.0,
-                       num_nextn_predict_layers=1, max_position_embeddings=256)
-
-
-def cpu_tiny() -> ModelConfig:
-    """~10M total / ~4M activated: an MoE+MLA model that trains on a 2-core CPU in minutes."""
-    return ModelConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=4, intermediate_size=768,
-                       num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
-                       qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
-                       moe_intermediate_size=128, num_experts_per_tok=2, n_group=1, topk_group=1,
-                       first_k_dense_replace=1, routed_scaling_factor=1.0,
-                       num_nextn_predict_layers=1, max_position_embeddings=1024)
-
-
-def small() -> ModelConfig:
-    """148M total (133M without MTP) / 56M activated: a single-GPU research size."""
-    return ModelConfig(vocab_size=32768, hidden_size=512, num_hidden_layers=8, intermediate_size=1536,
-                       num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64,
-                       qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, n_shared_experts=1,
-                       moe_intermediate_size=256, num_experts_per_tok=4, n_group=4, topk_group=2,
-                       first_k_dense_replace=1, routed_scaling_factor=2.5,
-                       num_nextn_predict_layers=1, max_position_embeddings=2048)
-
-
-def deepseek_v3_671b() -> ModelConfig:
-    """DeepSeek-V3 / R1 (deepseek-ai/DeepSeek-V3 config.json): 671B total, 37B activated."""
-    return ModelConfig(vocab_size=129280, hidden_size=7168, num_hidden_layers=61, intermediate_size=18432,
-                       num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                       qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1,
-                       moe_intermediate_size=2048, num_experts_per_tok=8, n_group=8, topk_group=4,
-                       first_k_dense_replace=3, scoring_func="sigmoid", topk_method="noaux_tc",
-                       norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
-                       max_position_embeddings=163840, rope_theta=10000.0, initializer_range=0.006,
-                       rope_scaling=_yarn(40, 4096, 1.0, 1.0), bos_token_id=0, eos_token_id=1)
-
-
-def deepseek_v2_236b() -> ModelConfig:
-    """DeepSeek-V2 (deepseek-ai/DeepSeek-V2 config.json): 236B total, 21B activated."""
-    return ModelConfig(model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, num_hidden_layers=60,
-                       intermediate_size=12288, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-                       qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
-                       n_shared_experts=2, moe_intermediate_size=1536, num_experts_per_tok=6, n_group=8,
-                       topk_group=3, first_k_dense_replace=1, scoring_func="softmax",
-                       topk_method="group_limited_greedy", norm_topk_prob=False, routed_scaling_factor=16.0,
-                       max_position_embeddings=163840, initializer_range=0.02,
-                       rope_scaling=_yarn(40, 4096, 0.707, 0.707), bos_token_id=100000, eos_token_id=100001)
-
-
-def deepseek_v2_lite() -> ModelConfig:
-    """DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite config.json): 15.7B total, 2.4B activated."""
-    return ModelConfig(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, num_hidden_layers=27,
-                       intermediate_size=10944, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512,
-                       qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
-                       n_shared_experts=2, moe_intermediate_size=1408, num_experts_per_tok=6, n_group=1,
-                       topk_group=1, first_k_dense_replace=1, scoring_func="softmax", topk_method="greedy",
-                       norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=163840,
-                       initializer_range=0.02, rope_scaling=_yarn(40, 4096, 0.707, 0.707),
-                       bos_token_id=100000, eos_token_id=100001)
-
-
-def llama_like(cfg: ModelConfig, intermediate_size: int | None = None) -> ModelConfig:
-    """The dense Llama baseline matching ``cfg``'s vocabulary, width, depth and heads.
-
-    The FFN width defaults to one that gives the same *activated* FFN parameters per layer as
-    ``cfg``'s MoE layers (shared + K_r routed experts), so the two train at similar FLOPs per token.
-    """
-    if intermediate_size is None:
-        intermediate_size = cfg.intermediate_size
-        if cfg.n_routed_experts:
-            intermediate_size = (cfg.n_shared_experts + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
-    return ModelConfig(model_type="llama", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                       num_hidden_layers=cfg.num_hidden_layers, intermediate_size=intermediate_size,
-                       num_attention_heads=cfg.num_attention_heads,
-                       num_key_value_heads=cfg.num_attention_heads,
-                       head_dim=cfg.hidden_size // cfg.num_attention_heads, rope_interleave=False, rope_theta=cfg.rope_theta,
-                       max_position_embeddings=cfg.max_position_embeddings, n_routed_experts=0,
-                       num_nextn_predict_layers=0, initializer_range=cfg.initializer_range,
-                       bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
-
-
-PRESETS = {
-    "debug": debug,
-    "cpu-tiny": cpu_tiny,
-    "small": small,
-    "deepseek-v3-671b": deepseek_v3_671b,
-    "deepseek-v2-236b": deepseek_v2_236b,
-    "deepseek-v2-lite": deepseek_v2_lite,
-    "llama-debug": lambda: llama_like(debug()),
-    "llama-cpu-tiny": lambda: llama_like(cpu_tiny()),
-    "llama-small": lambda: llama_like(small()),
-}
-
-
-def get_preset(name: str) -> ModelConfig:
-    """The preset called ``name``; a ``KeyError`` listing the valid names otherwise."""
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise KeyError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +274,7 @@ _MOE_FIELDS = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", 
 _COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "rms_norm_eps",
            "max_position_embeddings", "tie_word_embeddings", "initializer_range", "bos_token_id",
            "eos_token_id", "pad_token_id", "num_attention_heads", "attention_bias")
+_INDEX_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")  # the shape; no defaults
 
 
@@ -344,16 +290,36 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.is_mla:
         d.update({k: getattr(cfg, k) for k in _MLA_FIELDS + _MOE_FIELDS})
         d["num_key_value_heads"] = cfg.num_attention_heads
-        d["rope_interleave"] = cfg.rope_interleave
+        if cfg.has_indexer:  # transformers' V3.2 always interleaves MLA's RoPE (no rope_interleave field)
+            d.update({k: getattr(cfg, k) for k in _INDEX_FIELDS})
+        else:
+            d["rope_interleave"] = cfg.rope_interleave
         d["num_nextn_predict_layers"] = cfg.num_nextn_predict_layers
         if not cfg.n_routed_experts:  # a dense MLA model: every block (MTP included) dense
             d["first_k_dense_replace"] = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     else:
         d["num_key_value_heads"] = cfg.gqa_kv_heads
         d["head_dim"] = cfg.gqa_head_dim
-        d["mlp_bias"] = False
+        if cfg.model_type == "llama":
+            d["mlp_bias"] = False
+        else:  # qwen2 / qwen3
+            layer_types = cfg.layer_types or ["full_attention"] * cfg.num_hidden_layers
+            d.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                     layer_types=layer_types, max_window_layers=next(
+                         (i for i, t in enumerate(layer_types) if t == "sliding_attention"), cfg.num_hidden_layers))
     d["hidden_act"] = "silu"
     return d
+
+
+def _qwen_windows(d: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2/Qwen3's sliding windows as transformers reads them: ``layer_types`` when given, else
+    the layers from ``max_window_layers`` on slide when ``use_sliding_window``; none without it."""
+    if not d.get("use_sliding_window"):
+        return {"sliding_window": None, "layer_types": None}
+    n, first = d["num_hidden_layers"], d.get("max_window_layers", d["num_hidden_layers"])
+    types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return {"sliding_window": d.get("sliding_window"),
+            "layer_types": list(types) if "sliding_attention" in types else None}
 
 
 def from_hf_config(d: dict[str, Any]) -> ModelConfig:
@@ -394,18 +360,20 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         kw["rope_scaling"] = {"type": "yarn", **scaling}
     elif kind != "default":
         raise ValueError(f"unsupported RoPE scaling {kind!r}; supported: default, yarn")
-    if model_type == "llama":
+    if model_type in GQA_TYPES:
         kw["num_key_value_heads"] = d.get("num_key_value_heads")
         kw["head_dim"] = d.get("head_dim")
         kw["rope_interleave"] = False
         kw["n_routed_experts"] = 0
+        if model_type != "llama":
+            kw.update(_qwen_windows(d))
         return ModelConfig(**kw)
-    for k in _MLA_FIELDS + _MOE_FIELDS:
+    for k in _MLA_FIELDS + _MOE_FIELDS + (_INDEX_FIELDS if model_type == "deepseek_v32" else ()):
         if k in d:
             kw[k] = d[k]
-    kw["rope_interleave"] = bool(d.get("rope_interleave", True))
+    kw["rope_interleave"] = bool(d.get("rope_interleave", True)) if model_type != "deepseek_v32" else True
     kw["num_nextn_predict_layers"] = int(d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0)
-    if model_type == "deepseek_v3":
+    if model_type in ("deepseek_v3", "deepseek_v32"):
         # transformers' DeepseekV3 always routes with sigmoid + correction bias (noaux_tc).
         kw.setdefault("scoring_func", "sigmoid")
         kw.setdefault("topk_method", "noaux_tc")
@@ -418,17 +386,6 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     if kw["topk_method"] == "greedy":
         kw["n_group"] = kw["topk_group"] = 1
     return ModelConfig(**kw)
-
-
-def resolve_model_config(spec: str) -> ModelConfig:
-    """A preset name or a Hugging Face checkpoint directory -> ModelConfig."""
-    from gasungbi.errors import UserError
-
-    if spec in PRESETS:
-        return get_preset(spec)
-    if Path(spec).exists():
-        return read_config(spec)
-    raise UserError(f"unknown model {spec!r}: not a preset ({', '.join(PRESETS)}) nor an existing directory")
 
 
 class CheckpointError(ValueError):

@@ -151,7 +151,7 @@ def _skewed_worker(rank: int, init_file: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from gasungbi.config import get_preset
+    from gasungbi.presets import get_preset
     from gasungbi.model.moe import Experts
     from gasungbi.train.expert_parallel import EPExperts
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gasungbi.config import get_preset
+from gasungbi.presets import get_preset
 from gasungbi.model.transformer import build_model
 from gasungbi.train import fp8
 

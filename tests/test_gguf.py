@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gasungbi.config import get_preset
+from gasungbi.presets import get_preset
 from gasungbi.data.conventions import CHAT_TEMPLATE
 from gasungbi.data.tokenizer import save_tokenizer, train_tokenizer
 from gasungbi.infer.generate import generate
@@ -96,6 +96,10 @@ def _transformers_checkpoint(path: Path, tok_dir: Path, config) -> Path:  # noqa
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases (Qwen2) and per-head q/k norms (Qwen3) that matter
+        for name, p in model.named_parameters():
+            if name.endswith((".bias", "q_norm.weight", "k_norm.weight")):
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     for f in tok_dir.iterdir():
         (path / f.name).write_bytes(f.read_bytes())
@@ -165,13 +169,16 @@ def test_trained_checkpoint_logits_and_tokenizer_in_llama_cpp(trained, tmp_path)
     assert agreement(a, q8) >= 0.9
 
 
-KINDS = ["v3", "v2", "llama"]
+KINDS = ["v3", "v2", "llama"]  # also compared with llama.cpp's own converter (its Qwen path wants Qwen's tokenizer)
+EXPORTED = KINDS + ["qwen2", "qwen3", "v32"]
 
 
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory, tok_dir):
     """kind -> a checkpoint written by transformers: DeepseekV3 (q_lora, YaRN, group-limited sigmoid
-    routing with a non-zero correction bias), DeepseekV2 (softmax routing, no q_lora), Llama (GQA)."""
+    routing with a non-zero correction bias), DeepseekV2 (softmax routing, no q_lora), Llama (GQA),
+    Qwen2 (q/k/v biases), Qwen3 (per-head q/k norm, head_dim x heads != hidden) and DeepseekV32 (V3
+    with the lightning indexer's top-k)."""
     transformers = pytest.importorskip("transformers")
     common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                   max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False,
@@ -187,16 +194,22 @@ def foreign(tmp_path_factory, tok_dir):
         "v2": transformers.DeepseekV2Config(**common, **mla, q_lora_rank=None, topk_method="greedy",
                                             norm_topk_prob=False),
         "llama": transformers.LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2),
+        "qwen2": transformers.Qwen2Config(**common, intermediate_size=128, num_key_value_heads=2),
+        "qwen3": transformers.Qwen3Config(**common, intermediate_size=128, num_key_value_heads=2, head_dim=32),
+        # llama.cpp's indexer takes index_head_dim 64 (its Hadamard transform); each query sees 32 of up to 96 keys
+        "v32": transformers.DeepseekV32Config(**common, **mla, n_group=4, topk_group=2, q_lora_rank=32,
+                                              index_n_heads=16, index_head_dim=64, index_topk=32),
     }
     root, out = tmp_path_factory.mktemp("foreign"), {}
     for kind, config in configs.items():
         ckpt = _transformers_checkpoint(root / kind, tok_dir, config)
         # the keys DeepSeek's released config.json carries and transformers does not write
-        extra = {"v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}, "v2": {"scoring_func": "softmax"}}
+        extra = {"v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}, "v2": {"scoring_func": "softmax"},
+                 "v32": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
         if kind in extra:
             cfg = json.loads((ckpt / "config.json").read_text())
             (ckpt / "config.json").write_text(json.dumps({**cfg, **extra[kind]}, indent=2))
-        if kind == "v3":  # a non-zero correction bias, so that llama.cpp must apply it to choose experts
+        if kind in ("v3", "v32"):  # a non-zero correction bias, so that llama.cpp must apply it to choose experts
             from safetensors.torch import load_file, save_file
             sd = load_file(ckpt / "model.safetensors")
             for k in [k for k in sd if k.endswith("e_score_correction_bias")]:
@@ -206,7 +219,7 @@ def foreign(tmp_path_factory, tok_dir):
     return out
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", EXPORTED)
 def test_transformers_checkpoints_run_in_llama_cpp(kind, foreign, tmp_path):
     transformers = pytest.importorskip("transformers")
     ckpt, tokens = foreign[kind], _tokens(512)

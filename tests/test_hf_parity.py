@@ -1,4 +1,4 @@
-"""Parity with transformers' DeepseekV3 / DeepseekV2 / Llama on CPU in fp32.
+"""Parity with transformers' DeepseekV3 / DeepseekV2 / DeepseekV32 / Llama / Qwen2 / Qwen3 on CPU in fp32.
 
 transformers builds random tiny models, saves them; gasungbi loads them and must give the same
 logits (max-abs 1e-4). Then gasungbi saves, transformers loads, same logits again.
@@ -46,6 +46,23 @@ CASES = {
     "llama-tied": ("Llama", dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
                                  max_position_embeddings=256, initializer_range=0.25)),
+    # DeepSeek Sparse Attention: each of 40 queries attends to its 8 best keys (16 indexer heads: no ties)
+    "v32-indexer": ("DeepseekV32", dict(BASE_DS, q_lora_rank=24, n_group=2, topk_group=1, first_k_dense_replace=1,
+                                        index_n_heads=16, index_head_dim=16, index_topk=8,
+                                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                         "original_max_position_embeddings": 64, "beta_fast": 32,
+                                                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # R1-Distill-Qwen's architecture: q/k/v biases; here also sliding-window layers (W=8 < 40 tokens), tied head
+    "qwen2-sliding-tied": ("Qwen2", dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                         sliding_window=8, max_window_layers=1, tie_word_embeddings=True,
+                                         max_position_embeddings=256, initializer_range=0.25)),
+    # R1-0528-Qwen3-8B's architecture: per-head q/k norm; head_dim x heads != hidden; biases; YaRN
+    "qwen3-qknorm-yarn": ("Qwen3", dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
+                                        max_position_embeddings=256, initializer_range=0.25,
+                                        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                                         "original_max_position_embeddings": 64})),
 }
 
 
@@ -57,8 +74,8 @@ def _hf_model(family, kwargs):
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # make the bias matter for the choice
                 buf.copy_(torch.randn_like(buf) * 0.3)
-        for name, p in model.named_parameters():  # non-trivial norms
-            if name.endswith("norm.weight") or "layernorm" in name:
+        for name, p in model.named_parameters():  # non-trivial norms and biases
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
 

@@ -102,7 +102,7 @@ def test_modules_form_a_dag():
 
 def test_plan_needs_only_config_and_accounting():
     graph = import_graph()
-    allowed = {"gasungbi.config", "gasungbi.errors", "gasungbi.model.accounting"}
+    allowed = {"gasungbi.config", "gasungbi.presets", "gasungbi.errors", "gasungbi.model.accounting"}
     for mod, deps in graph.items():
         if _package(mod) == "plan":
             outside = {d for d in deps if _package(d) != "plan"} - allowed

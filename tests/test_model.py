@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from gasungbi.config import PRESETS, ModelConfig, from_hf_config, get_preset, to_hf_config
+from gasungbi.config import ModelConfig, from_hf_config, to_hf_config
+from gasungbi.presets import PRESETS, get_preset
 from gasungbi.infer.cache import KVCache
 from gasungbi.infer.engine import CacheView, forward_step
 from gasungbi.model.accounting import count_params, training_flops_per_token

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from gasungbi.cli import main
-from gasungbi.config import ModelConfig, get_preset, to_hf_config
+from gasungbi.config import ModelConfig, to_hf_config
+from gasungbi.presets import get_preset
 from gasungbi.plan.all_to_all import estimate_expert_parallel, node_limit_of
 from gasungbi.plan.catalog import CatalogError, Gpu, load_catalog, parse_hardware
 from gasungbi.plan.counts import CountModel, kv_bytes_per_token, mha_kv_bytes_per_token, parse_tokens

@@ -188,7 +188,10 @@ class Conventions:
         self.stop_ids = list(dict.fromkeys(t for t in stops if t is not None))
         """The ids that end a chat reply: (gasungbi's template) ``<|end|>`` first, eos_ids, the tokenizer's eos."""
         self._compiled = _compile(self.template) if self.template is not None else None
-        specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        # the markers a message must not forge: special tokens, and added tokens the template writes
+        # itself (DeepSeek's R1 distills add <｜User｜> and <｜Assistant｜> as non-special tokens)
+        specials = [t.content for t in tokenizer.get_added_tokens_decoder().values()
+                    if t.special or (self.template is not None and t.content in self.template)]
         self._specials = sorted(set(specials), key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
         self._text_tokenizer: Tokenizer | None = None
@@ -222,22 +225,26 @@ class Conventions:
 
     # --- chat ---------------------------------------------------------------------------------
 
-    def render_chat(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    template_kwargs: Mapping[str, Any] | None = None) -> str:
         """The conversation as the checkpoint's template writes it (``apply_chat_template(...,
-        tokenize=False)``); a template's ``raise_exception`` is a ValueError."""
+        tokenize=False, **template_kwargs)``); a template's ``raise_exception`` is a ValueError.
+        ``template_kwargs``: the template's own switches, e.g. ``{"thinking": True}`` (DeepSeek-V3.1)
+        or ``{"enable_thinking": False}`` (Qwen3), as vLLM's ``chat_template_kwargs``."""
         messages = [dict(m) for m in messages]
         if self._compiled is None:
             return render_chat(messages, add_generation_prompt)
         import jinja2
 
+        kwargs = {**(template_kwargs or {}), **self.special_tokens}
         try:
-            return self._compiled.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
+            return self._compiled.render(**{"tools": None, "documents": None, **kwargs}, messages=messages,
+                                         add_generation_prompt=add_generation_prompt)
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"chat template: {e}") from None
 
     def chat_ids(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True,
-                 content_as_text: bool = True) -> list[int]:
+                 content_as_text: bool = True, template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Token ids of :meth:`render_chat`, with no special tokens added around it (as
         ``apply_chat_template(..., tokenize=True)``).
 
@@ -248,7 +255,7 @@ class Conventions:
         """
         messages = [dict(m) for m in messages]
         if not content_as_text or self._special_re is None:
-            return self.tokenizer.encode(self.render_chat(messages, add_generation_prompt),
+            return self.tokenizer.encode(self.render_chat(messages, add_generation_prompt, template_kwargs),
                                          add_special_tokens=False).ids
         originals: list[str] = []
         escapes = re.compile("\ue000|" + self._special_re.pattern)
@@ -260,7 +267,7 @@ class Conventions:
         for m in messages:
             if isinstance(m.get("content"), str):
                 m["content"] = escapes.sub(escape, m["content"])
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, template_kwargs)
         if not originals:  # nothing to protect: exactly what the tokenizer gives the whole render
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         unescape = re.compile("\ue000(\\d+)\ue001")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from gasungbi.config import ModelConfig
+from gasungbi.model.accounting import kv_cache_bytes_per_token
 
 
 class KVCache:
-    """Per-layer pairs of buffers of shape [batch, max_len, ...]: ``layers[i]`` is (latent c^KV, rope key
-    k^R) for MLA, (K, V) for GQA (``names`` says which). The decode engine writes and reads them
-    through :class:`~gasungbi.infer.engine.CacheView`."""
+    """Per-layer buffers of shape [batch, max_len, ...]: ``layers[i]`` is (latent c^KV, rope key k^R)
+    for MLA, plus the indexer's keys k^I for DeepSeek-V3.2, or (K, V) for GQA (``names`` says which).
+    The decode engine writes and reads them through :class:`~gasungbi.infer.engine.CacheView`."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
@@ -26,6 +27,8 @@ class KVCache:
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         if cfg.is_mla:
             self.names, shapes = ("latent", "rope_key"), [(cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)]
+            if cfg.has_indexer:
+                self.names, shapes = self.names + ("index_key",), shapes + [(cfg.index_head_dim,)]
         else:
             self.names, shapes = ("key", "value"), [(cfg.gqa_kv_heads, cfg.gqa_head_dim)] * 2
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
@@ -34,8 +37,5 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, include_mtp: bool = False) -> int:
-        """Cache bytes per token: (kv_lora_rank + qk_rope_head_dim) x layers x dtype bytes for MLA,
-        2 x kv_heads x head_dim x layers x dtype bytes for GQA."""
-        layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
-        width = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) if cfg.is_mla else 2 * cfg.gqa_kv_heads * cfg.gqa_head_dim
-        return width * layers * torch.finfo(dtype).bits // 8
+        """Cache bytes per token (:func:`gasungbi.model.accounting.kv_cache_width`)."""
+        return kv_cache_bytes_per_token(cfg, torch.finfo(dtype).bits // 8, include_mtp)

@@ -218,7 +218,7 @@ CHAT_HELP = "/reset clears the conversation, /quit (or Ctrl-D) leaves"
 
 
 def chat_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs, Flat] = SamplingArgs(),
-             system: str | None = None, max_new_tokens: int = 512) -> int:
+             system: str | None = None, max_new_tokens: int = 512, thinking: bool | None = None) -> int:
     """Multi-turn chat with a checkpoint, streaming: /reset clears the conversation, /quit (or Ctrl-D) leaves.
 
     Args:
@@ -226,6 +226,8 @@ def chat_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs
         sampling: sampling and stops
         system: a system message opening the conversation
         max_new_tokens: longest reply
+        thinking: the chat template's thinking switch, where it has one (DeepSeek-V3.1's thinking,
+            Qwen3's enable_thinking); default: the template's own
     """
     from gasungbi.infer.generate import ContextLengthError, stream
 
@@ -233,6 +235,7 @@ def chat_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs
     params = sampling.params()
     m = model.load()
     opening = [{"role": "system", "content": system}] if system else []
+    switches = None if thinking is None else {"thinking": thinking, "enable_thinking": thinking}
     messages = list(opening)
     interactive = sys.stdin.isatty()
     print(f"chat with {model.checkpoint} ({CHAT_HELP})", file=sys.stderr)
@@ -256,7 +259,7 @@ def chat_cmd(model: Annotated[ModelArgs, Flat], sampling: Annotated[SamplingArgs
         messages.append({"role": "user", "content": text})
         try:
             # the checkpoint's template; the person typing writes every turn, so special tokens stay special
-            ids = conv.chat_ids(messages, content_as_text=False)
+            ids = conv.chat_ids(messages, content_as_text=False, template_kwargs=switches)
             s = stream(m, [ids], max_new_tokens=max_new_tokens, sampling=params, stop_tokens=conv.stop_ids,
                        stop_strings=list(sampling.stop), tokenizer=conv.tokenizer, speculative=sampling.speculative,
                        compile=model.compile)

@@ -72,16 +72,23 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> torch.Ten
 class CacheView:
     """Cache rows ``lo .. hi-1``, slots ``0 .. window-1``: what one forward writes into and reads.
     ``update`` writes the new tokens' (latent, rope key) or (K, V) at ``slots`` [T] and returns the
-    whole window; the mask hides what a query must not see."""
+    whole window (``update_indexer`` DeepSeek-V3.2's indexer keys); the mask hides what a query must
+    not see."""
 
     def __init__(self, cache: KVCache, lo: int, hi: int, window: int):
-        self.layers = [(a[lo:hi, :window], b[lo:hi, :window]) for a, b in cache.layers]
+        self.layers = [tuple(t[lo:hi, :window] for t in bufs) for bufs in cache.layers]
 
     def update(self, layer_idx: int, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor):
-        A, B = self.layers[layer_idx]
+        A, B = self.layers[layer_idx][:2]
         A.index_copy_(1, slots, a)
         B.index_copy_(1, slots, b)
         return A, B
+
+    def update_indexer(self, layer_idx: int, keys: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3.2: the lightning indexer's keys, kept beside the latent (a third buffer)."""
+        K = self.layers[layer_idx][2]
+        K.index_copy_(1, slots, keys)
+        return K
 
 
 def step_mask(slots: torch.Tensor, pad: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:

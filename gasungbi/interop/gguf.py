@@ -43,6 +43,9 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 # they save are worth.
 KEEP_FLOAT = ("attn_k_b", "attn_v_b", "ffn_gate_inp")
 
+# DeepSeek-V3.2's indexer tensors: ours (transformers') -> llama.cpp's (blk.N.indexer.*)
+INDEXER_NAMES = {"wq_b": "attn_q_b", "wk": "attn_k", "k_norm": "k_norm", "weights_proj": "proj"}
+
 
 class GGUFExportError(ValueError):
     """A checkpoint that cannot be written as GGUF; the message says what is missing or unsupported."""
@@ -62,7 +65,7 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: st
     tok = read_tokenizer(checkpoint)
     model = load_model(checkpoint, "cpu", torch.float32)
     cfg = model.config
-    arch = "deepseek2" if cfg.is_mla else "llama"
+    arch = ("deepseek32" if cfg.has_indexer else "deepseek2") if cfg.is_mla else cfg.model_type  # llama, qwen2, qwen3
     if cfg.is_mla and not cfg.rope_interleave:
         raise GGUFExportError(f"{checkpoint}: MLA with rotate-half rope (rope_interleave=false) is not exported")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +140,10 @@ def _hparams(w, cfg: ModelConfig, gguf) -> None:
     scaling = cfg.rope_scaling or {}
     if scaling.get("mscale_all_dim"):
         w.add_rope_scaling_yarn_log_mul(0.1 * float(scaling["mscale_all_dim"]))
+    if cfg.has_indexer:
+        w.add_uint32("deepseek32.attention.indexer.head_count", cfg.index_n_heads)
+        w.add_uint32("deepseek32.attention.indexer.key_length", cfg.index_head_dim)
+        w.add_uint32("deepseek32.attention.indexer.top_k", cfg.index_topk)
 
 
 def _rope_scaling(w, cfg: ModelConfig, gguf) -> None:
@@ -160,7 +167,8 @@ def _tensors(model, arch: str):
     import gguf
 
     cfg = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2 if arch == "deepseek2" else gguf.MODEL_ARCH.LLAMA,
+    # deepseek32 is deepseek2 plus the indexer, whose names the gguf package does not know yet
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, "DEEPSEEK2" if arch == "deepseek32" else arch.upper()),
                                      cfg.num_hidden_layers)
     sd = model.state_dict()
     for key, t in sd.items():
@@ -179,6 +187,11 @@ def _tensors(model, arch: str):
                 and not cfg.rope_interleave:
             heads = cfg.num_attention_heads if key.endswith("q_proj.weight") else cfg.gqa_kv_heads
             t = _rotate_half_to_pairs(t, heads)
+        if ".self_attn.indexer." in key:  # DeepSeek-V3.2's lightning indexer, as llama.cpp names it
+            layer, rest = key.removeprefix("model.layers.").split(".self_attn.indexer.")
+            yield f"blk.{layer}.indexer.{INDEXER_NAMES[rest.rsplit('.', 1)[0]]}.{rest.rsplit('.', 1)[1]}", \
+                t.contiguous().numpy()
+            continue
         if key.endswith("e_score_correction_bias"):
             key = key.replace("e_score_correction_bias", "e_score_correction.bias")
         elif key.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
@@ -202,7 +215,8 @@ def _rotate_half_to_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _type_for(name: str, array: np.ndarray, dtype: str, gguf):
     T = gguf.GGMLQuantizationType
-    if array.ndim < 2 or name.endswith(".bias") or dtype == "f32" or "ffn_gate_inp" in name:
+    if array.ndim < 2 or name.endswith(".bias") or dtype == "f32" or "ffn_gate_inp" in name \
+            or "indexer.proj" in name:  # the router and the indexer's head weights: F32, as the converter writes them
         return T.F32
     if dtype == "q8_0":
         if any(k in name for k in KEEP_FLOAT) or array.shape[-1] % 32:
@@ -274,7 +288,7 @@ def _adds_bos(checkpoint: Path, bos: str | None) -> bool:
 def _pre_tokenizer(data: dict, f: Path) -> str:
     """The llama.cpp name of the tokenizer's pre-tokenization: GPT-2's byte-level regex split is
     "gpt-2", single digits split off before it (StarCoder's, and gasungbi's own) "starcoder"; the
-    Llama-3 and DeepSeek-V3 splits are recognized by their regexes."""
+    Llama-3, DeepSeek-V3 and Qwen2 splits are recognized by their regexes."""
     pre = data.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
@@ -288,8 +302,10 @@ def _pre_tokenizer(data: dict, f: Path) -> str:
         return "llama-bpe"
     if "\\p{N}{1,3}" in joined and "[一-龥぀-ゟ゠-ヿ]+" in joined:
         return "deepseek-v3"
+    if "\\p{N}|" in joined and "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in joined:
+        return "qwen2"  # single digits (Qwen2, Qwen3 and the R1 distills)
     raise GGUFExportError(f"{f}: pre-tokenizer {kinds} is not one llama.cpp is known to apply the same way "
-                          "(supported: GPT-2 byte-level, with single digits split off first, Llama-3, DeepSeek-V3)")
+                          "(supported: GPT-2 byte-level, with single digits split off first, Llama-3, DeepSeek-V3, Qwen2)")
 
 
 def _tokenizer(w, tok: dict, cfg: ModelConfig) -> None:

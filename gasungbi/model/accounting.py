@@ -51,9 +51,14 @@ def _attention_params(cfg: ModelConfig) -> int:
         kv_a = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + ((cfg.kv_lora_rank + cfg.qk_rope_head_dim) if bias else 0)
         kv = kv_a + cfg.kv_lora_rank + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
         o = h * cfg.v_head_dim * d + (d if bias else 0)
-        return q + kv + o
+        indexer = 0
+        if cfg.has_indexer:  # wq_b, wk, k_norm (LayerNorm: weight and bias), weights_proj
+            n, di = cfg.index_n_heads, cfg.index_head_dim
+            indexer = n * di * cfg.q_lora_rank + di * d + 2 * di + n * d
+        return q + kv + o + indexer
     hd, kvh = cfg.gqa_head_dim, cfg.gqa_kv_heads
-    return d * hd * (2 * h + 2 * kvh) + ((h + 2 * kvh) * hd + d if bias else 0)
+    biases = ((h + 2 * kvh) * hd if cfg.qkv_bias else 0) + (d if cfg.o_bias else 0)
+    return d * hd * (2 * h + 2 * kvh) + biases + (2 * hd if cfg.qk_norm else 0)
 
 
 def _block_params(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
@@ -85,6 +90,22 @@ def count_params(cfg: ModelConfig) -> ParamCount:
         mtp["norms"] += 3 * d  # enorm, hnorm, shared_head.norm
     frac = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 1.0
     return ParamCount(comps, mtp, frac)
+
+
+def kv_cache_width(cfg: ModelConfig) -> int:
+    """Elements a decode cache keeps per token and layer: MLA's latent and shared RoPE key
+    (kv_lora_rank + qk_rope_head_dim), plus V3.2's indexer key (index_head_dim); GQA's K and V
+    (2 x kv_heads x head_dim). The one formula behind the cache the engine allocates and the KV
+    bytes ``params`` and ``plan`` print."""
+    if cfg.is_mla:
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.has_indexer else 0)
+    return 2 * cfg.gqa_kv_heads * cfg.gqa_head_dim
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2, include_mtp: bool = False) -> int:
+    """Decode-cache bytes per token (see :func:`kv_cache_width`); ``include_mtp``: the MTP blocks' too."""
+    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
+    return kv_cache_width(cfg) * layers * elem_bytes
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:

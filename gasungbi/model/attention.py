@@ -1,4 +1,5 @@
-"""Attention: RoPE with YaRN, Multi-head Latent Attention (MLA), and GQA for the Llama baseline.
+"""Attention: RoPE with YaRN, Multi-head Latent Attention (MLA) with DeepSeek-V3.2's sparse
+attention, and GQA (the Llama baseline, Qwen2, Qwen3).
 
 MLA (DeepSeek-V2 Sec. 2.1). Per token t, with hidden h_t:
     c_t^KV = RMSNorm(W^DKV h_t)              the latent, kv_lora_rank wide           (eq. 9)
@@ -9,6 +10,12 @@ Two computations of the same function:
   * naive: decompress k^C and v for every cached token (training, prefill);
   * absorbed: fold W^UK into the query and W^UV into the output (Sec. 2.1.2, "absorb"), so that
     attention runs against the latent c^KV and k^R only: this is what an MLA KV cache stores.
+
+DeepSeek Sparse Attention (V3.2 Sec. 2.1). A lightning indexer scores every cached key s for each
+query t with a few small heads j, and the query attends to the ``index_topk`` best only:
+    I_t,s = sum_j w_t,j^I ReLU(q_t,j^I . k_s^I)          (V3.2 eq. 1)
+with q^I from the query latent c^Q, one key k^I per token (LayerNorm of W^K h) and weights w^I
+from h. MLA is otherwise V3's; the indexer's keys are cached beside the latent.
 
 Training calls ``attn(x, cos, sin)``. Inference passes the state of its forward as one
 :class:`DecodeContext`: a cache, when given, is any object with ``update(layer_idx, latent,
@@ -124,6 +131,17 @@ def causal_mask(t: int, s: int, start_pos: int, device: torch.device) -> torch.T
     return torch.arange(s, device=device)[None, :] <= q
 
 
+def window_mask(mask: torch.Tensor | None, t: int, s: int, start_pos: int | torch.Tensor, window: int,
+                device: torch.device) -> torch.Tensor:
+    """``mask`` (default causal) limited to a sliding window: the query at slot q sees slot j only
+    when q - window < j. Slots advance with positions within a row, so this is the window over
+    positions. ``start_pos``: the first query's slot, or every query's slot [T] (the engine's step)."""
+    q = torch.arange(t, device=device) + start_pos if isinstance(start_pos, int) else start_pos  # (T,)
+    keys = torch.arange(s, device=device)[None, :]
+    inside = keys > q[:, None] - window  # (T, S)
+    return (keys <= q[:, None]) & inside if mask is None else mask & inside
+
+
 @dataclass(frozen=True)
 class DecodeContext:
     """The inference state of one forward; training passes none (no cache, causal, naive MLA).
@@ -170,13 +188,18 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=cfg.attention_bias)
         self.scale = softmax_scale(qk_dim, cfg.rope_scaling)
+        self.indexer = Indexer(cfg, layer_idx) if cfg.has_indexer else None
+        if self.indexer is not None:  # as transformers' V3.2: these two norms' epsilon is fixed
+            self.kv_a_layernorm.eps = self.q_a_layernorm.eps = 1e-6
 
-    def _query(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def _query(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(q^C, RoPE(q^R)) per head, and the query latent c^Q (the indexer's input)."""
         B, T, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        c_q = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
+        q = self.q_b_proj(c_q) if self.q_lora_rank else self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, T, H, dn), (B, T, H, dr)
-        return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleave), c_q
 
     def latent(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """What an MLA cache stores per token: c^KV (B, T, r) and the rotated k^R (B, T, dr)."""
@@ -189,11 +212,15 @@ class MLA(nn.Module):
         ctx = ctx if ctx is not None else DecodeContext()
         start_pos, mask = ctx.start_pos, ctx.mask
         B, T, _ = x.shape
-        q_nope, q_pe = self._query(x, cos, sin)
+        q_nope, q_pe, c_q = self._query(x, cos, sin)
         kv, k_pe = self.latent(x, cos, sin)
         if ctx.cache is not None:
             kv, k_pe = ctx.cache.update(self.layer_idx, kv, k_pe, start_pos)  # (B, S, r), (B, S, dr)
         S = kv.shape[1]
+        if self.indexer is not None:  # the keys each query attends to: the indexer's top-k
+            if mask is None:
+                mask = causal_mask(T, S, start_pos, x.device)[None, None]
+            mask = self.indexer(x, c_q, cos, sin, ctx, mask)
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, dn, r), (H, dv, r)
         if ctx.absorb:
@@ -237,23 +264,78 @@ class MLA(nn.Module):
         return torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1).view(B, T, H, -1)
 
 
+class Indexer(nn.Module):
+    """DeepSeek-V3.2's lightning indexer (V3.2 Sec. 2.1, eq. 1), with transformers' names (``wq_b``,
+    ``wk``, ``k_norm``, ``weights_proj``): it narrows a query's attention to the ``index_topk``
+    cached keys it scores highest. Its RoPE rotates the first ``qk_rope_head_dim`` channels of its
+    queries and keys in halves (MLA's are interleaved).
+
+    Deviations from DeepSeek's reference, as transformers: no Hadamard rotation and no FP8 of the
+    indexer's queries and keys (an orthogonal transform and a precision choice). Ties at the
+    k-th score are broken as ``torch.topk`` breaks them. The language-model loss does not reach the
+    indexer (its top-k is not differentiable); V3.2 trains it toward the attention's distribution
+    with a KL loss (Sec. 2.1.1), which is not implemented: its weights stay as loaded or initialized."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.topk = layer_idx, cfg.index_topk
+        self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.requires_grad_(False)
+
+    def _rope(self, t: torch.Tensor, cos, sin) -> torch.Tensor:
+        r = self.rope_dim
+        return torch.cat((apply_rope(t[..., :r], cos, sin, interleave=False), t[..., r:]), dim=-1)
+
+    def keys(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        """k^I (B, T, d^I): what the cache keeps per token beside MLA's latent."""
+        return self._rope(self.k_norm(self.wk(x)), cos, sin)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, c_q: torch.Tensor, cos, sin, ctx: DecodeContext,
+                mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` (B|1, 1, T, S) narrowed to each query's top-k keys among those it may see."""
+        B, T, _ = x.shape
+        q = self._rope(self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H^I, d^I)
+        k = self.keys(x, cos, sin)
+        if ctx.cache is not None:
+            k = ctx.cache.update_indexer(self.layer_idx, k, ctx.start_pos)  # (B, S, d^I)
+        scores = torch.relu(torch.einsum("bthd,bsd->bths", q.float(), k.float()) * self.head_dim ** -0.5)
+        w = self.weights_proj(x).float() * self.n_heads ** -0.5  # (B, T, H^I)
+        index = torch.einsum("bth,bths->bts", w, scores)  # I_t,s (eq. 1)
+        index = index.masked_fill(~mask[:, 0], float("-inf"))
+        top = index.topk(min(self.topk, index.shape[-1]), dim=-1).indices  # (B, T, k)
+        chosen = torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True)
+        return mask & chosen[:, None]
+
+
 # ---------------------------------------------------------------------------------------------
 # GQA (Llama baseline)
 # ---------------------------------------------------------------------------------------------
 
 class GQA(nn.Module):
-    """Grouped-query attention (Ainslie et al. 2023) with RoPE, as in Llama; HF parameter names."""
+    """Grouped-query attention (Ainslie et al. 2023) with RoPE, as in Llama and Qwen; HF parameter
+    names. Qwen2 adds biases to q/k/v and may slide a window over the keys in some layers
+    (``cfg.window``: key j is visible to query t when t - W < j <= t); Qwen3 normalizes each head's
+    query and key (RMSNorm over the head's width) before RoPE."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.gqa_kv_heads, cfg.gqa_head_dim
         self.interleave = cfg.rope_interleave
+        self.window = cfg.window(layer_idx)
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.attention_bias)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
@@ -262,8 +344,11 @@ class GQA(nn.Module):
         ctx = ctx if ctx is not None else DecodeContext()
         start_pos, mask = ctx.start_pos, ctx.mask
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin, self.interleave)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin, self.interleave)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3: per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin, self.interleave), apply_rope(k, cos, sin, self.interleave)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v, start_pos)  # (B, S, n_kv, hd)
@@ -272,7 +357,9 @@ class GQA(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None and T != S:
+        if self.window is not None:
+            mask = window_mask(mask, T, S, start_pos, self.window, x.device)
+        elif mask is None and T != S:
             mask = causal_mask(T, S, start_pos, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

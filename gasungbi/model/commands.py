@@ -64,7 +64,7 @@ def params(model: Model, json: bool = False) -> int:
         model: a preset name (debug, cpu-tiny, small, deepseek-v3-671b, ...) or a checkpoint directory
         json: print JSON
     """
-    from gasungbi.config import resolve_model_config
+    from gasungbi.presets import resolve_model_config
     from gasungbi.model.accounting import count_params, format_params
     from gasungbi.model.transformer import build_model
 

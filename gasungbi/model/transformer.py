@@ -112,6 +112,9 @@ class Transformer(nn.Module):
                 m.weight.normal_(0.0, std, generator=generator)
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
+            elif isinstance(m, nn.LayerNorm):  # the V3.2 indexer's key norm
+                m.weight.fill_(1.0)
+                m.bias.zero_()
             elif isinstance(m, Router):
                 m.weight.normal_(0.0, std, generator=generator)
                 if m.e_score_correction_bias is not None:

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gasungbi.config import from_hf_config, get_preset
+from gasungbi.config import from_hf_config
+from gasungbi.presets import get_preset
 from gasungbi.plan.catalog import Catalog, Gpu, Hardware, parse_hardware
 from gasungbi.plan.counts import CountModel, Model, flops_per_token, is_moe, quant_bits
 from gasungbi.plan.local import local_decode

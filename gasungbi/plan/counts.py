@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gasungbi.config import ModelConfig
-from gasungbi.model.accounting import count_params, training_flops_per_token
+from gasungbi.model.accounting import count_params, kv_cache_bytes_per_token, training_flops_per_token
 
 QUANT_BITS: dict[str, float] = {
     "fp32": 32.0,   # our CPU engine's default
@@ -105,13 +105,10 @@ def flops_per_token(model: Model, seq_len: int) -> float:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2) -> int:
-    """KV cache bytes per token of the main model: MLA caches the latent and the shared RoPE key,
-    (kv_lora_rank + qk_rope_head_dim) x layers; GQA caches K and V, 2 x kv_heads x head_dim x layers."""
-    if cfg.is_mla:
-        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    else:
-        width = 2 * cfg.gqa_kv_heads * cfg.gqa_head_dim
-    return width * cfg.num_hidden_layers * elem_bytes
+    """KV cache bytes per token of the main model, as the decode engine allocates it: MLA caches the
+    latent and the shared RoPE key (and V3.2 its indexer key), GQA caches K and V
+    (:func:`gasungbi.model.accounting.kv_cache_width`)."""
+    return kv_cache_bytes_per_token(cfg, elem_bytes)
 
 
 def mha_kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2) -> int:

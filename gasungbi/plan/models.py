@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gasungbi.config import PRESETS, ModelConfig, from_hf_config, get_preset
+from gasungbi.config import ModelConfig, from_hf_config
+from gasungbi.presets import PRESETS, get_preset
 from gasungbi.plan.counts import CountModel, Model, parse_tokens
 
 

@@ -107,12 +107,15 @@ def encode_prompts(tokenizer, prompt, vocab_size: int) -> list[Prompt]:
     return out
 
 
-def chat_prompt(conventions, messages: list[dict], content_as_text: bool = True) -> list[int]:
+def chat_prompt(conventions, messages: list[dict], content_as_text: bool = True,
+                template_kwargs: dict | None = None) -> list[int]:
     """A chat's prompt ids through the checkpoint's template (``apply_chat_template(...,
-    add_generation_prompt=True)``). ``content_as_text``: special-token strings inside a message are
-    encoded as text, as the OpenAI API treats content, so a message cannot forge another turn."""
+    add_generation_prompt=True, **template_kwargs)``). ``content_as_text``: special-token strings
+    inside a message are encoded as text, as the OpenAI API treats content, so a message cannot
+    forge another turn."""
     try:
-        return conventions.chat_ids(messages, add_generation_prompt=True, content_as_text=content_as_text)
+        return conventions.chat_ids(messages, add_generation_prompt=True, content_as_text=content_as_text,
+                                    template_kwargs=template_kwargs)
     except ValueError as e:  # the template's raise_exception, or an unknown role
         raise ApiError(400, str(e), param="messages") from None
 

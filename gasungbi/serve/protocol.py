@@ -4,7 +4,8 @@ Bodies are read by hand (:func:`read_body`: JSON only, the size limit, a time li
 validation) so that no input reaches the model unchecked. Validation is strict (a string where a number belongs is an
 error, not a conversion); fields we do not implement (``user``, ``logit_bias``,
 ``presence_penalty``...) are ignored, as other OpenAI-compatible servers do. ``top_k``, ``min_p``,
-``repetition_penalty`` and ``ignore_eos`` are accepted as extensions under vLLM's names.
+``repetition_penalty``, ``ignore_eos`` and ``chat_template_kwargs`` (the template's own switches, e.g.
+DeepSeek-V3.1's ``thinking``, Qwen3's ``enable_thinking``) are accepted as extensions under vLLM's names.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    chat_template_kwargs: dict[str, Union[bool, int, float, str, None]] | None = None  # vLLM's: {"thinking": true}
 
 
 _UNIONS = {

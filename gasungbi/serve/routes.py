@@ -133,7 +133,8 @@ async def chat_completions(request: Request):
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     check_prompt_size("".join(m["content"] for m in messages), scheduler.max_len, "messages")
     ids = await off_loop(request, chat_prompt, st.conventions, messages,
-                         content_as_text=not st.config.special_tokens_in_content)
+                         content_as_text=not st.config.special_tokens_in_content,
+                         template_kwargs=req.chat_template_kwargs)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # the rest of the context
         if len(ids) >= scheduler.max_len:

@@ -30,7 +30,8 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from gasungbi.config import ModelConfig, get_preset, to_hf_config
+from gasungbi.config import ModelConfig, to_hf_config
+from gasungbi.presets import get_preset
 from gasungbi.data.shards import TokenLoader, load_manifest
 from gasungbi.eval.perplexity import evaluate
 from gasungbi.model.accounting import count_params, training_flops_per_token
