@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from dataclasses import dataclass
@@ -212,9 +213,7 @@ class ModelConfig:
                 bad(f"{f.name} must be {f.type.replace('dict[str, Any]', 'an object')}, got {value!r}")
         if self.model_type not in ARCHITECTURES:
             bad(f"model_type={self.model_type!r}; supported: {sorted(ARCHITECTURES)}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
-            if getattr(self, name) <= 0:
-                bad(f"{name} must be positive, got {getattr(self, name)}")
+        self._check_values(bad)
         if self.is_mla:
             if self.qk_rope_head_dim % 2:
                 bad(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
@@ -255,12 +254,50 @@ class ModelConfig:
             if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
                 bad(f"sliding_window must be a positive number of tokens, got {self.sliding_window!r}")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            if kind != "yarn":
-                bad(f"rope_scaling type {kind!r}; supported: yarn (or None)")
-            for key in ("factor", "original_max_position_embeddings"):
-                if key not in self.rope_scaling:
-                    bad(f"rope_scaling needs {key!r}")
+            self._check_rope_scaling(bad)
+
+    POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "moe_intermediate_size",
+                "n_group", "topk_group", "q_lora_rank", "num_key_value_heads", "head_dim", "sliding_window")
+    """Sizes that must be >= 1 (those that may be None are checked when set)."""
+    NON_NEGATIVE = ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+                    "first_k_dense_replace", "num_nextn_predict_layers", "index_n_heads", "index_head_dim",
+                    "index_topk", "initializer_range")
+
+    def _check_values(self, bad) -> None:
+        """Signs, finite floats and token ids in the vocabulary: a config.json's 0 or NaN is refused
+        here, naming the field, rather than met later as a division by zero or a silent wrong answer."""
+        for name in self.POSITIVE:
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                bad(f"{name} must be >= 1, got {v}")
+        for name in self.NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0 or (v == 0 and name != "initializer_range"):
+                bad(f"{name} must be a positive finite number, got {v}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < self.vocab_size:
+                bad(f"{name}={v} is not a token id of the vocabulary (0..{self.vocab_size - 1})")
+
+    def _check_rope_scaling(self, bad) -> None:
+        s = self.rope_scaling
+        kind = s.get("type", s.get("rope_type"))
+        if kind != "yarn":
+            bad(f"rope_scaling type {kind!r}; supported: yarn (or None)")
+        for key in ("factor", "original_max_position_embeddings"):
+            if key not in s:
+                bad(f"rope_scaling needs {key!r}")
+        for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                    "mscale_all_dim", "attention_factor"):
+            v = s.get(key)
+            if v is None and key not in ("factor", "original_max_position_embeddings"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                bad(f"rope_scaling.{key} must be a positive number, got {v!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +312,7 @@ _COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"
            "max_position_embeddings", "tie_word_embeddings", "initializer_range", "bos_token_id",
            "eos_token_id", "pad_token_id", "num_attention_heads", "attention_bias")
 _INDEX_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
+DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "auto")
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")  # the shape; no defaults
 
 
@@ -343,6 +381,9 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
     for k in ("rope_parameters", "rope_scaling"):
         if d.get(k) is not None and not isinstance(d[k], dict):
             raise ValueError(f"{k} must be an object (or null), got {d[k]!r}")
+    for k in ("dtype", "torch_dtype"):  # the weights' dtype as transformers names it
+        if d.get(k) is not None and d[k] not in DTYPES:
+            raise ValueError(f"{k}={d[k]!r} is not a dtype gasungbi reads; one of {', '.join(DTYPES)}")
     kw: dict[str, Any] = {"model_type": model_type}
     for k in _COMMON:
         if k in d:
@@ -381,8 +422,8 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
         kw.setdefault("scoring_func", "softmax")
         kw.setdefault("topk_method", "greedy")
         kw.setdefault("norm_topk_prob", False)
-    kw["n_group"] = kw.get("n_group") or 1
-    kw["topk_group"] = kw.get("topk_group") or 1
+    for k in ("n_group", "topk_group"):  # null in some releases' config.json: no groups
+        kw[k] = 1 if kw.get(k) is None else kw[k]
     if kw["topk_method"] == "greedy":
         kw["n_group"] = kw["topk_group"] = 1
     return ModelConfig(**kw)

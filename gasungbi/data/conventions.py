@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
@@ -130,6 +131,18 @@ def _ids(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
+MAX_RENDER_CHARS = 4 * 2**20
+"""The longest text a chat template may render (and the largest string or list it may build)."""
+MAX_RENDER_SECONDS = 10.0
+"""How long a chat template may take to render one conversation."""
+MAX_RANGE = 100_000
+"""The longest ``range`` a template may loop over (Jinja's sandbox default)."""
+
+
+def _size(x) -> int:
+    return len(x) if isinstance(x, (str, list, tuple)) else 0
+
+
 def _compile(template: str):
     """The template compiled as transformers' ``apply_chat_template`` compiles it."""
     import jinja2
@@ -155,7 +168,31 @@ def _compile(template: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    class Bounded(ImmutableSandboxedEnvironment):
+        """The sandbox with bounded work: no string or list grows past :data:`MAX_RENDER_CHARS` by ``*``
+        or ``+``, and ``range`` is capped at :data:`MAX_RANGE` items."""
+
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+                raise jinja2.exceptions.TemplateError(f"the chat template computes a power of {right}")
+            size = (_size(left) * right if operator == "*" and isinstance(right, int) else
+                    _size(right) * left if operator == "*" and isinstance(left, int) else
+                    _size(left) + _size(right) if operator == "+" else 0)
+            if size > MAX_RENDER_CHARS:
+                raise jinja2.exceptions.TemplateError(f"the chat template builds a value of {size:,} items "
+                                                      f"(limit {MAX_RENDER_CHARS:,})")
+            return super().call_binop(context, operator, left, right)
+
+    def bounded_range(*args):
+        r = range(*args)
+        if len(r) > MAX_RANGE:
+            raise jinja2.exceptions.TemplateError(f"the chat template asks for a range of {len(r):,} (limit {MAX_RANGE:,})")
+        return r
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.globals["range"] = bounded_range
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -237,9 +274,17 @@ class Conventions:
         import jinja2
 
         kwargs = {**(template_kwargs or {}), **self.special_tokens}
-        try:
-            return self._compiled.render(**{"tools": None, "documents": None, **kwargs}, messages=messages,
-                                         add_generation_prompt=add_generation_prompt)
+        try:  # streamed, so that a template that writes too much or too long is stopped
+            parts, size, start = [], 0, time.monotonic()
+            for piece in self._compiled.generate(**{"tools": None, "documents": None, **kwargs}, messages=messages,
+                                                 add_generation_prompt=add_generation_prompt):
+                parts.append(piece)
+                size += len(piece)
+                if size > MAX_RENDER_CHARS or time.monotonic() - start > MAX_RENDER_SECONDS:
+                    raise ValueError(f"chat template: the rendered conversation passed {size:,} characters "
+                                     f"or {MAX_RENDER_SECONDS:g} s (limits {MAX_RENDER_CHARS:,} characters, "
+                                     f"{MAX_RENDER_SECONDS:g} s)")
+            return "".join(parts)
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"chat template: {e}") from None
 
@@ -303,9 +348,13 @@ class Conventions:
         return ids, [any(a <= o < b for a, b in spans) for o in offsets]
 
     def _as_text(self) -> Tokenizer:
-        """A copy of the tokenizer that encodes special-token strings as ordinary text."""
+        """A copy of the tokenizer that encodes the markers' strings (special tokens, and the added
+        tokens the template writes) as ordinary text."""
         if self._text_tokenizer is None:
+            from tokenizers import AddedToken
+
             t = Tokenizer.from_str(self.tokenizer.to_str())
+            t.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in self._specials])
             t.encode_special_tokens = True
             self._text_tokenizer = t
         return self._text_tokenizer

@@ -82,11 +82,10 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> di
             out[name] = t
     for (prefix, proj), per in experts.items():
         n = cfg.n_routed_experts
-        missing = [e for e in range(n) if e not in per]
-        extra = [e for e in per if e >= n]
-        if missing or extra:
-            raise CheckpointError(f"{prefix}: expected experts 0..{n - 1} for {proj}, "
-                                  f"missing {missing[:8]}, unexpected {extra[:8]}")
+        if len(per) != n or max(per) != n - 1:  # bounded: a config may claim 10^9 experts
+            missing = [e for e in range(min(n, max(per) + 9)) if e not in per][:8]
+            raise CheckpointError(f"config.json's n_routed_experts={n}, but {prefix} holds {len(per)} experts "
+                                  f"for {proj} (ids {min(per)}..{max(per)}; missing {missing})")
         out[f"{prefix}.{proj}"] = torch.stack([per[e] for e in range(n)])
     if cfg.tie_word_embeddings and "lm_head.weight" not in out and "model.embed_tokens.weight" in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
@@ -127,35 +126,88 @@ def _warn_non_finite(path: Path, sd: dict[str, torch.Tensor]) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> Transformer:
-    """Load a Hugging Face-layout directory (ours, or transformers' DeepseekV3/V2/Llama) as a
-    :class:`Transformer`. ``dtype`` defaults to the checkpoint's.
-
-    MTP weights are optional: a checkpoint whose config declares MTP modules but stores none
-    (transformers does not save them) loads with ``num_nextn_predict_layers = 0``. A DeepSeek FP8
-    checkpoint is dequantized one tensor at a time to ``dtype`` (default bf16).
-    """
-    path = Path(path)
-    cfg = read_config(path)
-    tensors: dict[str, torch.Tensor] = {}
-    fp8 = fp8_format.fp8_config(path) is not None
-    if fp8:  # DeepSeek's FP8 format: dequantized while read
-        dtype = dtype or torch.bfloat16
-        tensors = fp8_format.read_fp8(weight_files(path), device, dtype)
-    for f in [] if fp8 else weight_files(path):
+def _headers(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors ``files`` as an empty meta tensor of its shape and dtype (the
+    headers only: no data is read)."""
+    out = {}
+    for f in files:
         try:
-            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for k in sf.keys():
-                    tensors[k] = sf.get_tensor(k)
+                    sl = sf.get_slice(k)
+                    dtype = getattr(torch, {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                                            "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8",
+                                            "F8_E4M3": "float8_e4m3fn", "BOOL": "bool"}.get(sl.get_dtype(), "float32"))
+                    out[k] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+    return out
+
+
+def _without_absent_mtp(cfg: ModelConfig, tensors: dict) -> ModelConfig:
+    """A config that declares MTP modules whose weights are not stored (transformers saves none)."""
     L = cfg.num_hidden_layers
     if cfg.num_nextn_predict_layers and not any(re.match(rf"^model\.layers\.{L}\.", k) for k in tensors):
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    sd = from_hf_state_dict(cfg, tensors)
-    model = build_model(cfg, device="meta")
-    expected = model.state_dict()
+        return cfg.replace(num_nextn_predict_layers=0)
+    return cfg
+
+
+def _check_sizes(path: Path, cfg: ModelConfig, headers: dict[str, torch.Tensor]) -> ModelConfig:
+    """``cfg`` checked against the checkpoint's tensor shapes before anything is built or read: a
+    config.json whose sizes the weights do not hold (10^9 experts, 10^6 layers) is refused naming the
+    field, instead of growing a model the machine cannot hold."""
+    layers = {int(m.group(1)) for k in headers if (m := re.match(r"^model\.layers\.(\d+)\.", k))}
+    depth = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    if layers and cfg.num_hidden_layers > max(layers) + 1:
+        raise CheckpointError(f"{path}: config.json's num_hidden_layers={cfg.num_hidden_layers}, but the weights "
+                              f"hold layers 0..{max(layers)}")
+    if layers and max(layers) >= depth:
+        raise CheckpointError(f"{path}: the weights hold layer {max(layers)}, beyond config.json's "
+                              f"num_hidden_layers={cfg.num_hidden_layers} + num_nextn_predict_layers="
+                              f"{cfg.num_nextn_predict_layers}")
+    cfg = _without_absent_mtp(cfg, headers)
+    for field, (value, name, shape) in _sizes_on_disk(cfg, headers).items():
+        if getattr(cfg, field) != value:
+            raise CheckpointError(f"{path}: config.json's {field}={getattr(cfg, field)!r}, but the weights have "
+                                  f"{value} ({name} is {tuple(shape)})")
+    _match(path, cfg, from_hf_state_dict(cfg, headers))
+    return cfg
+
+
+def _sizes_on_disk(cfg: ModelConfig, headers: dict[str, torch.Tensor]) -> dict[str, tuple[int, str, tuple]]:
+    """The sizes config.json gives that the tensors' shapes show directly: field -> (value, tensor, shape)."""
+    probes = {  # field -> (tensor, dim)
+        "vocab_size": ("model.embed_tokens.weight", 0), "hidden_size": ("model.embed_tokens.weight", 1),
+        "kv_lora_rank": ("model.layers.0.self_attn.kv_a_layernorm.weight", 0),
+        "q_lora_rank": ("model.layers.0.self_attn.q_a_layernorm.weight", 0),
+        "moe_intermediate_size": (f"model.layers.{cfg.first_k_dense_replace}.mlp.experts.0.gate_proj.weight", 0),
+        "index_head_dim": ("model.layers.0.self_attn.indexer.wk.weight", 0),
+        "index_n_heads": ("model.layers.0.self_attn.indexer.weights_proj.weight", 0),
+    }
+    if not cfg.is_mla or cfg.first_k_dense_replace > 0:
+        probes["intermediate_size"] = ("model.layers.0.mlp.gate_proj.weight", 0)
+    if cfg.n_routed_experts:
+        probes["n_routed_experts"] = (f"model.layers.{cfg.first_k_dense_replace}.mlp.gate.weight", 0)
+    if not cfg.is_mla:
+        probes["num_key_value_heads"] = ("model.layers.0.self_attn.k_proj.weight", 0)
+    out = {}
+    for field, (name, dim) in probes.items():
+        t = headers.get(name)
+        if t is not None and t.dim() > dim and getattr(cfg, field) is not None:
+            value = t.shape[dim]
+            if field == "num_key_value_heads":  # rows = heads x head_dim
+                if value % cfg.gqa_head_dim:
+                    continue
+                value //= cfg.gqa_head_dim
+                if cfg.num_key_value_heads is None:
+                    continue
+            out[field] = (value, name, tuple(t.shape))
+    return out
+
+
+def _match(path: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> None:
+    """Every tensor the model of ``cfg`` has, of its shape, and no other (CheckpointError naming them)."""
+    expected = build_model(cfg, device="meta").state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     bad_shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
@@ -169,6 +221,39 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         if bad_shape:
             parts.append(f"misshapen tensors ({len(bad_shape)}): {'; '.join(bad_shape[:10])}")
         raise CheckpointError(f"{path}: checkpoint does not match its config.json: " + " | ".join(parts))
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Transformer:
+    """Load a Hugging Face-layout directory (ours, or transformers' DeepseekV3/V32/V2, Qwen2/Qwen3,
+    Llama) as a :class:`Transformer`. ``dtype`` defaults to the checkpoint's. Its config.json's sizes
+    are checked against the tensors' shapes in the safetensors headers before any data is read.
+
+    MTP weights are optional: a checkpoint whose config declares MTP modules but stores none
+    (transformers does not save them) loads with ``num_nextn_predict_layers = 0``. A DeepSeek FP8
+    checkpoint is dequantized one tensor at a time to ``dtype`` (default bf16).
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    fp8 = fp8_format.fp8_config(path) is not None
+    files = weight_files(path)
+    if not fp8:  # every size in config.json against the tensors on disk, before any is read
+        cfg = _check_sizes(path, cfg, _headers(files))
+    if fp8:  # DeepSeek's FP8 format: dequantized while read
+        dtype = dtype or torch.bfloat16
+        tensors = fp8_format.read_fp8(files, device, dtype)
+    else:
+        tensors = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                    for k in sf.keys():
+                        tensors[k] = sf.get_tensor(k)
+            except Exception as e:  # a file cut short, or changed since its header was read
+                raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+    cfg = _without_absent_mtp(cfg, tensors)
+    sd = from_hf_state_dict(cfg, tensors)
+    _match(path, cfg, sd)
     _warn_non_finite(path, sd)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from gasungbi.infer.sampling import SamplingParams
@@ -88,6 +88,18 @@ class ChatMessage(_Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    json_schema: dict = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -95,6 +107,7 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Union[bool, int, float, str, None]] | None = None  # vLLM's: {"thinking": true}
+    response_format: ResponseFormat | None = None
 
 
 _UNIONS = {
@@ -161,8 +174,8 @@ async def read_body(request, model_cls: type[_Body], limit: int, timeout: float)
                     request.url.path)
         raise ApiError(499, "the client hung up while sending its request body", code="client_closed_request") \
             from None
-    try:
-        return model_cls.model_validate_json(b"".join(chunks))
+    try:  # parsing megabytes of JSON takes long enough to stall /health: off the event loop
+        return await asyncio.to_thread(model_cls.model_validate_json, b"".join(chunks))
     except ValidationError as e:
         raise validation_error(e) from None
 
@@ -199,11 +212,18 @@ def seed_of(sampling: SamplingParams, k: int) -> SamplingParams:
     return dataclasses.replace(sampling, seed=(sampling.seed + k * 0x9E3779B97F4A7C15) % 2**63)
 
 
+MAX_STOP_CHARS = 1000
+"""The longest stop string: every decoded token is checked against each stop's tail."""
+
+
 def stops_of(req: _Sampling) -> list[str]:
-    """The request's stop strings as a list (at most 4, none empty)."""
+    """The request's stop strings as a list (at most 4, none empty, none over :data:`MAX_STOP_CHARS`)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(400, "'stop' takes at most 4 non-empty strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"a stop string may have at most {MAX_STOP_CHARS:,} characters, got "
+                            f"{max(map(len, stop)):,}", param="stop")
     return stop
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from gasungbi.config import ModelConfig, to_hf_config
+from gasungbi.config import ModelConfig, read_config, to_hf_config
 from gasungbi.presets import get_preset
 from gasungbi.data.shards import TokenLoader, load_manifest
 from gasungbi.eval.perplexity import evaluate
@@ -194,6 +194,11 @@ class Trainer:
         torch.manual_seed(tc.seed)
         random.seed(tc.seed)
         self.data = make_data(tc, info.rank, info.world_size)  # bad data fails before the directory is claimed
+        context = (read_config(tc.init_from) if tc.init_from else
+                   tc.model_config(self.data.vocab_size)).max_position_embeddings
+        if tc.seq_len > context:  # before the directory is claimed, too
+            raise ValueError(f"seq_len={tc.seq_len} exceeds the model's context of {context} tokens "
+                             "(max_position_embeddings)")
         self.run = Run(tc.out_dir, info, resume=tc.resume, overwrite=tc.overwrite, tokenizer=self.data.tokenizer_dir,
                        keep=tc.keep_checkpoints, progress=tc.progress, tensorboard=tc.tensorboard)
         self.model = self.run.model(lambda: self._build(tc))
