@@ -32,7 +32,7 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-LAST_REPLY = ("const a = document.querySelectorAll('.msg.assistant'); "
+LAST_REPLY = ("const a = document.querySelectorAll('.msg.assistant .answer'); "
               "return a.length ? a[a.length - 1].textContent : null;")
 
 
@@ -56,7 +56,7 @@ def _say(driver, text: str) -> str:
 def test_chat_page_streams_multi_turn_replies(checkpoint, model, tokenizer, browser, start_server, chat_ref, one_thread):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    s = start_server(checkpoint)
+    s = start_server(checkpoint, "--reasoning-parser", "none")
     browser.get(s.url + "/")
     WebDriverWait(browser, 20).until(lambda d: "tiny" in d.find_element(By.ID, "model").text)
     for field, value in (("temperature", "0"), ("max-tokens", "12")):
@@ -73,3 +73,39 @@ def test_chat_page_streams_multi_turn_replies(checkpoint, model, tokenizer, brow
     assert "tokens/s" in stats and "first token" in stats, stats
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+
+
+def test_chat_page_folds_the_reasoning(checkpoint, model, tokenizer, browser, start_server, one_thread, tmp_path):
+    """A template that opens <think> (as DeepSeek-R1's does): the reply's thoughts arrive as
+    reasoning_content and the page shows them folded, apart from the answer."""
+    import json
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from gasungbi.data.conventions import Conventions
+    from gasungbi.infer.generate import generate
+    from gasungbi.serve.reasoning import split
+
+    template = ("<|bos|>{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|><think>{% endif %}")
+    path = tmp_path / "r1-like"
+    shutil.copytree(checkpoint, path)
+    cfg_file = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    cfg_file.write_text(json.dumps({**cfg, "chat_template": template}))
+    conv = Conventions.load(path)
+    ids = conv.chat_ids([{"role": "user", "content": "hello"}])
+    [ref] = generate(model, [ids], max_new_tokens=12, stop_tokens=conv.stop_ids, tokenizer=conv.tokenizer)
+    want_reasoning, want_answer = split(ref.text, inside=True)
+    s = start_server(path)
+    browser.get(s.url + "/")
+    WebDriverWait(browser, 20).until(lambda d: "r1-like" in d.find_element(By.ID, "model").text)
+    for field, value in (("temperature", "0"), ("max-tokens", "12")):
+        el = browser.find_element(By.ID, field)
+        el.clear()
+        el.send_keys(value)
+    assert _say(browser, "hello") == want_answer
+    thoughts = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant details.thoughts")[-1]
+    assert want_reasoning and thoughts.get_attribute("open") is None  # folded
+    assert browser.execute_script("return arguments[0].querySelector('div').textContent", thoughts) == want_reasoning

@@ -44,6 +44,7 @@ from gasungbi.data.conventions import Conventions
 from gasungbi.serve.metrics import Metrics
 from gasungbi.serve.openai_format import TokenText
 from gasungbi.serve.protocol import ApiError
+from gasungbi.serve.reasoning import has_think_tags
 from gasungbi.serve.routes import router, v1
 from gasungbi.serve.scheduler import Scheduler
 
@@ -66,6 +67,7 @@ class ServeConfig:
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 after)
     allowed_hosts: tuple[str, ...] | None = ()  # Host names besides loopback ones (None: any Host)
     cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API ("*": any)
+    reasoning_parser: str = "auto"  # auto (on where the template or vocabulary has the think tags), none, deepseek-r1
 
 
 def create_app(scheduler: Scheduler, tokenizer, config: ServeConfig, conventions=None) -> FastAPI:
@@ -88,6 +90,8 @@ def create_app(scheduler: Scheduler, tokenizer, config: ServeConfig, conventions
         eos = scheduler.model.config.eos_token_id
         conventions = Conventions(tokenizer, eos_ids=[eos] if eos is not None else [])
     st.conventions = conventions
+    st.reasoning = config.reasoning_parser == "deepseek-r1" or (
+        config.reasoning_parser == "auto" and has_think_tags(conventions))
     st.tokens = TokenText(tokenizer)
     st.outboxes = {}  # event loop -> Outbox (see respond.channel)
     # prompts are rendered and tokenized here, off the event loop, one at a time so that the loop

@@ -36,6 +36,7 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
               max_body_bytes: int = 4 * 2**20, threads: int = 0, special_tokens_in_content: bool = False,
               body_timeout: float = 30.0, allowed_host: Annotated[tuple[str, ...], UseAppendAction] = (),
               cors_origin: Annotated[tuple[str, ...], UseAppendAction] = (),
+              reasoning_parser: Literal["auto", "none", "deepseek-r1"] = "auto",
               log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning") -> int:
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)
     with continuous batching, streaming and a chat page at /.
@@ -56,6 +57,9 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
         body_timeout: seconds a client may take to send its request body (408 after)
         allowed_host: a Host name to answer besides loopback ones (with none given, a non-loopback bind answers any)
         cors_origin: a web origin (http://host:port) whose pages may call the API (CORS); '*' for any
+        reasoning_parser: deepseek-r1: a chat reply's <think>...</think> is returned as reasoning_content, the
+            rest as content (DeepSeek's API, vLLM's deepseek_r1); auto: so where the checkpoint's chat template
+            or vocabulary has the think tags; none: all content
         log_level: uvicorn's log level
     """
     try:
@@ -101,7 +105,8 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
     name = model_name or Path(model.checkpoint).resolve().name
     app = create_app(scheduler, conventions.tokenizer,
                      ServeConfig(name, api_key_of(api_key), max_body_bytes, special_tokens_in_content,
-                                 body_timeout=body_timeout, allowed_hosts=allowed, cors_origins=cors_origin),
+                                 body_timeout=body_timeout, allowed_hosts=allowed, cors_origins=cors_origin,
+                                 reasoning_parser=reasoning_parser),
                      conventions)
 
     sock.listen(2048)

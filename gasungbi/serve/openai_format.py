@@ -17,6 +17,7 @@ from typing import NamedTuple
 from gasungbi.data.conventions import encode
 from gasungbi.infer.generate import Detokenizer
 from gasungbi.serve.protocol import ApiError
+from gasungbi.serve.reasoning import ReasoningSplitter
 from gasungbi.serve.scheduler import Event, PromptLogprobs, Sequence
 
 
@@ -273,14 +274,31 @@ class ChatReply(Reply):
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
     def __init__(self, model: str, seqs: list[Sequence], tokens: TokenText, prompt_tokens: int, logprobs: bool,
-                 stop_tokens: list[int], include_usage: bool):
+                 stop_tokens: list[int], include_usage: bool, reasoning: bool = False, inside: bool = False):
+        """``reasoning``: split ``<think>...</think>`` into ``reasoning_content`` (:mod:`.reasoning`);
+        ``inside``: the prompt left the reply inside the thoughts."""
         super().__init__("chatcmpl", model, seqs, prompt_tokens, include_usage, stop_tokens)
         self.tokens, self.logprobs = tokens, logprobs
         self.text = {s.index: "" for s in seqs}
+        self.thoughts = {s.index: "" for s in seqs}
+        self.splitters = {s.index: ReasoningSplitter(inside) for s in seqs} if reasoning else None
         self.lps: dict[int, list[dict]] = {s.index: [] for s in seqs}
 
     def start(self) -> list[dict]:
         return [self._choice(s.index, {"role": "assistant", "content": ""}) for s in self.seqs]
+
+    def _split(self, i: int, text: str, last: bool) -> dict:
+        """The delta of ``text``: content, or reasoning and content apart."""
+        if self.splitters is None:
+            self.text[i] += text
+            return {"content": text} if text else {}
+        r, c = self.splitters[i].feed(text)
+        if last:
+            r2, c2 = self.splitters[i].flush()
+            r, c = r + r2, c + c2
+        self.thoughts[i] += r
+        self.text[i] += c
+        return {**({"reasoning_content": r} if r else {}), **({"content": c} if c else {})}
 
     def chunks(self, ev: Event) -> list[dict]:
         i, out, lp = ev.index, [], None
@@ -288,16 +306,19 @@ class ChatReply(Reply):
             entry = chat_logprob(self.tokens, ev)
             self.lps[i].append(entry)
             lp = {"content": [entry]}
-        self.text[i] += ev.text
-        if ev.text or lp:
-            out.append(self._choice(i, {"content": ev.text}, lp))
+        delta = self._split(i, ev.text, ev.finish_reason is not None)
+        if delta or lp:
+            out.append(self._choice(i, delta, lp))
         if ev.finish_reason is not None:
             self.finish[i] = ev.finish_reason
             out.append(self._choice(i, {}, None, ev.finish_reason))
         return out
 
     def choice(self, index: int) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": self.text[index]},
+        message = {"role": "assistant", "content": self.text[index]}
+        if self.splitters is not None:
+            message["reasoning_content"] = self.thoughts[index]
+        return {"index": index, "message": message,
                 "logprobs": {"content": self.lps[index]} if self.logprobs else None,
                 "finish_reason": self.finish[index]}
 

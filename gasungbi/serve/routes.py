@@ -18,10 +18,30 @@ from fastapi.responses import HTMLResponse, Response
 
 from gasungbi.data.conventions import ROLES
 from gasungbi.serve.metrics import CONTENT_TYPE
-from gasungbi.serve.openai_format import ChatReply, CompletionReply, chat_prompt, encode_prompts, prompt_count
-from gasungbi.serve.protocol import (COMPLETION_MAX_TOKENS, MAX_LOGPROBS, ApiError, ChatRequest, CompletionRequest,
-                                     check_context, check_max_tokens, check_model, check_prompt_size, include_usage,
-                                     read_body, sampling_of, seed_of, stops_of)
+from gasungbi.serve.openai_format import (
+    ChatReply,
+    CompletionReply,
+    chat_prompt,
+    encode_prompts,
+    prompt_count,
+)
+from gasungbi.serve.protocol import (
+    COMPLETION_MAX_TOKENS,
+    MAX_LOGPROBS,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    check_context,
+    check_max_tokens,
+    check_model,
+    check_prompt_size,
+    include_usage,
+    read_body,
+    sampling_of,
+    seed_of,
+    stops_of,
+)
+from gasungbi.serve.reasoning import opens_thinking
 from gasungbi.serve.respond import channel, respond
 from gasungbi.serve.scheduler import Sequence
 
@@ -45,6 +65,25 @@ async def off_loop(request: Request, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` in the app's tokenizing threads, so that the event loop keeps answering."""
     work = functools.partial(fn, *args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(request.app.state.tokenizing, work)
+
+
+def constraints_of(st, response_format, n: int) -> list:
+    """Each choice's grammar for ``response_format`` (None for text): a JSON object, or JSON valid under
+    a schema (:mod:`gasungbi.infer.grammar`); an invalid schema is a 400."""
+    if response_format is None or response_format.type == "text":
+        return [None] * n
+    from gasungbi.infer.grammar import GrammarError, Grammars
+
+    if getattr(st, "grammars", None) is None:
+        st.grammars = Grammars(st.tokenizer, st.scheduler.model.config.vocab_size, st.conventions.stop_ids)
+    try:
+        if response_format.type == "json_object":
+            return [st.grammars.json_object() for _ in range(n)]
+        if response_format.json_schema is None:
+            raise ApiError(400, "'response_format' of type json_schema needs 'json_schema'", param="response_format")
+        return [st.grammars.json_schema(response_format.json_schema.json_schema) for _ in range(n)]
+    except GrammarError as e:
+        raise ApiError(400, f"invalid 'response_format': {e}", param="response_format") from None
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -122,6 +161,10 @@ async def chat_completions(request: Request):
     sampling, stop = sampling_of(req), stops_of(req)
     if not req.messages:
         raise ApiError(400, "'messages' must not be empty", param="messages")
+    if len(req.messages) > scheduler.max_len:  # every message renders at least one token
+        raise ApiError(400, f"this model's maximum context length is {scheduler.max_len} tokens; "
+                            f"{len(req.messages):,} messages cannot fit it", param="messages",
+                       code="context_length_exceeded")
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise ApiError(400, f"messages[{i}].role {m.role!r} is not supported; expected one of "
@@ -145,10 +188,13 @@ async def chat_completions(request: Request):
     if req.n > scheduler.max_queue:
         raise ApiError(400, f"n={req.n} exceeds the server's queue of {scheduler.max_queue}", param="n")
     stop_tokens = [] if req.ignore_eos else st.conventions.stop_ids
+    constraints = await off_loop(request, constraints_of, st, req.response_format, req.n)
     queue, emit = channel(st.outboxes)
     seqs = [Sequence(j, ids, max_tokens, seed_of(sampling, j), emit, st.tokenizer, stop_tokens, stop,
-                     (k or 0) if req.logprobs else None)
+                     (k or 0) if req.logprobs else None, constraint=constraints[j])
             for j in range(req.n)]
-    reply = ChatReply(name, seqs, st.tokens, len(ids), req.logprobs, stop_tokens, include_usage(req))
+    inside = st.reasoning and opens_thinking(st.tokenizer.decode(ids[-16:], skip_special_tokens=False))
+    reply = ChatReply(name, seqs, st.tokens, len(ids), req.logprobs, stop_tokens, include_usage(req),
+                      reasoning=st.reasoning, inside=inside)
     return await respond(request, scheduler, queue, seqs, reply, req.stream)
 

@@ -86,6 +86,7 @@ class Sequence:
     stop_strings: Seq[str] = ()
     logprobs: int | None = None
     echo: bool = False
+    constraint: object = None  # a gasungbi.infer.grammar.Constraint the reply must follow
     arrival: float = field(default_factory=time.monotonic)
     # state, written by the scheduler thread
     cancelled: bool = False
@@ -293,7 +294,19 @@ class Scheduler:
         self._deliver(self.running, logits)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row, each row with its own sampling parameters and generator."""
+        """One token per row, each row with its own sampling parameters and generator; a row with a
+        grammar samples among the tokens it allows (only those rows pay for the mask)."""
+        constrained = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        if constrained:
+            logits = logits.clone()
+            for i in constrained:
+                logits[i].masked_fill_(~seqs[i].constraint.mask(logits.device), float("-inf"))
+        tokens = self._draw(logits, seqs)
+        for i in constrained:
+            seqs[i].constraint.accept(tokens[i])
+        return tokens
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         plain = [s.sampling.greedy and s.seen is None for s in seqs]
         if all(plain):
             return logits.argmax(dim=-1).tolist()
