@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import typing
 
 from gasungbi.errors import UserError
 
@@ -108,7 +109,55 @@ def _with_config_file(fn, argv: list[str]):
     unknown = sorted(set(values) - names)
     if unknown:
         raise UserError(f"--config {path}: unknown field(s) {unknown}; known: {sorted(names)}")
+    hints = typing.get_type_hints(type(base))
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            raise UserError(f"--config {path}: {name} must be {_describe(hints[name])}, got {value!r}")
     return functools.partial(fn, cfg=dataclasses.replace(base, **values))
+
+
+def _fits(value, hint) -> bool:
+    """Whether a config file's ``value`` has the type of the field annotated ``hint`` (JSON and TOML
+    give ints, floats, strings, booleans, lists, tables and null); a type not known here passes."""
+    import types
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def _describe(hint) -> str:
+    """A field's type as a config file's author reads it: ``float``, ``int or null``, ``one of 'a', 'b'``."""
+    import types
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if hint is type(None):
+        return "null"
+    if origin is not None:
+        return {dict: "a table", list: "a list", tuple: "a list"}.get(origin, str(hint))
+    return {dict: "a table", list: "a list", tuple: "a list", int: "an integer", float: "a number",
+            str: "a string", bool: "true or false"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 @contextlib.contextmanager

@@ -28,3 +28,17 @@ def run_dir_hint(path) -> str:
     if name and (target / "config.json").is_file():
         return f"{path} is {what}, not a checkpoint: pass the checkpoint it points to, {target}"
     return f"{path} is {what}, not a checkpoint: pass one of its step_N checkpoint directories"
+
+
+def require_checkpoint_dir(path) -> None:
+    """A :class:`UserError` when ``path`` cannot be a checkpoint directory: it does not exist, it is a
+    file, or it is a run directory or its ``latest`` file (:func:`run_dir_hint`). Commands call it
+    before anything else about their checkpoint, so a typo in the path is what the error names."""
+    from pathlib import Path
+
+    if hint := run_dir_hint(path):
+        raise UserError(hint)
+    if not Path(path).exists():
+        raise UserError(f"checkpoint directory {path} does not exist")
+    if not Path(path).is_dir():
+        raise UserError(f"{path} is a file, not a checkpoint directory")

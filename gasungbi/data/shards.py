@@ -51,6 +51,11 @@ SPLITS = ("train", "val")
 _SHARD_FILE = re.compile(r"(train|val)_\d{3,}\.bin(\.tmp)?")
 
 
+def is_shard_file(name: str) -> bool:
+    """Whether a file name is one of the shard files :func:`build_shards` writes."""
+    return _SHARD_FILE.fullmatch(name) is not None
+
+
 @dataclass
 class ShardInfo:
     file: str  # name inside the shard folder

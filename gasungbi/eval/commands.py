@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from tyro.conf import OmitArgPrefixes, UseAppendAction
 
-from gasungbi.errors import UserError
+from gasungbi.errors import UserError, require_checkpoint_dir
 from gasungbi.flags import Checkpoint
 from gasungbi.infer.commands import ModelArgs, tokenizer_for
 
@@ -46,6 +46,7 @@ def eval_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], tasks: str,
         batch_size: requests per forward (scoring) or per generation batch
         output: write lm-eval's results JSON here
     """
+    require_checkpoint_dir(model.checkpoint)  # a wrong path first: it is named, not a task
     # before datasets / huggingface_hub are imported: they read these once
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -110,7 +111,8 @@ def eval_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], tasks: str,
 # ---------------------------------------------------------------------------------------------
 
 def quantize_cmd(checkpoint: Checkpoint, mode: Literal["int8", "int4", "fp8"], out: str, group_size: int = 128,
-                 eval_text: str | None = None, eval_tokens: int = 32768, seq_len: int = 256) -> int:
+                 eval_text: str | None = None, eval_tokens: int = 32768, seq_len: int = 256,
+                 overwrite: bool = False) -> int:
     """Weight-only int8/int4 quantization of a checkpoint, saved for generate, chat and serve, or
     DeepSeek's FP8 checkpoint format (fp8).
 
@@ -122,16 +124,29 @@ def quantize_cmd(checkpoint: Checkpoint, mode: Literal["int8", "int4", "fp8"], o
         eval_text: a text file: report the perplexity change on it
         eval_tokens: tokens of --eval-text to use
         seq_len: window of the perplexity evaluation
+        overwrite: replace what --out already holds (never the checkpoint itself)
     """
     import torch
 
+    from gasungbi import atomic
     from gasungbi.eval.perplexity import perplexity
     from gasungbi.infer.load import load_quantized
-    from gasungbi.infer.quant import quantize_state_dict
+    from gasungbi.infer.quant import check_group_size, quantize_state_dict
     from gasungbi.interop.fp8 import fp8_config
     from gasungbi.interop.hf import load_model
     from gasungbi.interop.quantized import quantization_config, save_quantized
+    from gasungbi.outputs import output_dir
 
+    require_checkpoint_dir(checkpoint)
+    # the whole of --out is replaced once written: it must not be (or hold) the checkpoint it is made from
+    out_dir = output_dir(out, "--out", inputs=[checkpoint], overwrite=overwrite).resolve()
+    if mode == "int4":
+        try:
+            check_group_size(group_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if eval_text is not None and not Path(eval_text).is_file():
+        raise UserError(f"--eval-text {eval_text}: no such file")
     if quantization_config(checkpoint) is not None:
         raise UserError(f"{checkpoint} is already quantized")
     source_fp8 = fp8_config(checkpoint) is not None
@@ -140,18 +155,19 @@ def quantize_cmd(checkpoint: Checkpoint, mode: Literal["int8", "int4", "fp8"], o
     # an FP8 source is dequantized to bf16 one tensor at a time, never to a whole float32 model
     model = load_model(checkpoint, "cpu", torch.bfloat16 if source_fp8 else torch.float32)
     has_tok = (Path(checkpoint) / "tokenizer.json").exists()
+    tokenizer = checkpoint if has_tok else None
     if mode == "fp8":
         from gasungbi.interop.hf import save_model
 
-        out = save_model(model, out, tokenizer=checkpoint if has_tok else None, fp8=True)
-        qmodel = load_model(out, "cpu", torch.float32)
-        stored = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+        atomic.write_dir(out_dir, lambda tmp: save_model(model, tmp, tokenizer=tokenizer, fp8=True))
+        qmodel = load_model(out_dir, "cpu", torch.float32)
+        stored = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
         print(f"fp8: {_weight_bytes(model) / 2**20:.1f} MiB in float32 -> {stored / 2**20:.1f} MiB on disk; wrote {out}")
     else:
         qsd = quantize_state_dict(model, mode, group_size)
-        out = save_quantized(qsd, model.config, out, mode, group_size,
-                             tokenizer=checkpoint if has_tok else None)
-        qmodel = load_quantized(out)
+        atomic.write_dir(out_dir, lambda tmp: save_quantized(qsd, model.config, tmp, mode, group_size,
+                                                             tokenizer=tokenizer))
+        qmodel = load_quantized(out_dir)
         print(f"{mode}: {_weight_bytes(model) / 2**20:.1f} MiB -> {_weight_bytes(qmodel) / 2**20:.1f} MiB "
               f"in memory; wrote {out}")
     if eval_text:
@@ -198,6 +214,10 @@ def eval_gym_cmd(checkpoint: Checkpoint, task: str = "arithmetic", difficulty: i
 
     from gasungbi.eval.accuracy import evaluate_checkpoint
 
+    require_checkpoint_dir(checkpoint)
+    for flag, value in (("--n", n), ("--k", k), ("--max-new-tokens", max_new_tokens)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
     try:
         r = evaluate_checkpoint(checkpoint, task, difficulty, n=n, k=k, reasoning=reasoning,
                                 max_new_tokens=max_new_tokens, seed=seed)

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from tyro.conf import OmitArgPrefixes, UseAppendAction
 
-from gasungbi.errors import UserError, run_dir_hint
+from gasungbi.errors import UserError, require_checkpoint_dir
 from gasungbi.flags import Checkpoint
 
 
@@ -74,16 +74,11 @@ class SamplingArgs:
 Flat = OmitArgPrefixes
 
 
-def _refuse_run_dir(path: str) -> None:
-    if hint := run_dir_hint(path):
-        raise UserError(hint)
-
-
 def tokenizer_for(path: str, required: bool):
     """The checkpoint's tokenizer; without tokenizer.json, None or (``required``) a UserError."""
     from gasungbi.data.tokenizer import load_tokenizer
 
-    _refuse_run_dir(path)
+    require_checkpoint_dir(path)
     if (Path(path) / "tokenizer.json").exists():
         try:
             return load_tokenizer(path)
@@ -100,15 +95,35 @@ def conventions_for(path: str, required: bool):
     UserError."""
     from gasungbi.data.conventions import Conventions
 
-    _refuse_run_dir(path)
+    require_checkpoint_dir(path)
     if not (Path(path) / "tokenizer.json").exists():
         if required:
             raise UserError(f"{path} has no tokenizer.json")
         return None
+    _check_eos(Path(path))
     try:
         return Conventions.load(path)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _check_eos(path: Path) -> None:
+    """A :class:`UserError` naming the file when the ``eos_token_id`` the stops are read from
+    (generation_config.json's, else config.json's) is not a token id or a list of them."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        try:
+            d = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # missing or not JSON: the loaders name the problem
+            continue
+        if not isinstance(d, dict) or "eos_token_id" not in d:
+            continue
+        v = d["eos_token_id"]
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise UserError(f"{path / name}: eos_token_id must be a token id or a list of token ids, got {v!r}")
+        return
 
 
 def _print_stats(stats) -> None:

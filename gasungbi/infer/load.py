@@ -18,7 +18,7 @@ from torch import nn
 
 from gasungbi.config import CheckpointError, read_config
 from gasungbi.infer.placement import apply_placement, plan_placement, resolve_device
-from gasungbi.infer.quant import check_mode, quantize_weight, quantized_keys
+from gasungbi.infer.quant import check_group_size, check_mode, quantize_weight, quantized_keys
 from gasungbi.infer.quant_modules import from_quantized_state_dict, quantize
 from gasungbi.interop.fp8 import fp8_config, read_fp8
 from gasungbi.interop.hf import _HF_EXPERT, from_hf_state_dict, load_model, weight_files
@@ -34,6 +34,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device | Non
     gasungbi-quantized checkpoint as it is; otherwise quantize on the fly when ``quant`` is given)
     and place. ``dtype`` defaults to bf16 on CUDA and to the checkpoint's on the CPU."""
     device = resolve_device(device)
+    if quant == "int4":
+        check_group_size(group_size)
     qcfg = quantization_config(path)
     if qcfg is not None:
         if quant is not None and quant != qcfg["mode"]:

@@ -63,6 +63,14 @@ def int4_group_size(n: int, k: int, requested: int = 128) -> int | None:
     return next((g for g in _GROUPS if g <= requested and k % g == 0), None)
 
 
+def check_group_size(group_size: int) -> None:
+    """A ValueError when no matrix can be quantized to int4 in groups of at most ``group_size``
+    columns (below the smallest group the kernels take, every matrix would stay in floating point)."""
+    if group_size < _GROUPS[-1]:
+        raise ValueError(f"--group-size {group_size}: int4 groups hold {', '.join(map(str, reversed(_GROUPS)))} "
+                         f"columns (the largest not above --group-size that divides a row); give at least {_GROUPS[-1]}")
+
+
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., N, K] -> packed uint8 [..., N, K/2] and fp32 scales_and_zeros [..., K/g, N, 2]."""
     *lead, N, K = w.shape

@@ -88,10 +88,9 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: st
     writer.write_tensors_to_file()
     writer.close()
     os.replace(tmp, out)
-    write_modelfile(out, tok)
+    modelfile = write_modelfile(out, tok)
     if progress:
-        progress(f"wrote {out} ({arch}, {n} tensors, {dtype}, {out.stat().st_size / 2**20:.1f} MiB) and "
-                 f"{out.parent / 'Modelfile'}")
+        progress(f"wrote {out} ({arch}, {n} tensors, {dtype}, {out.stat().st_size / 2**20:.1f} MiB) and {modelfile}")
     return out
 
 
@@ -244,10 +243,20 @@ def read_tokenizer(checkpoint: Path) -> dict:
     f = checkpoint / "tokenizer.json"
     if not f.is_file():
         raise GGUFExportError(f"{checkpoint} has no tokenizer.json: GGUF files carry their tokenizer")
-    data = json.loads(f.read_text(encoding="utf-8"))
+    from gasungbi.data.tokenizer import load_tokenizer
+
+    try:
+        load_tokenizer(checkpoint)  # the tokenizers library's own checks, naming the file
+    except ValueError as e:
+        raise GGUFExportError(str(e)) from None
+    data = _json(f)
     model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise GGUFExportError(f"{f}: only byte-level BPE tokenizers are exported, this one is {model.get('type')!r}")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else model
+        raise GGUFExportError(f"{f}: only byte-level BPE tokenizers are exported, this one is {kind!r}")
+    if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges", []), list) \
+            or not isinstance(data.get("added_tokens", []), list):
+        raise GGUFExportError(f"{f}: not a valid tokenizer.json (its BPE model needs a vocab and a list of merges)")
     config = _json(checkpoint / "tokenizer_config.json")
     template_file = checkpoint / "chat_template.jinja"
     template = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
@@ -271,7 +280,16 @@ def _gasungbi_bos(added: dict) -> str | None:
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object file's contents ({} when there is no file); a GGUFExportError naming it otherwise."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise GGUFExportError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GGUFExportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _adds_bos(checkpoint: Path, bos: str | None) -> bool:
@@ -369,9 +387,21 @@ def write_modelfile(gguf_file: Path, tok: dict) -> Path:
     else:
         lines.append("# the chat template is the one stored in the GGUF (tokenizer.chat_template)")
     lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops)]
-    path = gguf_file.parent / "Modelfile"
+    path = modelfile_path(gguf_file)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def modelfile_path(gguf_file: Path) -> Path:
+    """Where the Modelfile of ``gguf_file`` goes: ``Modelfile`` beside it, unless a Modelfile for
+    another file (or one written by hand) is there already; then ``<name>.Modelfile``
+    (``ollama create -f`` takes either)."""
+    path = Path(gguf_file).parent / "Modelfile"
+    try:
+        ours = not path.exists() or path.read_text(encoding="utf-8").startswith(f"FROM ./{Path(gguf_file).name}\n")
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    return path if ours else path.with_name(f"{Path(gguf_file).stem}.Modelfile")
 
 
 def open_in_llama_cpp(path: str | Path, **kwargs):

@@ -97,13 +97,20 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> di
 # ---------------------------------------------------------------------------------------------
 
 def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: those its index names, else
+    ``model.safetensors``. An index entry must be a file in the directory itself (as transformers
+    writes them): one naming a path elsewhere (``../outside.safetensors``) is a CheckpointError."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
         for f in files:
+            # by name, not resolved: a file of the folder may be a link (the Hugging Face cache links to its blobs)
+            if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
+                raise CheckpointError(f"{index} names {f!r}, which is not a file inside {path}")
             if not (path / f).exists():
                 raise CheckpointError(f"{index} names {f}, which does not exist in {path}")
         return [path / f for f in files]

@@ -105,6 +105,17 @@ def collect_traces(cfg: DistillConfig) -> tuple[Path, dict[str, Any]]:
     return path, {"sampled": total, "kept": kept, "acceptance": kept / max(total, 1)}
 
 
+def _check_student(path: str) -> None:
+    """The student loads (config, weights, tokenizer and chat template), or a ValueError naming it."""
+    from gasungbi.data.conventions import Conventions
+    from gasungbi.interop.hf import load_model
+
+    if not Path(path).is_dir():
+        raise ValueError(f"--student {path}: no such checkpoint directory")
+    Conventions.load(path)
+    load_model(path)  # the student SFT loads it again; this copy is dropped here
+
+
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     """Collect accepted traces from the teacher, then SFT the student on them."""
     from gasungbi.train.checkpoint import holds_run
@@ -117,6 +128,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if not cfg.overwrite and ((out / "traces.jsonl").exists() or holds_run(out / "student")):
         raise ValueError(f"{out} already holds a distillation run (traces.jsonl, student/): add --overwrite to "
                          "replace it, or choose another --out-dir")
+    _check_student(cfg.student)  # before minutes of sampling, not after
     traces, stats = collect_traces(cfg)
     if stats["kept"] < 2:
         raise ValueError(f"the teacher produced {stats['kept']} accepted traces out of {stats['sampled']}: "

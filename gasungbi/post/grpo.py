@@ -247,7 +247,7 @@ class GRPO:
         self.cfg, self.info = cfg, info
         self.conv = Conventions.load(cfg.init_from)  # the checkpoint's chat template and stops (a bad path fails here)
         self.run = Run(cfg.out_dir, info, resume=cfg.resume, overwrite=cfg.overwrite, tokenizer=cfg.init_from,
-                       keep=cfg.keep_checkpoints, name="grpo", progress=cfg.progress)
+                       keep=cfg.keep_checkpoints, name="grpo", progress=cfg.progress, init_from=cfg.init_from)
         device = info.device
         self.model = self.run.model(lambda: load_model(cfg.init_from, device=device, dtype=torch.float32))
         self.reference = load_model(cfg.init_from, device=device, dtype=torch.float32) if cfg.beta > 0 else None

@@ -30,6 +30,28 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
             f"(set --api-key or ${API_KEY_ENV})")
 
 
+def refuse_template_files(template: str | None, checkpoint: str) -> None:
+    """A :class:`UserError` when the chat template reads other templates (``{% include %}``,
+    ``{% import %}``, ``{% from %}``, ``{% extends %}``): the sandbox it renders in has no files to
+    read, so every chat request would fail; the server refuses it when it starts instead."""
+    if template is None:
+        return
+    import re
+
+    import jinja2
+    from jinja2 import nodes
+
+    tags = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from", nodes.Extends: "extends"}
+    try:
+        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        found = sorted({tag for kind, tag in tags.items() for _ in tree.find_all(kind)})
+    except jinja2.exceptions.TemplateError:  # a tag of transformers' own ({% generation %}): read the tags
+        found = sorted(set(re.findall(r"{%[-+]?\s*(include|import|from|extends)\b", template)))
+    if found:
+        raise UserError(f"{checkpoint}: the chat template uses {', '.join('{% ' + t + ' %}' for t in found)}, "
+                        "which reads other template files; a chat template must be self-contained")
+
+
 def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0.1", port: int = 8000,
               model_name: str | None = None, api_key: str | None = None, max_batch: int = 16,
               max_len: int | None = None, max_queue: int = 64, max_prefill_tokens: int = 4096,
@@ -83,6 +105,10 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if body_timeout <= 0:
         raise UserError(f"--body-timeout must be > 0, got {body_timeout}")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be 0 (any free port) to 65535, got {port}")
+    if threads < 0:
+        raise UserError(f"--threads must be >= 0 (0: torch's choice), got {threads}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -95,6 +121,7 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
     if threads:
         torch.set_num_threads(threads)
     conventions = conventions_for(model.checkpoint, required=True)
+    refuse_template_files(conventions.template, model.checkpoint)
     net = model.load()
     cfg = net.config
     max_len = min(max_len or min(cfg.max_position_embeddings, 4096), cfg.max_position_embeddings)

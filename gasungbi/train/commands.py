@@ -65,19 +65,22 @@ def train_cmd(cfg: Annotated[TrainConfig, Flat] = TrainConfig(), set: Overrides 
     return 0
 
 
-def export_hf_cmd(run_or_step: RunOrStep, out: OutDir) -> int:
+def export_hf_cmd(run_or_step: RunOrStep, out: OutDir, overwrite: bool = False) -> int:
     """Write a training checkpoint in the Hugging Face layout (config.json, model.safetensors,
     tokenizer.json) that gasungbi and transformers load; reads the sharded checkpoints of torchrun runs.
 
     Args:
         run_or_step: a run directory (its latest checkpoint) or one of its step_N checkpoint directories
         out: the directory to write
+        overwrite: replace what OUT already holds (never the run itself)
     """
+    from gasungbi.outputs import output_dir
     from gasungbi.train.sharded import export_hf
 
+    output_dir(out, "OUT", inputs=[run_or_step], overwrite=overwrite)
     try:
         path = export_hf(run_or_step, out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     print(f"wrote {path}")
     return 0

@@ -42,13 +42,14 @@ class Run:
 
     def __init__(self, out_dir: str | Path, info: dist.DistInfo, *, resume: bool, overwrite: bool,
                  tokenizer: str | Path, keep: int, name: str = "train", progress: bool = True,
-                 tensorboard: bool = False):
-        """Claim ``out_dir`` (an earlier run there is refused unless ``resume`` or ``overwrite``) and
-        read the newest checkpoint's training state when resuming. ``tokenizer``: the directory whose
-        tokenizer the checkpoints carry; ``keep``: checkpoints kept."""
+                 tensorboard: bool = False, init_from: str | Path | None = None):
+        """Claim ``out_dir`` (an earlier run there is refused unless ``resume`` or ``overwrite``; so
+        are a model checkpoint without ``overwrite`` and, always, ``init_from``, the checkpoint the run
+        starts from) and read the newest checkpoint's training state when resuming. ``tokenizer``:
+        the directory whose tokenizer the checkpoints carry; ``keep``: checkpoints kept."""
         self.out, self.info, self.tokenizer, self.keep = Path(out_dir), info, tokenizer, keep
         self.name, self.show_progress = name, progress
-        ckpt.claim_run_dir(self.out, resume, overwrite, remove=info.is_main)
+        ckpt.claim_run_dir(self.out, resume, overwrite, remove=info.is_main, inputs=(init_from,) if init_from else ())
         dist.barrier()  # no rank looks at the directory after the main one has started writing
         self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
         self.state: dict | None = ckpt.load_training_state(self.resume_from) if self.resume_from else None

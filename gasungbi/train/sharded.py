@@ -161,10 +161,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
 
 def export_hf(run_or_step: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the checkpoint ``run_or_step`` (a run directory: its latest checkpoint; or a step
-    directory) in the Hugging Face layout at ``out``. FileNotFoundError when it holds none."""
+    directory) in the Hugging Face layout at ``out`` (replacing what is there, once written).
+    FileNotFoundError when it holds none."""
     src = Path(run_or_step)
     step = src if (src / ckpt.STATE_FILE).exists() else ckpt.latest_checkpoint(src)
     if step is None:
         raise FileNotFoundError(f"{run_or_step} is neither a training checkpoint nor a run directory holding one")
     model = load_model(step) if is_sharded(step) else hf.load_model(step, dtype=torch.float32)
-    return save_model(model, out, tokenizer=step)
+    return atomic.write_dir(Path(out).resolve(), lambda tmp: save_model(model, tmp, tokenizer=step))

@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from gasungbi.config import ModelConfig, read_config, to_hf_config
-from gasungbi.presets import get_preset
+from gasungbi.presets import PRESETS, get_preset
 from gasungbi.data.shards import TokenLoader, load_manifest
 from gasungbi.eval.perplexity import evaluate
 from gasungbi.model.accounting import count_params, training_flops_per_token
@@ -138,6 +138,13 @@ class TrainConfig:
             bad("data (a shard directory made by `gasungbi prepare`, or a JSONL for sft) is required")
         if self.resume and self.overwrite:
             bad("resume continues the run in out_dir and overwrite replaces it: choose one")
+        if not self.init_from and self.model not in PRESETS:
+            bad(f"model={self.model!r} is not a preset; choose one of: {', '.join(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        if unknown := sorted(set(self.model_overrides) - fields):
+            bad(f"model_overrides (--set) {', '.join(unknown)}: not a field of the model config")
+        if self.model_overrides and self.init_from:
+            bad("model_overrides (--set) change a preset's config; the model of init_from is the checkpoint's")
 
 
 FINISH_S = 0.5
@@ -200,7 +207,8 @@ class Trainer:
             raise ValueError(f"seq_len={tc.seq_len} exceeds the model's context of {context} tokens "
                              "(max_position_embeddings)")
         self.run = Run(tc.out_dir, info, resume=tc.resume, overwrite=tc.overwrite, tokenizer=self.data.tokenizer_dir,
-                       keep=tc.keep_checkpoints, progress=tc.progress, tensorboard=tc.tensorboard)
+                       keep=tc.keep_checkpoints, progress=tc.progress, tensorboard=tc.tensorboard,
+                       init_from=tc.init_from)
         self.model = self.run.model(lambda: self._build(tc))
         self.cfg: ModelConfig = self.model.config
         if tc.precision == "fp8":
