@@ -54,17 +54,42 @@ ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>
 BOS, END = "<|bos|>", "<|end|>"
 
 
-def render_chat(messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True, bos: bool = True) -> str:
-    """Render ``[{"role": "system"|"user"|"assistant", "content": str}, ...]`` as one string.
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query. The function signatures "
+    "are within <tools></tools> tags:\n<tools>\n")
+TOOLS_INSTRUCTIONS = (
+    "</tools>\n\nFor each function call, return a JSON object with the function name and arguments within "
+    "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\n</tool_call>")
+
+
+def render_chat(messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True, bos: bool = True,
+                tools: list[dict] | None = None) -> str:
+    """Render ``[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]`` as one string.
 
     ``add_generation_prompt``: end with an open ``<|assistant|>`` turn for the model to complete.
+    ``tools`` (OpenAI's function schemas) open the conversation as a system turn listing them; an
+    assistant's ``tool_calls`` follow its content as ``<tool_call>{"name", "arguments"}</tool_call>``
+    and a tool's result comes back in a user turn as ``<tool_response>...</tool_response>``
+    (the Hermes / Qwen convention, which :mod:`gasungbi.serve.tools` parses).
     """
     parts = [BOS] if bos else []
+    if tools:
+        listed = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tools)
+        parts.append(f"{ROLES['system']}{TOOLS_PREAMBLE}{listed}{TOOLS_INSTRUCTIONS}{END}")
     for m in messages:
         role = m["role"]
+        if role == "tool":
+            parts.append(f"{ROLES['user']}<tool_response>\n{m.get('content') or ''}\n</tool_response>{END}")
+            continue
         if role not in ROLES:
-            raise ValueError(f"unknown chat role {role!r}; expected one of {', '.join(ROLES)}")
-        parts.append(f"{ROLES[role]}{m['content']}{END}")
+            raise ValueError(f"unknown chat role {role!r}; expected one of {', '.join(ROLES)}, tool")
+        calls = ""
+        for call in m.get("tool_calls") or []:
+            fn = call["function"]
+            args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"], ensure_ascii=False)
+            calls += f"<tool_call>\n{{\"name\": {json.dumps(fn['name'], ensure_ascii=False)}, \"arguments\": {args}}}\n</tool_call>"
+        parts.append(f"{ROLES[role]}{m.get('content') or ''}{calls}{END}")
     if add_generation_prompt:
         parts.append(ROLES["assistant"])
     return "".join(parts)
@@ -74,11 +99,26 @@ def render_chat(messages: Iterable[Mapping[str, str]], add_generation_prompt: bo
 # ``apply_chat_template`` renders exactly what :func:`render_chat` does (tests/test_sft.py).
 CHAT_TEMPLATE = (
     "{{- '<|bos|>' -}}"
+    "{%- if tools -%}"
+    "{{- '<|system|>' + " + json.dumps(TOOLS_PREAMBLE) + " -}}"
+    "{%- for tool in tools -%}{{- tool | tojson + '\\n' -}}{%- endfor -%}"
+    "{{- " + json.dumps(TOOLS_INSTRUCTIONS) + " + '<|end|>' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{{- '<|user|><tool_response>\\n' + (message['content'] or '') + '\\n</tool_response><|end|>' -}}"
+    "{%- else -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception('unknown chat role ' + message['role']) -}}"
     "{%- endif -%}"
-    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
+    "{{- '<|' + message['role'] + '|>' + (message['content'] or '') -}}"
+    "{%- for call in (message['tool_calls'] or []) -%}"
+    "{%- set args = call['function']['arguments'] -%}"
+    "{{- '<tool_call>\\n{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' "
+    "+ (args if args is string else (args | tojson)) + '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|end|>' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
 )
@@ -263,20 +303,21 @@ class Conventions:
     # --- chat ---------------------------------------------------------------------------------
 
     def render_chat(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True,
-                    template_kwargs: Mapping[str, Any] | None = None) -> str:
+                    template_kwargs: Mapping[str, Any] | None = None, tools: list[dict] | None = None) -> str:
         """The conversation as the checkpoint's template writes it (``apply_chat_template(...,
         tokenize=False, **template_kwargs)``); a template's ``raise_exception`` is a ValueError.
         ``template_kwargs``: the template's own switches, e.g. ``{"thinking": True}`` (DeepSeek-V3.1)
-        or ``{"enable_thinking": False}`` (Qwen3), as vLLM's ``chat_template_kwargs``."""
+        or ``{"enable_thinking": False}`` (Qwen3), as vLLM's ``chat_template_kwargs``. ``tools``: OpenAI's
+        function schemas, for the template to list."""
         messages = [dict(m) for m in messages]
         if self._compiled is None:
-            return render_chat(messages, add_generation_prompt)
+            return render_chat(messages, add_generation_prompt, tools=tools)
         import jinja2
 
         kwargs = {**(template_kwargs or {}), **self.special_tokens}
         try:  # streamed, so that a template that writes too much or too long is stopped
             parts, size, start = [], 0, time.monotonic()
-            for piece in self._compiled.generate(**{"tools": None, "documents": None, **kwargs}, messages=messages,
+            for piece in self._compiled.generate(**{"documents": None, **kwargs}, tools=tools, messages=messages,
                                                  add_generation_prompt=add_generation_prompt):
                 parts.append(piece)
                 size += len(piece)
@@ -289,7 +330,8 @@ class Conventions:
             raise ValueError(f"chat template: {e}") from None
 
     def chat_ids(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True,
-                 content_as_text: bool = True, template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+                 content_as_text: bool = True, template_kwargs: Mapping[str, Any] | None = None,
+                 tools: list[dict] | None = None) -> list[int]:
         """Token ids of :meth:`render_chat`, with no special tokens added around it (as
         ``apply_chat_template(..., tokenize=True)``).
 
@@ -300,7 +342,7 @@ class Conventions:
         """
         messages = [dict(m) for m in messages]
         if not content_as_text or self._special_re is None:
-            return self.tokenizer.encode(self.render_chat(messages, add_generation_prompt, template_kwargs),
+            return self.tokenizer.encode(self.render_chat(messages, add_generation_prompt, template_kwargs, tools),
                                          add_special_tokens=False).ids
         originals: list[str] = []
         escapes = re.compile("\ue000|" + self._special_re.pattern)
@@ -312,7 +354,7 @@ class Conventions:
         for m in messages:
             if isinstance(m.get("content"), str):
                 m["content"] = escapes.sub(escape, m["content"])
-        text = self.render_chat(messages, add_generation_prompt, template_kwargs)
+        text = self.render_chat(messages, add_generation_prompt, template_kwargs, tools)
         if not originals:  # nothing to protect: exactly what the tokenizer gives the whole render
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         unescape = re.compile("\ue000(\\d+)\ue001")

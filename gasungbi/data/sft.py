@@ -2,7 +2,8 @@
 with the loss only on assistant tokens.
 
 Input: JSONL, one ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}`` per
-line. Each conversation is rendered with the chat template (``gasungbi.data.conventions``) and
+line; assistant turns may carry OpenAI's ``tool_calls`` and ``{"role": "tool"}`` turns the results
+(the template writes both; the calls are trained as assistant tokens). Each conversation is rendered with the chat template (``gasungbi.data.conventions``) and
 labelled: targets are the assistant contents and their closing ``<|end|>``; everything else
 (bos, role markers, system and user turns) gets the ignore index -100.
 
@@ -60,9 +61,11 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
         if not isinstance(msgs, list) or not msgs:
             raise SFTDataError(f"{path}:{n}: expected {{\"messages\": [...]}} with at least one message")
         for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise SFTDataError(f"{path}:{n}: each message needs a role in {sorted(ROLES)} and a string content, "
-                                   f"got {str(m)[:80]}")
+            calls = isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list)
+            if not isinstance(m, dict) or m.get("role") not in (*ROLES, "tool") or not (
+                    isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
+                raise SFTDataError(f"{path}:{n}: each message needs a role in {sorted((*ROLES, 'tool'))} and a string "
+                                   f"content (or an assistant's tool_calls), got {str(m)[:80]}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise SFTDataError(f"{path}:{n}: no assistant message to learn from")
         convs.append(msgs)
@@ -76,8 +79,11 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], l
 
     ``tokenizer``: a tokenizer (gasungbi's template), or a checkpoint's
     :class:`~gasungbi.data.conventions.Conventions`, whose own template is used when it has one."""
+    tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+    if tool_turns and not isinstance(tokenizer, Conventions):
+        tokenizer = Conventions(tokenizer)
     if isinstance(tokenizer, Conventions):
-        if not tokenizer.native:
+        if not tokenizer.native or tool_turns:  # tool turns: labelled through the template's renders
             try:
                 return tokenizer.chat_ids_and_mask(messages)
             except ValueError as e:

@@ -76,6 +76,14 @@ class Grammars:
             raise GrammarError(f"invalid JSON schema: {e}") from None
         return self._constraint(grammar)
 
+    def lark(self, grammar: str) -> Constraint:
+        """Replies in the language of a Lark grammar (llguidance's dialect: ``%json {schema}`` for a
+        JSON value, ``<[id]>`` for a special token)."""
+        try:
+            return self._constraint(self._llg.LLMatcher.grammar_from_lark(grammar))
+        except (TypeError, ValueError) as e:
+            raise GrammarError(f"invalid grammar: {e}") from None
+
     def json_object(self) -> Constraint:
         """Replies that are a JSON object (OpenAI's ``{"type": "json_object"}``)."""
         return self.json_schema({"type": "object"})

@@ -23,7 +23,7 @@ def export_cmd(checkpoint: Checkpoint, out: str, format: Literal["gguf"] = "gguf
         dtype: type of the matrices: f32, f16, bf16 or q8_0 (vectors, the router and MLA's per-head factors stay float)
         overwrite: replace an existing --out file and the Modelfile written for it
     """
-    from gasungbi.interop.gguf import GGUFExportError, export_gguf, modelfile_path
+    from gasungbi.interop.gguf import export_gguf, modelfile_path
     from gasungbi.outputs import output_file
 
     require_checkpoint_dir(checkpoint)

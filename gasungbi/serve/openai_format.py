@@ -18,6 +18,7 @@ from gasungbi.data.conventions import encode
 from gasungbi.infer.generate import Detokenizer
 from gasungbi.serve.protocol import ApiError
 from gasungbi.serve.reasoning import ReasoningSplitter
+from gasungbi.serve.tools import ToolStream, openai_calls
 from gasungbi.serve.scheduler import Event, PromptLogprobs, Sequence
 
 
@@ -109,14 +110,14 @@ def encode_prompts(tokenizer, prompt, vocab_size: int) -> list[Prompt]:
 
 
 def chat_prompt(conventions, messages: list[dict], content_as_text: bool = True,
-                template_kwargs: dict | None = None) -> list[int]:
+                template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[int]:
     """A chat's prompt ids through the checkpoint's template (``apply_chat_template(...,
     add_generation_prompt=True, **template_kwargs)``). ``content_as_text``: special-token strings
     inside a message are encoded as text, as the OpenAI API treats content, so a message cannot
     forge another turn."""
     try:
         return conventions.chat_ids(messages, add_generation_prompt=True, content_as_text=content_as_text,
-                                    template_kwargs=template_kwargs)
+                                    template_kwargs=template_kwargs, tools=tools)
     except ValueError as e:  # the template's raise_exception, or an unknown role
         raise ApiError(400, str(e), param="messages") from None
 
@@ -274,31 +275,42 @@ class ChatReply(Reply):
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
     def __init__(self, model: str, seqs: list[Sequence], tokens: TokenText, prompt_tokens: int, logprobs: bool,
-                 stop_tokens: list[int], include_usage: bool, reasoning: bool = False, inside: bool = False):
+                 stop_tokens: list[int], include_usage: bool, reasoning: bool = False, inside: bool = False,
+                 tool_format: str | None = None):
         """``reasoning``: split ``<think>...</think>`` into ``reasoning_content`` (:mod:`.reasoning`);
-        ``inside``: the prompt left the reply inside the thoughts."""
+        ``inside``: the prompt left the reply inside the thoughts; ``tool_format``: parse the reply's
+        tool calls written that way (:mod:`.tools`)."""
         super().__init__("chatcmpl", model, seqs, prompt_tokens, include_usage, stop_tokens)
         self.tokens, self.logprobs = tokens, logprobs
         self.text = {s.index: "" for s in seqs}
         self.thoughts = {s.index: "" for s in seqs}
         self.splitters = {s.index: ReasoningSplitter(inside) for s in seqs} if reasoning else None
+        self.tool_streams = {s.index: ToolStream(tool_format) for s in seqs} if tool_format else None
+        self.calls: dict[int, list[dict]] = {s.index: [] for s in seqs}
         self.lps: dict[int, list[dict]] = {s.index: [] for s in seqs}
 
     def start(self) -> list[dict]:
         return [self._choice(s.index, {"role": "assistant", "content": ""}) for s in self.seqs]
 
     def _split(self, i: int, text: str, last: bool) -> dict:
-        """The delta of ``text``: content, or reasoning and content apart."""
-        if self.splitters is None:
-            self.text[i] += text
-            return {"content": text} if text else {}
-        r, c = self.splitters[i].feed(text)
-        if last:
-            r2, c2 = self.splitters[i].flush()
-            r, c = r + r2, c + c2
+        """The delta of ``text``: content, or reasoning and content apart, and tool calls at the end."""
+        r, c = "", text
+        if self.splitters is not None:
+            r, c = self.splitters[i].feed(text)
+            if last:
+                r2, c2 = self.splitters[i].flush()
+                r, c = r + r2, c + c2
+        calls = []
+        if self.tool_streams is not None:
+            c = self.tool_streams[i].feed(c)
+            if last:
+                rest, found = self.tool_streams[i].finish()
+                c, calls = c + rest, openai_calls(found)
+                self.calls[i] = calls
         self.thoughts[i] += r
         self.text[i] += c
-        return {**({"reasoning_content": r} if r else {}), **({"content": c} if c else {})}
+        return {**({"reasoning_content": r} if r else {}), **({"content": c} if c else {}),
+                **({"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]} if calls else {})}
 
     def chunks(self, ev: Event) -> list[dict]:
         i, out, lp = ev.index, [], None
@@ -310,14 +322,16 @@ class ChatReply(Reply):
         if delta or lp:
             out.append(self._choice(i, delta, lp))
         if ev.finish_reason is not None:
-            self.finish[i] = ev.finish_reason
-            out.append(self._choice(i, {}, None, ev.finish_reason))
+            self.finish[i] = "tool_calls" if self.calls[i] else ev.finish_reason
+            out.append(self._choice(i, {}, None, self.finish[i]))
         return out
 
     def choice(self, index: int) -> dict:
-        message = {"role": "assistant", "content": self.text[index]}
+        message = {"role": "assistant", "content": self.text[index] or (None if self.calls[index] else "")}
         if self.splitters is not None:
             message["reasoning_content"] = self.thoughts[index]
+        if self.calls[index]:
+            message["tool_calls"] = self.calls[index]
         return {"index": index, "message": message,
                 "logprobs": {"content": self.lps[index]} if self.logprobs else None,
                 "finish_reason": self.finish[index]}

@@ -80,12 +80,57 @@ class TextPart(_Body):
     text: str
 
 
+class CallFunction(_Body):
+    name: str
+    arguments: str  # JSON
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: CallFunction
+
+
 class ChatMessage(_Body):
     role: str
-    content: Union[str, list[TextPart]]
+    content: Union[str, list[TextPart], None] = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict:
+        """The message as chat templates read it (OpenAI's shape)."""
+        d = {"role": self.role, "content": self.text() if self.content is not None else None}
+        if self.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
+
+
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class _FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: _FunctionName
 
 
 class JsonSchemaFormat(_Body):
@@ -108,11 +153,14 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = None
     chat_template_kwargs: dict[str, Union[bool, int, float, str, None]] | None = None  # vLLM's: {"thinking": true}
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
 
 
 _UNIONS = {
     "prompt": "expected a string, a list of strings, a list of token ids, or a list of token-id lists",
     "stop": "expected a string or a list of strings",
+    "tool_choice": "expected \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
 }
 
 

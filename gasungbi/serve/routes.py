@@ -31,6 +31,7 @@ from gasungbi.serve.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    NamedToolChoice,
     check_context,
     check_max_tokens,
     check_model,
@@ -43,6 +44,7 @@ from gasungbi.serve.protocol import (
 )
 from gasungbi.serve.reasoning import opens_thinking
 from gasungbi.serve.respond import channel, respond
+from gasungbi.serve.tools import call_grammar, tool_format
 from gasungbi.serve.scheduler import Sequence
 
 router = APIRouter()
@@ -67,16 +69,56 @@ async def off_loop(request: Request, fn, *args, **kwargs):
     return await asyncio.get_running_loop().run_in_executor(request.app.state.tokenizing, work)
 
 
-def constraints_of(st, response_format, n: int) -> list:
-    """Each choice's grammar for ``response_format`` (None for text): a JSON object, or JSON valid under
-    a schema (:mod:`gasungbi.infer.grammar`); an invalid schema is a 400."""
-    if response_format is None or response_format.type == "text":
+def check_messages(messages) -> None:
+    """Roles we render, and every tool message answering a call of the assistant message before it."""
+    calls: set[str] = set()
+    for i, m in enumerate(messages):
+        if m.role not in ROLES and m.role != "tool":
+            raise ApiError(400, f"messages[{i}].role {m.role!r} is not supported; expected one of "
+                                f"{', '.join(ROLES)}, tool", param=f"messages.{i}.role")
+        if m.role == "assistant":
+            calls = {c.id for c in m.tool_calls or []}
+        elif m.role == "tool":
+            if m.tool_call_id not in calls:
+                raise ApiError(400, f"messages[{i}] is a tool message whose tool_call_id {m.tool_call_id!r} answers "
+                                    "no call of the assistant message before it", param=f"messages.{i}.tool_call_id")
+        else:
+            calls = set()
+
+
+def chat_tools(req) -> tuple[list[dict] | None, str | None]:
+    """The tools the template lists (none with ``tool_choice: "none"``) and the call the reply must be:
+    a function's name, "" for any of them (``required``), None where the model chooses (``auto``)."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    names = [t["function"]["name"] for t in tools]
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise ApiError(400, f"tool_choice names the function {choice.function.name!r}, which is not among the "
+                                f"request's tools ({', '.join(names) or 'none'})", param="tool_choice")
+        return tools, choice.function.name
+    if choice == "required":
+        if not tools:
+            raise ApiError(400, "tool_choice 'required' needs 'tools'", param="tool_choice")
+        return tools, ""
+    return (tools or None) if choice == "auto" else None, None
+
+
+def constraints_of(st, response_format, n: int, calls: tuple = (None, None, None)) -> list:
+    """Each choice's grammar: a call of the forced tool (``calls``: format, tools, name or "" for any),
+    else ``response_format``'s JSON object or JSON valid under a schema (:mod:`gasungbi.infer.grammar`);
+    None for free text. An invalid schema is a 400."""
+    fmt, tools, forced = calls
+    if forced is None and (response_format is None or response_format.type == "text"):
         return [None] * n
     from gasungbi.infer.grammar import GrammarError, Grammars
 
     if getattr(st, "grammars", None) is None:
         st.grammars = Grammars(st.tokenizer, st.scheduler.model.config.vocab_size, st.conventions.stop_ids)
     try:
+        if forced is not None:
+            grammar = call_grammar(fmt, tools, forced or None, st.tokenizer.token_to_id)
+            return [st.grammars.lark(grammar) for _ in range(n)]
         if response_format.type == "json_object":
             return [st.grammars.json_object() for _ in range(n)]
         if response_format.json_schema is None:
@@ -165,19 +207,17 @@ async def chat_completions(request: Request):
         raise ApiError(400, f"this model's maximum context length is {scheduler.max_len} tokens; "
                             f"{len(req.messages):,} messages cannot fit it", param="messages",
                        code="context_length_exceeded")
-    for i, m in enumerate(req.messages):
-        if m.role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role {m.role!r} is not supported; expected one of "
-                                f"{', '.join(ROLES)}", param=f"messages.{i}.role")
+    check_messages(req.messages)
+    tools, forced = chat_tools(req)
     k = req.top_logprobs
     if k is not None and (not req.logprobs or not 0 <= k <= MAX_LOGPROBS):
         raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}] and needs 'logprobs': true",
                        param="top_logprobs")
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    check_prompt_size("".join(m["content"] for m in messages), scheduler.max_len, "messages")
+    messages = [m.template_dict() for m in req.messages]
+    check_prompt_size("".join(m["content"] or "" for m in messages), scheduler.max_len, "messages")
     ids = await off_loop(request, chat_prompt, st.conventions, messages,
                          content_as_text=not st.config.special_tokens_in_content,
-                         template_kwargs=req.chat_template_kwargs)
+                         template_kwargs=req.chat_template_kwargs, tools=tools)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:  # the rest of the context
         if len(ids) >= scheduler.max_len:
@@ -188,13 +228,14 @@ async def chat_completions(request: Request):
     if req.n > scheduler.max_queue:
         raise ApiError(400, f"n={req.n} exceeds the server's queue of {scheduler.max_queue}", param="n")
     stop_tokens = [] if req.ignore_eos else st.conventions.stop_ids
-    constraints = await off_loop(request, constraints_of, st, req.response_format, req.n)
+    fmt = tool_format(st.conventions.template) if tools else None
+    constraints = await off_loop(request, constraints_of, st, req.response_format, req.n, (fmt, tools, forced))
     queue, emit = channel(st.outboxes)
     seqs = [Sequence(j, ids, max_tokens, seed_of(sampling, j), emit, st.tokenizer, stop_tokens, stop,
                      (k or 0) if req.logprobs else None, constraint=constraints[j])
             for j in range(req.n)]
     inside = st.reasoning and opens_thinking(st.tokenizer.decode(ids[-16:], skip_special_tokens=False))
     reply = ChatReply(name, seqs, st.tokens, len(ids), req.logprobs, stop_tokens, include_usage(req),
-                      reasoning=st.reasoning, inside=inside)
+                      reasoning=st.reasoning, inside=inside, tool_format=fmt)
     return await respond(request, scheduler, queue, seqs, reply, req.stream)
 
