@@ -164,3 +164,28 @@ def test_deepseek_format_forced_call(tokenizer, tmp_path, start_server, one_thre
                                   temperature=1.0, seed=5, max_tokens=100)
     assert r.choices[0].finish_reason == "tool_calls"
     _check(r.choices[0].message.tool_calls[0], WEATHER)
+
+
+def test_deepseek_v32_encoder_and_its_dsml_calls(tokenizer, tmp_path, start_server, one_thread):
+    """A DeepSeek-V3.2 checkpoint has no chat template: its conversations go through the release's
+    encoder (gasungbi.data.dsv32) and a forced call is written and parsed in its DSML format."""
+    import gasungbi
+    from gasungbi.data.conventions import Conventions
+    from gasungbi.data.tokenizer import save_tokenizer
+
+    path = tmp_path / "v32"
+    save_tokenizer(tokenizer, path)
+    cfg = gasungbi.get_preset("debug").replace(model_type="deepseek_v32", index_n_heads=4, index_head_dim=16,
+                                               index_topk=32, vocab_size=tokenizer.get_vocab_size(),
+                                               initializer_range=0.25, max_position_embeddings=4096)
+    gasungbi.save_model(gasungbi.build_model(cfg, seed=0), path, tokenizer=path)
+    (path / "tokenizer_config.json").unlink(missing_ok=True)  # as released: no chat template
+    conv = Conventions.load(path)
+    assert conv.encoder == "dsv32"
+    assert conv.render_chat([{"role": "user", "content": "hi"}]).endswith("<｜User｜>hi<｜Assistant｜></think>")
+    server = start_server(path, "--reasoning-parser", "none", "--max-len", "4096")
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = c.chat.completions.create(model="v32", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER],
+                                  tool_choice="required", temperature=1.0, seed=7, max_tokens=400)
+    assert r.choices[0].finish_reason == "tool_calls"
+    _check(r.choices[0].message.tool_calls[0], WEATHER)

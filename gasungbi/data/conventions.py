@@ -251,24 +251,29 @@ class Conventions:
     """
 
     def __init__(self, tokenizer: Tokenizer, template: str | None = None,
-                 special_tokens: Mapping[str, str] | None = None, eos_ids: Iterable[int] = ()):
+                 special_tokens: Mapping[str, str] | None = None, eos_ids: Iterable[int] = (),
+                 encoder: str | None = None):
+        """``encoder``: ``"dsv32"`` for DeepSeek-V3.2, whose release ships its format as Python
+        (:mod:`gasungbi.data.dsv32`) instead of a template."""
         self.tokenizer = tokenizer
         self.template = None if template == CHAT_TEMPLATE else template
+        self.encoder = encoder if self.template is None else None
         if special_tokens is None and is_gasungbi_tokenizer(tokenizer):
             special_tokens = {"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1],
                               "pad_token": SPECIAL_TOKENS[2]}
         self.special_tokens = dict(special_tokens or {})
         self.eos_ids = list(dict.fromkeys(eos_ids))
         """The ids that end a generation (generation_config.json's eos_token_id), for plain text."""
-        stops = [tokenizer.token_to_id(END)] if self.template is None else []
+        stops = [tokenizer.token_to_id(END)] if self.template is None and self.encoder is None else []
         stops += self.eos_ids + [self.tokenizer.token_to_id(self.special_tokens.get("eos_token") or "")]
         self.stop_ids = list(dict.fromkeys(t for t in stops if t is not None))
         """The ids that end a chat reply: (gasungbi's template) ``<|end|>`` first, eos_ids, the tokenizer's eos."""
         self._compiled = _compile(self.template) if self.template is not None else None
         # the markers a message must not forge: special tokens, and added tokens the template writes
         # itself (DeepSeek's R1 distills add <｜User｜> and <｜Assistant｜> as non-special tokens)
+        writes = self.template or ("<｜User｜><｜Assistant｜><think></think><｜DSML｜>" if self.encoder else "")
         specials = [t.content for t in tokenizer.get_added_tokens_decoder().values()
-                    if t.special or (self.template is not None and t.content in self.template)]
+                    if t.special or (writes and t.content in writes)]
         self._specials = sorted(set(specials), key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
         self._text_tokenizer: Tokenizer | None = None
@@ -291,8 +296,10 @@ class Conventions:
             named = {t.get("name"): t.get("template") for t in config["chat_template"] if isinstance(t, dict)}
             template = named.get("default")
         gen = _read_json(path / "generation_config.json")
-        eos = gen["eos_token_id"] if "eos_token_id" in gen else _read_json(path / "config.json").get("eos_token_id")
-        return cls(tokenizer, template, special, _ids(eos))
+        model_config = _read_json(path / "config.json")
+        eos = gen["eos_token_id"] if "eos_token_id" in gen else model_config.get("eos_token_id")
+        encoder = "dsv32" if model_config.get("model_type") == "deepseek_v32" and template is None else None
+        return cls(tokenizer, template, special, _ids(eos), encoder)
 
     # --- text ---------------------------------------------------------------------------------
 
@@ -310,6 +317,12 @@ class Conventions:
         or ``{"enable_thinking": False}`` (Qwen3), as vLLM's ``chat_template_kwargs``. ``tools``: OpenAI's
         function schemas, for the template to list."""
         messages = [dict(m) for m in messages]
+        if self.encoder == "dsv32":  # thinking off by default, as DeepSeek's chat endpoint
+            from gasungbi.data.dsv32 import encode_messages
+
+            kw = template_kwargs or {}
+            return encode_messages(messages, thinking=bool(kw.get("thinking", kw.get("enable_thinking", False))),
+                                   tools=tools)
         if self._compiled is None:
             return render_chat(messages, add_generation_prompt, tools=tools)
         import jinja2
@@ -404,7 +417,7 @@ class Conventions:
     @property
     def native(self) -> bool:
         """Whether chats use gasungbi's own template (the checkpoint has none, or has ours)."""
-        return self.template is None
+        return self.template is None and self.encoder is None
 
 
 __all__ = ["Conventions", "Encoded", "encode", "is_gasungbi_tokenizer"]

@@ -228,7 +228,7 @@ async def chat_completions(request: Request):
     if req.n > scheduler.max_queue:
         raise ApiError(400, f"n={req.n} exceeds the server's queue of {scheduler.max_queue}", param="n")
     stop_tokens = [] if req.ignore_eos else st.conventions.stop_ids
-    fmt = tool_format(st.conventions.template) if tools else None
+    fmt = tool_format(st.conventions.template, st.conventions.encoder) if tools else None
     constraints = await off_loop(request, constraints_of, st, req.response_format, req.n, (fmt, tools, forced))
     queue, emit = channel(st.outboxes)
     seqs = [Sequence(j, ids, max_tokens, seed_of(sampling, j), emit, st.tokenizer, stop_tokens, stop,

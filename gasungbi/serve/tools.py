@@ -17,6 +17,7 @@ Each family writes calls its own way, and :func:`tool_format` reads which from t
       ```<｜tool▁call▁end｜><｜tool▁calls▁end｜>
 
 * ``deepseek-v3.1`` (DeepSeek-V3.1): ``<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Seoul"}<｜tool▁call▁end｜>``
+* ``dsml`` (DeepSeek-V3.2's encoder, :mod:`gasungbi.data.dsv32`): ``<｜DSML｜function_calls>`` blocks.
 
 With ``tool_choice`` ``required`` or a named function, the reply is constrained (:func:`call_grammar`,
 a Lark grammar for llguidance) to calls whose arguments are valid JSON under the tool's
@@ -30,6 +31,8 @@ import json
 import re
 import uuid
 
+from gasungbi.data import dsv32
+
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
 DS_CALLS_BEGIN, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL_BEGIN, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
@@ -42,27 +45,35 @@ _DS = re.compile(re.escape(DS_CALL_BEGIN) + r"(?:function" + re.escape(DS_SEP) +
                  + r"|\n```json\n)(.*?)(?:\n```)?" + re.escape(DS_CALL_END), re.S)
 
 
-def tool_format(template: str | None) -> str:
-    """The call format of a chat template (None: gasungbi's own, which writes hermes calls)."""
+def tool_format(template: str | None, encoder: str | None = None) -> str:
+    """The call format of a chat template (None: gasungbi's own, which writes hermes calls), or of
+    DeepSeek-V3.2's encoder (``dsml``)."""
+    if encoder == "dsv32":
+        return "dsml"
     if template and DS_CALL_BEGIN in template:
         return "deepseek" if "```json" in template else "deepseek-v3.1"
     return "hermes"
 
 
 def start_marker(fmt: str) -> str:
-    return HERMES_START if fmt == "hermes" else DS_CALLS_BEGIN
+    return {"hermes": HERMES_START, "dsml": dsv32.CALLS_START}.get(fmt, DS_CALLS_BEGIN)
 
 
 def parse(text: str, fmt: str) -> tuple[str, list[dict]]:
     """(content before the first call, calls as ``{"name", "arguments"}`` with arguments a JSON
     string); a call whose arguments are not JSON is left in the content."""
     marker = start_marker(fmt)
-    i = text.find(marker) if fmt == "hermes" else min((j for j in (text.find(DS_CALLS_BEGIN), text.find(DS_CALL_BEGIN))
-                                                        if j >= 0), default=-1)
+    i = text.find(marker) if fmt in ("hermes", "dsml") else min(
+        (j for j in (text.find(DS_CALLS_BEGIN), text.find(DS_CALL_BEGIN)) if j >= 0), default=-1)
     if i < 0:
         return text, []
     calls = []
-    if fmt == "hermes":
+    if fmt == "dsml":
+        try:
+            calls = dsv32.parse_tool_calls(text[i:])
+        except ValueError:
+            return text, []
+    elif fmt == "hermes":
         for body in _HERMES.findall(text[i:]):
             try:
                 obj = json.loads(body)
@@ -127,6 +138,8 @@ def call_grammar(fmt: str, tools: list[dict], name: str | None, token_id) -> str
                                     **STRICT}) for t in chosen]
         body = " | ".join(f"%json {a}" for a in alternatives)
         return f'start: "{HERMES_START}\\n" call "\\n{HERMES_END}"\ncall: {body}\n'
+    if fmt == "dsml":
+        return _dsml_grammar(chosen, schema)
     calls_begin, calls_end, begin, end, sep = (f"<[{token_id(t)}]>" for t in
                                                (DS_CALLS_BEGIN, DS_CALLS_END, DS_CALL_BEGIN, DS_CALL_END, DS_SEP))
     rules = []
@@ -136,3 +149,34 @@ def call_grammar(fmt: str, tools: list[dict], name: str | None, token_id) -> str
         rules.append(f'{begin} "function" {sep} {fn} "\\n```json\\n" {args} "\\n```" {end}' if fmt == "deepseek"
                      else f"{begin} {fn} {sep} {args} {end}")
     return f"start: {calls_begin} call {calls_end}\ncall: " + " | ".join(rules) + "\n"
+
+
+def _dsml_grammar(chosen: list[dict], schema) -> str:
+    """DeepSeek-V3.2's call: each required parameter of the tool's (flat) schema in order, strings
+    raw (no ``<``), other values as JSON under their own schema."""
+    d = dsv32.DSML
+
+    def q(v) -> str:
+        return json.dumps(v, ensure_ascii=False)
+
+    rules = []
+    for t in chosen:
+        props, required = schema(t).get("properties", {}), schema(t).get("required", [])
+        params = []
+        for k in required:
+            sub = props.get(k, {})
+            enum = sub.get("enum")
+            is_str = sub.get("type") == "string" or bool(enum) and all(isinstance(v, str) for v in enum)
+            if is_str:
+                value = " | ".join(q(v) for v in enum) if enum else "/[^<]*/"
+            else:
+                value = "%json " + q({**sub, **STRICT})
+            open_tag = f'<{d}parameter name="{k}" string="{"true" if is_str else "false"}">'
+            params.append(f"{q(open_tag)} ({value}) {q(f'</{d}parameter>')}")
+        name = t["function"]["name"]
+        body = f' {q(chr(10))} '.join(params) if params else '""'
+        rules.append(f'{q(f"<{d}invoke name=" + q(name) + ">" + chr(10))} {body} '
+                     f'{q(chr(10) + f"</{d}invoke>")}')
+    start = q(dsv32.CALLS_START + "\n")
+    end = q(f"\n</{d}function_calls>")
+    return f"start: {start} call {end}\ncall: " + " | ".join(rules) + "\n"
