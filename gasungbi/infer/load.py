@@ -1,9 +1,9 @@
 """Loading a checkpoint for generation: memory report, then load, quantize and place.
 
-Three kinds of checkpoint: a floating-point one (quantized on the fly when asked), a
-gasungbi-quantized one (:func:`load_quantized`; the files: :mod:`gasungbi.interop.quantized`), and
-DeepSeek's FP8 one, which with a quantization asked goes straight to int8/int4 one tensor at a time
-(:func:`load_fp8_quantized`).
+Three kinds of checkpoint: a floating-point one, a gasungbi-quantized one (:func:`load_quantized`;
+the files: :mod:`gasungbi.interop.quantized`), and DeepSeek's FP8 one. With a quantization asked,
+a floating-point or FP8 checkpoint goes straight to int8/int4 one tensor at a time
+(:func:`load_quantizing`), so the float model is never whole in memory.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from gasungbi.config import CheckpointError, read_config
 from gasungbi.infer.placement import apply_placement, plan_placement, resolve_device
 from gasungbi.infer.quant import check_group_size, check_mode, quantize_weight, quantized_keys
-from gasungbi.infer.quant_modules import from_quantized_state_dict, quantize
+from gasungbi.infer.quant_modules import from_quantized_state_dict
 from gasungbi.interop.fp8 import fp8_config, read_fp8
-from gasungbi.interop.hf import _HF_EXPERT, from_hf_state_dict, load_model, weight_files
+from gasungbi.interop.hf import _HF_EXPERT, check_sizes, from_hf_state_dict, headers, load_model, weight_files
 from gasungbi.interop.quantized import WEIGHTS_FILE, quantization_config, read_quantized
 from gasungbi.model.transformer import Transformer, build_model
 
@@ -49,11 +50,9 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device | Non
         report(plan.format(cfg.max_position_embeddings))
     if qcfg is not None:
         return load_quantized(path, device, dtype or torch.float32, plan.experts_device)
-    if quant is not None and fp8_config(path) is not None:  # DeepSeek's FP8 straight to int8/int4
-        return load_fp8_quantized(path, quant, group_size, device, dtype or torch.float32, plan.experts_device)
+    if quant is not None:  # one tensor at a time: the float model is never whole in memory
+        return load_quantizing(path, quant, group_size, device, dtype or torch.float32, plan.experts_device)
     model = load_model(path, "cpu", dtype)
-    if quant is not None:
-        return quantize(model, quant, group_size, device, plan.experts_device)
     return apply_placement(model, plan).eval()
 
 
@@ -68,12 +67,13 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise CheckpointError(f"{Path(path) / WEIGHTS_FILE}: {e}") from None
 
 
-def load_fp8_quantized(path: str | os.PathLike, mode: str, group_size: int = 128, device: str | torch.device = "cpu",
+def load_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32,
                        experts_device: str | torch.device | None = None) -> Transformer:
-    """A DeepSeek FP8 checkpoint (:mod:`gasungbi.interop.fp8`) straight to ``mode`` (int8/int4), one
-    tensor at a time: each FP8 weight is dequantized (in float32) and at once quantized, so the largest
-    float tensor alive is one weight matrix, never the model. Equal to quantizing the dequantized model."""
+    """A floating-point or DeepSeek FP8 checkpoint (:mod:`gasungbi.interop.fp8`) straight to ``mode``
+    (int8/int4), one tensor at a time: each weight is read (an FP8 one dequantized to float32) and at
+    once quantized, so the largest float tensor alive is one weight matrix, never the model, and the
+    resident memory is about the quantized model's. Equal to quantizing the whole float model."""
     check_mode(mode)
     path = Path(path)
     cfg = read_config(path)
@@ -93,7 +93,16 @@ def load_fp8_quantized(path: str | os.PathLike, mode: str, group_size: int = 128
             return {name: quantized[0], name + "_scales": quantized[1]}
         return {name: t.to(dtype) if t.is_floating_point() else t}
 
-    tensors = read_fp8(weight_files(path), "cpu", torch.float32, convert=convert)
+    files = weight_files(path)
+    if fp8_config(path) is not None:
+        tensors = read_fp8(files, "cpu", torch.float32, convert=convert)
+    else:
+        check_sizes(path, cfg, headers(files))
+        tensors = {}
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for k in sf.keys():
+                    tensors.update(convert(k, sf.get_tensor(k)))
     if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):
         cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP declared but not stored (see load_model)
     values = {k: v for k, v in tensors.items() if not k.endswith("_scales")}

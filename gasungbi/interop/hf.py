@@ -133,7 +133,7 @@ def _warn_non_finite(path: Path, sd: dict[str, torch.Tensor]) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-def _headers(files: list[Path]) -> dict[str, torch.Tensor]:
+def headers(files: list[Path]) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors ``files`` as an empty meta tensor of its shape and dtype (the
     headers only: no data is read)."""
     out = {}
@@ -159,7 +159,7 @@ def _without_absent_mtp(cfg: ModelConfig, tensors: dict) -> ModelConfig:
     return cfg
 
 
-def _check_sizes(path: Path, cfg: ModelConfig, headers: dict[str, torch.Tensor]) -> ModelConfig:
+def check_sizes(path: Path, cfg: ModelConfig, headers: dict[str, torch.Tensor]) -> ModelConfig:
     """``cfg`` checked against the checkpoint's tensor shapes before anything is built or read: a
     config.json whose sizes the weights do not hold (10^9 experts, 10^6 layers) is refused naming the
     field, instead of growing a model the machine cannot hold."""
@@ -245,7 +245,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     fp8 = fp8_format.fp8_config(path) is not None
     files = weight_files(path)
     if not fp8:  # every size in config.json against the tensors on disk, before any is read
-        cfg = _check_sizes(path, cfg, _headers(files))
+        cfg = check_sizes(path, cfg, headers(files))
     if fp8:  # DeepSeek's FP8 format: dequantized while read
         dtype = dtype or torch.bfloat16
         tensors = fp8_format.read_fp8(files, device, dtype)
