@@ -210,7 +210,9 @@ BAD = [  # (route, body, status, words the message must contain, param)
     ("chat/completions", {"messages": []}, 400, "must not be empty", "messages"),
     ("chat/completions", {"messages": "hi"}, 400, "valid array", "messages"),
     ("chat/completions", {"messages": [{"role": "user"}]}, 400, "required", "messages.0.content"),
-    ("chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "not supported", "messages.0.role"),
+    ("chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "not supported", "messages.0.role"),
+    ("chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "answers no call",
+     "messages.0.tool_call_id"),  # a tool message without a call
     ("chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "content", "messages.0.content"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x" * 2000}]}, 400, "maximum context length",
      "messages"),

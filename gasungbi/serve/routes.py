@@ -76,6 +76,9 @@ def check_messages(messages) -> None:
         if m.role not in ROLES and m.role != "tool":
             raise ApiError(400, f"messages[{i}].role {m.role!r} is not supported; expected one of "
                                 f"{', '.join(ROLES)}, tool", param=f"messages.{i}.role")
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"'messages.{i}.content' is required (only an assistant message with tool_calls "
+                                "may leave it out)", param=f"messages.{i}.content", code="missing_field")
         if m.role == "assistant":
             calls = {c.id for c in m.tool_calls or []}
         elif m.role == "tool":
