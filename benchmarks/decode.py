@@ -1,4 +1,4 @@
-"""Decode speed of gasungbi's engine beside llama.cpp, on the checkpoint of issue 15, and what it reads.
+"""Decode speed of gasungbi's engine beside llama.cpp, on a 100.8M DeepseekV3 written by transformers, and what it reads.
 
     python benchmarks/decode.py                 # all sections (about 10 minutes on 2 cores)
     python benchmarks/decode.py --no-big        # skip the 1.7B-parameter bandwidth section
@@ -7,7 +7,7 @@ What it prints, every figure measured in this run (ratios are within the run: ti
 2-core machine move by +-30% between runs):
   * the machine's memory bandwidth, STREAM "copy" style (b[:] = a over 2 x 512 MiB; bytes read +
     written / time; the median of three best-of-five runs);
-  * batch-1 decode tokens/s on the issue's checkpoint (a 100.8M-total / 23M-active DeepseekV3
+  * batch-1 decode tokens/s on that checkpoint (100.8M-total / 23M-active DeepseekV3
     built and written by transformers: hidden 512, 8 layers, the first dense, 32 routed experts
     top-4 + 1 shared, q_lora 256, kv_lora 128, vocab 1024): llama.cpp (llama-cpp-python on the
     GGUF of `gasungbi export`: f32 and Q8_0) beside ours in fp32 and int8, eager and with the
@@ -40,19 +40,19 @@ from gasungbi.infer.sampling import GREEDY, SamplingParams
 from gasungbi.model.moe import Experts
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
-ISSUE_SHAPE = dict(vocab_size=1024, hidden_size=512, num_hidden_layers=8, first_k_dense_replace=1,
+REFERENCE_SHAPE = dict(vocab_size=1024, hidden_size=512, num_hidden_layers=8, first_k_dense_replace=1,
                    intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=32,
                    num_experts_per_tok=4, n_shared_experts=1, moe_intermediate_size=256, q_lora_rank=256,
                    kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=1,
                    topk_group=1, max_position_embeddings=2048, bos_token_id=0, eos_token_id=1)
 
 
-def build_issue_checkpoint(out: Path) -> Path:
-    """The issue's DeepseekV3, random weights (seed 0), built and saved by transformers."""
+def build_reference_checkpoint(out: Path) -> Path:
+    """The reference DeepseekV3, random weights (seed 0), built and saved by transformers."""
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.DeepseekV3Config(**ISSUE_SHAPE)
+    cfg = transformers.DeepseekV3Config(**REFERENCE_SHAPE)
     transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
     return out
 
@@ -142,13 +142,13 @@ def with_tokenizer(path: str | Path, out: Path) -> Path:
     return out
 
 
-def issue_section(args, bw: float) -> None:
+def reference_section(args, bw: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.checkpoint) if args.checkpoint else build_issue_checkpoint(Path(tmp) / "issue15")
+        path = Path(args.checkpoint) if args.checkpoint else build_reference_checkpoint(Path(tmp) / "reference")
         base = gasungbi.load_model(path, dtype=torch.float32)
         cfg = base.config
         n_params = sum(p.numel() for p in base.parameters()) - sum(p.numel() for p in base.model.mtp.parameters())
-        print(f"\nmodel: {args.checkpoint or 'the issue-15 DeepseekV3 written by transformers'}, "
+        print(f"\nmodel: {args.checkpoint or 'the 100.8M DeepseekV3 written by transformers'}, "
               f"{n_params / 1e6:.1f}M parameters; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
         prompt = torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         ckpt = with_tokenizer(path, Path(tmp) / "with-tokenizer")
@@ -203,10 +203,10 @@ def big_section(args, bw: float) -> None:
 
 
 def cuda_section(args) -> None:
-    """On a CUDA machine: the issue's checkpoint in bf16 on the GPU, batch 1 and 16, eager beside
+    """On a CUDA machine: the reference checkpoint in bf16 on the GPU, batch 1 and 16, eager beside
     the compiled step (``mode="reduce-overhead"``: the step replayed as a CUDA graph)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.checkpoint) if args.checkpoint else build_issue_checkpoint(Path(tmp) / "issue15")
+        path = Path(args.checkpoint) if args.checkpoint else build_reference_checkpoint(Path(tmp) / "reference")
         model = gasungbi.load_model(path, dtype=torch.bfloat16).to("cuda").eval()
         prompt = torch.randint(3, model.config.vocab_size, (args.prompt_len,),
                                generator=torch.Generator().manual_seed(0)).tolist()
@@ -258,7 +258,7 @@ def ppl_section(steps: int, seed: int = 0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="an existing checkpoint instead of the issue's")
+    ap.add_argument("--checkpoint", default=None, help="an existing checkpoint instead of the reference one")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
@@ -278,7 +278,7 @@ def main() -> None:
     bw = runs[1]
     print(f"memory bandwidth (STREAM copy, 2 x 512 MiB, median of 3 best-of-5 runs: "
           f"{', '.join(f'{r:.1f}' for r in runs)}): {bw:.1f} GB/s")
-    issue_section(args, bw)
+    reference_section(args, bw)
     if args.big:
         big_section(args, bw)
     if args.cuda and torch.cuda.is_available():

@@ -9,7 +9,7 @@ Each of C clients sends ``--requests`` streaming completions one after another (
 a prompt of ``--prompt-tokens`` token ids, ``--max-tokens`` new tokens, no stop token
 (``ignore_eos``), temperature 0. Output tokens/s = all tokens received / wall time of the level;
 time to first token is measured by the client (request sent -> first streamed token), p50/p99
-over the level's requests. Target from the issue: concurrency 8 gives >= 3x the throughput of
+over the level's requests. Target: concurrency 8 gives >= 3x the throughput of
 concurrency 1. The client runs in this process and shares the CPU with the server; figures are
 what this machine gives under whatever else runs on it (the load average is printed).
 """

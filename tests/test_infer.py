@@ -322,7 +322,7 @@ def test_chat_template(tokenizer):
     assert ids[:2] == [0, tokenizer.token_to_id("<|system|>")] and ids[-1] == tokenizer.token_to_id("<|assistant|>")
     assert ids.count(tokenizer.token_to_id("<|end|>")) == 4
     with pytest.raises(ValueError, match="unknown chat role"):
-        render_chat([{"role": "tool", "content": "x"}])
+        render_chat([{"role": "robot", "content": "x"}])
 
 
 def _cli(*args, stdin=None):
