@@ -140,3 +140,40 @@ def test_thinking_switches_render_as_transformers_does(tokenizer):
     assert v31.render_chat(messages, template_kwargs={"thinking": True}).endswith("<think>")
     assert v31.render_chat(messages).endswith("</think>")
     assert Conventions(tokenizer, templates["r1"], {"bos_token": "<|bos|>"}).render_chat(messages).endswith("<think>\n")
+
+
+def test_int8_decode_follows_the_float_model(release, one_thread):
+    """Weight-only int8 (biases, q/k norms and the indexer kept) on each architecture: the quantized
+    model's next-token choice mostly agrees with the float one (random weights of this size sit on near-ties). (V3.2 with every key
+    kept: rounding upstream flips a sparse top-k choice among a random model's near-ties.)"""
+    import json
+    import shutil
+
+    from gasungbi.infer.load import load_for_inference
+
+    name, path, _ = release
+    if name == "deepseek_v32":
+        dense = path.parent / "dense"
+        if not dense.exists():
+            shutil.copytree(path, dense)
+            cfg = json.loads((dense / "config.json").read_text())
+            (dense / "config.json").write_text(json.dumps({**cfg, "index_topk": 256}))
+        path = dense
+    ids = torch.tensor([PROMPTS[1] * 4])
+    with torch.no_grad():
+        ref = load_model(path)(ids)[0]
+        q8 = load_for_inference(path, "cpu", quant="int8", report=None)(ids)[0]
+    # (a dropped bias or a wrong scale agrees on ~1/400 of the choices, and errs by the logits' size)
+    assert (ref.argmax(-1) == q8.argmax(-1)).float().mean() >= 0.75
+    assert (ref - q8).abs().mean() < 0.15 * ref.abs().mean()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_v32_tiny_trains(code_shards, tmp_path, precision):
+    """The v32-tiny preset (sparse attention) trains a few steps, also with FP8 GEMMs."""
+    from gasungbi.train.trainer import TrainConfig, train
+
+    r = train(TrainConfig(data=str(code_shards), out_dir=str(tmp_path / "run"), model="v32-tiny", batch_size=2,
+                          seq_len=96, max_steps=3, warmup_steps=1, eval_interval=0, eval_batches=1, progress=False,
+                          device="cpu", sample_tokens=2, precision=precision, model_overrides={"num_hidden_layers": 2}))
+    assert r["step"] == 3 and r["val_loss"] > 0 and r["model"]["model_type"] == "deepseek_v32"

@@ -9,7 +9,8 @@ quantized modules, their kernels and the swap are in :mod:`gasungbi.infer.quant_
 
 What is quantized: every ``nn.Linear`` of the model (attention projections, dense FFNs, shared
 experts, the MTP projection, the output head unless tied) and the routed experts. Left in floating
-point: the embedding (one row is read per token), norms, the router, and MLA's ``kv_b_proj``,
+point: the embedding (one row is read per token), norms, the router, DeepSeek-V3.2's indexer (its
+scores choose the keys by a top-k, which rounding flips), and MLA's ``kv_b_proj``,
 whose weight the absorbed attention uses as a tensor (W^UK / W^UV folded into query and output).
 A matrix whose shape the int4 kernels cannot take (rows not a multiple of 16, or columns not a
 multiple of 32) is stored as int8 instead; one whose input width is not a multiple of 16 stays in
@@ -125,7 +126,7 @@ def quant_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     """Names of the Linear layers and the Experts modules to quantize."""
     tied = getattr(model.config, "tie_word_embeddings", False)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
-               and not n.endswith(SKIP) and not (tied and n == "lm_head")]
+               and not n.endswith(SKIP) and ".indexer." not in n and not (tied and n == "lm_head")]
     experts = [n for n, m in model.named_modules() if isinstance(m, Experts)]
     return linears, experts
 
