@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import threading
 from typing import Callable
 
@@ -75,7 +76,9 @@ async def respond(request: Request, scheduler: Scheduler, queue: asyncio.Queue, 
         scheduler.cancel(seqs)
     if len(reply.finish) < len(seqs):  # the client went away first
         return Response(status_code=499)
-    return reply.body()
+    # a body of many prompts' logprobs takes long enough to build and encode to stall /health: off the loop
+    body = await asyncio.to_thread(lambda: json.dumps(reply.body(), ensure_ascii=False, separators=(",", ":")))
+    return Response(body, media_type="application/json")
 
 
 def _stream(reply: Reply, scheduler: Scheduler, queue: asyncio.Queue, seqs: list[Sequence]) -> StreamingResponse:
