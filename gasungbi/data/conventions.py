@@ -161,7 +161,7 @@ def _read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
     return obj if isinstance(obj, dict) else {}
 
 

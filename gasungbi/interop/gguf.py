@@ -286,7 +286,7 @@ def _json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise GGUFExportError(f"{path} is not valid JSON ({e})") from None
+        raise GGUFExportError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
         raise GGUFExportError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
