@@ -1,0 +1,97 @@
+"""DeepSeek-V4 (``deepseek_v4``): its config.json in DeepSeek's and transformers' dialects, and the
+validation of its fields. Logit parity is in ``test_hf_parity.py``, decoding in ``test_releases.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gasungbi.config import from_hf_config, to_hf_config
+from gasungbi.presets import deepseek_v4_flash, deepseek_v4_pro, v4_tiny
+
+V4_PRESETS = {"deepseek-v4-flash": deepseek_v4_flash, "deepseek-v4-pro": deepseek_v4_pro, "v4-tiny": v4_tiny}
+
+# DeepSeek-V4-Flash's config.json as released (DeepSeek's keys: compress_ratios with the MTP block's entry,
+# num_hash_layers, qk_rope_head_dim, a top-level rope_scaling)
+FLASH_OFFICIAL = dict(
+    architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4", vocab_size=129280, hidden_size=4096,
+    num_hidden_layers=43, num_attention_heads=64, num_key_value_heads=1, head_dim=512, q_lora_rank=1024,
+    qk_rope_head_dim=64, o_groups=8, o_lora_rank=1024, moe_intermediate_size=2048, n_routed_experts=256,
+    n_shared_experts=1, num_experts_per_tok=6, norm_topk_prob=True, routed_scaling_factor=1.5,
+    scoring_func="sqrtsoftplus", topk_method="noaux_tc", swiglu_limit=10.0, sliding_window=128,
+    compress_rope_theta=160000, compress_ratios=[0, 0] + [4 if i % 2 == 0 else 128 for i in range(2, 43)] + [0],
+    num_hash_layers=3, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, index_n_heads=64, index_head_dim=128,
+    index_topk=512, max_position_embeddings=1048576, rope_theta=10000,
+    rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                  "beta_slow": 1},
+    rms_norm_eps=1e-6, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+    hidden_act="silu", expert_dtype="fp4")
+
+
+@pytest.mark.parametrize("name", list(V4_PRESETS))
+def test_v4_config_round_trip(name):
+    cfg = V4_PRESETS[name]()
+    assert from_hf_config(to_hf_config(cfg)) == cfg
+
+
+def test_official_config_json_is_the_flash_preset():
+    cfg = from_hf_config(FLASH_OFFICIAL)
+    assert cfg == deepseek_v4_flash()
+    assert cfg.v4_layer_types[:4] == ["sliding_attention", "sliding_attention", "compressed_sparse_attention",
+                                      "heavily_compressed_attention"]
+    assert [cfg.compress_rate(i) for i in (0, 2, 3, 42)] == [0, 4, 128, 4]
+
+
+def test_transformers_reads_what_we_write_as_it_reads_the_release():
+    """DeepseekV4Config of our config.json equals DeepseekV4Config of the released one (the fields that
+    drive the model), and transformers' own save reads back as the same ModelConfig."""
+    transformers = pytest.importorskip("transformers")
+
+    def hf(d):
+        return transformers.DeepseekV4Config(**{k: v for k, v in d.items() if k not in ("model_type", "architectures")})
+
+    ours, release = hf(to_hf_config(deepseek_v4_flash())), hf(FLASH_OFFICIAL)
+    for key in ("layer_types", "mlp_layer_types", "compress_rates", "qk_rope_head_dim", "partial_rotary_factor",
+                "o_groups", "o_lora_rank", "hc_mult", "index_topk", "swiglu_limit", "sliding_window"):
+        assert getattr(ours, key) == getattr(release, key), key
+    for kind in ("main", "compress"):
+        a, b = ours.rope_parameters[kind], release.rope_parameters[kind]
+        assert {k: a[k] for k in a if k != "type"} == {k: b[k] for k in b if k != "type"}
+    assert from_hf_config(ours.to_dict()) == deepseek_v4_flash()
+    tiny = hf(to_hf_config(v4_tiny()))
+    assert from_hf_config(tiny.to_dict()) == v4_tiny()
+
+
+def test_transformers_defaults_fill_absent_keys():
+    """A config.json with only the shape keys reads as transformers' DeepseekV4Config() does: V4-Pro's
+    attention pattern (two HCA layers, then HCA/CSA), three hash layers, plain RoPE."""
+    cfg = from_hf_config(dict(model_type="deepseek_v4", vocab_size=64, hidden_size=32, num_hidden_layers=5,
+                              num_attention_heads=8))
+    assert cfg.v4_layer_types == ["heavily_compressed_attention"] * 3 + ["compressed_sparse_attention",
+                                                                         "heavily_compressed_attention"]
+    assert (cfg.num_hash_layers, cfg.head_dim, cfg.qk_rope_head_dim, cfg.compress_rate_hca) == (3, 512, 64, 128)
+    assert cfg.rope_scaling is None and cfg.swiglu_limit == 10.0
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(n_shared_experts=2), "n_shared_experts"), (dict(num_key_value_heads=2), "num_key_value_heads"),
+    (dict(o_groups=3), "o_groups"), (dict(layer_types=["full_attention"] * 4), "layer_types"),
+    (dict(num_hash_layers=5), "num_hash_layers"), (dict(qk_rope_head_dim=40), "qk_rope_head_dim"),
+    (dict(swiglu_limit=None), "swiglu_limit"), (dict(index_topk=0), "index_topk"),
+    (dict(first_k_dense_replace=1), "first_k_dense_replace"), (dict(scoring_func="relu"), "scoring_func"),
+    (dict(hc_mult=0), "hc_mult"), (dict(compress_rate_csa=0), "compress_rate_csa")])
+def test_v4_config_errors_name_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        v4_tiny().replace(**change)
+
+
+def test_config_json_errors_name_the_key():
+    for key, value in (("compress_ratios", [0, 4]), ("mlp_layer_types", ["moe", "hash_moe", "moe", "moe"]),
+                       ("compress_rates", {"full_attention": 4})):
+        d = dict(to_hf_config(v4_tiny()), **{key: value})
+        if key == "compress_ratios":
+            d.pop("layer_types")
+        with pytest.raises(ValueError, match=key):
+            from_hf_config(d)
+    assert dataclasses.replace(v4_tiny()).is_v4
