@@ -95,3 +95,120 @@ def test_config_json_errors_name_the_key():
         with pytest.raises(ValueError, match=key):
             from_hf_config(d)
     assert dataclasses.replace(v4_tiny()).is_v4
+
+
+# --- the model -------------------------------------------------------------------------------------------
+
+def _tiny(**kw):
+    """v4-tiny, narrower: all three attention kinds, an 8-token window, HCA at 8, the indexer's top-4 below
+    the entries of 60 tokens (16 indexer heads: no ties), a hash layer, constants made non-trivial."""
+    import torch
+
+    from gasungbi.model.transformer import build_model
+
+    cfg = v4_tiny().replace(vocab_size=97, sliding_window=8, compress_rate_hca=8, index_topk=4, index_n_heads=16,
+                            initializer_range=0.1, **kw)
+    model = build_model(cfg, seed=0)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if name in ("sinks", "position_bias", "base", "hc_base"):
+                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    return model
+
+
+class _Cache:
+    """The decode cache's per-layer state (accounting.v4_cache_shapes), filled with garbage: what a
+    row held before must not matter."""
+
+    def __init__(self, cfg, rows, max_len):
+        import torch
+
+        from gasungbi.model.accounting import v4_cache_shapes
+        g = torch.Generator().manual_seed(0)
+        self.layers = [{k: torch.randn(rows, *s, generator=g) for k, s in v4_cache_shapes(cfg, i, max_len).items()}
+                       for i in range(cfg.num_hidden_layers)]
+
+    def state(self, i):
+        return self.layers[i]
+
+
+def test_streaming_forward_equals_the_full_forward():
+    """Prefill in pieces of any size, then one token at a time: the same logits as one forward (every
+    window, compression and indexer boundary crossed), and a left-padded row equals the row alone."""
+    import torch
+
+    from gasungbi.model.attention import DecodeContext
+
+    model = _tiny().eval()
+    T = 60
+    x = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(x)
+        for pieces in ([T], [5, 1, 1, 13, 7, 1, 1, 1, 30], [17, 3, 40]):
+            cache, outs, p = _Cache(model.config, 1, 128), [], 0
+            for n in pieces:
+                outs.append(model(x[:, p:p + n], ctx=DecodeContext(cache=cache, positions=torch.arange(p, p + n)[None])))
+                p += n
+            assert (torch.cat(outs, 1) - full).abs().max().item() < 1e-4, pieces
+        cache = _Cache(model.config, 2, 128)
+        ids = torch.stack([torch.cat([torch.zeros(20, dtype=torch.long), x[0, :40]]), x[0]])
+        pos = torch.stack([(torch.arange(T) - 20).clamp(min=0), torch.arange(T)])
+        valid = torch.stack([torch.arange(T) >= 20, torch.ones(T, dtype=torch.bool)])
+        out = torch.cat([model(ids[:, a:b], ctx=DecodeContext(cache=cache, positions=pos[:, a:b], valid=valid[:, a:b]))
+                         for a, b in ((0, 50), (50, 60))], 1)
+    assert (out[0, 20:] - full[0, :40]).abs().max().item() < 1e-4
+    assert (out[1] - full[0]).abs().max().item() < 1e-4
+
+
+def test_training_reaches_every_trained_part_and_balances_the_scored_layers():
+    """Backward reaches every parameter but the indexer's (its top-k has no gradient, as in V3.2); a
+    few AdamW steps lower the loss; the bias update moves the scored layers' correction biases only
+    (hash layers have none)."""
+    import torch
+
+    from gasungbi.train.objective import Objective, update_expert_bias
+
+    model = _tiny().train()
+    x = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(0))
+    objective = Objective(model, balance_alpha=0.01)
+    out = objective(x[:, :-1], x[:, 1:])
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (".indexer." not in name), name
+    assert out["expert_counts"].shape == (4, 8) and "balance_loss" in out
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = out["lm_loss"].item()
+    for _ in range(8):
+        opt.zero_grad()
+        out = objective(x[:, :-1], x[:, 1:])
+        out["loss"].backward()
+        opt.step()
+    assert out["lm_loss"].item() < first - 0.5
+    moes = model.moe_layers()
+    update_expert_bias(model, out["expert_counts"], gamma=0.1)
+    assert moes[0].gate.e_score_correction_bias is None and moes[1].gate.e_score_correction_bias.abs().sum() > 0
+
+
+def test_hash_layers_route_by_token_id():
+    import torch
+
+    model = _tiny().eval()
+    moe = model.moe_layers()[0]
+    x = torch.randn(3, 128)
+    ids = torch.tensor([5, 5, 9])
+    weights, idx, _ = moe.route(x, ids)
+    assert torch.equal(idx, moe.gate.tid2eid[ids]) and len(set(idx[2].tolist())) == 2
+    assert torch.allclose(weights.sum(-1), torch.full((3,), 1.5))
+    with pytest.raises(ValueError, match="token ids"):
+        moe.route(x, None)
+
+
+def test_published_sizes():
+    """V4-Flash: "284B total, 13B activated"; V4-Pro: "1.6T total, 49B activated" (the main model)."""
+    from gasungbi.model.accounting import count_params
+
+    flash, pro = count_params(deepseek_v4_flash()), count_params(deepseek_v4_pro())
+    assert 283e9 < flash.total < 285e9 and 13e9 < flash.activated < 14e9
+    assert 1.55e12 < pro.total < 1.6e12 and 49e9 < pro.activated < 50e9
+    assert not flash.mtp

@@ -100,7 +100,8 @@ def test_server_answers_the_openai_client_with_the_same_tokens(tokenizer, tmp_pa
 
 
 @pytest.mark.parametrize("preset", ["r1-distill-qwen-1.5b", "r1-distill-qwen-7b", "r1-distill-qwen-14b",
-                                    "r1-distill-qwen-32b", "r1-0528-qwen3-8b", "deepseek-v3.2"])
+                                    "r1-distill-qwen-32b", "r1-0528-qwen3-8b", "deepseek-v3.2", "deepseek-v4-flash",
+                                    "deepseek-v4-pro", "v4-tiny"])
 def test_preset_parameter_count_equals_transformers(preset):
     """``gasungbi params``' main-model total is what transformers builds from the same config.json
     (on the meta device)."""
