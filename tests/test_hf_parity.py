@@ -208,3 +208,105 @@ def test_missing_directory_and_config(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path)
+
+
+# DeepSeek-V4 (spec: every kind of layer, a window of 4 < 40 tokens, CSA at 2 with its indexer keeping 2 of up
+# to 20 entries (16 indexer heads: no ties), HCA at 4, two hash layers, YaRN on the compressed layers, a clamp
+# that bites at this scale)
+V4 = dict(vocab_size=97, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+          head_dim=16, partial_rotary_factor=0.5, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1,
+          num_experts_per_tok=2, routed_scaling_factor=1.5, o_groups=2, o_lora_rank=8, index_n_heads=16,
+          index_head_dim=64, index_topk=2, sliding_window=4,
+          compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+          layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                       "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+          hc_mult=4, hc_sinkhorn_iters=3, hc_eps=1e-6, swiglu_limit=0.5, rope_theta=10000.0,
+          compress_rope_theta=160000.0, max_position_embeddings=256,
+          rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                           "beta_fast": 32, "beta_slow": 1})
+
+
+def v4_reference(seed: int = 0, **changes):
+    """transformers' DeepseekV4ForCausalLM (eager attention) with random values where it initializes
+    constants: sinks, position biases, hyper-connection bases and scales, correction biases, norms, and a
+    token -> distinct experts table for the hash layers."""
+    cfg = transformers.DeepseekV4Config(**{**V4, **changes})
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV4ForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "inv_freq" in name or not p.dtype.is_floating_point:
+                continue
+            if p.ndim == 1 and ("norm" in name or name.endswith("scale")):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                E = cfg.n_routed_experts
+                b.copy_(torch.stack([torch.randperm(E, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]))
+    return model
+
+
+def test_deepseek_v4_matches_transformers_in_every_layout(tokens, tmp_path):
+    """transformers' save_pretrained (its mix of DeepSeek's and its own names), its in-memory names (fused
+    experts) and our save (DeepSeek's release names, which transformers reloads): the same logits."""
+    from safetensors.torch import save_file
+
+    hf = v4_reference()
+    with torch.no_grad():
+        ref = hf(tokens, use_cache=False).logits
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    with torch.no_grad():
+        assert (ours(tokens) - ref).abs().max().item() < TOL
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "native" / "model.safetensors"))
+    with torch.no_grad():
+        assert (load_model(tmp_path / "native")(tokens) - ref).abs().max().item() < TOL
+
+    save_model(ours, tmp_path / "ours")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"embed.weight", "head.weight", "hc_head_fn", "layers.1.attn.indexer.compressor.ape",
+            "layers.0.ffn.gate.tid2eid", "layers.2.ffn.gate.bias", "layers.3.ffn.experts.7.w3.weight"} <= keys
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (back(tokens, use_cache=False).logits - ref).abs().max().item() < TOL
+
+
+def test_deepseek_v4_release_mtp_block_is_skipped(tmp_path):
+    """DeepSeek's checkpoints hold an MTP block (``mtp.0.*``), which neither transformers nor gasungbi
+    builds: it loads, and is gone."""
+    from safetensors.torch import load_file, save_file
+
+    hf = v4_reference()
+    x = torch.randint(0, 97, (1, 12))
+    save_model(load_model(_saved_v4(hf, tmp_path / "hf")), tmp_path / "ours")
+    sd = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    sd.update({"mtp.0.e_proj.weight": torch.zeros(32, 32), "mtp.0.hc_head_fn": torch.zeros(4, 128),
+               "mtp.0.ffn.experts.0.w1.weight": torch.zeros(16, 32)})
+    save_file(sd, str(tmp_path / "ours" / "model.safetensors"))
+    with torch.no_grad():
+        assert (load_model(tmp_path / "ours")(x) - hf(x, use_cache=False).logits).abs().max().item() < TOL
+
+
+def _saved_v4(hf, path):
+    hf.save_pretrained(path)
+    return path
+
+
+def test_deepseek_v4_config_the_weights_do_not_hold_is_named(tmp_path):
+    path = _saved_v4(v4_reference(), tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value, field in (("head_dim", 32, "head_dim"), ("n_routed_experts", 16, "n_routed_experts"),
+                              ("num_hidden_layers", 5, "num_hidden_layers")):
+        bad = dict(cfg, **{key: value})
+        if key == "num_hidden_layers":
+            bad.update(layer_types=cfg["layer_types"] + ["sliding_attention"], mlp_layer_types=cfg["mlp_layer_types"] + ["moe"])
+        (path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=field):
+            load_model(path)
