@@ -212,3 +212,101 @@ def test_published_sizes():
     assert 283e9 < flash.total < 285e9 and 13e9 < flash.activated < 14e9
     assert 1.55e12 < pro.total < 1.6e12 and 49e9 < pro.activated < 50e9
     assert not flash.mtp
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+
+def _greedy_alone(model, prompt, n):
+    """Greedy tokens by full forwards of the growing sequence (no cache)."""
+    import torch
+
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_engine_rows_join_leave_and_move_as_they_would_alone():
+    """Continuous batching over the position-keyed cache: rows join while others decode (a long prompt
+    moves the batch right), a row leaves (the last row's cache is copied into its place), the clock
+    reaches the cache's end (the batch moves left): every row's tokens are those it decodes alone."""
+    import torch
+
+    from gasungbi.infer.engine import Engine
+
+    model = _tiny().eval()
+    prompts = {"a": [3, 1, 4, 1, 5], "b": [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3], "c": list(range(10, 40))}
+    want = {k: _greedy_alone(model, p, 16) for k, p in prompts.items()}
+    engine, rows, got = Engine(model, rows=3, max_len=48), [], {}
+
+    def join(name):
+        logits, _ = engine.join([prompts[name]])
+        rows.append(name)
+        got[name] = [int(logits[0].argmax())]
+
+    def step():
+        logits = engine.step([got[name][-1] for name in rows])
+        for name, row in zip(rows, logits):
+            got[name].append(int(row.argmax()))
+
+    join("a")
+    for _ in range(4):
+        step()
+    join("b")
+    join("c")  # 30 > the clock: the batch moves right
+    for _ in range(11):
+        step()
+    engine.remove(rows.index("a"))  # "c", the last row, moves into row 0
+    rows[0] = rows.pop()
+    while len(got["c"]) < 16:
+        step()
+    assert engine.moves >= 2
+    assert {k: v[:16] for k, v in got.items()} == want
+
+
+def test_cache_allocates_the_bytes_per_token_it_reports():
+    """KVCache.bytes_per_token (accounting.kv_cache_width) is what the V4 cache allocates, per position
+    of its length: the window, the entries (1/m of the positions), the compressors' windows."""
+    import math
+
+    import torch
+
+    from gasungbi.infer.cache import KVCache
+
+    cfg = v4_tiny()
+    for max_len in (64, 1000):
+        cache = KVCache(cfg, batch_size=3, max_len=max_len, dtype=torch.bfloat16)
+        allocated = sum(t.numel() * t.element_size() for bufs in cache.layers for t in bufs)
+        per_token = KVCache.bytes_per_token(cfg, torch.bfloat16, context=max_len)
+        assert math.isclose(allocated, per_token * 3 * max_len, rel_tol=1e-12)
+    from gasungbi.presets import deepseek_v3_671b
+    mla = KVCache.bytes_per_token(deepseek_v3_671b(), torch.bfloat16)  # (512 + 64) x 61 layers x 2 bytes
+    assert KVCache.bytes_per_token(deepseek_v4_flash(), torch.bfloat16, context=2 ** 20) < mla / 8
+
+
+def test_v4_tiny_trains_through_the_trainer(tmp_path):
+    """``gasungbi train --model v4-tiny``: a few steps on a 2-core CPU lower the loss, validate, sample
+    through the engine and save a checkpoint that loads back."""
+    import json
+
+    import torch
+
+    from gasungbi.data.prepare import prepare_corpus
+    from gasungbi.interop.hf import load_model
+    from gasungbi.train.trainer import TrainConfig, train
+
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(3000)))
+    prepare_corpus(str(src), tmp_path / "shards", vocab_size=400, val_fraction=0.1, progress=False)
+    report = train(TrainConfig(data=str(tmp_path / "shards"), out_dir=str(tmp_path / "run"), model="v4-tiny",
+                               batch_size=4, seq_len=64, max_steps=6, warmup_steps=2, eval_interval=3, eval_batches=2,
+                               ckpt_interval=0, log_interval=1, progress=False, sample_tokens=4, device="cpu",
+                               price_per_hour=1.0, lr=3e-3))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["lm_loss"] for r in rows if "lm_loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 1.0 and report["val_bpb"] > 0
+    model = load_model(report["checkpoint"])
+    assert model.config.is_v4 and model.config.layer_types == v4_tiny().layer_types
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, model.config.vocab_size, (1, 40)))).all()
