@@ -1,14 +1,28 @@
-"""DeepSeek-V4 (``deepseek_v4``): its config.json in DeepSeek's and transformers' dialects, and the
-validation of its fields. Logit parity is in ``test_hf_parity.py``, decoding in ``test_releases.py``."""
+"""DeepSeek-V4 (``deepseek_v4``): its config.json in DeepSeek's and transformers' dialects and the
+validation of its fields; the model streaming over its position-keyed cache, training, hash routing;
+the engine's rows joining, leaving and moving; the cache's bytes. Logit parity with transformers is in
+``test_hf_parity.py``, greedy decoding against transformers' generate in ``test_releases.py``, llama.cpp
+in ``test_gguf.py``."""
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import math
 
 import pytest
+import torch
 
 from gasungbi.config import from_hf_config, to_hf_config
-from gasungbi.presets import deepseek_v4_flash, deepseek_v4_pro, v4_tiny
+from gasungbi.data.prepare import prepare_corpus
+from gasungbi.infer.cache import KVCache
+from gasungbi.infer.engine import Engine
+from gasungbi.interop.hf import load_model
+from gasungbi.model.accounting import count_params, v4_cache_shapes
+from gasungbi.model.attention import DecodeContext
+from gasungbi.model.transformer import build_model
+from gasungbi.presets import deepseek_v3_671b, deepseek_v4_flash, deepseek_v4_pro, v4_tiny
+from gasungbi.train.objective import Objective, update_expert_bias
+from gasungbi.train.trainer import TrainConfig, train
 
 V4_PRESETS = {"deepseek-v4-flash": deepseek_v4_flash, "deepseek-v4-pro": deepseek_v4_pro, "v4-tiny": v4_tiny}
 
@@ -94,7 +108,6 @@ def test_config_json_errors_name_the_key():
             d.pop("layer_types")
         with pytest.raises(ValueError, match=key):
             from_hf_config(d)
-    assert dataclasses.replace(v4_tiny()).is_v4
 
 
 # --- the model -------------------------------------------------------------------------------------------
@@ -102,10 +115,6 @@ def test_config_json_errors_name_the_key():
 def _tiny(**kw):
     """v4-tiny, narrower: all three attention kinds, an 8-token window, HCA at 8, the indexer's top-4 below
     the entries of 60 tokens (16 indexer heads: no ties), a hash layer, constants made non-trivial."""
-    import torch
-
-    from gasungbi.model.transformer import build_model
-
     cfg = v4_tiny().replace(vocab_size=97, sliding_window=8, compress_rate_hca=8, index_topk=4, index_n_heads=16,
                             initializer_range=0.1, **kw)
     model = build_model(cfg, seed=0)
@@ -122,9 +131,6 @@ class _Cache:
     row held before must not matter."""
 
     def __init__(self, cfg, rows, max_len):
-        import torch
-
-        from gasungbi.model.accounting import v4_cache_shapes
         g = torch.Generator().manual_seed(0)
         self.layers = [{k: torch.randn(rows, *s, generator=g) for k, s in v4_cache_shapes(cfg, i, max_len).items()}
                        for i in range(cfg.num_hidden_layers)]
@@ -136,10 +142,6 @@ class _Cache:
 def test_streaming_forward_equals_the_full_forward():
     """Prefill in pieces of any size, then one token at a time: the same logits as one forward (every
     window, compression and indexer boundary crossed), and a left-padded row equals the row alone."""
-    import torch
-
-    from gasungbi.model.attention import DecodeContext
-
     model = _tiny().eval()
     T = 60
     x = torch.randint(0, 97, (1, T), generator=torch.Generator().manual_seed(3))
@@ -165,10 +167,6 @@ def test_training_reaches_every_trained_part_and_balances_the_scored_layers():
     """Backward reaches every parameter but the indexer's (its top-k has no gradient, as in V3.2); a
     few AdamW steps lower the loss; the bias update moves the scored layers' correction biases only
     (hash layers have none)."""
-    import torch
-
-    from gasungbi.train.objective import Objective, update_expert_bias
-
     model = _tiny().train()
     x = torch.randint(0, 97, (2, 48), generator=torch.Generator().manual_seed(0))
     objective = Objective(model, balance_alpha=0.01)
@@ -191,8 +189,6 @@ def test_training_reaches_every_trained_part_and_balances_the_scored_layers():
 
 
 def test_hash_layers_route_by_token_id():
-    import torch
-
     model = _tiny().eval()
     moe = model.moe_layers()[0]
     x = torch.randn(3, 128)
@@ -206,8 +202,6 @@ def test_hash_layers_route_by_token_id():
 
 def test_published_sizes():
     """V4-Flash: "284B total, 13B activated"; V4-Pro: "1.6T total, 49B activated" (the main model)."""
-    from gasungbi.model.accounting import count_params
-
     flash, pro = count_params(deepseek_v4_flash()), count_params(deepseek_v4_pro())
     assert 283e9 < flash.total < 285e9 and 13e9 < flash.activated < 14e9
     assert 1.55e12 < pro.total < 1.6e12 and 49e9 < pro.activated < 50e9
@@ -218,8 +212,6 @@ def test_published_sizes():
 
 def _greedy_alone(model, prompt, n):
     """Greedy tokens by full forwards of the growing sequence (no cache)."""
-    import torch
-
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(n):
@@ -231,10 +223,6 @@ def test_engine_rows_join_leave_and_move_as_they_would_alone():
     """Continuous batching over the position-keyed cache: rows join while others decode (a long prompt
     moves the batch right), a row leaves (the last row's cache is copied into its place), the clock
     reaches the cache's end (the batch moves left): every row's tokens are those it decodes alone."""
-    import torch
-
-    from gasungbi.infer.engine import Engine
-
     model = _tiny().eval()
     prompts = {"a": [3, 1, 4, 1, 5], "b": [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3], "c": list(range(10, 40))}
     want = {k: _greedy_alone(model, p, 16) for k, p in prompts.items()}
@@ -268,19 +256,12 @@ def test_engine_rows_join_leave_and_move_as_they_would_alone():
 def test_cache_allocates_the_bytes_per_token_it_reports():
     """KVCache.bytes_per_token (accounting.kv_cache_width) is what the V4 cache allocates, per position
     of its length: the window, the entries (1/m of the positions), the compressors' windows."""
-    import math
-
-    import torch
-
-    from gasungbi.infer.cache import KVCache
-
     cfg = v4_tiny()
     for max_len in (64, 1000):
         cache = KVCache(cfg, batch_size=3, max_len=max_len, dtype=torch.bfloat16)
         allocated = sum(t.numel() * t.element_size() for bufs in cache.layers for t in bufs)
         per_token = KVCache.bytes_per_token(cfg, torch.bfloat16, context=max_len)
         assert math.isclose(allocated, per_token * 3 * max_len, rel_tol=1e-12)
-    from gasungbi.presets import deepseek_v3_671b
     mla = KVCache.bytes_per_token(deepseek_v3_671b(), torch.bfloat16)  # (512 + 64) x 61 layers x 2 bytes
     assert KVCache.bytes_per_token(deepseek_v4_flash(), torch.bfloat16, context=2 ** 20) < mla / 8
 
@@ -288,14 +269,6 @@ def test_cache_allocates_the_bytes_per_token_it_reports():
 def test_v4_tiny_trains_through_the_trainer(tmp_path):
     """``gasungbi train --model v4-tiny``: a few steps on a 2-core CPU lower the loss, validate, sample
     through the engine and save a checkpoint that loads back."""
-    import json
-
-    import torch
-
-    from gasungbi.data.prepare import prepare_corpus
-    from gasungbi.interop.hf import load_model
-    from gasungbi.train.trainer import TrainConfig, train
-
     src = tmp_path / "corpus.txt"
     src.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(3000)))
     prepare_corpus(str(src), tmp_path / "shards", vocab_size=400, val_fraction=0.1, progress=False)
