@@ -2,8 +2,9 @@
 
 One dataclass, :class:`ModelConfig`, describes every model gasungbi builds: DeepSeek-V3 (MLA +
 DeepSeekMoE with sigmoid routing and auxiliary-loss-free bias + MTP), DeepSeek-V2 (MLA + softmax
-routing), and dense GQA transformers: the Llama-style baseline, and Qwen2 / Qwen3, the
-architectures of DeepSeek's R1 distills. Fields are grouped as in the
+routing), DeepSeek-V3.2 (MLA + a lightning indexer), DeepSeek-V4 (compressed sparse attention,
+hyper-connections, hash routing: its fields are one delimited block), and dense GQA transformers:
+the Llama-style baseline, and Qwen2 / Qwen3, the architectures of DeepSeek's R1 distills. Fields are grouped as in the
 DeepSeek reference ``ModelArgs`` and named as in the Hugging Face configs, so that
 :func:`to_hf_config` / :func:`from_hf_config` are mostly a renaming.
 
@@ -20,17 +21,22 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
+from gasungbi import config_v4
+
 ARCHITECTURES = {
     # model_type -> Hugging Face architecture class name
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v32": "DeepseekV32ForCausalLM",  # V3 + DeepSeek Sparse Attention's lightning indexer
+    "deepseek_v4": "DeepseekV4ForCausalLM",  # compressed sparse attention, hyper-connections, hash routing
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",  # the R1-Distill-Qwen releases
     "qwen3": "Qwen3ForCausalLM",  # DeepSeek-R1-0528-Qwen3-8B
 }
 GQA_TYPES = ("llama", "qwen2", "qwen3")
 """Dense GQA transformers: Llama, and Qwen2/Qwen3 (Llama plus Q/K/V biases, per-head Q/K RMSNorm)."""
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+"""DeepSeek-V4's attention kinds: a sliding window alone, or beside compressed entries (CSA, HCA)."""
 
 
 @dataclass
@@ -44,8 +50,8 @@ class ModelConfig:
 
     # --- family -------------------------------------------------------------------------------
     model_type: str = "deepseek_v3"
-    """``deepseek_v3``, ``deepseek_v2``, ``llama``, ``qwen2`` or ``qwen3``: selects attention (MLA vs GQA),
-    router and the small differences between the GQA families (biases, Q/K norm)."""
+    """``deepseek_v3``, ``deepseek_v2``, ``deepseek_v32``, ``deepseek_v4``, ``llama``, ``qwen2`` or ``qwen3``:
+    selects attention (MLA, V4's or GQA), router and the small differences between the GQA families."""
 
     # --- trunk --------------------------------------------------------------------------------
     vocab_size: int = 512
@@ -99,11 +105,14 @@ class ModelConfig:
     num_key_value_heads: int | None = None
     """Llama: number of K/V heads (GQA); ``None`` = MHA. Ignored by MLA."""
     head_dim: int | None = None
-    """Llama: per-head width; ``None`` = hidden_size // num_attention_heads. Ignored by MLA."""
+    """GQA and V4: per-head width (V4: of its one K=V head too); ``None`` = hidden_size // num_attention_heads
+    (GQA only). Ignored by MLA."""
     sliding_window: int | None = None
-    """Qwen2: the keys a sliding-window layer attends to (its own and the W-1 before it); ``None``: none."""
+    """Qwen2 and V4: the keys a sliding-window layer attends to (its own and the W-1 before it); ``None``: none."""
     layer_types: list | None = None
-    """Per layer ``full_attention`` or ``sliding_attention`` (with ``sliding_window``); ``None``: all full."""
+    """Per layer ``full_attention`` or ``sliding_attention`` (with ``sliding_window``); ``None``: all full.
+    DeepSeek-V4: ``sliding_attention``, ``compressed_sparse_attention`` or ``heavily_compressed_attention``
+    (``None``: all sliding)."""
 
     # --- RoPE / YaRN --------------------------------------------------------------------------
     rope_theta: float = 10000.0
@@ -127,7 +136,7 @@ class ModelConfig:
     first_k_dense_replace: int = 1
     """The first k layers use the dense FFN instead of MoE."""
     scoring_func: str = "sigmoid"
-    """Token-to-expert affinity: ``sigmoid`` (V3) or ``softmax`` (V2)."""
+    """Token-to-expert affinity: ``sigmoid`` (V3), ``softmax`` (V2) or ``sqrtsoftplus`` (V4: sqrt(softplus(u.e)))."""
     topk_method: str = "noaux_tc"
     """``noaux_tc`` (V3: choose by score + correction bias, group score = sum of top-2),
     ``group_limited_greedy`` (V2: group score = max) or ``greedy`` (no groups)."""
@@ -142,7 +151,34 @@ class ModelConfig:
 
     # --- MTP (DeepSeek-V3 Sec. 2.2) -----------------------------------------------------------
     num_nextn_predict_layers: int = 0
-    """Depth D of multi-token prediction: sequential modules predicting tokens t+2..t+1+D."""
+    """Depth D of multi-token prediction: sequential modules predicting tokens t+2..t+1+D. DeepSeek-V4's
+    checkpoints hold one, which gasungbi (as transformers) does not build: the field is kept for config.json."""
+
+    # --- DeepSeek-V4 (DeepSeek-V4 report Sec. 2) ----------------------------------------------
+    # Beside these, V4 reads: head_dim (its single K=V head), qk_rope_head_dim (the rotated trailing
+    # channels of each head), q_lora_rank, sliding_window (every layer), layer_types, index_* (the CSA
+    # indexer), the MoE fields (no dense layers, no groups, one shared expert), rope_theta (the
+    # sliding-only layers' RoPE) and rope_scaling (YaRN of the compressed layers' RoPE only).
+    compress_rate_csa: int = 4
+    """m: tokens per compressed entry of a compressed sparse attention layer (overlapping windows of 2m)."""
+    compress_rate_hca: int = 128
+    """m': tokens per compressed entry of a heavily compressed attention layer."""
+    compress_rope_theta: float = 160000.0
+    """RoPE base of the CSA/HCA layers, their compressors and the indexer."""
+    o_groups: int = 2
+    """g: head groups of the grouped output projection (each group projected to ``o_lora_rank``)."""
+    o_lora_rank: int = 32
+    """Per-group width of the grouped output projection."""
+    hc_mult: int = 4
+    """n_hc: residual streams of the manifold-constrained hyper-connections."""
+    hc_sinkhorn_iters: int = 20
+    """Sinkhorn-Knopp iterations projecting the stream-mixing matrix toward doubly stochastic."""
+    hc_eps: float = 1e-6
+    """Floor added in the hyper-connections' weights and Sinkhorn normalizations."""
+    num_hash_layers: int = 0
+    """The first MoE layers route each token by a fixed token-id -> experts table (``tid2eid``)."""
+    swiglu_limit: float | None = None
+    """SwiGLU clamp of the experts (routed and shared): gate <= limit, |up| <= limit; ``None``: none."""
 
     # --- derived --------------------------------------------------------------------------------
     @property
@@ -153,6 +189,22 @@ class ModelConfig:
     def has_indexer(self) -> bool:
         """DeepSeek-V3.2's sparse attention: a lightning indexer chooses each query's keys."""
         return self.model_type == "deepseek_v32"
+
+    @property
+    def is_v4(self) -> bool:
+        """DeepSeek-V4: its own attention (K=V head, compressed entries), hyper-connections, hash routing."""
+        return self.model_type == "deepseek_v4"
+
+    @property
+    def v4_layer_types(self) -> list[str]:
+        """DeepSeek-V4's attention kind of every layer (``layer_types``, all sliding when unset)."""
+        return list(self.layer_types or ["sliding_attention"] * self.num_hidden_layers)
+
+    def compress_rate(self, layer_idx: int) -> int:
+        """DeepSeek-V4: tokens per compressed entry of layer ``layer_idx``; 0 for a sliding-only layer."""
+        kind = self.v4_layer_types[layer_idx]
+        return {"compressed_sparse_attention": self.compress_rate_csa,
+                "heavily_compressed_attention": self.compress_rate_hca}.get(kind, 0)
 
     @property
     def qkv_bias(self) -> bool:
@@ -173,7 +225,7 @@ class ModelConfig:
         """The sliding window of block ``layer_idx``, or None where it attends to the whole context."""
         types = self.layer_types or []
         sliding = layer_idx < len(types) and types[layer_idx] == "sliding_attention"
-        return self.sliding_window if sliding else None
+        return self.sliding_window if sliding or self.is_v4 else None
 
     @property
     def qk_head_dim(self) -> int:
@@ -189,7 +241,7 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether block ``layer_idx`` (MTP blocks continue the numbering) uses DeepSeekMoE."""
-        return self.is_mla and self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
+        return (self.is_mla or self.is_v4) and self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with ``changes`` applied and validated."""
@@ -225,20 +277,8 @@ class ModelConfig:
                     bad(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
                 if not self.q_lora_rank:
                     bad("deepseek_v32 needs q_lora_rank (the indexer's queries come from the query latent)")
-            if self.n_routed_experts:
-                if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
-                    bad(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts={self.n_routed_experts}")
-                if self.scoring_func not in ("sigmoid", "softmax"):
-                    bad(f"scoring_func={self.scoring_func!r}; supported: sigmoid, softmax")
-                if self.topk_method not in ("noaux_tc", "group_limited_greedy", "greedy"):
-                    bad(f"topk_method={self.topk_method!r}; supported: noaux_tc, group_limited_greedy, greedy")
-                if self.n_routed_experts % self.n_group:
-                    bad(f"n_routed_experts={self.n_routed_experts} not divisible by n_group={self.n_group}")
-                if not 0 < self.topk_group <= self.n_group:
-                    bad(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
-                per_group = self.n_routed_experts // self.n_group
-                if self.topk_group * per_group < self.num_experts_per_tok:
-                    bad("topk_group x experts per group < num_experts_per_tok: not enough experts to choose from")
+        elif self.is_v4:
+            self._check_v4(bad)
         else:
             if self.hidden_size % self.num_attention_heads and self.head_dim is None:
                 bad("hidden_size not divisible by num_attention_heads (set head_dim)")
@@ -246,7 +286,9 @@ class ModelConfig:
                 bad(f"num_attention_heads={self.num_attention_heads} not divisible by num_key_value_heads={self.gqa_kv_heads}")
             if self.gqa_head_dim % 2:
                 bad(f"head_dim must be even, got {self.gqa_head_dim}")
-        if self.layer_types is not None:
+        if (self.is_mla or self.is_v4) and self.n_routed_experts:
+            self._check_moe(bad)
+        if self.layer_types is not None and not self.is_v4:
             if len(self.layer_types) != self.num_hidden_layers or \
                     not set(self.layer_types) <= {"full_attention", "sliding_attention"}:
                 bad(f"layer_types must give full_attention or sliding_attention for each of the "
@@ -255,6 +297,70 @@ class ModelConfig:
                 bad(f"sliding_window must be a positive number of tokens, got {self.sliding_window!r}")
         if self.rope_scaling is not None:
             self._check_rope_scaling(bad)
+
+    def _check_moe(self, bad) -> None:
+        if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+            bad(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..n_routed_experts={self.n_routed_experts}")
+        scoring = ("sigmoid", "softmax", "sqrtsoftplus") if self.is_v4 else ("sigmoid", "softmax")
+        if self.scoring_func not in scoring:
+            bad(f"scoring_func={self.scoring_func!r}; supported: {', '.join(scoring)}")
+        if self.topk_method not in ("noaux_tc", "group_limited_greedy", "greedy"):
+            bad(f"topk_method={self.topk_method!r}; supported: noaux_tc, group_limited_greedy, greedy")
+        if self.n_routed_experts % self.n_group:
+            bad(f"n_routed_experts={self.n_routed_experts} not divisible by n_group={self.n_group}")
+        if not 0 < self.topk_group <= self.n_group:
+            bad(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+        per_group = self.n_routed_experts // self.n_group
+        if self.topk_group * per_group < self.num_experts_per_tok:
+            bad("topk_group x experts per group < num_experts_per_tok: not enough experts to choose from")
+
+    def _check_v4(self, bad) -> None:
+        """DeepSeek-V4's shapes and the parts of the MoE fields it fixes (as its reference and transformers)."""
+        if self.head_dim is None or self.head_dim % 2:
+            bad(f"head_dim must be an even number for deepseek_v4 (the K=V head's width), got {self.head_dim!r}")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
+            bad(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and <= head_dim={self.head_dim}")
+        if self.num_key_value_heads not in (None, 1):
+            bad(f"num_key_value_heads={self.num_key_value_heads}: deepseek_v4 has one K=V head")
+        if not self.q_lora_rank:
+            bad("deepseek_v4 needs q_lora_rank (its queries and the indexer's come from the query latent)")
+        if self.attention_bias:
+            bad("attention_bias must be false for deepseek_v4")
+        if not (self.sliding_window or 0) > 0:
+            bad(f"sliding_window must be a positive number of tokens for deepseek_v4, got {self.sliding_window!r}")
+        if self.layer_types is not None and (len(self.layer_types) != self.num_hidden_layers
+                                             or not set(self.layer_types) <= set(V4_LAYER_TYPES)):
+            bad(f"layer_types must give one of {', '.join(V4_LAYER_TYPES)} for each of the "
+                f"{self.num_hidden_layers} layers, got {self.layer_types!r}")
+        for name in ("compress_rate_csa", "compress_rate_hca", "o_groups", "o_lora_rank", "hc_mult",
+                     "hc_sinkhorn_iters", "n_routed_experts"):
+            if getattr(self, name) < 1:
+                bad(f"{name} must be >= 1 for deepseek_v4, got {getattr(self, name)}")
+        if self.num_attention_heads % self.o_groups:
+            bad(f"num_attention_heads={self.num_attention_heads} not divisible by o_groups={self.o_groups}")
+        if "compressed_sparse_attention" in self.v4_layer_types:
+            for name in ("index_n_heads", "index_head_dim", "index_topk"):
+                if getattr(self, name) <= 0:
+                    bad(f"{name} must be positive for deepseek_v4's compressed sparse attention, got {getattr(self, name)}")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                bad(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
+        fixed = {"n_shared_experts": 1, "first_k_dense_replace": 0, "norm_topk_prob": True, "n_group": 1,
+                 "topk_group": 1, "topk_method": "noaux_tc", "tie_word_embeddings": False}
+        for name, value in fixed.items():
+            if getattr(self, name) != value:
+                bad(f"{name}={getattr(self, name)!r}: deepseek_v4 has {name}={value!r}")
+        if not 0 <= self.num_hash_layers <= self.num_hidden_layers:
+            bad(f"num_hash_layers={self.num_hash_layers} must be in 0..num_hidden_layers={self.num_hidden_layers}")
+        if self.swiglu_limit is None or not (math.isfinite(self.swiglu_limit) and self.swiglu_limit > 0):
+            bad(f"swiglu_limit must be a positive number for deepseek_v4, got {self.swiglu_limit}")
+        if int(self.head_dim * (self.qk_rope_head_dim / self.head_dim)) != self.qk_rope_head_dim:
+            bad(f"qk_rope_head_dim={self.qk_rope_head_dim}: head_dim x {self.qk_rope_head_dim}/{self.head_dim} "
+                "does not give it back (config.json stores the ratio)")
+        for name in ("compress_rope_theta", "hc_eps"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0 or (v == 0 and name == "compress_rope_theta"):
+                bad(f"{name} must be a {'positive' if name == 'compress_rope_theta' else 'non-negative'} "
+                    f"finite number, got {v}")
 
     POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "max_position_embeddings", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "moe_intermediate_size",
@@ -325,7 +431,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta,
                 **{k: v for k, v in cfg.rope_scaling.items() if k not in ("type", "rope_type")}}
     d["rope_parameters"] = rope
-    if cfg.is_mla:
+    if cfg.is_v4:
+        d.pop("intermediate_size")  # transformers reads it as moe_intermediate_size
+        d.update(config_v4.to_hf(cfg))
+    elif cfg.is_mla:
         d.update({k: getattr(cfg, k) for k in _MLA_FIELDS + _MOE_FIELDS})
         d["num_key_value_heads"] = cfg.num_attention_heads
         if cfg.has_indexer:  # transformers' V3.2 always interleaves MLA's RoPE (no rope_interleave field)
@@ -390,6 +499,9 @@ def from_hf_config(d: dict[str, Any]) -> ModelConfig:
             kw[k] = d[k]
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = kw["eos_token_id"][0]
+    if model_type == "deepseek_v4":
+        kw.update(config_v4.from_hf(d))
+        return ModelConfig(**kw)
     rope = d.get("rope_parameters") or {}
     legacy = d.get("rope_scaling") or {}
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))

@@ -74,6 +74,65 @@ def v32_tiny() -> ModelConfig:
     return cpu_tiny().replace(model_type="deepseek_v32", index_n_heads=4, index_head_dim=32, index_topk=64)
 
 
+def _v4(hidden: int, layers: int, heads: int, q_lora: int, o_groups: int, moe_inter: int, experts: int,
+        scale: float, topk: int, types: list[str]) -> ModelConfig:
+    """DeepSeek-V4's shared values (both releases' config.json): one 512-wide K=V head with 64 rotated
+    channels, a 128-token window, CSA at m=4 and HCA at m'=128, 6 routed experts + 1 shared with a
+    SwiGLU clamp of 10, 3 hash-routed layers, 4 hyper-connection streams, 1M positions (YaRN 16 on
+    the compressed layers' RoPE)."""
+    return ModelConfig(model_type="deepseek_v4", vocab_size=129280, hidden_size=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=1, head_dim=512, q_lora_rank=q_lora,
+                       qk_rope_head_dim=64, o_groups=o_groups, o_lora_rank=1024, intermediate_size=moe_inter,
+                       moe_intermediate_size=moe_inter, n_routed_experts=experts, n_shared_experts=1,
+                       num_experts_per_tok=6, first_k_dense_replace=0, n_group=1, topk_group=1,
+                       scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True,
+                       routed_scaling_factor=scale, swiglu_limit=10.0, sliding_window=128, layer_types=types,
+                       compress_rate_csa=4, compress_rate_hca=128, compress_rope_theta=160000.0,
+                       num_hash_layers=3, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, index_n_heads=64,
+                       index_head_dim=128, index_topk=topk, max_position_embeddings=1048576, rope_theta=10000.0,
+                       rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                                     "beta_fast": 32, "beta_slow": 1},
+                       rms_norm_eps=1e-6, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1)
+
+
+def _csa_hca(first: list[str], layers: int) -> list[str]:
+    """``first``, then CSA at even and HCA at odd layer indices (compress_ratios 4, 128, 4, ...)."""
+    return first + ["compressed_sparse_attention" if i % 2 == 0 else "heavily_compressed_attention"
+                    for i in range(len(first), layers)]
+
+
+def deepseek_v4_flash() -> ModelConfig:
+    """DeepSeek-V4-Flash (deepseek-ai/DeepSeek-V4-Flash config.json): 284B total, 13B activated; layers 0-1
+    sliding window only, then CSA / HCA alternating."""
+    return _v4(4096, 43, 64, 1024, 8, 2048, 256, 1.5, 512, _csa_hca(["sliding_attention"] * 2, 43))
+
+
+def deepseek_v4_pro() -> ModelConfig:
+    """DeepSeek-V4-Pro (deepseek-ai/DeepSeek-V4-Pro config.json): 1.6T total, 49B activated; layers 0-1
+    HCA, then CSA / HCA alternating."""
+    return _v4(7168, 61, 128, 1536, 16, 3072, 384, 2.5, 1024, _csa_hca(["heavily_compressed_attention"] * 2, 61))
+
+
+def v4_tiny() -> ModelConfig:
+    """A DeepSeek-V4 with every feature on that trains on a 2-core CPU: a sliding-only layer, two CSA
+    layers (m=4, indexer top-8) and an HCA layer (m'=16), a 32-token window, a hash-routed first layer,
+    4 hyper-connection streams, YaRN on the compressed layers."""
+    return ModelConfig(model_type="deepseek_v4", vocab_size=4096, hidden_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=64,
+                       qk_rope_head_dim=16, o_groups=2, o_lora_rank=32, intermediate_size=64,
+                       moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                       first_k_dense_replace=0, n_group=1, topk_group=1, scoring_func="sqrtsoftplus",
+                       topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.5, swiglu_limit=10.0,
+                       sliding_window=32, layer_types=["sliding_attention", "compressed_sparse_attention",
+                                                       "heavily_compressed_attention", "compressed_sparse_attention"],
+                       compress_rate_csa=4, compress_rate_hca=16, compress_rope_theta=160000.0, num_hash_layers=1,
+                       hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, index_n_heads=4, index_head_dim=32,
+                       index_topk=8, max_position_embeddings=1024, rope_theta=10000.0,
+                       rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 256,
+                                     "beta_fast": 32, "beta_slow": 1},
+                       num_nextn_predict_layers=0)
+
+
 def deepseek_v2_236b() -> ModelConfig:
     """DeepSeek-V2 (deepseek-ai/DeepSeek-V2 config.json): 236B total, 21B activated."""
     return ModelConfig(model_type="deepseek_v2", vocab_size=102400, hidden_size=5120, num_hidden_layers=60,
@@ -165,6 +224,9 @@ PRESETS = {
     "deepseek-v3-671b": deepseek_v3_671b,
     "deepseek-v3.2": deepseek_v3_2,
     "v32-tiny": v32_tiny,
+    "deepseek-v4-flash": deepseek_v4_flash,
+    "deepseek-v4-pro": deepseek_v4_pro,
+    "v4-tiny": v4_tiny,
     "deepseek-v2-236b": deepseek_v2_236b,
     "deepseek-v2-lite": deepseek_v2_lite,
     "llama-debug": lambda: llama_like(debug()),

@@ -271,3 +271,44 @@ def cli():
 def one_line_error():
     """``one_line_error(result, command)``: a failed command's one error line (exit 2, no traceback)."""
     return _one_line_error
+
+
+# DeepSeek-V4 (spec: every kind of layer, a window of 4 < 40 tokens, CSA at 2 with its indexer keeping 2 of up
+# to 20 entries (16 indexer heads: no ties), HCA at 4, two hash layers, YaRN on the compressed layers, a clamp
+# that bites at this scale)
+V4 = dict(vocab_size=97, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=4, num_attention_heads=4,
+          head_dim=16, partial_rotary_factor=0.5, q_lora_rank=24, n_routed_experts=8, n_shared_experts=1,
+          num_experts_per_tok=2, routed_scaling_factor=1.5, o_groups=2, o_lora_rank=8, index_n_heads=16,
+          index_head_dim=64, index_topk=2, sliding_window=4,
+          compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+          layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                       "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+          hc_mult=4, hc_sinkhorn_iters=3, hc_eps=1e-6, swiglu_limit=0.5, rope_theta=10000.0,
+          compress_rope_theta=160000.0, max_position_embeddings=256,
+          rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                           "beta_fast": 32, "beta_slow": 1})
+
+
+def v4_reference(seed: int = 0, **changes):
+    """transformers' DeepseekV4ForCausalLM (eager attention) with random values where it initializes
+    constants: sinks, position biases, hyper-connection bases and scales, correction biases, norms, and a
+    token -> distinct experts table for the hash layers."""
+    import transformers
+
+    cfg = transformers.DeepseekV4Config(**{**V4, **changes})
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV4ForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "inv_freq" in name or not p.dtype.is_floating_point:
+                continue
+            if p.ndim == 1 and ("norm" in name or name.endswith("scale")):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                E = cfg.n_routed_experts
+                b.copy_(torch.stack([torch.randperm(E, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]))
+    return model

@@ -300,3 +300,41 @@ def test_export_errors_are_one_line(tmp_path, tok_dir):
     r = subprocess.run([sys.executable, "-m", "gasungbi", "export", str(ckpt), "--out", str(tmp_path / "x.gguf")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "pre-tokenizer" in r.stderr
+
+
+def test_deepseek_v4_runs_in_llama_cpp(tok_dir, tmp_path):
+    """DeepSeek-V4 as llama.cpp's deepseek4, on a configuration its graph takes (4 streams, compression
+    rates 4 and 128, index_head_dim 64, hash layers first): 200 tokens, so that the HCA layer has an
+    entry and CSA's indexer keeps 16 of up to 50; every constant transformers initializes randomized."""
+    pytest.importorskip("transformers")
+    from conftest import v4_reference
+
+    hf = v4_reference(vocab_size=512, sliding_window=16, index_topk=16,
+                      compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128})
+    ckpt = tmp_path / "v4"
+    hf.save_pretrained(ckpt)
+    for f in tok_dir.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    tokens = _tokens(512, n=200)
+    ours = our_logits(ckpt, tokens)
+    with torch.no_grad():
+        ref = hf(torch.tensor([tokens]), use_cache=False).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
+    theirs = llama_logits(export(ckpt, tmp_path / "v4.gguf"), tokens)
+    assert agreement(ours, theirs) >= 0.95, agreement(ours, theirs)
+    assert len(llama_greedy(export(ckpt, tmp_path / "v4-q8.gguf", "q8_0"), tokens[:16], 8)) == 8
+
+
+def test_deepseek_v4_llama_cpp_cannot_run_is_refused(tok_dir, tmp_path):
+    """Compression rates llama.cpp's deepseek4 does not take: a one-line refusal before any file is written."""
+    pytest.importorskip("transformers")
+    from conftest import v4_reference
+
+    ckpt = tmp_path / "v4"
+    v4_reference(vocab_size=512).save_pretrained(ckpt)  # rates 2 and 4
+    for f in tok_dir.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    r = subprocess.run([sys.executable, "-m", "gasungbi", "export", str(ckpt), "--out", str(tmp_path / "x.gguf")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "compression rates 4 (CSA) and 128 (HCA)" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "x.gguf").exists()

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from gasungbi import load_model, save_model  # noqa: E402
 from gasungbi.interop.hf import CheckpointError  # noqa: E402
 from gasungbi.model.attention import DecodeContext  # noqa: E402
+from conftest import v4_reference  # noqa: E402
 
 TOL = 1e-4
 
@@ -208,3 +209,66 @@ def test_missing_directory_and_config(tmp_path):
         load_model(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_deepseek_v4_matches_transformers_in_every_layout(tokens, tmp_path):
+    """transformers' save_pretrained (its mix of DeepSeek's and its own names), its in-memory names (fused
+    experts) and our save (DeepSeek's release names, which transformers reloads): the same logits."""
+    from safetensors.torch import save_file
+
+    hf = v4_reference()
+    with torch.no_grad():
+        ref = hf(tokens, use_cache=False).logits
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    with torch.no_grad():
+        assert (ours(tokens) - ref).abs().max().item() < TOL
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "native" / "model.safetensors"))
+    with torch.no_grad():
+        assert (load_model(tmp_path / "native")(tokens) - ref).abs().max().item() < TOL
+
+    save_model(ours, tmp_path / "ours")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"embed.weight", "head.weight", "hc_head_fn", "layers.1.attn.indexer.compressor.ape",
+            "layers.0.ffn.gate.tid2eid", "layers.2.ffn.gate.bias", "layers.3.ffn.experts.7.w3.weight"} <= keys
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (back(tokens, use_cache=False).logits - ref).abs().max().item() < TOL
+
+
+def test_deepseek_v4_release_mtp_block_is_skipped(tmp_path):
+    """DeepSeek's checkpoints hold an MTP block (``mtp.0.*``), which neither transformers nor gasungbi
+    builds: it loads, and is gone."""
+    from safetensors.torch import load_file, save_file
+
+    hf = v4_reference()
+    x = torch.randint(0, 97, (1, 12))
+    save_model(load_model(_saved_v4(hf, tmp_path / "hf")), tmp_path / "ours")
+    sd = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    sd.update({"mtp.0.e_proj.weight": torch.zeros(32, 32), "mtp.0.hc_head_fn": torch.zeros(4, 128),
+               "mtp.0.ffn.experts.0.w1.weight": torch.zeros(16, 32)})
+    save_file(sd, str(tmp_path / "ours" / "model.safetensors"))
+    with torch.no_grad():
+        assert (load_model(tmp_path / "ours")(x) - hf(x, use_cache=False).logits).abs().max().item() < TOL
+
+
+def _saved_v4(hf, path):
+    hf.save_pretrained(path)
+    return path
+
+
+def test_deepseek_v4_config_the_weights_do_not_hold_is_named(tmp_path):
+    path = _saved_v4(v4_reference(), tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value, field in (("head_dim", 32, "head_dim"), ("n_routed_experts", 16, "n_routed_experts"),
+                              ("num_hidden_layers", 5, "num_hidden_layers")):
+        bad = dict(cfg, **{key: value})
+        if key == "num_hidden_layers":
+            bad.update(layer_types=cfg["layer_types"] + ["sliding_attention"], mlp_layer_types=cfg["mlp_layer_types"] + ["moe"])
+        (path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=field):
+            load_model(path)

@@ -566,3 +566,22 @@ def test_model_from_a_config_json(tmp_path, capsys):
     assert main(["plan", "train", "--model", str(cfg), "--tokens", "15T", "--hardware", "h100", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["total_params"] == pytest.approx(8.03e9, rel=0.01)
+
+
+def test_cli_serve_deepseek_v4_kv_at_128k_and_1m_beside_v3_mla(tmp_path):
+    """DeepSeek-V4's cache does not grow by a fixed width per token: plan prints it amortized at 128K and
+    1M positions (what the engine's cache allocates, per position), beside V3's MLA latent."""
+    from gasungbi.infer.cache import KVCache
+    from gasungbi.presets import get_preset
+
+    r = plan("serve", "--model", "deepseek-v4-flash", "--quant", "int4", "--hardware", "8x h200",
+             "--context", "1048576", env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    flash = get_preset("deepseek-v4-flash")
+    at = [KVCache.bytes_per_token(flash, context=c) / 1e3 for c in (2 ** 17, 2 ** 20)]
+    assert (f"KV cache in bf16: {at[0]:,.2f} KB/token at 128K context, {at[1]:,.2f} KB/token at 1M" in r.stdout
+            and "DeepSeek-V3's MLA latent: 70.3 KB/token" in r.stdout)
+    d = json.loads(plan("serve", "--model", "deepseek-v4-flash", "--hardware", "8x h200", "--context", "131072",
+                        "--json", env={"XDG_CONFIG_HOME": str(tmp_path)}).stdout)
+    assert d["kv_bytes_per_token"] == pytest.approx(at[0] * 1e3)
+    assert d["requested"]["parts_gb"]["kv_cache"] == pytest.approx(at[0] * 1e3 * 2 ** 17 / 1e9)

@@ -1,6 +1,7 @@
 """The architectures of DeepSeek's releases beside transformers, on tiny random checkpoints that
-transformers writes: Qwen2 (the R1-Distill-Qwen models), Qwen3 (R1-0528-Qwen3-8B) and DeepSeek-V3.2
-(sparse attention: each query attends to the 8 keys its lightning indexer chooses).
+transformers writes: Qwen2 (the R1-Distill-Qwen models), Qwen3 (R1-0528-Qwen3-8B), DeepSeek-V3.2
+(sparse attention: each query attends to the 8 keys its lightning indexer chooses) and DeepSeek-V4
+(a sliding window with compressed entries, sparse (CSA) and dense (HCA), hyper-connections, hash routing).
 
 For each: greedy decoding through gasungbi's engine equals transformers' ``generate`` over 64 new
 tokens (crossing Qwen2's sliding window), alone, in a left-padded batch and with the compiled step;
@@ -22,6 +23,7 @@ from gasungbi.infer.generate import generate  # noqa: E402
 from gasungbi.interop.hf import load_model  # noqa: E402
 from gasungbi.model.accounting import count_params  # noqa: E402
 from gasungbi.presets import get_preset  # noqa: E402
+from conftest import v4_reference  # noqa: E402
 
 COMMON = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, initializer_range=0.25, bos_token_id=0, eos_token_id=1)
@@ -37,11 +39,18 @@ ARCHS = {
                             rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
                                              "original_max_position_embeddings": 64})),
 }
+ARCHS["deepseek_v4"] = ("DeepseekV4", {})
+V4_DECODE = dict(sliding_window=8, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+                 index_topk=4)
+"""DeepSeek-V4 over 64 new tokens: a window of 8, CSA at 4 (its indexer keeping 4 of up to 18 entries), HCA at 16."""
 PROMPTS = [[0, 5, 9, 13, 200], [0, 44, 3, 19, 71, 2, 8, 90, 31, 6, 17], [0, 7]]
 
 
 def _release(name: str, tokenizer, root):
-    """(name, checkpoint path, transformers model) with non-trivial norms, biases and routing biases."""
+    """(name, checkpoint path, transformers model) with non-trivial norms, biases and routing biases
+    (DeepSeek-V4: every constant transformers initializes, ``conftest.v4_reference``)."""
+    if name == "deepseek_v4":
+        return _saved(name, v4_reference(vocab_size=tokenizer.get_vocab_size(), **V4_DECODE), tokenizer, root)
     family, kwargs = ARCHS[name]
     cfg = getattr(transformers, f"{family}Config")(vocab_size=tokenizer.get_vocab_size(), **kwargs)
     torch.manual_seed(0)
@@ -53,6 +62,10 @@ def _release(name: str, tokenizer, root):
         for n, b in hf.named_buffers():
             if n.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.3)
+    return _saved(name, hf, tokenizer, root)
+
+
+def _saved(name, hf, tokenizer, root):
     path = root / "ckpt"
     hf.save_pretrained(path)
     save_tokenizer(tokenizer, path)
@@ -74,7 +87,9 @@ def _reference(hf, prompt: list[int], n: int) -> list[int]:
 
 def test_greedy_decode_equals_transformers(release, one_thread):
     """64 new tokens per prompt, alone and in one left-padded batch (the sliding window, 16 tokens,
-    is crossed), and through the compiled step (dynamo's graph, called as the engine calls it)."""
+    is crossed; DeepSeek-V4's window and both compression rates too), and through the compiled step
+    (dynamo's graph, called as the engine calls it). Each row is compared with transformers run on
+    that prompt alone (transformers' own left-padded V4 batches pool the padding into its windows)."""
     from gasungbi.infer import engine as E
 
     _, path, hf = release
@@ -88,19 +103,22 @@ def test_greedy_decode_equals_transformers(release, one_thread):
     assert [c.tokens for c in compiled] == refs
 
 
-def test_server_answers_the_openai_client_with_the_same_tokens(tokenizer, tmp_path, start_server):
-    """One architecture through the server (the engine is the one every path shares)."""
+@pytest.mark.parametrize("arch", ["qwen2", "deepseek_v4"])
+def test_server_answers_the_openai_client_with_the_same_tokens(arch, tokenizer, tmp_path, start_server):
+    """Through the server (the engine is the one every path shares; DeepSeek-V4's cache is kept by
+    position, not by slot)."""
     openai = pytest.importorskip("openai")
-    _, path, hf = _release("qwen2", tokenizer, tmp_path)
+    _, path, hf = _release(arch, tokenizer, tmp_path)
     server = start_server(path)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     r = client.completions.create(model="ckpt", prompt=PROMPTS[1], max_tokens=24, temperature=0)
     from gasungbi.data.tokenizer import load_tokenizer
-    assert r.choices[0].text == load_tokenizer(path).decode(_reference(hf, PROMPTS[1], 24))
+    assert r.choices[0].text == load_tokenizer(path).decode(_reference(hf, PROMPTS[1], 24), skip_special_tokens=False)
 
 
 @pytest.mark.parametrize("preset", ["r1-distill-qwen-1.5b", "r1-distill-qwen-7b", "r1-distill-qwen-14b",
-                                    "r1-distill-qwen-32b", "r1-0528-qwen3-8b", "deepseek-v3.2"])
+                                    "r1-distill-qwen-32b", "r1-0528-qwen3-8b", "deepseek-v3.2", "deepseek-v4-flash",
+                                    "deepseek-v4-pro", "v4-tiny"])
 def test_preset_parameter_count_equals_transformers(preset):
     """``gasungbi params``' main-model total is what transformers builds from the same config.json
     (on the meta device)."""

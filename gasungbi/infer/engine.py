@@ -73,10 +73,22 @@ class CacheView:
     """Cache rows ``lo .. hi-1``, slots ``0 .. window-1``: what one forward writes into and reads.
     ``update`` writes the new tokens' (latent, rope key) or (K, V) at ``slots`` [T] and returns the
     whole window (``update_indexer`` DeepSeek-V3.2's indexer keys); the mask hides what a query must
-    not see."""
+    not see. A cache kept by position (DeepSeek-V4) is viewed whole rows, without a slot window
+    (``window`` 0); its model reads each layer's buffers by name (``state``)."""
 
     def __init__(self, cache: KVCache, lo: int, hi: int, window: int):
+        self.by_position = cache.by_position
+        if self.by_position:
+            self.layers = [tuple(t[lo:hi] for t in bufs) for bufs in cache.layers]
+            self.names, self.window = cache.names, 0
+            self.shape_key = tuple(t.shape[1] for bufs in self.layers for t in bufs)  # what max_len changes
+            return
         self.layers = [tuple(t[lo:hi, :window] for t in bufs) for bufs in cache.layers]
+        self.window, self.shape_key = window, ()
+
+    def state(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """DeepSeek-V4: layer ``layer_idx``'s buffers by name, rows lo..hi-1."""
+        return dict(zip(self.names[layer_idx], self.layers[layer_idx]))
 
     def update(self, layer_idx: int, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor):
         A, B = self.layers[layer_idx][:2]
@@ -105,8 +117,9 @@ def forward_step(model, ids: torch.Tensor, view: CacheView, slots: torch.Tensor,
                  absorb: bool) -> torch.Tensor:
     """Final-normed hidden states [n, T, d] of tokens ``ids`` [n, T] at cache ``slots`` [T] (the
     step function: fixed shapes for a given (n, T, window); ``absorb`` for decoding, V2 Sec. 2.1.2)."""
-    positions, mask = step_mask(slots, pad, view.layers[0][0].shape[1])
-    ctx = DecodeContext(view, slots, absorb=absorb, mask=mask, positions=positions)
+    positions, mask = step_mask(slots, pad, view.window)
+    valid = slots[None, :] >= pad[:, None] if view.by_position else None  # (n, T): not left padding
+    ctx = DecodeContext(view, slots, absorb=absorb, mask=mask, positions=positions, valid=valid)
     return model.hidden_states(ids, ctx=ctx)
 
 
@@ -161,7 +174,7 @@ class CompiledStep:
         return torch.compile(self.raw, dynamic=False, fullgraph=fullgraph, mode=mode)
 
     def __call__(self, model, ids, view, slots, pad):
-        key = direct_step.key(ids, view.layers[0][0])
+        key = direct_step.key(ids, view.layers[0][0]) + view.shape_key
         if key in self.shapes:
             if (step := self.shapes[key]) is not None:
                 return step(model, ids, view, slots, pad)
@@ -262,7 +275,7 @@ class Engine:
         n, w = self.size, max(self.clock - p for p in self.pads)
         if w > new_clock or new_clock > self.max_len:
             raise ValueError(f"cannot move {w} slots to end at {new_clock} (max_len {self.max_len})")
-        for buf in (t for pair in self.cache.layers for t in pair):
+        for buf in (t for pair in self.cache.layers for t in pair if not self.cache.by_position):
             buf[:n, new_clock - w:new_clock] = buf[:n, self.clock - w:self.clock].clone()
         self.pads = [p + shift for p in self.pads]
         self.clock = new_clock
@@ -342,7 +355,7 @@ class Engine:
         n, T = emb.shape[:2]
         slots = self._slots(start, T)
         view = self.view(0, n, start + T)
-        positions, mask = step_mask(slots, self._pad(0, n), view.layers[0][0].shape[1])
+        positions, mask = step_mask(slots, self._pad(0, n), view.window)
         cos, sin = self.model.model.rotary(positions)
         ctx = DecodeContext(view, slots, absorb=T == 1, mask=mask, positions=positions)
         return module(emb, hidden, cos, sin, ctx=ctx)[1]
@@ -355,7 +368,10 @@ class Engine:
         if i != last:
             lo = self.pads[last]
             for buf in (t for pair in self.cache.layers for t in pair):
-                buf[i, lo:self.clock] = buf[last, lo:self.clock]
+                if self.cache.by_position:  # the whole row
+                    buf[i] = buf[last]
+                else:
+                    buf[i, lo:self.clock] = buf[last, lo:self.clock]
             self.pads[i] = self.pads[last]
         self.pads.pop()
         if not self.pads:

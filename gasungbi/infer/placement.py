@@ -56,7 +56,7 @@ class Placement:
     experts_device: torch.device
     components: dict[str, tuple[str, int]] = field(default_factory=dict)
     """component -> (device, bytes)"""
-    kv_bytes_per_token: int = 0
+    kv_bytes_per_token: float = 0
 
     @property
     def split(self) -> bool:
@@ -76,7 +76,7 @@ class Placement:
         for dev, total in self.bytes_per_device.items():
             parts = ", ".join(f"{name} {format_bytes(n)}" for name, (d, n) in self.components.items() if d == dev)
             lines.append(f"{dev}: {format_bytes(total)} of weights ({parts})")
-        kv = f"KV cache: {self.kv_bytes_per_token:,} bytes/token on {self.device}"
+        kv = f"KV cache: {self.kv_bytes_per_token:,.0f} bytes/token on {self.device}"
         if context:
             kv += f" ({format_bytes(self.kv_bytes_per_token * context)} for {context:,} tokens)"
         return "\n".join(lines + [kv])
@@ -112,7 +112,7 @@ def plan_placement(cfg: ModelConfig, device: str | torch.device = "cpu",
     }
     if routed:
         out["routed experts"] = (str(exp_device), int(routed * _bytes_per_weight(dtype, quant, d, group_size)))
-    kv = KVCache.bytes_per_token(cfg, dtype, include_mtp=True)
+    kv = KVCache.bytes_per_token(cfg, dtype, include_mtp=True)  # DeepSeek-V4's at its full context
     return Placement(device, exp_device, out, kv)
 
 

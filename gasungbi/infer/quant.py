@@ -124,6 +124,9 @@ def check_mode(mode: str) -> None:
 
 def quant_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     """Names of the Linear layers and the Experts modules to quantize."""
+    if getattr(model.config, "is_v4", False):  # its quantized modules would drop the SwiGLU clamp
+        raise ValueError("DeepSeek-V4 models are not quantized to int8/int4 (their experts' SwiGLU clamp and "
+                         "grouped output projection have no quantized kernels); serve them in bf16 or fp32")
     tied = getattr(model.config, "tie_word_embeddings", False)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
                and not n.endswith(SKIP) and ".indexer." not in n and not (tied and n == "lm_head")]

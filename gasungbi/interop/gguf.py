@@ -12,6 +12,11 @@ Written with the ``gguf`` package (llama.cpp's own writer), following the layout
   scaling, top-k normalization, shared experts and the leading dense blocks. YaRN keys as the
   converter writes them (``yarn_log_mul`` = 0.1 x mscale_all_dim). MTP modules are not written:
   llama.cpp's deepseek2 graph has no use for them (its converter skips them too).
+* DeepSeek-V4 as ``deepseek4`` (llama.cpp's ``conversion/deepseek.py`` and ``src/models/deepseek4.cpp``):
+  its tensors under llama.cpp's names (:data:`V4_TENSORS`; experts stacked, the hash layers' token ->
+  experts tables as I32), the per-layer compression ratios (0 / 4 / 128), the indexer, hyper-connection,
+  hash-layer and SwiGLU-clamp keys, YaRN on the compressed layers. llama.cpp's graph takes 4 streams and
+  the rates 4 (CSA) and 128 (HCA) only: other configurations are refused. MTP is not written.
 * Dense (Llama-style) checkpoints as ``llama``; Q and K rows are permuted from the Hugging Face
   rotate-half layout to llama.cpp's adjacent pairs, as the converter does.
 * The tokenizer whole: byte-level BPE vocabulary ("gpt2" model), merges, the pre-tokenizer llama.cpp
@@ -46,6 +51,28 @@ KEEP_FLOAT = ("attn_k_b", "attn_v_b", "ffn_gate_inp")
 # DeepSeek-V3.2's indexer tensors: ours (transformers') -> llama.cpp's (blk.N.indexer.*)
 INDEXER_NAMES = {"wq_b": "attn_q_b", "wk": "attn_k", "k_norm": "k_norm", "weights_proj": "proj"}
 
+# DeepSeek-V4: ours (transformers') -> llama.cpp's deepseek4 names (top level, then blk.N.*)
+V4_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+          "lm_head.weight": "output.weight", "model.hc_head.hc_fn": "output_hc_fn.weight",
+          "model.hc_head.hc_base": "output_hc_base.weight", "model.hc_head.hc_scale": "output_hc_scale.weight"}
+_V4_COMPRESSOR = {"position_bias": "ape", "kv_proj.weight": "kv", "gate_proj.weight": "gate", "kv_norm.weight": "norm"}
+V4_TENSORS = {
+    **{f"{s}_hc.{p}": f"hc_{s}_{p}.weight" for s in ("attn", "ffn") for p in ("fn", "base", "scale")},
+    "self_attn.sinks": "attn_sinks.weight", "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_norm.weight": "attn_q_a_norm.weight", "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_proj.weight": "attn_kv.weight", "self_attn.kv_norm.weight": "attn_kv_a_norm.weight",
+    "self_attn.o_a_proj.weight": "attn_output_a.weight", "self_attn.o_b_proj.weight": "attn_output_b.weight",
+    **{f"self_attn.compressor.{a}": f"attn_compressor_{b}.weight" for a, b in _V4_COMPRESSOR.items()},
+    **{f"self_attn.compressor.indexer.{a}": f"indexer_compressor_{b}.weight" for a, b in _V4_COMPRESSOR.items()},
+    "self_attn.compressor.indexer.q_b_proj.weight": "indexer.attn_q_b.weight",
+    "self_attn.compressor.indexer.scorer.weights_proj.weight": "indexer.proj.weight",
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    **{f"mlp.shared_experts.{p}_proj.weight": f"ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+    **{f"mlp.experts.{p}_proj": f"ffn_{p}_exps.weight" for p in ("gate", "up", "down")},
+    "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.gate.tid2eid": "ffn_gate_tid2eid.weight",
+}
+
 
 class GGUFExportError(ValueError):
     """A checkpoint that cannot be written as GGUF; the message says what is missing or unsupported."""
@@ -68,6 +95,12 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: st
     arch = ("deepseek32" if cfg.has_indexer else "deepseek2") if cfg.is_mla else cfg.model_type  # llama, qwen2, qwen3
     if cfg.is_mla and not cfg.rope_interleave:
         raise GGUFExportError(f"{checkpoint}: MLA with rotate-half rope (rope_interleave=false) is not exported")
+    if cfg.is_v4:
+        arch = "deepseek4"
+        if cfg.hc_mult != 4 or cfg.compress_rate_csa != 4 or cfg.compress_rate_hca != 128:
+            raise GGUFExportError(f"{checkpoint}: llama.cpp's deepseek4 runs hc_mult 4 and compression rates 4 (CSA) "
+                                  f"and 128 (HCA) only; this model has hc_mult {cfg.hc_mult}, rates "
+                                  f"{cfg.compress_rate_csa} and {cfg.compress_rate_hca}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
@@ -77,7 +110,11 @@ def export_gguf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: st
     _hparams(writer, cfg, gguf)
     _tokenizer(writer, tok, cfg)
     n = 0
-    for name, array in _tensors(model, arch):
+    for name, array in (_v4_tensors(model) if cfg.is_v4 else _tensors(model, arch)):
+        if array.dtype == np.int32:  # DeepSeek-V4's token -> experts tables
+            writer.add_tensor(name, array)
+            n += 1
+            continue
         qtype = _type_for(name, array, dtype, gguf)
         data = _convert(array, qtype, gguf)
         writer.add_tensor(name, data, raw_dtype=qtype if qtype not in (gguf.GGMLQuantizationType.F32,
@@ -108,6 +145,9 @@ def _hparams(w, cfg: ModelConfig, gguf) -> None:
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
     _rope_scaling(w, cfg, gguf)
+    if cfg.is_v4:
+        _v4_hparams(w, cfg, gguf)
+        return
     if not cfg.is_mla:
         w.add_head_count_kv(cfg.gqa_kv_heads)
         w.add_rope_dimension_count(cfg.gqa_head_dim)
@@ -143,6 +183,41 @@ def _hparams(w, cfg: ModelConfig, gguf) -> None:
         w.add_uint32("deepseek32.attention.indexer.head_count", cfg.index_n_heads)
         w.add_uint32("deepseek32.attention.indexer.key_length", cfg.index_head_dim)
         w.add_uint32("deepseek32.attention.indexer.top_k", cfg.index_topk)
+
+
+def _v4_hparams(w, cfg: ModelConfig, gguf) -> None:
+    """DeepSeek-V4's keys, as llama.cpp's loader reads them (names not in the gguf package are literal)."""
+    A, L = "deepseek4", cfg.num_hidden_layers
+    w.add_head_count_kv(1)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    w.add_q_lora_rank(cfg.q_lora_rank)
+    if cfg.rope_scaling:
+        w.add_rope_scaling_yarn_beta_fast(float(cfg.rope_scaling.get("beta_fast") or 32))
+        w.add_rope_scaling_yarn_beta_slow(float(cfg.rope_scaling.get("beta_slow") or 1))
+    w.add_uint32(f"{A}.attention.output_lora_rank", cfg.o_lora_rank)
+    w.add_uint32(f"{A}.attention.output_group_count", cfg.o_groups)
+    w.add_array(f"{A}.attention.compress_ratios", [cfg.compress_rate(i) for i in range(L)])
+    w.add_float32(f"{A}.attention.compress_rope_freq_base", cfg.compress_rope_theta)
+    w.add_uint32(f"{A}.attention.sliding_window", cfg.sliding_window)
+    w.add_uint32(f"{A}.attention.indexer.head_count", cfg.index_n_heads)
+    w.add_uint32(f"{A}.attention.indexer.key_length", cfg.index_head_dim)
+    w.add_uint32(f"{A}.attention.indexer.top_k", cfg.index_topk)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_weights_norm(True)
+    if cfg.scoring_func != "sqrtsoftplus":
+        raise GGUFExportError(f"llama.cpp's deepseek4 routes by sqrt(softplus) only, not {cfg.scoring_func}")
+    w.add_uint32(f"{A}.expert_gating_func", 4)  # sqrt(softplus)
+    w.add_uint32(f"{A}.hash_layer_count", cfg.num_hash_layers)
+    w.add_array(f"{A}.swiglu_clamp_exp", [float(cfg.swiglu_limit)] * L)
+    w.add_uint32(f"{A}.hyper_connection.count", cfg.hc_mult)
+    w.add_uint32(f"{A}.hyper_connection.sinkhorn_iterations", cfg.hc_sinkhorn_iters)
+    w.add_float32(f"{A}.hyper_connection.epsilon", cfg.hc_eps)
 
 
 def _rope_scaling(w, cfg: ModelConfig, gguf) -> None:
@@ -198,6 +273,17 @@ def _tensors(model, arch: str):
         yield _name(names, key), t.contiguous().numpy()
 
 
+def _v4_tensors(model):
+    """(GGUF name, numpy array) of DeepSeek-V4's tensors: float32, the hash tables int32."""
+    for key, t in model.state_dict().items():
+        if key in V4_TOP:
+            yield V4_TOP[key], t.detach().float().contiguous().numpy()
+            continue
+        layer, rest = key.removeprefix("model.layers.").split(".", 1)
+        t = t.detach()
+        yield f"blk.{layer}.{V4_TENSORS[rest]}", (t.to(torch.int32) if rest.endswith("tid2eid") else t.float()).contiguous().numpy()
+
+
 def _name(names, key: str) -> str:
     stem, _, suffix = key.rpartition(".")
     mapped = names.get_name(stem)
@@ -216,6 +302,8 @@ def _type_for(name: str, array: np.ndarray, dtype: str, gguf):
     T = gguf.GGMLQuantizationType
     if array.ndim < 2 or name.endswith(".bias") or dtype == "f32" or "ffn_gate_inp" in name \
             or "indexer.proj" in name:  # the router and the indexer's head weights: F32, as the converter writes them
+        return T.F32
+    if "hc_" in name or "_ape." in name:  # DeepSeek-V4's hyper-connection projections and position biases
         return T.F32
     if dtype == "q8_0":
         if any(k in name for k in KEEP_FLOAT) or array.shape[-1] % 32:

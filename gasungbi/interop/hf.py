@@ -6,7 +6,10 @@ The state-dict adapter between gasungbi's names and the HF checkpoint names:
     transformers also writes and reads);
   * MTP modules: ``model.mtp.{k}.*`` <-> ``model.layers.{L+k}.*`` as in DeepSeek-V3's release,
     which also stores copies of the embedding and head there (``embed_tokens``,
-    ``shared_head.head``); we write those copies for vLLM/SGLang and ignore them on load.
+    ``shared_head.head``); we write those copies for vLLM/SGLang and ignore them on load;
+  * DeepSeek-V4: DeepSeek's release names (``layers.3.attn.wq_a.weight``, ``ffn.experts.7.w1.weight``,
+    ``embed.weight``...; :data:`V4_NAMES`) are written, and read besides transformers' own names and
+    the mix that transformers' ``save_pretrained`` writes; the release's MTP block (``mtp.*``) is skipped.
 
 Weights are read with safetensors only; pickle checkpoints (``*.bin``, ``*.pt``) are refused.
 DeepSeek's FP8 checkpoints (E4M3 weights with 128x128 block scales, :mod:`gasungbi.interop.fp8`)
@@ -41,11 +44,82 @@ _HF_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 # name mapping
 # ---------------------------------------------------------------------------------------------
 
+V4_TOP = {"model.embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight", "model.norm.weight": "norm.weight",
+          "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
+          "model.hc_head.hc_scale": "hc_head_scale"}
+_V4_COMPRESSOR = {"kv_proj.weight": "wkv.weight", "gate_proj.weight": "wgate.weight", "kv_norm.weight": "norm.weight",
+                  "position_bias": "ape"}
+V4_NAMES = {  # a layer's tensors: ours (transformers') -> DeepSeek's release
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    **{f"{s}_hc.{p}": f"hc_{s}_{p}" for s in ("attn", "ffn") for p in ("fn", "base", "scale")},
+    "self_attn.sinks": "attn.attn_sink",
+    **{f"self_attn.{a}.weight": f"attn.{b}.weight" for a, b in (
+        ("q_a_proj", "wq_a"), ("q_a_norm", "q_norm"), ("q_b_proj", "wq_b"), ("kv_proj", "wkv"), ("kv_norm", "kv_norm"),
+        ("o_a_proj", "wo_a"), ("o_b_proj", "wo_b"))},
+    **{f"self_attn.compressor.{a}": f"attn.compressor.{b}" for a, b in _V4_COMPRESSOR.items()},
+    **{f"self_attn.compressor.indexer.{a}": f"attn.indexer.compressor.{b}" for a, b in _V4_COMPRESSOR.items()},
+    "self_attn.compressor.indexer.q_b_proj.weight": "attn.indexer.wq_b.weight",
+    "self_attn.compressor.indexer.scorer.weights_proj.weight": "attn.indexer.weights_proj.weight",
+    "mlp.gate.weight": "ffn.gate.weight", "mlp.gate.e_score_correction_bias": "ffn.gate.bias",
+    "mlp.gate.tid2eid": "ffn.gate.tid2eid",
+    **{f"mlp.shared_experts.{a}.weight": f"ffn.shared_experts.{b}.weight" for a, b in (
+        ("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3"))},
+}
+_V4_READ = {b: a for a, b in V4_NAMES.items()} | {"attn.norm.weight": "self_attn.kv_norm.weight"}  # + transformers' save
+_V4_EXPERT = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def _v4_to_release(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DeepSeek-V4 state dict in DeepSeek's release names (routed experts one by one: w1 gate, w2 down, w3 up)."""
+    out: dict[str, torch.Tensor] = {}
+    inverse = {b: a for a, b in _V4_EXPERT.items()}
+    for name, t in sd.items():
+        if name in V4_TOP:
+            out[V4_TOP[name]] = t
+            continue
+        i, rest = re.match(r"^model\.layers\.(\d+)\.(.*)$", name).groups()
+        m = re.match(r"^mlp\.experts\.(gate_proj|up_proj|down_proj)$", rest)
+        if m:
+            for e in range(t.shape[0]):
+                out[f"layers.{i}.ffn.experts.{e}.{inverse[m.group(1)]}.weight"] = t[e]
+        else:
+            out[f"layers.{i}.{V4_NAMES[rest]}"] = t
+    return out
+
+
+def _v4_from_disk(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DeepSeek-V4 tensors under DeepSeek's, transformers' or transformers' ``save_pretrained`` names ->
+    ours, routed experts still one by one (as ``model.layers.i.mlp.experts.e.gate_proj.weight``; stacked
+    by the caller). The MTP block (``mtp.*``) is dropped; hash tables become int64."""
+    top = {b: a for a, b in V4_TOP.items()} | {a.removeprefix("model."): a for a in V4_TOP}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        key = name.removeprefix("model.")
+        if key.startswith("mtp."):
+            continue
+        m = re.match(r"^layers\.(\d+)\.(.*)$", key)
+        if key in top or not m:
+            out[top.get(key, name)] = t
+            continue
+        prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
+        e = re.match(r"^ffn\.experts\.(\d+)\.(w[123])\.weight$", rest)
+        if e:
+            out[f"{prefix}mlp.experts.{e.group(1)}.{_V4_EXPERT[e.group(2)]}.weight"] = t
+        elif rest == "mlp.experts.gate_up_proj":  # transformers' fused [E, 2I, d]: gate rows first
+            out[prefix + "mlp.experts.gate_proj"], out[prefix + "mlp.experts.up_proj"] = t.chunk(2, dim=1)
+        else:
+            out[prefix + _V4_READ.get(rest, rest)] = t.long() if rest.endswith("tid2eid") else t
+    return out
+
+
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our state dict in HF names (experts split, MTP renumbered, tied head dropped)."""
+    """Our state dict in HF names (experts split, MTP renumbered, tied head dropped; DeepSeek-V4: its
+    release's names)."""
     cfg = model.config
     L = cfg.num_hidden_layers
     sd = model.state_dict()
+    if cfg.is_v4:
+        return _v4_to_release(sd)
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
@@ -66,6 +140,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF names -> ours. Experts are stacked; MTP copies of embedding/head are dropped."""
     L = cfg.num_hidden_layers
+    if cfg.is_v4:
+        tensors = _v4_from_disk(cfg, tensors)
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, t in tensors.items():
@@ -154,6 +230,8 @@ def headers(files: list[Path]) -> dict[str, torch.Tensor]:
 def _without_absent_mtp(cfg: ModelConfig, tensors: dict) -> ModelConfig:
     """A config that declares MTP modules whose weights are not stored (transformers saves none)."""
     L = cfg.num_hidden_layers
+    if cfg.is_v4:  # its MTP block is never built; the field stays for config.json
+        return cfg
     if cfg.num_nextn_predict_layers and not any(re.match(rf"^model\.layers\.{L}\.", k) for k in tensors):
         return cfg.replace(num_nextn_predict_layers=0)
     return cfg
@@ -163,6 +241,8 @@ def check_sizes(path: Path, cfg: ModelConfig, headers: dict[str, torch.Tensor]) 
     """``cfg`` checked against the checkpoint's tensor shapes before anything is built or read: a
     config.json whose sizes the weights do not hold (10^9 experts, 10^6 layers) is refused naming the
     field, instead of growing a model the machine cannot hold."""
+    if cfg.is_v4:
+        headers = _v4_from_disk(cfg, headers)
     layers = {int(m.group(1)) for k in headers if (m := re.match(r"^model\.layers\.(\d+)\.", k))}
     depth = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     if layers and cfg.num_hidden_layers > max(layers) + 1:
@@ -177,7 +257,7 @@ def check_sizes(path: Path, cfg: ModelConfig, headers: dict[str, torch.Tensor]) 
         if getattr(cfg, field) != value:
             raise CheckpointError(f"{path}: config.json's {field}={getattr(cfg, field)!r}, but the weights have "
                                   f"{value} ({name} is {tuple(shape)})")
-    _match(path, cfg, from_hf_state_dict(cfg, headers))
+    _match(path, cfg, from_hf_state_dict(cfg, headers))  # (V4 names, already ours, pass unchanged)
     return cfg
 
 
@@ -191,6 +271,9 @@ def _sizes_on_disk(cfg: ModelConfig, headers: dict[str, torch.Tensor]) -> dict[s
         "index_head_dim": ("model.layers.0.self_attn.indexer.wk.weight", 0),
         "index_n_heads": ("model.layers.0.self_attn.indexer.weights_proj.weight", 0),
     }
+    if cfg.is_v4:
+        probes.update(head_dim=("model.layers.0.self_attn.kv_norm.weight", 0),
+                      q_lora_rank=("model.layers.0.self_attn.q_a_norm.weight", 0))
     if not cfg.is_mla or cfg.first_k_dense_replace > 0:
         probes["intermediate_size"] = ("model.layers.0.mlp.gate_proj.weight", 0)
     if cfg.n_routed_experts:
@@ -262,8 +345,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     sd = from_hf_state_dict(cfg, tensors)
     _match(path, cfg, sd)
     _warn_non_finite(path, sd)
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+    if dtype is not None:  # (V4's token -> experts tables stay integers)
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     return from_state_dict(cfg, sd).eval()
 
 

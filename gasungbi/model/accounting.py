@@ -7,6 +7,7 @@ them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from gasungbi.config import ModelConfig
@@ -61,9 +62,30 @@ def _attention_params(cfg: ModelConfig) -> int:
     return d * hd * (2 * h + 2 * kvh) + biases + (2 * hd if cfg.qk_norm else 0)
 
 
+def _v4_attention_params(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
+    """DeepSeek-V4: q (low rank, normed), the K=V projection, the grouped output projection, the sinks;
+    the compressor (2 x wider for CSA) with its position bias and norm, and CSA's indexer."""
+    d, h, hd, rq = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
+    attn = d * rq + rq + rq * h * hd + d * hd + hd + h * hd * cfg.o_lora_rank + cfg.o_groups * cfg.o_lora_rank * d + h
+    out = {"attention": attn}
+    m = cfg.compress_rate(layer_idx)
+    if m:
+        k = 2 if cfg.v4_layer_types[layer_idx] == "compressed_sparse_attention" else 1
+        out["compressors"] = 2 * d * k * hd + m * k * hd + hd
+        if k == 2:
+            n, di = cfg.index_n_heads, cfg.index_head_dim
+            out["indexer"] = 2 * d * 2 * di + m * 2 * di + di + rq * n * di + d * n
+    return out
+
+
 def _block_params(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
     d = cfg.hidden_size
-    out = {"attention": _attention_params(cfg), "norms": 2 * d}
+    if cfg.is_v4:
+        N = cfg.hc_mult
+        out = {**_v4_attention_params(cfg, layer_idx), "norms": 2 * d,
+               "hyper_connections": 2 * ((2 + N) * N * N * d + (2 + N) * N + 3)}
+    else:
+        out = {"attention": _attention_params(cfg), "norms": 2 * d}
     if cfg.is_moe_layer(layer_idx):
         out["shared_experts"] = 3 * d * cfg.moe_intermediate_size * cfg.n_shared_experts
         out["routed_experts"] = 3 * d * cfg.moe_intermediate_size * cfg.n_routed_experts
@@ -74,16 +96,19 @@ def _block_params(cfg: ModelConfig, layer_idx: int) -> dict[str, int]:
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
-    """Learnable parameters by component (buffers such as the routing bias are not counted)."""
+    """Learnable parameters by component (buffers such as the routing bias and V4's hash tables are not
+    counted). DeepSeek-V4's MTP block is not counted: gasungbi builds none, as transformers."""
     d, V = cfg.hidden_size, cfg.vocab_size
     comps: dict[str, int] = {"embedding": V * d}
     for i in range(cfg.num_hidden_layers):
         for k, v in _block_params(cfg, i).items():
             comps[k] = comps.get(k, 0) + v
     comps["norms"] += d  # final norm
+    if cfg.is_v4:  # the streams' head
+        comps["hyper_connections"] += cfg.hc_mult * cfg.hc_mult * d + cfg.hc_mult + 1
     comps["output_head"] = 0 if cfg.tie_word_embeddings else V * d
     mtp: dict[str, int] = {}
-    for k in range(cfg.num_nextn_predict_layers):
+    for k in range(0 if cfg.is_v4 else cfg.num_nextn_predict_layers):  # V4's MTP block is not built
         for name, v in _block_params(cfg, cfg.num_hidden_layers + k).items():
             mtp[name] = mtp.get(name, 0) + v
         mtp["eh_proj"] = mtp.get("eh_proj", 0) + 2 * d * d
@@ -92,20 +117,49 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     return ParamCount(comps, mtp, frac)
 
 
-def kv_cache_width(cfg: ModelConfig) -> int:
+def v4_cache_shapes(cfg: ModelConfig, layer_idx: int, max_len: int) -> dict[str, tuple[int, ...]]:
+    """DeepSeek-V4: what a decode cache of ``max_len`` positions keeps per row for layer ``layer_idx``
+    (name -> shape; :mod:`gasungbi.model.compressor` reads them): the sliding window's K (= V); for CSA
+    and HCA layers one entry per window of m positions plus a spare row, the incomplete window's raw
+    projections and gates (2 x wider for CSA), CSA's overlap half, and the indexer's own entries,
+    window and overlap at its width."""
+    hd, m = cfg.head_dim, cfg.compress_rate(layer_idx)
+    shapes = {"window": (cfg.sliding_window, hd)}
+    if m:
+        entries = max_len // m + 1
+        k = 2 if cfg.v4_layer_types[layer_idx] == "compressed_sparse_attention" else 1
+        shapes.update(entries=(entries, hd), acc_kv=(m, k * hd), acc_gate=(m, k * hd))
+        if k == 2:
+            di = cfg.index_head_dim
+            shapes.update(overlap_kv=(m, hd), overlap_gate=(m, hd), index_entries=(entries, di),
+                          index_acc_kv=(m, 2 * di), index_acc_gate=(m, 2 * di), index_overlap_kv=(m, di),
+                          index_overlap_gate=(m, di))
+    return shapes
+
+
+def kv_cache_width(cfg: ModelConfig, context: int | None = None) -> float:
     """Elements a decode cache keeps per token and layer: MLA's latent and shared RoPE key
     (kv_lora_rank + qk_rope_head_dim), plus V3.2's indexer key (index_head_dim); GQA's K and V
-    (2 x kv_heads x head_dim). The one formula behind the cache the engine allocates and the KV
-    bytes ``params`` and ``plan`` print."""
+    (2 x kv_heads x head_dim); DeepSeek-V4's, which do not grow with each token, amortized over a
+    cache of ``context`` positions (default the model's context; :func:`v4_cache_shapes`, averaged over
+    the layers: the window's W x head_dim per row, about head_dim / m per token for the entries). The
+    one formula behind the cache the engine allocates and the KV bytes ``params`` and ``plan`` print."""
+    if cfg.is_v4:
+        context = context or cfg.max_position_embeddings
+        total = sum(math.prod(shape) for i in range(cfg.num_hidden_layers)
+                    for shape in v4_cache_shapes(cfg, i, context).values())
+        return total / (context * cfg.num_hidden_layers)
     if cfg.is_mla:
         return cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.has_indexer else 0)
     return 2 * cfg.gqa_kv_heads * cfg.gqa_head_dim
 
 
-def kv_cache_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2, include_mtp: bool = False) -> int:
-    """Decode-cache bytes per token (see :func:`kv_cache_width`); ``include_mtp``: the MTP blocks' too."""
-    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
-    return kv_cache_width(cfg) * layers * elem_bytes
+def kv_cache_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2, include_mtp: bool = False,
+                             context: int | None = None) -> float:
+    """Decode-cache bytes per token (see :func:`kv_cache_width`; ``context``: DeepSeek-V4's amortization);
+    ``include_mtp``: the MTP blocks' too (V4 builds none)."""
+    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp and not cfg.is_v4 else 0)
+    return kv_cache_width(cfg, context) * layers * elem_bytes
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
@@ -114,6 +168,16 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     PaLM's convention (Appendix B): the full T x T product (no causal halving), 2 FLOPs per MAC.
     """
     h = cfg.num_attention_heads
+    if cfg.is_v4:  # keys per query: the window, and the visible (HCA) or chosen (CSA) entries; the indexer
+        total = 0
+        for i in range(cfg.num_hidden_layers):
+            m = cfg.compress_rate(i)
+            keys = min(cfg.sliding_window, seq_len) + (seq_len // m if m else 0)
+            if cfg.v4_layer_types[i] == "compressed_sparse_attention":
+                keys = min(cfg.sliding_window, seq_len) + min(cfg.index_topk, seq_len // m)
+                total += cfg.index_n_heads * cfg.index_head_dim * (seq_len // m)
+            total += h * 2 * cfg.head_dim * keys
+        return 2 * total
     if cfg.is_mla:
         per_head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
     else:

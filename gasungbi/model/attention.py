@@ -151,7 +151,8 @@ class DecodeContext:
     the slots of all T tokens as a tensor [T] (the decode engine's fixed-shape step);
     ``absorb``: the absorbed MLA computation (V2 Sec. 2.1.2) instead of the naive one; ``mask``:
     boolean [B, 1, T, S] (True = attend), default causal; ``positions``: [B, T] token positions
-    (left-padded rows: slot - padding), default the slots.
+    (left-padded rows: slot - padding), default the slots; ``valid``: [B, T] which tokens are real
+    (not left padding), default all (DeepSeek-V4 reads it: its compressors must skip the padding).
     """
 
     cache: Any = None
@@ -159,6 +160,7 @@ class DecodeContext:
     absorb: bool = False
     mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def params(model: Model, json: bool = False) -> int:
                               "built_on_meta": built, "bf16_bytes": 2 * built, "fp8_bytes": fp8}, indent=2))
         return 0
     print(f"{model}: {cfg.model_type}, {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
-          f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})" if cfg.is_mla else
+          f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok})" if cfg.is_mla or cfg.is_v4 else
           f"{model}: dense {cfg.model_type}, {cfg.num_hidden_layers} layers, d={cfg.hidden_size}")
     print(format_params(cfg))
     print(f"built on the meta device: {built:,} parameters (formula: {pc.total_with_mtp:,})")

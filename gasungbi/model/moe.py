@@ -1,7 +1,7 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts with a top-K router.
 
 Routing (DeepSeek-V3 Sec. 2.1.2, eq. 12-16; DeepSeek-V2 Sec. 2.2):
-    s_i,t = sigmoid(u_t . e_i) (V3)  or  softmax_i(u_t . e_i) (V2)
+    s_i,t = sigmoid(u_t . e_i) (V3)  or  softmax_i(u_t . e_i) (V2)  or  sqrt(softplus(u_t . e_i)) (V4)
     chosen = TopK(s_i,t + b_i)       b_i: per-expert correction bias, only in ``noaux_tc``;
                                      it changes which experts are chosen, never their weights
     g_i,t = s_i,t / sum_{j in chosen} s_j,t  (if norm_topk_prob)   x routed_scaling_factor
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gasungbi.config import ModelConfig
-from gasungbi.model.layers import MLP
+from gasungbi.model.layers import MLP, swiglu
 
 
 class RoutingStats:
@@ -60,10 +60,17 @@ class Router(nn.Module):
         """x (N, d) -> (N, E) fp32: the affinities before the scoring function."""
         return F.linear(x.float(), self.weight.float())
 
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The affinities s_i,t (N, E) of the logits (N, E)."""
+        if self.scoring == "sigmoid":
+            return logits.sigmoid()
+        if self.scoring == "sqrtsoftplus":
+            return F.softplus(logits).sqrt()
+        return logits.softmax(dim=-1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> weights (N, K), expert ids (N, K), scores (N, E) (all fp32)."""
-        logits = self.logits(x)
-        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        scores = self.scores(self.logits(x))
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1 and self.method != "greedy":
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
@@ -83,7 +90,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored stacked: gate/up (E, I, d), down (E, d, I).
+    """E SwiGLU experts stored stacked: gate/up (E, I, d), down (E, d, I); DeepSeek-V4 clamps the
+    SwiGLU (``limit``, :func:`~gasungbi.model.layers.swiglu`).
 
     Tokens are sorted by expert and each expert runs one matmul over its contiguous slice
     (a loop over experts, never over tokens); an expert that gets no token is skipped.
@@ -95,9 +103,12 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(e, i, d))
         self.up_proj = nn.Parameter(torch.empty(e, i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        self.limit = cfg.swiglu_limit
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` on its tokens x (n, d) -> (n, d)."""
+        if self.limit is not None:
+            return swiglu(x @ self.gate_proj[e].t(), x @ self.up_proj[e].t(), self.limit) @ self.down_proj[e].t()
         return (F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t())) @ self.down_proj[e].t()
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
@@ -121,11 +132,12 @@ class Experts(nn.Module):
         E = self.gate_proj.shape[0]
         if N * K < E:
             xk = x[:, None, :, None]  # (N, 1, d, 1)
-            h = F.silu(self.gate_proj[idx] @ xk) * (self.up_proj[idx] @ xk)  # (N, K, I, 1)
+            h = swiglu(self.gate_proj[idx] @ xk, self.up_proj[idx] @ xk, self.limit)  # (N, K, I, 1)
             out = (self.down_proj[idx] @ h).squeeze(-1)  # (N, K, d)
             return (out * weights[..., None].to(out.dtype)).sum(1)
         combine = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, idx, weights.to(x.dtype))
-        h = F.silu(torch.einsum("nd,eid->nei", x, self.gate_proj)) * torch.einsum("nd,eid->nei", x, self.up_proj)
+        h = swiglu(torch.einsum("nd,eid->nei", x, self.gate_proj), torch.einsum("nd,eid->nei", x, self.up_proj),
+                   self.limit)
         return torch.einsum("nei,edi,ne->nd", h, self.down_proj, combine)
 
 
@@ -173,14 +185,20 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.swiglu_limit)
                                if cfg.n_shared_experts else None)
 
-    def forward(self, x: torch.Tensor, *, stats: RoutingStats | None = None) -> torch.Tensor:
-        """x (B, T, d) -> (B, T, d); ``stats``, when given, receives this run's routing statistics."""
+    def route(self, flat: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """weights (N, K), expert ids (N, K), scores (N, E) of tokens ``flat`` (N, d) (ids: hash routing)."""
+        return self.gate(flat)
+
+    def forward(self, x: torch.Tensor, *, stats: RoutingStats | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d); ``stats``, when given, receives this run's routing statistics;
+        ``input_ids`` (B, T): the tokens, for layers that route by token id (DeepSeek-V4's hash layers)."""
         B, T, d = x.shape
         flat = x.reshape(-1, d)
-        weights, idx, scores = self.gate(flat)
+        weights, idx, scores = self.route(flat, input_ids)
         counts = expert_counts(idx, self.n_experts) if stats is not None else None  # (E,)
         y = self.experts(flat, idx, weights, counts).view(B, T, d)
         if self.shared_experts is not None:

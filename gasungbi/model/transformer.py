@@ -20,6 +20,7 @@ from torch import nn
 
 from gasungbi.config import ModelConfig
 from gasungbi.model.attention import GQA, MLA, DecodeContext, RotaryEmbedding, rope_frequencies
+from gasungbi.model.deepseek_v4 import DeepseekV4
 from gasungbi.model.layers import MLP, RMSNorm
 from gasungbi.model.moe import Experts, MoE, Router, RoutingStats
 
@@ -181,12 +182,13 @@ class Transformer(nn.Module):
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = None) -> Transformer:
-    """Construct on the meta device, materialize on ``device`` in ``dtype``, then initialize.
+    """Construct on the meta device, materialize on ``device`` in ``dtype``, then initialize. DeepSeek-V4
+    configs build a :class:`~gasungbi.model.deepseek_v4.DeepseekV4` (the same interface).
 
     ``device="meta"`` gives a shape-only model (for accounting of the published sizes).
     """
     with torch.device("meta"):
-        model = Transformer(cfg, init=False)
+        model = (DeepseekV4 if cfg.is_v4 else Transformer)(cfg, init=False)
     if str(device) == "meta":
         return model
     model = model.to_empty(device=device)

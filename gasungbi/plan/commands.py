@@ -402,7 +402,7 @@ def _serve(args: SimpleNamespace) -> int:
     defaults = dict(default_gpu=catalog.lookup(DEFAULT_GPU), default_memory=catalog.lookup(DEFAULT_MEMORY))
     results = compare_setups(cfg, hw, quant, context, batch, ddr_gb, **defaults)
     req = results[0]
-    kv, mha, kv_line = _kv_line(None if counts else cfg)
+    kv, mha, kv_line = _kv_line(None if counts else cfg, context)
     lines = [f"{model_name} at {quant} ({req.bits_per_weight:g} bits/weight), context {context:,}, batch {batch}"
              + (" (MTP modules not served)" if not counts and cfg.num_nextn_predict_layers else ""),
              kv_line, ""]
@@ -431,13 +431,24 @@ def _serve_hardware(args: SimpleNamespace, catalog):
     raise UserError("give --hardware (a catalog name) or --peak-tflops X --bandwidth Y")
 
 
-def _kv_line(cfg) -> tuple[int, int, str]:
-    """KV cache bytes per token of ``cfg`` and of an MHA model of its shape, and the line that
-    compares them; zeros when the model is known by its counts alone (``cfg`` None)."""
+def _kv_line(cfg, context: int = 0) -> tuple[float, int, str]:
+    """KV cache bytes per token of ``cfg`` (DeepSeek-V4's at ``context``) and of an MHA model of its
+    shape, and the line that compares them; zeros when the model is known by its counts alone (``cfg``
+    None). DeepSeek-V4's, which depend on the context, are given at 128K and 1M beside V3's MLA latent."""
     from gasungbi.plan.counts import kv_bytes_per_token, mha_kv_bytes_per_token
 
     if cfg is None:
         return 0, 0, "KV cache not counted (--params/--active give no attention shape; pass --model for it)"
+    if cfg.is_v4:
+        from gasungbi.presets import deepseek_v3_671b
+
+        at = [kv_bytes_per_token(cfg, context=c) for c in (2 ** 17, 2 ** 20)]
+        mla = kv_bytes_per_token(deepseek_v3_671b())
+        return kv_bytes_per_token(cfg, context=context or None), mha_kv_bytes_per_token(cfg), (
+            f"KV cache in bf16: {at[0] / 1e3:,.2f} KB/token at 128K context, {at[1] / 1e3:,.2f} KB/token at 1M "
+            f"(a {cfg.sliding_window}-token window, one entry per {cfg.compress_rate_csa} (CSA) or "
+            f"{cfg.compress_rate_hca} (HCA) tokens, amortized); DeepSeek-V3's MLA latent: {mla / 1e3:,.1f} KB/token "
+            f"({mla / at[0]:.1f}x / {mla / at[1]:.1f}x)")
     kv, mha = kv_bytes_per_token(cfg), mha_kv_bytes_per_token(cfg)
     return kv, mha, (f"KV cache {kv / 1e3:,.1f} KB/token in bf16 ({'MLA latent' if cfg.is_mla else 'GQA'}; an MHA "
                      f"model of this shape: {mha / 1e6:,.2f} MB/token, {mha / kv:.1f}x)")
@@ -446,9 +457,9 @@ def _kv_line(cfg) -> tuple[int, int, str]:
 def _requested_lines(req, hw) -> list[str]:
     """The requested set-up: where each part lives, the fit and reads per memory, ceilings, cost."""
     lines = [f"requested: {req.setup}  [{req.kind}]",
-             f"  {'part':<16}{'where':<7}{'GB':>10}"]
+             f"  {'part':<18}{'where':<7}{'GB':>10}"]
     for part, gb in req.parts_gb.items():
-        lines.append(f"  {part:<16}{req.placement[part]:<7}{gb:>10,.2f}")
+        lines.append(f"  {part:<18}{req.placement[part]:<7}{gb:>10,.2f}")
     bw = {"gpu": hw.gpu.bandwidth_gbs * hw.gpu_count if hw.gpu else 0,
           "ddr": hw.memory.bandwidth_gbs * hw.memory_count if hw.memory else 0}
     for mem in req.stored_gb:

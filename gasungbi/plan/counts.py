@@ -104,11 +104,12 @@ def flops_per_token(model: Model, seq_len: int) -> float:
     return training_flops_per_token(model, seq_len)
 
 
-def kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2) -> int:
+def kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2, context: int | None = None) -> float:
     """KV cache bytes per token of the main model, as the decode engine allocates it: MLA caches the
-    latent and the shared RoPE key (and V3.2 its indexer key), GQA caches K and V
+    latent and the shared RoPE key (and V3.2 its indexer key), GQA caches K and V; DeepSeek-V4 its
+    window and compressed entries, amortized over ``context`` positions (default the model's)
     (:func:`gasungbi.model.accounting.kv_cache_width`)."""
-    return kv_cache_bytes_per_token(cfg, elem_bytes)
+    return kv_cache_bytes_per_token(cfg, elem_bytes, context=context)
 
 
 def mha_kv_bytes_per_token(cfg: ModelConfig, elem_bytes: int = 2) -> int:

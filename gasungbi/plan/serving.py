@@ -78,9 +78,10 @@ class Setup:
     def placement(self) -> dict[str, str]:
         """Part -> "gpu" or "ddr". Hybrid (KTransformers' split): routed experts and the embedding
         table (a lookup reads one row) in DRAM; attention, dense and shared FFNs, router, norms,
-        output head and the KV cache on the GPU."""
+        output head and the KV cache on the GPU (DeepSeek-V4's compressors, indexer and hyper-connections
+        with the attention)."""
         parts = ("embedding", "attention", "norms", "dense_ffn", "shared_experts", "router",
-                 "routed_experts", "output_head", "kv_cache")
+                 "routed_experts", "output_head", "kv_cache", "compressors", "indexer", "hyper_connections")
         if self.kind == "all-HBM":
             return {p: "gpu" for p in parts}
         if self.kind == "CPU-only":
@@ -140,7 +141,7 @@ def _serve_parts(model: Model, quant: str, context: int, batch: int) -> tuple[di
             read[part] = n * bits / 8 * touched
         else:
             read[part] = n * bits / 8
-    kv = batch * context * kv_bytes_per_token(cfg)
+    kv = batch * context * kv_bytes_per_token(cfg, context=context or None)
     stored["kv_cache"] = read["kv_cache"] = kv
     # FLOPs: 2 per activated weight per token, and the attention over the context (read from the cache)
     flops = {part: batch * 2 * (n * pc.routed_fraction if part == "routed_experts" else n)

@@ -138,7 +138,7 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
 
     sock.listen(2048)
     dtype = next(net.parameters()).dtype
-    cache = KVCache.bytes_per_token(cfg, dtype) * max_batch * max_len
+    cache = KVCache.bytes_per_token(cfg, dtype, context=max_len) * max_batch * max_len
     print(f"gasungbi serve: {name} at http://{host}:{port} ({max_batch} sequences x {max_len} tokens, "
           f"KV cache {format_bytes(cache)}; api key {'required' if api_key_of(api_key) else 'off'})",
           file=sys.stderr, flush=True)

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from gasungbi.model.layers import swiglu
 from gasungbi.model.moe import Experts, expert_counts
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -72,10 +72,11 @@ class EPExperts(nn.Module):
         lo, hi = ep_rank * self.n_local, (ep_rank + 1) * self.n_local
         for name in EXPERT_PARAMS:
             setattr(self, name, nn.Parameter(getattr(experts, name).detach()[lo:hi].clone()))
+        self.limit = experts.limit  # DeepSeek-V4's SwiGLU clamp
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert ``e`` on its tokens x (n, d) -> (n, d)."""
-        return (F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t())) @ self.down_proj[e].t()
+        return swiglu(x @ self.gate_proj[e].t(), x @ self.up_proj[e].t(), self.limit) @ self.down_proj[e].t()
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gasungbi.model.layers import swiglu
 from gasungbi.model.moe import Experts
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -216,7 +217,7 @@ class Fp8Experts(Experts):
     """Routed experts whose three matmuls run in FP8 (the stacked parameters are unchanged)."""
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(F.silu(fp8_linear(x, self.gate_proj[e])) * fp8_linear(x, self.up_proj[e]),
+        return fp8_linear(swiglu(fp8_linear(x, self.gate_proj[e]), fp8_linear(x, self.up_proj[e]), self.limit),
                           self.down_proj[e])
 
 
