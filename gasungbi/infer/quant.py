@@ -31,7 +31,7 @@ from gasungbi.model.moe import Experts
 from gasungbi.model.transformer import Transformer
 
 MODES = ("int8", "int4")
-SKIP = ("kv_b_proj",)  # read as a raw weight by the absorbed MLA
+SKIP = ("kv_b_proj", "o_a_proj")  # read as raw weights: by the absorbed MLA, by V4's grouped output
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # an MLP's projections; the experts' stacked tensors
 _GROUPS = (256, 128, 64, 32)
 # torch 2.13's CPU _weight_int8pack_mm segfaults when a weight's input width is not a multiple of 16
@@ -124,9 +124,6 @@ def check_mode(mode: str) -> None:
 
 def quant_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     """Names of the Linear layers and the Experts modules to quantize."""
-    if getattr(model.config, "is_v4", False):  # its quantized modules would drop the SwiGLU clamp
-        raise ValueError("DeepSeek-V4 models are not quantized to int8/int4 (their experts' SwiGLU clamp and "
-                         "grouped output projection have no quantized kernels); serve them in bf16 or fp32")
     tied = getattr(model.config, "tie_word_embeddings", False)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
                and not n.endswith(SKIP) and ".indexer." not in n and not (tied and n == "lm_head")]

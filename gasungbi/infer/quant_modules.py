@@ -32,7 +32,7 @@ from gasungbi.config import ModelConfig
 from gasungbi.infer import native
 from gasungbi.infer.placement import offload_experts
 from gasungbi.infer.quant import EXPERT_PROJS, portable_layout, quant_targets, quantize_state_dict, unpack_int4
-from gasungbi.model.layers import MLP
+from gasungbi.model.layers import MLP, swiglu
 from gasungbi.model.moe import Experts, dispatch, expert_counts
 from gasungbi.model.transformer import Transformer, build_model
 
@@ -168,13 +168,14 @@ def _fused(mode: str, gate: tuple[torch.Tensor, torch.Tensor], up: tuple[torch.T
     return weights, (q, s)
 
 
-def _swiglu(gate_up: _Weight, down: _Weight, xc: torch.Tensor, native_path: bool = False) -> torch.Tensor:
+def _swiglu(gate_up: _Weight, down: _Weight, xc: torch.Tensor, native_path: bool = False,
+            limit: float | None = None) -> torch.Tensor:
     """SwiGLU with gate and up fused into one matmul, all in the compute dtype: xc [n, d] -> [n, d];
-    with ``native_path``, fp32 tokens on the native int8 kernel."""
+    with ``native_path``, fp32 tokens on the native int8 kernel; ``limit``: DeepSeek-V4's clamp."""
     mm = _Weight.mm_native if native_path else _Weight.mm_compute
     gu = mm(gate_up, xc)  # (n, 2I)
     inter = gu.shape[-1] // 2
-    return mm(down, F.silu(gu[:, :inter]) * gu[:, inter:])
+    return mm(down, swiglu(gu[:, :inter], gu[:, inter:], limit))
 
 
 class QuantMLP(nn.Module):
@@ -184,8 +185,10 @@ class QuantMLP(nn.Module):
     Loads the portable ``gate_proj``/``up_proj``/``down_proj`` (:class:`QuantLinear` holders); after
     :meth:`prepare` only the fused kernel-layout ``gate_up`` and ``down`` remain."""
 
-    def __init__(self, dim: int, hidden: int, layouts: dict[str, tuple[str, int | None]]):
+    def __init__(self, dim: int, hidden: int, layouts: dict[str, tuple[str, int | None]],
+                 limit: float | None = None):
         super().__init__()
+        self.limit = limit
         self.gate_proj = QuantLinear(dim, hidden, *layouts["gate_proj"])
         self.up_proj = QuantLinear(dim, hidden, *layouts["up_proj"])
         self.down_proj = QuantLinear(hidden, dim, *layouts["down_proj"])
@@ -197,9 +200,10 @@ class QuantMLP(nn.Module):
         _kernel_buffers(self, [self.gate_up, self.down])
 
     def native_tensors(self) -> list[torch.Tensor] | None:
-        """[gate, up, down, their fp32 scales] for the native experts kernel (int8 on CPU), else None."""
+        """[gate, up, down, their fp32 scales] for the native experts kernel (int8 on CPU), else None
+        (also with a SwiGLU clamp, which the kernel does not apply)."""
         gu, down = self.gate_up, self.down
-        if gu.s32 is None or down.s32 is None:
+        if gu.s32 is None or down.s32 is None or self.limit is not None:
             return None
         inter = gu.w.shape[0] // 2
         return [gu.w[:inter], gu.w[inter:], down.w, gu.s32[:inter], gu.s32[inter:], down.s32]
@@ -207,7 +211,7 @@ class QuantMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         native_path = self.gate_up.native(flat) and self.down.s32 is not None
-        y = _swiglu(self.gate_up, self.down, flat if native_path else flat.to(_COMPUTE), native_path)
+        y = _swiglu(self.gate_up, self.down, flat if native_path else flat.to(_COMPUTE), native_path, self.limit)
         return y.to(x.dtype).view(x.shape)
 
 
@@ -219,9 +223,10 @@ class QuantExperts(nn.Module):
     Loads the portable stacked ``gate_proj``/``up_proj``/``down_proj`` and their ``_scales``; after
     :meth:`prepare` one kernel-layout ``gate_up[e]`` and ``down[e]`` per expert remain."""
 
-    def __init__(self, n_experts: int, dim: int, inter: int, layouts: dict[str, tuple[str, int | None]]):
+    def __init__(self, n_experts: int, dim: int, inter: int, layouts: dict[str, tuple[str, int | None]],
+                 limit: float | None = None):
         super().__init__()
-        self.layouts = layouts
+        self.layouts, self.limit = layouts, limit
         shapes = {"gate_proj": (n_experts, inter, dim), "up_proj": (n_experts, inter, dim),
                   "down_proj": (n_experts, dim, inter)}
         for proj, shape in shapes.items():
@@ -235,7 +240,7 @@ class QuantExperts(nn.Module):
         self.down = [_Weight(down_mode, q, s, device) for q, s in zip(down_q, down[1])]
         _kernel_buffers(self, self.gate_up + self.down)
         self.stacked = None  # int8 on CPU: the stacked tensors of the native experts kernel (native.NativeMoE)
-        if self.gate_up[0].s32 is not None and self.down[0].s32 is not None:
+        if self.gate_up[0].s32 is not None and self.down[0].s32 is not None and self.limit is None:
             inter = gu_q.shape[1] // 2
             gu_s, down_s = gu_s.to(device, torch.float32), down[1].to(device, torch.float32)
             self.stacked = ((gu_q[:, :inter], gu_q[:, inter:], down_q),
@@ -248,7 +253,7 @@ class QuantExperts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         def expert(e: int, xc: torch.Tensor) -> torch.Tensor:
-            return _swiglu(self.gate_up[e], self.down[e], xc).to(x.dtype)
+            return _swiglu(self.gate_up[e], self.down[e], xc, limit=self.limit).to(x.dtype)
 
         counts = expert_counts(idx, len(self.down), counts)
         return dispatch(expert, x.to(_COMPUTE), idx, weights, counts).to(x.dtype)
@@ -273,7 +278,7 @@ def _swap_quantized(model: Transformer, qsd: dict[str, torch.Tensor]) -> list[st
             continue  # its quantized projections (if any) become QuantLinears below
         if layouts["gate_proj"] != layouts["up_proj"]:
             raise ValueError(f"{name}: gate_proj is {layouts['gate_proj']} but up_proj is {layouts['up_proj']}")
-        _set_module(model, name, QuantMLP(mlp.gate_proj.in_features, mlp.gate_proj.out_features, layouts))
+        _set_module(model, name, QuantMLP(mlp.gate_proj.in_features, mlp.gate_proj.out_features, layouts, mlp.limit))
         swapped.append(name)
     linears, experts = quant_targets(model)  # after the MLP swap: their projections are no nn.Linear now
     for name in linears:
@@ -292,7 +297,7 @@ def _swap_quantized(model: Transformer, qsd: dict[str, torch.Tensor]) -> list[st
         if layouts["gate_proj"] != layouts["up_proj"]:
             raise ValueError(f"{name}: gate_proj is {layouts['gate_proj']} but up_proj is {layouts['up_proj']}")
         E, inter, dim = ex.gate_proj.shape
-        _set_module(model, name, QuantExperts(E, dim, inter, layouts))
+        _set_module(model, name, QuantExperts(E, dim, inter, layouts, ex.limit))
         swapped.append(name)
     return swapped
 
