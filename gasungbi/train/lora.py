@@ -310,8 +310,7 @@ def describe(model: nn.Module) -> str:
     kinds = sorted({n.rsplit(".", 1)[-1] for n in adapted})
     held = f"{spec.quant} (QLoRA)" if spec.quant else "fp32"
     return (f"LoRA r={spec.rank} alpha={spec.alpha:g} on {len(adapted)} projections ({', '.join(kinds)}), base "
-            f"held in {held}: {trained / 1e6:.2f}M trainable parameters ({trained / base:.2%} of the base's "
-            f"{base / 1e6:.2f}M)")
+            f"held in {held}: {trained:,} trainable parameters ({trained / base:.2%} of the base's {base:,})")
 
 
 @contextlib.contextmanager
