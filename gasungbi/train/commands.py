@@ -75,8 +75,7 @@ def export_hf_cmd(run_or_step: RunOrStep, out: OutDir, overwrite: bool = False, 
         run_or_step: a run directory (its latest checkpoint) or one of its step_N checkpoint directories
         out: the directory to write
         overwrite: replace what OUT already holds (never the run itself)
-        merge_lora: the checkpoint holds LoRA adapters (a --lora-rank run, PEFT's files): write the base with
-            the adapters merged (W + alpha/r B A)
+        merge_lora: the checkpoint holds LoRA adapters (a --lora-rank run): write their base with them merged
         base: with --merge-lora, the base checkpoint (default: the adapters' base_model_name_or_path)
     """
     from pathlib import Path
