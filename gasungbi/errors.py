@@ -7,7 +7,8 @@ class UserError(Exception):
 
 def run_dir_hint(path) -> str:
     """When ``path`` is a run directory or its ``latest`` pointer file rather than a checkpoint, the
-    error message saying so and naming the checkpoint to pass instead (the one ``latest`` points to); otherwise ''.
+    error message saying so and naming the checkpoint to pass instead (the one ``latest`` points to);
+    when it holds LoRA adapters, the message naming the command that merges them; otherwise ''.
 
     Commands that read a checkpoint take the checkpoint directory itself (``RUN/step_N``), as
     ``from_pretrained`` does; this keeps the error for the easy slip of passing the run one level up
@@ -16,6 +17,9 @@ def run_dir_hint(path) -> str:
     from pathlib import Path
 
     path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return (f"{path} holds LoRA adapters (adapter_config.json), not a model: write the model with the adapters "
+                f"merged by `gasungbi export-hf --merge-lora {path} OUT`")
     pointer = path if path.name == "latest" and path.is_file() else path / "latest"
     if not pointer.is_file() or (pointer != path and any(path.glob("*.safetensors"))):
         return ""  # a folder with weights is a checkpoint, even with a `latest` file (DeepSpeed writes one)
@@ -27,6 +31,9 @@ def run_dir_hint(path) -> str:
     what = "the run's pointer file" if pointer == path else "a run directory"
     if name and (target / "config.json").is_file():
         return f"{path} is {what}, not a checkpoint: pass the checkpoint it points to, {target}"
+    if name and (target / "adapter_config.json").is_file():
+        return (f"{path} is {what} of LoRA adapters, not a checkpoint: write the model with the adapters merged by "
+                f"`gasungbi export-hf --merge-lora {path} OUT`")
     return f"{path} is {what}, not a checkpoint: pass one of its step_N checkpoint directories"
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from gasungbi.config import CheckpointError, read_config
+from gasungbi.config import CheckpointError, ModelConfig, read_config
 from gasungbi.infer.placement import apply_placement, plan_placement, resolve_device
 from gasungbi.infer.quant import check_group_size, check_mode, quantize_weight, quantized_keys
 from gasungbi.infer.quant_modules import from_quantized_state_dict
@@ -71,9 +71,23 @@ def load_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128, d
                        dtype: torch.dtype = torch.float32,
                        experts_device: str | torch.device | None = None) -> Transformer:
     """A floating-point or DeepSeek FP8 checkpoint (:mod:`gasungbi.interop.fp8`) straight to ``mode``
-    (int8/int4), one tensor at a time: each weight is read (an FP8 one dequantized to float32) and at
-    once quantized, so the largest float tensor alive is one weight matrix, never the model, and the
-    resident memory is about the quantized model's. Equal to quantizing the whole float model."""
+    (int8/int4), one tensor at a time (:func:`read_quantizing`), built for generation. Equal to
+    quantizing the whole float model."""
+    path = Path(path)
+    cfg, qsd = read_quantizing(path, mode, group_size, dtype)
+    try:
+        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128,
+                    dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and the portable quantized state dict (:mod:`gasungbi.infer.quant`, on the CPU) of
+    a floating-point or DeepSeek FP8 checkpoint: each weight is read (an FP8 one dequantized to
+    float32) and at once quantized, so the largest float tensor alive is one weight matrix, never
+    the model, and the resident memory is about the quantized model's. The tensors left in floating
+    point are in ``dtype``."""
     check_mode(mode)
     path = Path(path)
     cfg = read_config(path)
@@ -109,7 +123,4 @@ def load_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128, d
     scales = {k.removesuffix("_scales"): v for k, v in tensors.items() if k.endswith("_scales")}
     qsd = from_hf_state_dict(cfg, values)
     qsd.update({k + "_scales": v for k, v in from_hf_state_dict(cfg, scales).items()})
-    try:
-        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    return cfg, qsd

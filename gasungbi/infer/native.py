@@ -159,8 +159,10 @@ def moe_tensors(moe: MoE) -> tuple[list[torch.Tensor], list[torch.Tensor]] | Non
         shared = []
     elif hasattr(sh, "native_tensors"):
         shared = sh.native_tensors()
-    else:
+    elif all(type(getattr(sh, p)) in (nn.Linear, NativeLinear) for p in ("gate_proj", "up_proj", "down_proj")):
         shared = [sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight]
+    else:  # projections with more than a weight (LoRA adapters): their own forward
+        return None
     if routed is None or shared is None or any(t.dtype != routed[0].dtype for t in shared[:3]):
         return None
     return routed, shared

@@ -102,7 +102,7 @@ class _Weight:
         return [self.w, self.s] + ([self.s32] if self.s32 is not None else [])
 
 
-def _portable(module: nn.Module, name: str, shape: tuple[int, ...], mode: str, groups: int | None) -> None:
+def portable_buffers(module: nn.Module, name: str, shape: tuple[int, ...], mode: str, groups: int | None) -> None:
     """Register the portable tensors of a quantized float tensor ``name`` of ``shape`` [..., N, K] as
     empty persistent buffers, to be loaded: ``name`` (int8 [..., N, K] or uint8 [..., N, K/2]) and
     ``name_scales`` (fp32 [..., N] or [..., groups, N, 2])."""
@@ -134,7 +134,7 @@ class QuantLinear(nn.Module):
                  bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.mode, self.groups = in_features, out_features, mode, groups
-        _portable(self, "weight", (out_features, in_features), mode, groups)
+        portable_buffers(self, "weight", (out_features, in_features), mode, groups)
         self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
         self.qweight: _Weight | None = None
 
@@ -230,7 +230,7 @@ class QuantExperts(nn.Module):
         shapes = {"gate_proj": (n_experts, inter, dim), "up_proj": (n_experts, inter, dim),
                   "down_proj": (n_experts, dim, inter)}
         for proj, shape in shapes.items():
-            _portable(self, proj, shape, *layouts[proj])
+            portable_buffers(self, proj, shape, *layouts[proj])
 
     def prepare(self, device: torch.device) -> None:
         gate, up, down = ((self._buffers.pop(p), self._buffers.pop(f"{p}_scales")) for p in EXPERT_PROJS)

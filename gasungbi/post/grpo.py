@@ -35,6 +35,10 @@ so the K ranks of a group generate together until all their rows are done. Held-
 runs on rank 0 alone (the experts gathered there); checkpoints are sharded
 (:mod:`gasungbi.train.sharded`) and the final one also has the Hugging Face layout.
 
+``lora_rank`` R > 0 trains LoRA adapters on the frozen policy (``quant``: held in int8/int4, QLoRA;
+:mod:`gasungbi.train.lora`); the KL reference is then the same model with its adapters turned off,
+so no second copy of the weights is loaded (as TRL does with PEFT), and checkpoints hold the adapters.
+
 ``time_budget`` (minutes) bounds the whole run, its held-out evaluations included, by the clock
 (:class:`gasungbi.train.budget.Budget`): before each step the run stops if that step and what
 follows the last one (the final evaluation, timed by the first, and the checkpoint) would overrun
@@ -65,6 +69,7 @@ from gasungbi.gym.rewards import load_reward
 from gasungbi.gym.tasks import get_family, make_split, render_task_prompt
 from gasungbi.model.accounting import count_params
 from gasungbi.train import distributed as dist
+from gasungbi.train import lora
 from gasungbi.train.budget import Budget, save_seconds_estimate
 from gasungbi.train.optim import build_optimizers
 from gasungbi.train.run import Run
@@ -106,6 +111,11 @@ class GRPOConfig:
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"  # bf16: autocast for the policy's log-probabilities; fp8: DeepSeek-V3's block-scaled FP8 GEMMs (emulated off CUDA)
     adam_moments: Literal["fp32", "bf16"] = "fp32"  # dtype of AdamW's moments (DeepSeek-V3 keeps them in bf16)
     expert_parallel: int = 1  # under torchrun: shard the routed experts over this many ranks (EP; DDP over all ranks for the rest)
+    # LoRA / QLoRA (train/lora.py): adapters on the frozen init_from
+    lora_rank: int = 0  # rank r of LoRA adapters (0: train every weight instead)
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS  # module-name suffixes that get adapters (PEFT's target_modules)
+    quant: Literal["int8", "int4"] | None = None  # QLoRA: hold the frozen base in int8/int4 (the adapters stay fp32)
 
     def validate(self) -> None:
         if not self.init_from:
@@ -134,7 +144,12 @@ class GRPOConfig:
                              + (" (launch with torchrun --nproc_per_node=N, N a multiple of it)" if world == 1 else ""))
         if self.expert_parallel > 1 and self.precision == "fp8":
             raise ValueError("expert_parallel > 1 works without --precision fp8 (for now)")
+        lora.check_config(self, _raise)
         get_family(self.task)
+
+
+def _raise(message: str):
+    raise ValueError(message)
 
 
 def group_advantages(rewards: torch.Tensor, variant: str = "grpo") -> torch.Tensor:
@@ -249,8 +264,13 @@ class GRPO:
         self.run = Run(cfg.out_dir, info, resume=cfg.resume, overwrite=cfg.overwrite, tokenizer=cfg.init_from,
                        keep=cfg.keep_checkpoints, name="grpo", progress=cfg.progress, init_from=cfg.init_from)
         device = info.device
-        self.model = self.run.model(lambda: load_model(cfg.init_from, device=device, dtype=torch.float32))
-        self.reference = load_model(cfg.init_from, device=device, dtype=torch.float32) if cfg.beta > 0 else None
+        self.lora = lora.spec_of(cfg)
+        if self.lora is not None:
+            self.model = self.run.model(lambda: lora.adapted_model(self.lora, device, cfg.seed), adapters=True)
+        else:
+            self.model = self.run.model(lambda: load_model(cfg.init_from, device=device, dtype=torch.float32))
+        self.reference = (load_model(cfg.init_from, device=device, dtype=torch.float32)
+                          if cfg.beta > 0 and self.lora is None else None)
         if cfg.precision == "fp8":
             from gasungbi.train.fp8 import apply_fp8
             apply_fp8(self.model)
@@ -266,8 +286,9 @@ class GRPO:
         self.pool = make_split(cfg.task, max(1000, cfg.steps * cfg.prompts_per_step), cfg.difficulty, seed=cfg.seed,
                                split="train")
         n_act = count_params(self.model.config).activated
-        # per generated token: ~2N to sample it, 2N for pi_old, (2N for pi_ref), 6N x updates to train
-        flops_per_token = n_act * (4 + (2 if self.reference is not None else 0) + 6 * cfg.updates)
+        # per generated token: ~2N to sample it, 2N for pi_old, (2N for pi_ref), 6N x updates to train (LoRA: 4N,
+        # no weight gradients for the frozen base)
+        flops_per_token = n_act * (4 + (2 if cfg.beta > 0 else 0) + (4 if self.lora else 6) * cfg.updates)
         self.meter = self.run.start_meter(flops_per_token, torch.float32, cfg.price_per_hour)
         self.budget = self._budget(started)
         if self.run.state:
@@ -286,7 +307,7 @@ class GRPO:
         budget = Budget(self.cfg.time_budget * 60 if self.cfg.time_budget is not None else None, self.cfg.steps,
                         started, before=saved.get("clock", 0.0), reduce=reduce, world=info.world_size)
         budget.load_state_dict(saved)
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in lora.trained_parameters(self.model))
         budget.estimate("checkpoint", save_seconds_estimate(3 * weights))  # weights and AdamW's two moments
         return budget
 
@@ -364,8 +385,7 @@ class GRPO:
         with torch.no_grad():
             with self.amp:
                 old_logp, mask = completion_logprobs(self.model, group_prompts, completions, cfg.temperature)
-            ref_logp = (completion_logprobs(self.reference, group_prompts, completions, cfg.temperature)[0]
-                        if self.reference is not None else None)
+            ref_logp = self.reference_logprobs(group_prompts, completions)
         self.policy.train()
         for _ in range(cfg.updates):
             with self.amp:
@@ -387,6 +407,16 @@ class GRPO:
         self.meter.update(int(tokens.item()))
         return {"step": step + 1, **dict(zip(self.FIGURES, figures.tolist())), "dollars": round(self.meter.dollars, 6),
                 "elapsed_s": round(self.meter.elapsed, 2), "sample": texts[0][:200]}
+
+    def reference_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor | None:
+        """The KL reference's log-probabilities of the completions (None without the KL term): the
+        initial checkpoint's, or with LoRA the policy's with its adapters off."""
+        if self.cfg.beta <= 0:
+            return None
+        if self.lora is not None:
+            with lora.adapters_off(self.model):
+                return completion_logprobs(self.model, prompts, completions, self.cfg.temperature)[0]
+        return completion_logprobs(self.reference, prompts, completions, self.cfg.temperature)[0]
 
     def save(self, step: int, whole=None):
         state = {"grpo_config": json.dumps(dataclasses.asdict(self.cfg)), "before": self.before,

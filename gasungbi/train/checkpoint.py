@@ -8,6 +8,10 @@ Layout of a run directory::
       latest                  text file naming the newest complete checkpoint
       metrics.jsonl, loss.png, report.json, report.md
 
+A LoRA run's checkpoint holds its adapters in PEFT's format (``adapter_config.json``,
+``adapter_model.safetensors``: :mod:`gasungbi.train.lora`) in place of config.json and the model's
+weights; its base is the checkpoint the run started from.
+
 Under torchrun a checkpoint is sharded instead (:mod:`gasungbi.train.sharded`): ``shards/`` holds
 what every rank wrote with ``torch.distributed.checkpoint``, beside config.json, tokenizer.json and
 ``training_state.pt`` (without the optimizer states, which are in the shards).
@@ -30,17 +34,22 @@ import torch
 from gasungbi import atomic
 from gasungbi.interop.hf import TOKENIZER_FILES, load_model, save_model
 from gasungbi.model.transformer import Transformer
+from gasungbi.train import lora
 
 STATE_FILE = "training_state.pt"
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: Transformer, training_state: dict,
                     tokenizer: str | os.PathLike | None = None, keep: int = 3) -> Path:
-    """Write ``run_dir/step_{step}`` atomically, point ``latest`` at it, prune to ``keep``."""
+    """Write ``run_dir/step_{step}`` atomically (the model, or a LoRA run's adapters), point
+    ``latest`` at it, prune to ``keep``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     def write(tmp: Path) -> None:
-        save_model(model, tmp, tokenizer=tokenizer)
+        if lora.adapted_modules(model):  # a LoRA run: its adapters (PEFT's files); the base is its init_from
+            lora.save_adapters(model, tmp, tokenizer=tokenizer)
+        else:
+            save_model(model, tmp, tokenizer=tokenizer)
         torch.save(training_state, tmp / STATE_FILE)
 
     final = atomic.write_dir(run_dir / f"step_{step:06d}", write)

@@ -65,21 +65,38 @@ def train_cmd(cfg: Annotated[TrainConfig, Flat] = TrainConfig(), set: Overrides 
     return 0
 
 
-def export_hf_cmd(run_or_step: RunOrStep, out: OutDir, overwrite: bool = False) -> int:
+def export_hf_cmd(run_or_step: RunOrStep, out: OutDir, overwrite: bool = False, merge_lora: bool = False,
+                  base: str | None = None) -> int:
     """Write a training checkpoint in the Hugging Face layout (config.json, model.safetensors,
-    tokenizer.json) that gasungbi and transformers load; reads the sharded checkpoints of torchrun runs.
+    tokenizer.json) that gasungbi and transformers load; reads the sharded checkpoints of torchrun runs,
+    and with --merge-lora the adapters of a LoRA run, merged into their base.
 
     Args:
         run_or_step: a run directory (its latest checkpoint) or one of its step_N checkpoint directories
         out: the directory to write
         overwrite: replace what OUT already holds (never the run itself)
+        merge_lora: the checkpoint holds LoRA adapters (a --lora-rank run): write their base with them merged
+        base: with --merge-lora, the base checkpoint (default: the adapters' base_model_name_or_path)
     """
+    from pathlib import Path
+
     from gasungbi.outputs import output_dir
+    from gasungbi.train import lora
+    from gasungbi.train.checkpoint import STATE_FILE, latest_checkpoint
     from gasungbi.train.sharded import export_hf
 
-    output_dir(out, "OUT", inputs=[run_or_step], overwrite=overwrite)
+    output_dir(out, "OUT", inputs=[run_or_step] + ([base] if base else []), overwrite=overwrite)
     try:
-        path = export_hf(run_or_step, out)
+        src = Path(run_or_step)
+        step = src if (src / STATE_FILE).exists() or lora.is_adapter_dir(src) else latest_checkpoint(src)
+        adapters = lora.is_adapter_dir(step)
+        if adapters != merge_lora:
+            raise UserError(f"{step} holds LoRA adapters: add --merge-lora to write them merged into their base"
+                            if adapters else f"--merge-lora: {step or run_or_step} holds no LoRA adapters "
+                            "(adapter_config.json)")
+        if base is not None and not merge_lora:
+            raise UserError("--base names the base of LoRA adapters: it goes with --merge-lora")
+        path = lora.export_merged(step, out, base) if merge_lora else export_hf(run_or_step, out)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     print(f"wrote {path}")

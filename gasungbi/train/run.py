@@ -31,7 +31,7 @@ from gasungbi.interop.hf import load_model
 from gasungbi.model.transformer import Transformer, build_model
 from gasungbi.train import checkpoint as ckpt
 from gasungbi.train import distributed as dist
-from gasungbi.train import sharded
+from gasungbi.train import lora, sharded
 from gasungbi.train.expert_parallel import gathered_model
 from gasungbi.train.meter import CostMeter, device_peak
 
@@ -75,11 +75,17 @@ class Run:
 
     # --- the model and its layout ------------------------------------------------------------------
 
-    def model(self, build: Callable[[], Transformer]) -> Transformer:
+    def model(self, build: Callable[[], Transformer], adapters: bool = False) -> Transformer:
         """The run's model (fp32, on the device): the resumed checkpoint's, else ``build()``. A
-        sharded checkpoint's weights are read by :meth:`restore`, once the model is laid out."""
+        sharded checkpoint's weights are read by :meth:`restore`, once the model is laid out.
+        ``adapters``: the run trains LoRA adapters (:mod:`gasungbi.train.lora`) and ``build()`` gives
+        its adapted base, also when resuming (:meth:`restore` reads the adapters)."""
         device = self.info.device
-        if self.resume_from is None:
+        if self.resume_from is not None and lora.is_adapter_dir(self.resume_from) != adapters:
+            held = "LoRA adapters" if not adapters else "a whole model, not LoRA adapters"
+            raise ValueError(f"{self.resume_from} holds {held}: resume it with the flags it was started with "
+                             f"({'with' if not adapters else 'without'} --lora-rank)")
+        if self.resume_from is None or adapters:
             return build()
         if sharded.is_sharded(self.resume_from):
             return build_model(read_config(self.resume_from), device=device)
@@ -106,10 +112,13 @@ class Run:
 
     def restore(self, optimizers: list) -> None:
         """Keep ``optimizers`` for :meth:`save`; when resuming, fill them (and, from a sharded
-        checkpoint, the weights) and the random generators from the checkpoint."""
+        checkpoint, the weights; from a LoRA run's, the adapters) and the random generators from the
+        checkpoint."""
         self.optimizers = optimizers
         if self.state is None:
             return
+        if lora.is_adapter_dir(self.resume_from):
+            lora.load_adapters(self.module.model, self.resume_from)
         sharded.load_run_checkpoint(self.resume_from, self.module, optimizers, self.mesh, self.state)
         torch.set_rng_state(self.state["rng"]["torch"])
         if "python" in self.state["rng"]:

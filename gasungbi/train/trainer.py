@@ -16,6 +16,9 @@ AVX512-BF16 or AMX) and bf16 autocast with fp32 master weights on CUDA; ``fp32``
 ``fp8`` swaps in DeepSeek-V3's block-scaled FP8 GEMMs (:mod:`gasungbi.train.fp8`) after the model is
 built and before the optimizer, with the rest as ``auto``. ``adam_moments=bf16`` keeps AdamW's
 moments in BF16 (V3 Sec. 3.3.3).
+
+``lora_rank`` R > 0 trains LoRA adapters on the frozen ``init_from`` (``quant``: held in int8/int4,
+QLoRA) instead of every weight (:mod:`gasungbi.train.lora`); checkpoints then hold the adapters.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from gasungbi.eval.perplexity import evaluate
 from gasungbi.model.accounting import count_params, training_flops_per_token
 from gasungbi.model.transformer import Transformer, build_model
 from gasungbi.train import distributed as dist
+from gasungbi.train import lora
 from gasungbi.train.budget import Budget, save_seconds_estimate
 from gasungbi.train.meter import device_peak
 from gasungbi.train.objective import Objective, update_expert_bias
@@ -98,6 +102,11 @@ class TrainConfig:
     resume: bool = False  # continue from the newest checkpoint in out_dir
     overwrite: bool = False  # replace the run in out_dir (without this or --resume, an existing run is refused)
     stop_after: int | None = None  # stop (with a checkpoint) after this step, keeping the max_steps schedule
+    # LoRA / QLoRA (train/lora.py): adapters on the frozen init_from
+    lora_rank: int = 0  # rank r of LoRA adapters (0: train every weight instead)
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = lora.DEFAULT_TARGETS  # module-name suffixes that get adapters (PEFT's target_modules)
+    quant: Literal["int8", "int4"] | None = None  # QLoRA: hold the frozen base in int8/int4 (the adapters stay fp32)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         cfg = get_preset(self.model).replace(**self.model_overrides)
@@ -145,6 +154,7 @@ class TrainConfig:
             bad(f"model_overrides (--set) {', '.join(unknown)}: not a field of the model config")
         if self.model_overrides and self.init_from:
             bad("model_overrides (--set) change a preset's config; the model of init_from is the checkpoint's")
+        lora.check_config(self, bad)
 
 
 FINISH_S = 0.5
@@ -209,7 +219,11 @@ class Trainer:
         self.run = Run(tc.out_dir, info, resume=tc.resume, overwrite=tc.overwrite, tokenizer=self.data.tokenizer_dir,
                        keep=tc.keep_checkpoints, progress=tc.progress, tensorboard=tc.tensorboard,
                        init_from=tc.init_from)
-        self.model = self.run.model(lambda: self._build(tc))
+        self.lora = lora.spec_of(tc)
+        if self.lora is not None:
+            self.model = self.run.model(lambda: lora.adapted_model(self.lora, info.device, tc.seed), adapters=True)
+        else:
+            self.model = self.run.model(lambda: self._build(tc))
         self.cfg: ModelConfig = self.model.config
         if tc.precision == "fp8":
             from gasungbi.train.fp8 import apply_fp8
@@ -228,7 +242,10 @@ class Trainer:
         self.tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum
         peak_dtype = torch.float8_e4m3fn if tc.precision == "fp8" and self.cuda else (
             torch.bfloat16 if self.bf16 else torch.float32)
-        self.meter = self.run.start_meter(training_flops_per_token(self.cfg, tc.seq_len), peak_dtype, tc.price_per_hour)
+        flops = training_flops_per_token(self.cfg, tc.seq_len)
+        if self.lora is not None:  # no weight gradients for the frozen base: forward + input gradients, 4N of 6N
+            flops *= 4 / 6
+        self.meter = self.run.start_meter(flops, peak_dtype, tc.price_per_hour)
         self.load_stats: dict = {}
         self.last_val: dict = next((h for h in reversed(self.run.history) if "val_loss" in h), {})
         self._announce(tc.init_from or tc.model)
@@ -245,7 +262,7 @@ class Trainer:
         budget = Budget(tc.time_budget * 60 if tc.time_budget is not None else None, tc.step_limit, started,
                         tc.warmup_steps, before=saved.get("clock", 0.0), reduce=reduce, world=info.world_size)
         budget.load_state_dict(saved)
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in lora.trained_parameters(self.model))
         budget.estimate("checkpoint", save_seconds_estimate(3 * weights))  # weights and AdamW's two moments
         budget.estimate("sample and report", FINISH_S)
         if tc.time_budget is not None and info.is_main:  # the plot's import is paid now, not after the last step
@@ -268,6 +285,8 @@ class Trainer:
                                                        "params_total": pc.total_with_mtp,
                                                        "params_activated": pc.activated}, indent=2))
         resuming = f", resuming from {self.run.resume_from}" if self.run.resume_from else ""
+        if self.lora is not None:
+            print(lora.describe(self.model))
         print(f"model {name}: {pc.total_with_mtp / 1e6:.2f}M parameters ({pc.activated / 1e6:.2f}M activated), "
               f"{self.tokens_per_step:,} tokens/step, device {self.run.device_name} x{self.info.world_size}, "
               f"peak {self.meter.peak_flops / 1e9:.1f} GFLOP/s{resuming}")
@@ -339,7 +358,8 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
         if expert_counts is not None:
-            self.load_stats = update_expert_bias(self.model, expert_counts, tc.bias_update_speed,
+            gamma = 0.0 if self.lora is not None else tc.bias_update_speed  # LoRA: the routing bias is frozen
+            self.load_stats = update_expert_bias(self.model, expert_counts, gamma,
                                                  dist.all_reduce_sum if self.info.enabled else None)
         if self.info.enabled:  # the global mean loss
             both = dist.all_reduce_sum(torch.stack([sums["loss"], sums["lm_loss"]])) / self.info.world_size
