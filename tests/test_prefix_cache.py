@@ -103,3 +103,84 @@ def test_engine_without_a_position_cache_has_no_prefix_cache():
     assert engine.prefix is None
     engine.join([list(range(1, 40))])
     assert engine.cached == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# gasungbi serve, through the openai client
+# ---------------------------------------------------------------------------------------------
+
+SYSTEM = "You answer in one short line. Think before you answer, check the sum twice and never guess. " * 2
+QUESTIONS = ["what is two plus two?", "and three plus three?", "hello", "count to five", "why?"]
+
+
+@pytest.fixture(scope="module")
+def clients(checkpoint, start_server):
+    """Clients of two servers of the same checkpoint: the prefix cache on (the default) and off."""
+    openai = pytest.importorskip("openai")
+    on = start_server(checkpoint, "--max-batch", "4")
+    off = start_server(checkpoint, "--max-batch", "4", "--prefix-cache-gib", "0")
+    return [openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60) for s in (on, off)]
+
+
+def _ask(client, question: str, **kw):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    return client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, **kw)
+
+
+def test_a_shared_system_prompt_is_cached(clients):
+    """The second request with the same system prompt prefills only what follows its cached blocks and
+    answers, greedily, what a server without the cache answers; streamed usage and completions too."""
+    on, off = clients
+    first = _ask(on, QUESTIONS[0])
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = _ask(on, QUESTIONS[1])
+    cached, prompt = second.usage.prompt_tokens_details.cached_tokens, second.usage.prompt_tokens
+    assert cached % 16 == 0 and prompt - 40 < cached < prompt  # the system prompt, less its last partial block
+    want = _ask(off, QUESTIONS[1])
+    assert want.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.choices[0].message.content == want.choices[0].message.content
+    chunks = list(_ask(on, QUESTIONS[1], stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == prompt // 16 * 16  # all its full blocks now
+    text = SYSTEM + "The answer is"
+    plain = [c.completions.create(model="tiny", prompt=text, max_tokens=10, temperature=0) for c in (on, on, off)]
+    # the chat template puts its own tokens before the system prompt: the first completion is a miss
+    assert [p.usage.prompt_tokens_details.cached_tokens > 0 for p in plain] == [False, True, False]
+    assert plain[0].choices[0].text == plain[1].choices[0].text == plain[2].choices[0].text
+
+
+def test_batched_hits_answer_as_without_the_cache(clients):
+    """Concurrent requests sharing the system prompt join the batch together, cached, and each answers
+    what it answers on a server without the cache."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    on, off = clients
+    _ask(on, QUESTIONS[0])
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        got = list(pool.map(lambda q: _ask(on, q), QUESTIONS))
+    want = [_ask(off, q) for q in QUESTIONS]
+    assert all(g.usage.prompt_tokens_details.cached_tokens > 0 for g in got)
+    assert [g.choices[0].message.content for g in got] == [w.choices[0].message.content for w in want]
+
+
+def test_a_tiny_bound_evicts_the_oldest_prefix(checkpoint, start_server, model):
+    """With room for 6 blocks, a 6-block prompt evicts another's: that one is a miss again, while the
+    most recent prefix hits."""
+    from gasungbi.infer.cache import KVCache
+
+    openai = pytest.importorskip("openai")
+    cfg = model.config
+    block = 16 * 4 * sum(t[0, 0].numel() for bufs in KVCache(cfg, 1, 1).layers[:cfg.num_hidden_layers] for t in bufs)
+    server = start_server(checkpoint, "--prefix-cache-gib", repr(6 * block / 2**30))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    ids = torch.randint(3, cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def cached(prompt):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    a, b = ids
+    assert cached(a) == 0 and cached(a[:96] + [5] * 4) == 96  # 6 blocks held, then hit
+    assert cached(b) == 0  # stored, evicting all of a's blocks
+    assert cached(b[:96] + [7] * 4) == 96 and cached(a) == 0
+    assert server.metrics()["gasungbi_prefix_cache_bytes"] == 6 * block

@@ -55,7 +55,7 @@ class PrefixCache:
 
     def __init__(self, capacity_bytes: int, block_size: int = BLOCK_SIZE):
         if capacity_bytes < 0 or block_size < 1:
-            raise ValueError(f"prefix cache: capacity {capacity_bytes} B and block size {block_size} must be >= 0, >= 1")
+            raise ValueError(f"prefix cache: capacity {capacity_bytes} B must be >= 0, block size {block_size} >= 1")
         self.capacity, self.block_size = capacity_bytes, block_size
         self.blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # least recently used first
         self.bytes = 0
