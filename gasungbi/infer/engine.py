@@ -23,7 +23,9 @@ computes the same thing whatever its neighbours and whenever it joined. A step i
 all running rows at slot ``c``; then ``c`` advances.
 
 * Joining (:meth:`Engine.join`): new sequences are prefilled together (one forward, left-padded to
-  the longest, the naive MLA) into the free rows ``n ..``, ending at the clock.
+  the longest, the naive MLA) into the free rows ``n ..``, ending at the clock. With a prefix cache
+  (:mod:`gasungbi.infer.prefix_cache`), a prompt's cached blocks are first copied into its row's
+  slots and the forward feeds only what follows them; its full blocks are stored after.
 * Leaving (:meth:`Engine.remove`): the last running row's cache is copied into the freed row, so
   the batch stays a prefix and every step reads contiguous views.
 * Moving: cached keys are rotated by *position*, not by slot, so all rows can be moved by the same
@@ -320,13 +322,12 @@ class Engine:
         c, k, lo = self.clock, len(prompts), self.size
         self.pads += [c - L for L in lengths]
         whole = [hidden or bool(all_logits and all_logits[i]) for i in range(k)]
-        hits, keys = self._lookup(prompts, whole)
+        hits, keys = self._lookup(prompts, whole)  # each prompt's cached prefix [h, width]
         P = max(L - len(h) for L, h in zip(lengths, hits))  # the tokens this forward feeds, per row
         self.cached = [max(L - P, 0) for L in lengths]
-        for i, blocks in enumerate(hits):
-            if self.cached[i]:
-                self._write(lo + i, self.pads[lo + i], blocks[:self.cached[i]])
-        ids = left_pad([p[max(len(p) - P, 0):] for p in prompts], 0, self.device)  # (k, P): each row's last P tokens
+        for i, hit in enumerate(hits):
+            self._write(lo + i, self.pads[lo + i], hit[:self.cached[i]])
+        ids = left_pad([p[max(len(p) - P, 0):] for p in prompts], 0, self.device)  # (k, P): each row's last P
         h = forward_step(self.model, ids, self.view(lo, lo + k, c), self._slots(c - P, P), self._pad(lo, lo + k),
                          absorb=False)  # (k, P, d)
         for i, row_keys in enumerate(keys):
@@ -362,7 +363,7 @@ class Engine:
     def _write(self, row: int, start: int, data: torch.Tensor) -> None:
         """Copy ``data`` [n, width] (each buffer's channels side by side) into slots start.. of ``row``."""
         col, n = 0, data.shape[0]
-        for buf in self._buffers():
+        for buf in self._buffers() if n else ():
             w = buf[0, 0].numel()
             buf[row, start:start + n] = data[:, col:col + w].reshape(n, *buf.shape[2:])
             col += w
