@@ -45,11 +45,13 @@ def make_checkpoint(preset: str, out: Path) -> Path:
     return out / preset
 
 
-def start_server(checkpoint: Path, threads: int, max_batch: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, threads: int, max_batch: int, log: Path,
+                 *flags: str) -> tuple[subprocess.Popen, str]:
+    """``gasungbi serve CHECKPOINT ... FLAGS`` in a subprocess on a free port; (process, URL) once /health answers."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "gasungbi", "serve", str(checkpoint), "--port", "0",
-                                 "--threads", str(threads), "--max-batch", str(max_batch)],
+                                 "--threads", str(threads), "--max-batch", str(max_batch), *flags],
                                 stdout=f, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -23,7 +23,9 @@ computes the same thing whatever its neighbours and whenever it joined. A step i
 all running rows at slot ``c``; then ``c`` advances.
 
 * Joining (:meth:`Engine.join`): new sequences are prefilled together (one forward, left-padded to
-  the longest, the naive MLA) into the free rows ``n ..``, ending at the clock.
+  the longest, the naive MLA) into the free rows ``n ..``, ending at the clock. With a prefix cache
+  (:mod:`gasungbi.infer.prefix_cache`), a prompt's cached blocks are first copied into its row's
+  slots and the forward feeds only what follows them; its full blocks are stored after.
 * Leaving (:meth:`Engine.remove`): the last running row's cache is copied into the freed row, so
   the batch stays a prefix and every step reads contiguous views.
 * Moving: cached keys are rotated by *position*, not by slot, so all rows can be moved by the same
@@ -48,6 +50,7 @@ import torch
 
 from gasungbi.infer import direct_step, native
 from gasungbi.infer.cache import KVCache
+from gasungbi.infer.prefix_cache import PrefixCache, block_keys
 from gasungbi.model.attention import DecodeContext
 
 MIN_WINDOW = 64
@@ -220,10 +223,12 @@ class Engine:
     """R cache rows of ``max_len`` slots, a shared clock, and the step function.
 
     The caller keeps its own list of sequences in row order and mirrors :meth:`join` (appends)
-    and :meth:`remove` (the last row moves into the removed one).
+    and :meth:`remove` (the last row moves into the removed one). ``prefix_cache_bytes`` > 0 keeps
+    the prompts' blocks for later prompts that start the same way (:mod:`gasungbi.infer.prefix_cache`;
+    not for a cache kept by position, DeepSeek-V4's: ``prefix`` is then None).
     """
 
-    def __init__(self, model, rows: int, max_len: int, *, compile: bool = False):
+    def __init__(self, model, rows: int, max_len: int, *, compile: bool = False, prefix_cache_bytes: int = 0):
         cfg = model.config
         device, dtype = model_device_dtype(model)
         if device.type == "cpu":
@@ -235,6 +240,9 @@ class Engine:
         self.moves = 0  # how many times the batch was moved (a copy of the cache window)
         self._views: dict[tuple[int, int, int], CacheView] = {}
         self._decode = compiled_step(model) if compile else decode_logits
+        use_prefix = prefix_cache_bytes > 0 and not self.cache.by_position
+        self.prefix = PrefixCache(prefix_cache_bytes) if use_prefix else None
+        self.cached: list[int] = []  # per prompt of the latest join: its first tokens not prefilled (prefix cache)
 
     @property
     def size(self) -> int:
@@ -296,6 +304,12 @@ class Engine:
         them) and, for the prompts flagged in ``all_logits``, the logits of every position [L, V]
         (prompt scoring); with ``hidden``, the hidden states [k, P, d] instead of that list
         (speculative decoding drafts from them).
+
+        With a prefix cache, each prompt's longest cached prefix is copied into its row first and
+        the forward covers the longest uncached rest of the batch, P tokens (a row whose rest is
+        shorter recomputes some of its cached tokens: ``cached`` counts those it did not); the
+        prompts' full blocks are stored after it. Prompts flagged in ``all_logits`` and ``hidden``
+        joins prefill everything (they need every position's output).
         """
         lengths = [len(p) for p in prompts]
         if not self.fits(lengths):
@@ -305,10 +319,19 @@ class Engine:
             self.clock = max(lengths)
         elif max(lengths) > self.clock:
             self._move(max(lengths))
-        c, k, P, lo = self.clock, len(prompts), max(lengths), self.size
+        c, k, lo = self.clock, len(prompts), self.size
         self.pads += [c - L for L in lengths]
-        h = forward_step(self.model, left_pad(prompts, 0, self.device), self.view(lo, lo + k, c),
-                         self._slots(c - P, P), self._pad(lo, lo + k), absorb=False)  # (k, P, d)
+        whole = [hidden or bool(all_logits and all_logits[i]) for i in range(k)]
+        hits, keys = self._lookup(prompts, whole)  # each prompt's cached prefix [h, width]
+        P = max(L - len(h) for L, h in zip(lengths, hits))  # the tokens this forward feeds, per row
+        self.cached = [max(L - P, 0) for L in lengths]
+        for i, hit in enumerate(hits):
+            self._write(lo + i, self.pads[lo + i], hit[:self.cached[i]])
+        ids = left_pad([p[max(len(p) - P, 0):] for p in prompts], 0, self.device)  # (k, P): each row's last P
+        h = forward_step(self.model, ids, self.view(lo, lo + k, c), self._slots(c - P, P), self._pad(lo, lo + k),
+                         absorb=False)  # (k, P, d)
+        for i, row_keys in enumerate(keys):
+            self._store(row_keys, lo + i)
         last = self.model.lm_head(h[:, -1])  # (k, V)
         if hidden:
             return last, h
@@ -317,6 +340,44 @@ class Engine:
             if want:
                 full[i] = self.model.lm_head(h[i, P - lengths[i]:])  # (L, V)
         return last, full
+
+    # --- the prefix cache ----------------------------------------------------------------------
+
+    def _buffers(self) -> list[torch.Tensor]:
+        """The per-position buffers a prefill writes: every main layer's (MTP layers are not prefilled)."""
+        return [t for bufs in self.cache.layers[:self.model.config.num_hidden_layers] for t in bufs]
+
+    def _lookup(self, prompts, whole: list[bool]) -> tuple[list[torch.Tensor], list[list[bytes]]]:
+        """Per prompt: its cached prefix [h, width] (h <= L - 1: one token is left to prefill, for
+        the logits; h = 0 where ``whole``), and its full blocks' keys (to store after the prefill)."""
+        empty = torch.empty(0, device=self.device)
+        if self.prefix is None:
+            return [empty] * len(prompts), [[] for _ in prompts]
+        keys = [block_keys(p, self.prefix.block_size) for p in prompts]
+        hits = []
+        for p, row_keys, w in zip(prompts, keys, whole):
+            blocks = [] if w else self.prefix.match(row_keys)
+            hits.append(torch.cat(blocks)[:len(p) - 1] if blocks else empty)
+        return hits, keys
+
+    def _write(self, row: int, start: int, data: torch.Tensor) -> None:
+        """Copy ``data`` [n, width] (each buffer's channels side by side) into slots start.. of ``row``."""
+        col, n = 0, data.shape[0]
+        for buf in self._buffers() if n else ():
+            w = buf[0, 0].numel()
+            buf[row, start:start + n] = data[:, col:col + w].reshape(n, *buf.shape[2:])
+            col += w
+
+    def _read(self, row: int, start: int, end: int) -> torch.Tensor:
+        """Slots start..end-1 of ``row``, every buffer's channels side by side: [end - start, width]."""
+        return torch.cat([buf[row, start:end].reshape(end - start, -1) for buf in self._buffers()], dim=1)
+
+    def _store(self, keys: list[bytes], row: int) -> None:
+        """Keep the full blocks of the prompt just prefilled into ``row`` (those not held yet)."""
+        if self.prefix is None or not keys:
+            return
+        B, pad = self.prefix.block_size, self.pads[row]
+        self.prefix.insert(keys, lambda i, j: self._read(row, pad + i * B, pad + j * B))
 
     def _room(self, t: int) -> None:
         if self.clock + t > self.max_len:  # out of slots: move left, to the longest sequence held

@@ -58,7 +58,7 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
               max_body_bytes: int = 4 * 2**20, threads: int = 0, special_tokens_in_content: bool = False,
               body_timeout: float = 30.0, allowed_host: Annotated[tuple[str, ...], UseAppendAction] = (),
               cors_origin: Annotated[tuple[str, ...], UseAppendAction] = (),
-              reasoning_parser: Literal["auto", "none", "deepseek-r1"] = "auto",
+              reasoning_parser: Literal["auto", "none", "deepseek-r1"] = "auto", prefix_cache_gib: float = 1.0,
               log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning") -> int:
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)
     with continuous batching, streaming and a chat page at /.
@@ -82,6 +82,9 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
         reasoning_parser: deepseek-r1: a chat reply's <think>...</think> is returned as reasoning_content, the
             rest as content (DeepSeek's API, vLLM's deepseek_r1); auto: so where the checkpoint's chat template
             or vocabulary has the think tags; none: all content
+        prefix_cache_gib: memory for the cache of prompts' 16-token blocks, reused by later prompts that start the
+            same way (a shared system prompt, a conversation's earlier turns), least recently used out; 0: off.
+            No effect on DeepSeek-V4, whose cache is not kept per position
         log_level: uvicorn's log level
     """
     try:
@@ -103,6 +106,8 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
                         ("max_prefill_tokens", max_prefill_tokens), ("max_body_bytes", max_body_bytes)):
         if value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= prefix_cache_gib < float("inf"):
+        raise UserError(f"--prefix-cache-gib must be >= 0 (0: off), got {prefix_cache_gib}")
     if body_timeout <= 0:
         raise UserError(f"--body-timeout must be > 0, got {body_timeout}")
     if not 0 <= port <= 65535:
@@ -127,7 +132,8 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
     max_len = min(max_len or min(cfg.max_position_embeddings, 4096), cfg.max_position_embeddings)
     if max_len < 2:
         raise UserError(f"--max-len must be >= 2, got {max_len}")
-    scheduler = Scheduler(net, max_batch, max_len, max_queue, max_prefill_tokens, compile=model.compile)
+    scheduler = Scheduler(net, max_batch, max_len, max_queue, max_prefill_tokens, compile=model.compile,
+                          prefix_cache_bytes=int(prefix_cache_gib * 2**30))
     scheduler.warmup()
     name = model_name or Path(model.checkpoint).resolve().name
     app = create_app(scheduler, conventions.tokenizer,
@@ -139,8 +145,10 @@ def serve_cmd(model: Annotated[ModelArgs, OmitArgPrefixes], host: str = "127.0.0
     sock.listen(2048)
     dtype = next(net.parameters()).dtype
     cache = KVCache.bytes_per_token(cfg, dtype, context=max_len) * max_batch * max_len
+    prefix = (f"prefix cache {format_bytes(prefix_cache_gib * 2**30)}" if scheduler.batch.prefix
+              else "prefix cache off" + (" (DeepSeek-V4's cache is not kept per position)" if prefix_cache_gib else ""))
     print(f"gasungbi serve: {name} at http://{host}:{port} ({max_batch} sequences x {max_len} tokens, "
-          f"KV cache {format_bytes(cache)}; api key {'required' if api_key_of(api_key) else 'off'})",
+          f"KV cache {format_bytes(cache)}, {prefix}; api key {'required' if api_key_of(api_key) else 'off'})",
           file=sys.stderr, flush=True)
     if warning := exposure_warning(host, api_key_of(api_key)):
         print(warning, file=sys.stderr, flush=True)

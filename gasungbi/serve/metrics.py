@@ -29,6 +29,9 @@ class Metrics:
         self._requests = Counter("gasungbi_requests", "HTTP requests by route and status code.", ("route", "code"),
                                  registry=r)
         self._prompt_tokens = Counter("gasungbi_prompt_tokens", "Prompt tokens received (tokens in).", registry=r)
+        self._cached_tokens = Counter("gasungbi_prompt_tokens_cached",
+                                      "Prompt tokens whose cache came from the prefix cache (not prefilled).",
+                                      registry=r)
         self._generation_tokens = Counter("gasungbi_generation_tokens", "Tokens generated (tokens out).", registry=r)
         self._decode_steps = Counter("gasungbi_decode_steps", "Batched decode forwards.", registry=r)
         self._decode_rows = Counter("gasungbi_decode_rows",
@@ -50,8 +53,10 @@ class Metrics:
     def request(self, route: str, status: int) -> None:
         self._requests.labels(route, str(status)).inc()
 
-    def add_prompt_tokens(self, n: int) -> None:
+    def add_prompt_tokens(self, n: int, cached: int = 0) -> None:
+        """``n`` prompt tokens joined the batch, ``cached`` of them from the prefix cache."""
         self._prompt_tokens.inc(n)
+        self._cached_tokens.inc(cached)
 
     def add_tokens(self, n: int) -> None:
         """``n`` tokens generated now (all rows of one step or prefill)."""

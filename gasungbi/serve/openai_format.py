@@ -193,7 +193,12 @@ class Reply:
     def usage(self) -> dict:
         completion = sum(s.produced for s in self.seqs)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+                "total_tokens": self.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens()}}
+
+    def cached_tokens(self) -> int:
+        """Prompt tokens not prefilled (prefix cache hits): one prompt, its choices' best."""
+        return max((s.cached for s in self.seqs), default=0)
 
     def body(self) -> dict:
         """The whole (non-streamed) response, from the events ``add``ed."""
@@ -237,6 +242,13 @@ class CompletionReply(Reply):
 
     def prompt(self, index: int) -> Prompt:
         return self.prompts[index // self.n]
+
+    def cached_tokens(self) -> int:
+        """Per prompt its choices' best, summed (``prompt_tokens`` counts each prompt once too)."""
+        best: dict[int, int] = {}
+        for s in self.seqs:
+            best[s.index // self.n] = max(best.get(s.index // self.n, 0), s.cached)
+        return sum(best.values())
 
     def start(self) -> list[dict]:
         if not self.echo or self.logprobs is not None:  # with logprobs, the echo goes with the prompt's

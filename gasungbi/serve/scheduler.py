@@ -93,6 +93,7 @@ class Sequence:
     finish_reason: str | None = None
     produced: int = 0
     last: int = 0
+    cached: int = 0  # prompt tokens whose cache came from the prefix cache (not prefilled)
 
     def __post_init__(self) -> None:
         self.row = RowState(self.index, list(self.prompt), max(self.max_new, 1), set(self.stop_tokens),
@@ -128,15 +129,17 @@ class Scheduler:
 
     ``max_batch``: cache rows (sequences decoded together); ``max_len``: slots per row;
     ``max_queue``: sequences allowed to wait; ``max_prefill_tokens``: prompt tokens prefilled
-    between two decode steps (at least one prompt always is).
+    between two decode steps (at least one prompt always is); ``prefix_cache_bytes``: the bound of
+    the engine's prefix cache (0: off).
     """
 
     def __init__(self, model, max_batch: int = 16, max_len: int | None = None, max_queue: int = 64,
-                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None, compile: bool = False):
+                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None, compile: bool = False,
+                 prefix_cache_bytes: int = 0):
         self.model = model
         self.device, _ = model_device_dtype(model)
         self.max_len = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        self.batch = Engine(model, max_batch, self.max_len, compile=compile)
+        self.batch = Engine(model, max_batch, self.max_len, compile=compile, prefix_cache_bytes=prefix_cache_bytes)
         self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
         self.metrics = metrics or Metrics()
         self.waiting: deque[Sequence] = deque()
@@ -198,6 +201,8 @@ class Scheduler:
                                               b.tokens_held / (b.rows * b.max_len)),
             "gasungbi_kv_cache_rows_used": ("Cache rows in use.", b.size),
             "gasungbi_kv_cache_rows": ("Cache rows (the largest decode batch).", b.rows),
+            "gasungbi_prefix_cache_bytes": ("Bytes of prompt blocks kept by the prefix cache.",
+                                            b.prefix.bytes if b.prefix else 0),
         }
 
     # --- the scheduler thread ----------------------------------------------------------------
@@ -282,7 +287,9 @@ class Scheduler:
         seqs = ok
         last, full = self.batch.join([s.prompt for s in seqs], [s.echo and s.logprobs is not None for s in seqs])
         self.running.extend(seqs)
-        self.metrics.add_prompt_tokens(sum(len(s.prompt) for s in seqs))
+        for s, n in zip(seqs, self.batch.cached):
+            s.cached = n
+        self.metrics.add_prompt_tokens(sum(len(s.prompt) for s in seqs), sum(self.batch.cached))
         for s, f in zip(seqs, full):
             if f is not None:
                 s._send(Event(s.index, prompt_logprobs=self._prompt_logprobs(s, f)))
