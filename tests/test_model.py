@@ -151,6 +151,45 @@ def test_grouped_experts_equal_token_loop(variant):
         assert (moe(x)[0] - _reference_moe(moe, x[0])).abs().max().item() < 1e-5
 
 
+def _experts_forward_and_grads(experts, x, idx, weights, dy, run):
+    """run(x, idx, weights) (N, d) and the gradients of (dy . output) w.r.t. x, the routing weights
+    and the three stacked expert weights."""
+    leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
+    params = [experts.gate_proj, experts.up_proj, experts.down_proj]
+    y = run(leaves[0], idx, leaves[1])
+    if not y.requires_grad:  # the loop's answer to no token at all: zeros, outside the graph
+        return [y, *(torch.zeros_like(t) for t in leaves + params)]
+    return [y, *torch.autograd.grad(y, leaves + params, dy, materialize_grads=True)]
+
+
+@pytest.mark.parametrize("product", ["torch._grouped_mm", "loop"])
+@pytest.mark.parametrize("n_tokens", [13, 0])
+def test_grouped_experts_train_as_the_per_expert_loop(product, n_tokens, monkeypatch):
+    """The routed experts' forward and every gradient (tokens, routing weights, stacked weights) equal
+    the per-expert loop's in fp32, with experts that get no token (their weights' gradient is zero),
+    on the grouped product and on its fallback loop, and with no token at all (MTP at T=1)."""
+    from gasungbi.model import grouped_mm
+    from gasungbi.model.moe import dispatch, expert_counts
+
+    cfg = get_preset("debug")
+    experts = build_model(cfg, seed=0).model.layers[1].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    E, K, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    idx = torch.rand(n_tokens, E - 3, generator=g).argsort(dim=1)[:, :K]  # K distinct experts, never the last 3
+    x, weights, dy = (torch.randn(n_tokens, d, generator=g), torch.rand(n_tokens, K, generator=g),
+                      torch.randn(n_tokens, d, generator=g))
+    if product == "loop":
+        monkeypatch.setattr(grouped_mm, "grouped_mm_usable", lambda *a: False)
+    elif n_tokens:
+        assert grouped_mm.grouped_mm_usable(x, experts.gate_proj)
+    got = _experts_forward_and_grads(experts, x, idx, weights, dy, experts)
+    want = _experts_forward_and_grads(experts, x, idx, weights, dy,
+                                      lambda x, i, w: dispatch(experts.expert, x, i, w, expert_counts(i, E)))
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert all(grad[E - 3:].abs().max() == 0 for grad in got[3:])
+
+
 def test_bias_changes_choice_not_weights():
     cfg = get_preset("debug")
     gate = build_model(cfg, seed=0).model.layers[1].mlp.gate
