@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gasungbi.config import ModelConfig, from_hf_config, to_hf_config
 from gasungbi.presets import PRESETS, get_preset
@@ -88,6 +89,23 @@ def test_absorbed_equals_naive(model):
     x = torch.randint(0, 512, (2, 17))
     with torch.no_grad():
         assert (model(x) - model(x, ctx=DecodeContext(absorb=True))).abs().max().item() < 1e-5
+
+
+def test_causal_attention_with_narrower_values_equals_sdpa():
+    """MLA's training attention (values narrower than queries and keys, padded for the CPU's flash
+    kernel) equals torch's own attention on the unpadded tensors, forward and backward."""
+    from gasungbi.model.attention import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 37, 24, generator=g), torch.randn(2, 3, 37, 24, generator=g)
+    v, dy = torch.randn(2, 3, 37, 16, generator=g), torch.randn(2, 3, 37, 16, generator=g)
+    results = []
+    for attend in (causal_attention, lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, 0.3)
+        results.append([out, *torch.autograd.grad(out, leaves, dy)])
+    for a, b in zip(*results):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
 
 
 def test_latent_cache_decode_equals_full_forward(model):
