@@ -7,11 +7,13 @@ slots sorted by expert are the groups, and group e meets expert e's weights. The
 
 It runs on ``torch._grouped_mm``, a private torch API (CPU: fp32, bf16, fp16; CUDA: what the GPU
 and build support, bf16 on SM90), wrapped here in an autograd Function whose backward is two more
-grouped products (dX = dY W per group; dW = dY^T X per group, zero for an empty group). What the
-private API needs is checked here, not assumed: rows whose strides are multiples of 16 bytes
-(torch refuses others), contiguous gradients (the Function makes them so), at least one row (its
-backward refuses an empty product), and, once per device and dtype, agreement with the per-group
-loop on a probe (forward and both gradients, an empty group included). Where any of that fails, or
+grouped products (dX = dY W per group; dW = dY^T X per group, zero for an empty group), each call
+a custom op (``gasungbi::grouped_mm``, ``gasungbi::grouped_mm_wgrad``) so that ``torch.compile``
+treats it as opaque (the private op's shape function takes bf16 only). What the private API needs
+is checked here, not assumed: rows whose strides are multiples of 16 bytes (torch refuses others),
+contiguous operands (the ops make them so), at least one row (its backward refuses an empty
+product), and, once per device and dtype, agreement with the per-group loop on a probe (forward
+and both gradients, an empty group included). Where any of that fails, or
 the API is absent, :func:`grouped_linear` runs the loop: one product per group over ``x.split``
 and ``w.unbind`` (a host sync to read the group sizes; every group's weight gradient still arrives
 as one stacked tensor, not E full-size zero tensors as ``w[e]`` would give). Under autocast the
@@ -25,20 +27,43 @@ import torch
 _PROBED: dict[tuple[str, torch.dtype], bool] = {}  # (device, dtype) -> torch._grouped_mm agrees with the loop
 
 
+@torch.library.custom_op("gasungbi::grouped_mm", mutates_args=())
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """Per group e of the rows of x: x_e w[e]^T (``transpose``; x (M, K), w (E, N, K) -> (M, N)) or
+    x_e w[e] (x (M, N), w (E, N, K) -> (M, K)). An opaque op to ``torch.compile``: the private op's
+    own shape function accepts bf16 only."""
+    return torch._grouped_mm(x.contiguous(), w.transpose(1, 2) if transpose else w.contiguous(), offs=offs)
+
+
+@_grouped_mm.register_fake
+def _(x, w, offs, transpose):
+    return x.new_empty(x.shape[0], w.shape[1] if transpose else w.shape[2])
+
+
+@torch.library.custom_op("gasungbi::grouped_mm_wgrad", mutates_args=())
+def _grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per group e: dy_e^T x_e, dy (M, N), x (M, K) -> (E, N, K) (zero for an empty group)."""
+    return torch._grouped_mm(dy.contiguous().t(), x.contiguous(), offs=offs)
+
+
+@_grouped_wgrad.register_fake
+def _(dy, x, offs):
+    return dy.new_empty(offs.shape[0], dy.shape[1], x.shape[1])
+
+
 class _GroupedMM(torch.autograd.Function):
     """y = x_e w[e]^T for each group e of the rows of x (M, K); w (E, N, K), offs (E,) int32 group ends."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w, offs)
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)  # (M, N)
+        return _grouped_mm(x, w, offs, True)  # (M, N)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w, offs = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch._grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None  # (M, K)
-        dw = torch._grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None  # (E, N, K)
+        dx = _grouped_mm(dy, w, offs, False) if ctx.needs_input_grad[0] else None  # (M, K)
+        dw = _grouped_wgrad(dy, x, offs) if ctx.needs_input_grad[1] else None  # (E, N, K)
         return dx, dw, None
 
 

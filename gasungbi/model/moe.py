@@ -151,8 +151,12 @@ class Experts(nn.Module):
 
 
 def expert_counts(idx: torch.Tensor, n_experts: int, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """(E,) tokens routed to each expert: ``counts`` when the caller has them already."""
-    return counts if counts is not None else torch.bincount(idx.reshape(-1), minlength=n_experts)
+    """(E,) tokens routed to each expert: ``counts`` when the caller has them already. (A scatter,
+    not ``bincount``, whose output size depends on the ids: the shape stays static for a compiler.)"""
+    if counts is not None:
+        return counts
+    flat = idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def grouped_swiglu(xs: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
