@@ -97,7 +97,9 @@ class Experts(nn.Module):
     The token slots are sorted by expert once (:func:`by_expert`) and each projection is one grouped
     matrix product over the stacked weights (:func:`~gasungbi.model.grouped_mm.grouped_linear`):
     no loop over experts, and no host sync where the grouped product runs natively. An expert
-    that gets no token is an empty group (its weights' gradient is zero).
+    that gets no token is an empty group (its weights' gradient is zero). At inference, fewer
+    (token, expert) slots than experts (decode steps) run only the chosen experts, one at a time
+    (:func:`dispatch`): the grouped product would visit every expert's empty group.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -119,7 +121,10 @@ class Experts(nn.Module):
         """x (N, d), idx/weights (N, K), counts (E,) tokens per expert (computed when not given)."""
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # a compiled decode step
             return self.traced(x, idx, weights)
-        offs = expert_counts(idx, self.gate_proj.shape[0], counts).cumsum(0).to(torch.int32)  # (E,) group ends
+        E = self.gate_proj.shape[0]
+        if idx.numel() < E and not torch.is_grad_enabled():  # a few tokens at inference: their experts only
+            return dispatch(self.expert, x, idx, weights, expert_counts(idx, E, counts))
+        offs = expert_counts(idx, E, counts).cumsum(0).to(torch.int32)  # (E,) group ends
         return by_expert(lambda xs: self.grouped(xs, offs), x, idx, weights)
 
     def grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
