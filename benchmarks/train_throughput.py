@@ -2,9 +2,10 @@
 reference GPT written here (nanoGPT-style: learned positions, LayerNorm, GELU MLP, causal SDPA),
 all at the ``cpu-tiny`` width, depth and vocabulary.
 
-    python benchmarks/train_throughput.py [--batch 16] [--seq 256] [--rounds 5] [--warmup 2] [--threads N] [--clock wall|cpu]
+    python benchmarks/train_throughput.py [--batch 16] [--seq 256] [--rounds 5] [--warmup 2]
+                                          [--threads N] [--clock wall|cpu]
 
-The three models are timed round-robin (one step each per round, after ``--warmup`` untimed rounds;
+The models are timed round-robin (one step each per round, after ``--warmup`` untimed rounds;
 median over rounds) so that machine noise hits them alike; figures are printed side by side with
 parameter and FLOP counts, then the two ratios the MoE is held to: its training tokens/s against
 the dense model's (goal >= 0.95: routed experts cost no more per token than a dense MLP of their

@@ -100,7 +100,10 @@ def test_causal_attention_with_narrower_values_equals_sdpa():
     q, k = torch.randn(2, 3, 37, 24, generator=g), torch.randn(2, 3, 37, 24, generator=g)
     v, dy = torch.randn(2, 3, 37, 16, generator=g), torch.randn(2, 3, 37, 16, generator=g)
     results = []
-    for attend in (causal_attention, lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=s)):
+    def sdpa(q, k, v, scale):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+    for attend in (causal_attention, sdpa):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = attend(*leaves, 0.3)
         results.append([out, *torch.autograd.grad(out, leaves, dy)])

@@ -5,19 +5,20 @@ The routed experts of a DeepSeekMoE layer (:mod:`gasungbi.model.moe`) run this w
 slots sorted by expert are the groups, and group e meets expert e's weights. The groups' ends
 ``offs`` [E] (int32, cumulative) stay on the device, so the product needs no host sync.
 
-It runs on ``torch._grouped_mm``, a private torch API (CPU: fp32, bf16, fp16; CUDA: what the GPU
-and build support, bf16 on SM90), wrapped here in an autograd Function whose backward is two more
-grouped products (dX = dY W per group; dW = dY^T X per group, zero for an empty group), each call
-a custom op (``gasungbi::grouped_mm``, ``gasungbi::grouped_mm_wgrad``) so that ``torch.compile``
-treats it as opaque (the private op's shape function takes bf16 only). What the private API needs
-is checked here, not assumed: rows whose strides are multiples of 16 bytes (torch refuses others),
-contiguous operands (the ops make them so), at least one row (its backward refuses an empty
-product), and, once per device and dtype, agreement with the per-group loop on a probe (forward
-and both gradients, an empty group included). Where any of that fails, or
-the API is absent, :func:`grouped_linear` runs the loop: one product per group over ``x.split``
-and ``w.unbind`` (a host sync to read the group sizes; every group's weight gradient still arrives
-as one stacked tensor, not E full-size zero tensors as ``w[e]`` would give). Under autocast the
-operands are cast to the autocast dtype first, as ``F.linear``'s would be.
+It runs on ``torch._grouped_mm``, a private torch API (on the CPU in torch 2.13: fp32, bf16,
+fp16; on CUDA: what the GPU and build support, which the probe finds out), wrapped here in an
+autograd Function whose backward is two more grouped products (dX = dY W per group; dW = dY^T X
+per group, zero for an empty group), each call a custom op (``gasungbi::grouped_mm``,
+``gasungbi::grouped_mm_wgrad``) so that ``torch.compile`` treats it as opaque (the private op's
+shape function takes bf16 only). What the private API needs is checked here, not assumed: rows
+whose strides are multiples of 16 bytes (torch refuses others), contiguous operands (the ops make
+them so), at least one row (its backward refuses an empty product), and, once per device and
+dtype, agreement with the per-group loop on a probe (forward and both gradients, an empty group
+included). Where any of that fails, or the API is absent,
+:func:`grouped_linear` runs the loop: one product per group over ``x.split`` and ``w.unbind`` (a
+host sync to read the group sizes; every group's weight gradient still arrives as one stacked
+tensor, not E full-size zero tensors as ``w[e]`` would give). Under autocast the operands are
+cast to the autocast dtype first, as ``F.linear``'s would be.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     except (RuntimeError, NotImplementedError):
         return False
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    return all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item()) for a, b in zip(got, want))
+    return all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item())
+               for a, b in zip(got, want))
 
 
 def grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -133,9 +133,9 @@ class Experts(nn.Module):
         return grouped_swiglu(xs, self.gate_proj, self.up_proj, self.down_proj, offs, self.limit)
 
     def traced(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The routed experts with no data-dependent shapes, for a compiled inference step (the
-        per-expert loop reads the expert ids on the host, a graph break at every MoE layer and, as
-        guards on the values, a recompilation; the grouped product is not traced). With fewer (token, expert) pairs than
+        """The routed experts with no data-dependent shapes and no host read, for a compiled
+        inference step (:func:`dispatch` reads the expert ids on the host: a graph break at every
+        MoE layer and, as guards on the values, a recompilation). With fewer (token, expert) pairs than
         experts, each pair's weights are gathered ([N, K, I, d]: for decode, about the bytes the
         experts themselves hold); otherwise every expert runs on every token, weighted by a dense
         [N, E] combine matrix (zero where not routed). Same sum as :meth:`forward`, in another

@@ -10,9 +10,10 @@ A forward (torchtitan's ``ExpertParallel`` token dispatcher, without its GPU ker
 sort the token slots by expert, exchange the per-expert counts (one small ``all_to_all_single``),
 send each slot to the rank owning its expert (``all_to_all_single`` with uneven splits; its
 backward is the reverse exchange), run the local experts on what arrived (grouped products over
-the stacked slices, as ``Experts``), send the results back, weight and combine them. Every rank of an EP group must run the same number of MoE
-forwards (they all do in training: same batch shapes, same model; generation stops only when
-every rank of the group is done: ``generate(..., group=...)``).
+the stacked slices, as ``Experts``), send the results back, weight and combine them. Every rank
+of an EP group must run the same number of MoE forwards (they all do in training: same batch
+shapes, same model; generation stops only when every rank of the group is done:
+``generate(..., group=...)``).
 
 Gradients: the non-expert parameters are DDP or FSDP2 over all W ranks, with the expert shards
 left out of both (``wrap(..., ignore=expert_param_names(...))``). An expert shard's gradient
