@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gasungbi.config import ModelConfig, from_hf_config, to_hf_config
 from gasungbi.presets import PRESETS, get_preset
@@ -90,6 +91,26 @@ def test_absorbed_equals_naive(model):
         assert (model(x) - model(x, ctx=DecodeContext(absorb=True))).abs().max().item() < 1e-5
 
 
+def test_causal_attention_with_narrower_values_equals_sdpa():
+    """MLA's training attention (values narrower than queries and keys, padded for the CPU's flash
+    kernel) equals torch's own attention on the unpadded tensors, forward and backward."""
+    from gasungbi.model.attention import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 37, 24, generator=g), torch.randn(2, 3, 37, 24, generator=g)
+    v, dy = torch.randn(2, 3, 37, 16, generator=g), torch.randn(2, 3, 37, 16, generator=g)
+    results = []
+    def sdpa(q, k, v, scale):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+    for attend in (causal_attention, sdpa):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, 0.3)
+        results.append([out, *torch.autograd.grad(out, leaves, dy)])
+    for a, b in zip(*results):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
 def test_latent_cache_decode_equals_full_forward(model):
     cfg = model.config
     x = torch.randint(0, 512, (2, 12))
@@ -149,6 +170,45 @@ def test_grouped_experts_equal_token_loop(variant):
             moe.gate.e_score_correction_bias.copy_(torch.randn(8))
         x = torch.randn(1, 23, cfg.hidden_size)
         assert (moe(x)[0] - _reference_moe(moe, x[0])).abs().max().item() < 1e-5
+
+
+def _experts_forward_and_grads(experts, x, idx, weights, dy, run):
+    """run(x, idx, weights) (N, d) and the gradients of (dy . output) w.r.t. x, the routing weights
+    and the three stacked expert weights."""
+    leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
+    params = [experts.gate_proj, experts.up_proj, experts.down_proj]
+    y = run(leaves[0], idx, leaves[1])
+    if not y.requires_grad:  # the loop's answer to no token at all: zeros, outside the graph
+        return [y, *(torch.zeros_like(t) for t in leaves + params)]
+    return [y, *torch.autograd.grad(y, leaves + params, dy, materialize_grads=True)]
+
+
+@pytest.mark.parametrize("product", ["torch._grouped_mm", "loop"])
+@pytest.mark.parametrize("n_tokens", [13, 0])
+def test_grouped_experts_train_as_the_per_expert_loop(product, n_tokens, monkeypatch):
+    """The routed experts' forward and every gradient (tokens, routing weights, stacked weights) equal
+    the per-expert loop's in fp32, with experts that get no token (their weights' gradient is zero),
+    on the grouped product and on its fallback loop, and with no token at all (MTP at T=1)."""
+    from gasungbi.model import grouped_mm
+    from gasungbi.model.moe import dispatch, expert_counts
+
+    cfg = get_preset("debug")
+    experts = build_model(cfg, seed=0).model.layers[1].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    E, K, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    idx = torch.rand(n_tokens, E - 3, generator=g).argsort(dim=1)[:, :K]  # K distinct experts, never the last 3
+    x, weights, dy = (torch.randn(n_tokens, d, generator=g), torch.rand(n_tokens, K, generator=g),
+                      torch.randn(n_tokens, d, generator=g))
+    if product == "loop":
+        monkeypatch.setattr(grouped_mm, "grouped_mm_usable", lambda *a: False)
+    elif n_tokens:
+        assert grouped_mm.grouped_mm_usable(x, experts.gate_proj)
+    got = _experts_forward_and_grads(experts, x, idx, weights, dy, experts)
+    want = _experts_forward_and_grads(experts, x, idx, weights, dy,
+                                      lambda x, i, w: dispatch(experts.expert, x, i, w, expert_counts(i, E)))
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert all(grad[E - 3:].abs().max() == 0 for grad in got[3:])
 
 
 def test_bias_changes_choice_not_weights():

@@ -142,6 +142,20 @@ def window_mask(mask: torch.Tensor | None, t: int, s: int, start_pos: int | torc
     return (keys <= q[:, None]) & inside if mask is None else mask & inside
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of q, k (B, H, T, d_qk) and v (B, H, T, d_v) -> (B, H, T, d_v).
+
+    MLA's values are narrower than its queries and keys (d_v = v_head_dim, d_qk = nope + rope).
+    The CPU's flash kernel takes only d_v == d_qk; otherwise torch runs its math kernel, which
+    materializes the [T, T] scores forward and backward. On the CPU, v is therefore zero-padded to
+    d_qk and the padding's output columns (zero) are dropped: the same attention, in the flash
+    kernel's order of additions."""
+    pad = q.shape[-1] - v.shape[-1]
+    if q.device.type != "cpu" or pad <= 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True, scale=scale)[..., :-pad]
+
+
 @dataclass(frozen=True)
 class DecodeContext:
     """The inference state of one forward; training passes none (no cache, causal, naive MLA).
@@ -235,8 +249,8 @@ class MLA(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, d)
             if mask is not None:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-            elif T == S:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            elif T == S:  # training; a forward without a cache
+                out = causal_attention(q, k, v, self.scale)
             else:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, start_pos, x.device),
                                                      scale=self.scale)

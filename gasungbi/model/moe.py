@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gasungbi.config import ModelConfig
+from gasungbi.model.grouped_mm import grouped_linear
 from gasungbi.model.layers import MLP, swiglu
 
 
@@ -93,8 +94,12 @@ class Experts(nn.Module):
     """E SwiGLU experts stored stacked: gate/up (E, I, d), down (E, d, I); DeepSeek-V4 clamps the
     SwiGLU (``limit``, :func:`~gasungbi.model.layers.swiglu`).
 
-    Tokens are sorted by expert and each expert runs one matmul over its contiguous slice
-    (a loop over experts, never over tokens); an expert that gets no token is skipped.
+    The token slots are sorted by expert once (:func:`by_expert`) and each projection is one grouped
+    matrix product over the stacked weights (:func:`~gasungbi.model.grouped_mm.grouped_linear`):
+    no loop over experts, and no host sync where the grouped product runs natively. An expert
+    that gets no token is an empty group (its weights' gradient is zero). At inference, fewer
+    (token, expert) slots than experts (decode steps) run only the chosen experts, one at a time
+    (:func:`dispatch`): the grouped product would visit every expert's empty group.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -116,15 +121,24 @@ class Experts(nn.Module):
         """x (N, d), idx/weights (N, K), counts (E,) tokens per expert (computed when not given)."""
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # a compiled decode step
             return self.traced(x, idx, weights)
-        return dispatch(self.expert, x, idx, weights, expert_counts(idx, self.gate_proj.shape[0], counts))
+        E = self.gate_proj.shape[0]
+        if idx.numel() < E and not torch.is_grad_enabled():  # a few tokens at inference: their experts only
+            return dispatch(self.expert, x, idx, weights, expert_counts(idx, E, counts))
+        offs = expert_counts(idx, E, counts).cumsum(0).to(torch.int32)  # (E,) group ends
+        return by_expert(lambda xs: self.grouped(xs, offs), x, idx, weights)
+
+    def grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Every expert on its tokens: xs (M, d) token slots sorted by expert, expert e's ending at
+        offs[e] -> (M, d)."""
+        return grouped_swiglu(xs, self.gate_proj, self.up_proj, self.down_proj, offs, self.limit)
 
     def traced(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The routed experts with no data-dependent shapes, for a compiled inference step:
-        :func:`dispatch` reads the expert ids on the host (``tolist``), a graph break at every MoE
-        layer (and, as guards on the values, a recompilation). With fewer (token, expert) pairs than
+        """The routed experts with no data-dependent shapes and no host read, for a compiled
+        inference step (:func:`dispatch` reads the expert ids on the host: a graph break at every
+        MoE layer and, as guards on the values, a recompilation). With fewer (token, expert) pairs than
         experts, each pair's weights are gathered ([N, K, I, d]: for decode, about the bytes the
         experts themselves hold); otherwise every expert runs on every token, weighted by a dense
-        [N, E] combine matrix (zero where not routed). Same sum as :func:`dispatch`, in another
+        [N, E] combine matrix (zero where not routed). Same sum as :meth:`forward`, in another
         order of additions. Meant for the GPU, where decode is bound by reading the weights; the
         dense form does E/K times the FLOPs, which a CPU pays (CPU decode in fp32 takes the native
         kernels instead, which run only the chosen experts)."""
@@ -142,16 +156,42 @@ class Experts(nn.Module):
 
 
 def expert_counts(idx: torch.Tensor, n_experts: int, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """(E,) tokens routed to each expert: ``counts`` when the caller has them already."""
-    return counts if counts is not None else torch.bincount(idx.reshape(-1), minlength=n_experts)
+    """(E,) tokens routed to each expert: ``counts`` when the caller has them already. (A scatter,
+    not ``bincount``, whose output size depends on the ids: the shape stays static for a compiler.)"""
+    if counts is not None:
+        return counts
+    flat = idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def grouped_swiglu(xs: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
+                   offs: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """Stacked SwiGLU experts, gate/up (E, I, d) and down (E, d, I), each on its group of the rows
+    xs (M, d) (expert e's rows end at offs[e]) -> (M, d): three grouped products."""
+    gate, up = grouped_linear(xs, gate_proj, offs), grouped_linear(xs, up_proj, offs)  # (M, I)
+    return grouped_linear(swiglu(gate, up, limit), down_proj, offs)
+
+
+def by_expert(run, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sort the (token, expert) slots by expert, ``run`` them, and combine: x (N, d), idx/weights
+    (N, K) -> (N, d'), row n = sum_k weights[n, k] run(x_n as a slot of expert idx[n, k]).
+
+    ``run`` takes the slots' tokens (N*K, d), each expert's one contiguous slice in expert order,
+    and returns their outputs (N*K, d') in the same order (a loop over experts, never over tokens).
+    """
+    k = idx.shape[1]
+    order = idx.reshape(-1).argsort(stable=True)  # (N*K,) slots sorted by expert
+    token = order // k
+    ys = run(x.index_select(0, token))
+    ys = ys * weights.reshape(-1).index_select(0, order)[:, None].to(ys.dtype)
+    return ys.new_zeros(x.shape[0], ys.shape[1]).index_add_(0, token, ys)
 
 
 def dispatch(expert, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Run ``expert(e, tokens)`` for every expert on the tokens routed to it and combine.
-
-    x (N, d), idx/weights (N, K), counts (E,) tokens per expert -> (N, d) in the experts' output
-    dtype. Token slots are sorted by expert so each expert sees one contiguous slice (a loop over
-    experts, never over tokens); a single token runs its K experts directly.
+    """:func:`by_expert` for experts that exist one at a time (quantized, FP8): ``expert(e, tokens)``
+    runs on each expert's slice, the slices read from ``counts`` (E,) on the host; an expert that
+    gets no token is skipped. A single token without grad runs its K experts directly, in expert
+    order. x (N, d), idx/weights (N, K) -> (N, d) in the experts' output dtype.
     """
     if x.shape[0] == 1 and not weights.requires_grad:  # batch-1 decode: K experts in expert order
         y = None
@@ -159,21 +199,13 @@ def dispatch(expert, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
             out = expert(e, x) * w
             y = out if y is None else y + out
         return y
-    k = idx.shape[1]
-    order = idx.reshape(-1).argsort(stable=True)  # (N*K,) slots sorted by expert
-    token = order // k
-    xs = x[token]
-    outs, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        if n == 0:
-            continue
-        outs.append(expert(e, xs[start:start + n]))
-        start += n
-    if not outs:  # no tokens at all
+    if x.shape[0] == 0:
         return torch.zeros_like(x)
-    ys = torch.cat(outs)
-    ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
-    return ys.new_zeros(x.shape[0], ys.shape[1]).index_add_(0, token, ys)
+
+    def run(xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([expert(e, part) for e, part in enumerate(xs.split(counts.tolist())) if part.shape[0]])
+
+    return by_expert(run, x, idx, weights)
 
 
 class MoE(nn.Module):

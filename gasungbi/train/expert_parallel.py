@@ -9,10 +9,11 @@ holding its rank's slices; the model code stays single-device.
 A forward (torchtitan's ``ExpertParallel`` token dispatcher, without its GPU kernels):
 sort the token slots by expert, exchange the per-expert counts (one small ``all_to_all_single``),
 send each slot to the rank owning its expert (``all_to_all_single`` with uneven splits; its
-backward is the reverse exchange), run the local experts on what arrived, send the results
-back, weight and combine them. Every rank of an EP group must run the same number of MoE
-forwards (they all do in training: same batch shapes, same model; generation stops only when
-every rank of the group is done: ``generate(..., group=...)``).
+backward is the reverse exchange), run the local experts on what arrived (grouped products over
+the stacked slices, as ``Experts``), send the results back, weight and combine them. Every rank
+of an EP group must run the same number of MoE forwards (they all do in training: same batch
+shapes, same model; generation stops only when every rank of the group is done:
+``generate(..., group=...)``).
 
 Gradients: the non-expert parameters are DDP or FSDP2 over all W ranks, with the expert shards
 left out of both (``wrap(..., ignore=expert_param_names(...))``). An expert shard's gradient
@@ -34,8 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gasungbi.model.layers import swiglu
-from gasungbi.model.moe import Experts, expert_counts
+from gasungbi.model.moe import Experts, expert_counts, grouped_swiglu
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 
@@ -74,10 +74,6 @@ class EPExperts(nn.Module):
             setattr(self, name, nn.Parameter(getattr(experts, name).detach()[lo:hi].clone()))
         self.limit = experts.limit  # DeepSeek-V4's SwiGLU clamp
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Local expert ``e`` on its tokens x (n, d) -> (n, d)."""
-        return swiglu(x @ self.gate_proj[e].t(), x @ self.up_proj[e].t(), self.limit) @ self.down_proj[e].t()
-
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, d), idx/weights (N, K) global expert ids, counts (E,) -> (N, d)."""
@@ -92,16 +88,11 @@ class EPExperts(nn.Module):
         send_splits = counts.view(K, L).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
         got = _AllToAll.apply(xs, recv_splits, send_splits, self.group)  # grouped by source rank, then expert
-        # regroup the arrivals by local expert, run each expert on one contiguous slice
+        # regroup the arrivals by local expert: one group of rows each, one grouped product per projection
         local_ids = torch.arange(L, device=x.device).repeat(K)
         by_expert = torch.repeat_interleave(local_ids, recv.reshape(-1)).argsort(stable=True)
-        arrived = got[by_expert]
-        outs, start = [], 0
-        for e, n in enumerate(recv.sum(0).tolist()):
-            if n:
-                outs.append(self.expert(e, arrived[start:start + n]))
-                start += n
-        ys = torch.cat(outs) if outs else arrived[:0]  # (the empty slice keeps the graph: backward exchanges too)
+        offs = recv.sum(0).cumsum(0).to(torch.int32)  # (L,) where each local expert's rows end
+        ys = grouped_swiglu(got[by_expert], self.gate_proj, self.up_proj, self.down_proj, offs, self.limit)
         back = torch.empty_like(ys).index_copy(0, by_expert, ys)  # source order again
         ys = _AllToAll.apply(back, send_splits, recv_splits, self.group)  # (N*k, d) in `order`
         ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)

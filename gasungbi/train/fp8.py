@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gasungbi.model.layers import swiglu
-from gasungbi.model.moe import Experts
+from gasungbi.model.moe import Experts, dispatch, expert_counts
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = 128
@@ -214,7 +214,12 @@ class Fp8Linear(nn.Linear):
 
 
 class Fp8Experts(Experts):
-    """Routed experts whose three matmuls run in FP8 (the stacked parameters are unchanged)."""
+    """Routed experts whose three matmuls run in FP8 (the stacked parameters are unchanged), one
+    expert at a time (:func:`~gasungbi.model.moe.dispatch`): the FP8 GEMM is not grouped."""
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        return dispatch(self.expert, x, idx, weights, expert_counts(idx, self.gate_proj.shape[0], counts))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(swiglu(fp8_linear(x, self.gate_proj[e]), fp8_linear(x, self.up_proj[e]), self.limit),
