@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gasungbi import atomic
@@ -49,7 +48,8 @@ from gasungbi.infer.quant import EXPERT_PROJS, dequantize_int4, dequantize_int8,
 from gasungbi.infer.quant_modules import portable_buffers
 from gasungbi.interop.hf import copy_tokenizer, load_model, save_model
 from gasungbi.model.accounting import count_params
-from gasungbi.model.moe import Experts
+from gasungbi.model.layers import swiglu
+from gasungbi.model.moe import Experts, dispatch, expert_counts
 from gasungbi.model.transformer import Transformer, build_model
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
@@ -173,19 +173,26 @@ class FrozenQuantLinear(nn.Module):
 
 class FrozenQuantExperts(Experts):
     """Routed experts held quantized and frozen: the portable stacked ``gate_proj``/``up_proj``/
-    ``down_proj`` [E, ...] and their ``_scales``; the same sorted dispatch as :class:`Experts`."""
+    ``down_proj`` [E, ...] and their ``_scales``, run by the per-expert dispatch (each expert's
+    weights dequantized for its own products), with DeepSeek-V4's SwiGLU clamp (``limit``)."""
 
-    def __init__(self, n_experts: int, dim: int, inter: int, layouts: dict[str, tuple[str, int | None]]):
+    def __init__(self, n_experts: int, dim: int, inter: int, layouts: dict[str, tuple[str, int | None]],
+                 limit: float | None = None):
         nn.Module.__init__(self)
         shapes = {"gate_proj": (n_experts, inter, dim), "up_proj": (n_experts, inter, dim),
                   "down_proj": (n_experts, dim, inter)}
         for proj, shape in shapes.items():
             portable_buffers(self, proj, shape, *layouts[proj])
+        self.n_experts, self.limit = n_experts, limit
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate = frozen_quant_linear(x, self.gate_proj[e], self.gate_proj_scales[e])
         up = frozen_quant_linear(x, self.up_proj[e], self.up_proj_scales[e])
-        return frozen_quant_linear(F.silu(gate) * up, self.down_proj[e], self.down_proj_scales[e])
+        return frozen_quant_linear(swiglu(gate, up, self.limit), self.down_proj[e], self.down_proj_scales[e])
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        return dispatch(self.expert, x, idx, weights, expert_counts(idx, self.n_experts, counts))
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -215,7 +222,7 @@ def load_quantized_base(path: str | os.PathLike, mode: str, device: str | torch.
         layouts = {p: portable_layout(qsd, f"{name}.{p}", getattr(ex, p).shape) for p in EXPERT_PROJS}
         if None not in layouts.values():
             E, inter, dim = ex.gate_proj.shape
-            _set_module(model, name, FrozenQuantExperts(E, dim, inter, layouts))
+            _set_module(model, name, FrozenQuantExperts(E, dim, inter, layouts, ex.limit))
     device = torch.device(device)
     model.load_state_dict({k: v.to(device) for k, v in qsd.items()}, strict=True, assign=True)
     if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
