@@ -3,7 +3,8 @@
 Three kinds of checkpoint: a floating-point one, a gasungbi-quantized one (:func:`load_quantized`;
 the files: :mod:`gasungbi.interop.quantized`), and DeepSeek's FP8 one. With a quantization asked,
 a floating-point or FP8 checkpoint goes straight to int8/int4 one tensor at a time
-(:func:`load_quantizing`), so the float model is never whole in memory.
+(:func:`load_quantizing`), so the float model is never whole in memory. Before anything is read,
+:func:`gasungbi.infer.memory.check_fits` refuses a model that does not fit the memory available.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from gasungbi.config import CheckpointError, ModelConfig, read_config
+from gasungbi.infer.memory import check_fits
 from gasungbi.infer.placement import apply_placement, plan_placement, resolve_device
 from gasungbi.infer.quant import check_group_size, check_mode, quantize_weight, quantized_keys
 from gasungbi.infer.quant_modules import from_quantized_state_dict
@@ -45,7 +47,9 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device | Non
     cfg = read_config(path)
     if dtype is None and device.type == "cuda":
         dtype = torch.bfloat16
-    plan = plan_placement(cfg, device, experts_device, dtype or torch.float32, quant, group_size)
+    held = dtype or (torch.float32 if quant is not None else _stored_dtype(Path(path)))
+    plan = plan_placement(cfg, device, experts_device, held, quant, group_size)
+    check_fits(cfg, plan, held, quant, group_size)  # before anything is read: one line, not an OOM kill
     if report is not None:
         report(plan.format(cfg.max_position_embeddings))
     if qcfg is not None:
@@ -54,6 +58,15 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device | Non
         return load_quantizing(path, quant, group_size, device, dtype or torch.float32, plan.experts_device)
     model = load_model(path, "cpu", dtype)
     return apply_placement(model, plan).eval()
+
+
+def _stored_dtype(path: Path) -> torch.dtype:
+    """The float dtype a float checkpoint loads in when none is asked: its tensors' (bf16 for
+    DeepSeek's FP8 format, which is dequantized to it)."""
+    if fp8_config(path) is not None:
+        return torch.bfloat16
+    floats = [t.dtype for t in headers(weight_files(path)).values() if t.is_floating_point()]
+    return max(set(floats), key=floats.count) if floats else torch.float32
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
