@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from gasungbi.config import CheckpointError, ModelConfig, read_config
@@ -24,7 +23,8 @@ from gasungbi.infer.placement import apply_placement, plan_placement, resolve_de
 from gasungbi.infer.quant import check_group_size, check_mode, quantize_weight, quantized_keys
 from gasungbi.infer.quant_modules import from_quantized_state_dict
 from gasungbi.interop.fp8 import fp8_config, read_fp8
-from gasungbi.interop.hf import _HF_EXPERT, check_sizes, from_hf_state_dict, headers, load_model, weight_files
+from gasungbi.interop.hf import (_HF_EXPERT, check_sizes, from_hf_state_dict, headers, load_model,
+                                 read_safetensors, weight_files)
 from gasungbi.interop.quantized import WEIGHTS_FILE, quantization_config, read_quantized
 from gasungbi.model.transformer import Transformer, build_model
 
@@ -75,7 +75,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
     layout of ``device``."""
     cfg, qsd = read_quantized(path)
     try:
-        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device, consume=True)
     except ValueError as e:
         raise CheckpointError(f"{Path(path) / WEIGHTS_FILE}: {e}") from None
 
@@ -89,7 +89,7 @@ def load_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128, d
     path = Path(path)
     cfg, qsd = read_quantizing(path, mode, group_size, dtype)
     try:
-        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device, consume=True)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -125,11 +125,13 @@ def read_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128,
         tensors = read_fp8(files, "cpu", torch.float32, convert=convert)
     else:
         check_sizes(path, cfg, headers(files))
-        tensors = {}
+        tensors, experts = {}, {}
         for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for k in sf.keys():
-                    tensors.update(convert(k, sf.get_tensor(k)))
+            for k, t in read_safetensors(f):
+                for name, q in convert(k, t).items():
+                    _collect(tensors, experts, name, q, cfg.n_routed_experts)
+        for group in experts.values():  # incomplete: from_hf_state_dict names what is missing
+            tensors.update(group)
     if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):
         cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP declared but not stored (see load_model)
     values = {k: v for k, v in tensors.items() if not k.endswith("_scales")}
@@ -137,3 +139,24 @@ def read_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128,
     qsd = from_hf_state_dict(cfg, values)
     qsd.update({k + "_scales": v for k, v in from_hf_state_dict(cfg, scales).items()})
     return cfg, qsd
+
+
+def _collect(tensors: dict[str, torch.Tensor], experts: dict[str, dict[str, torch.Tensor]], name: str,
+             t: torch.Tensor, n_experts: int) -> None:
+    """Put one read (and quantized) tensor in ``tensors``; a routed expert's waits in ``experts`` until
+    its layer's n_experts are read, then they are stacked under the stacked name (which
+    from_hf_state_dict passes through): the per-expert pieces are freed layer by layer, not at the end."""
+    m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scales)?$", name)
+    if not m:
+        tensors[name] = t
+        return
+    stacked = f"{m.group(1)}.{m.group(3)}" + ("_scales" if m.group(4) else "")
+    group = experts.setdefault(stacked, {})
+    group[name] = t
+    if len(group) == n_experts:
+        del experts[stacked]
+        pieces = {int(re.match(r"^.*\.experts\.(\d+)\.", k).group(1)): v for k, v in group.items()}
+        if sorted(pieces) == list(range(n_experts)):
+            tensors[stacked] = torch.stack([pieces.pop(e) for e in range(n_experts)])
+        else:
+            tensors.update(group)
