@@ -90,3 +90,49 @@ def test_safetensors_read_and_write_one_tensor_at_a_time(tmp_path):
         assert set(got) == set(tensors)
         for k, v in tensors.items():
             assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def _benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    f = Path(__file__).resolve().parents[1] / "benchmarks" / "full_size.py"
+    spec = importlib.util.spec_from_file_location("full_size_benchmark", f)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TINY_SHAPES = {  # the two full-size shapes of benchmarks/full_size.py, shrunk
+    "deepseek-v2-lite": dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                             num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                             v_head_dim=16, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                             max_position_embeddings=256, rope_scaling=None, num_nextn_predict_layers=0,
+                             bos_token_id=0, eos_token_id=1),
+    "r1-distill-qwen-7b": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               max_position_embeddings=256, bos_token_id=0, eos_token_id=1),
+}
+
+
+def test_the_benchmarks_random_checkpoint_loads_in_transformers_and_gasungbi(tmp_path):
+    """benchmarks/full_size.py's checkpoint writer (random bf16, sharded, one tensor at a time), on
+    tiny versions of its two shapes: transformers loads every tensor (none missing or unexpected)
+    and gives the logits gasungbi gives on the same files."""
+    import transformers
+
+    bench = _benchmark()
+    for name, shape in TINY_SHAPES.items():
+        cfg = gasungbi.get_preset(name).replace(**shape)
+        path = bench.write_random_checkpoint(cfg, tmp_path / name, shard_bytes=40_000, seed=0, std=0.3)
+        assert len(list(path.glob("*.safetensors"))) > 1
+        # larger weights than the benchmark's, so the comparison sees every layer
+        hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                     output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        ours = gasungbi.load_model(path, dtype=torch.float32)
+        ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want, got = hf(ids).logits, ours(ids)
+        assert want.std() > 0.1, want.std()  # every layer moves the logits
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-3)
