@@ -120,6 +120,15 @@ prompt = list(range(3, 3 + 16))
 for b in batches:
     out[f"batch{b}_tokens_per_s"] = time_ours(model, [prompt] * b, new_tokens, False)
     print(json.dumps(out), flush=True)
+if 1 in batches:  # for `gasungbi plan backtest --decode`, as `gasungbi generate --report` writes it
+    import os, platform
+    config = json.loads(open(os.path.join(path, "config.json")).read())
+    report = {"kind": "gasungbi decode", "checkpoint": path, "config": config, "weights": quant, "device": "cpu",
+              "threads": torch.get_num_threads(), "compile": False, "speculative": False, "batch_size": 1,
+              "prompt_tokens": len(prompt), "new_tokens": new_tokens, "decode_tokens_per_s": out["batch1_tokens_per_s"],
+              "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine()}}
+    out["report"] = os.path.join(sys.argv[6], f"decode-{quant}.json")
+    open(out["report"], "w").write(json.dumps(report, indent=1))
 out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(out), flush=True)
 """
@@ -131,7 +140,7 @@ def run_child(path: Path, quant: str, batches: list[int], new_tokens: int, timeo
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     try:
         r = subprocess.run([sys.executable, "-c", _CHILD, str(path), quant, json.dumps(batches), str(new_tokens),
-                            str(HERE)], capture_output=True, text=True, timeout=timeout, env=env)
+                            str(HERE), str(path.parent)], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         lines = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         last = [ln for ln in lines.splitlines() if ln.startswith("{")]
@@ -190,6 +199,17 @@ def report(quant: str, r: dict, cfg: ModelConfig, bw: float, flops: float, local
             line += (f", weight reads {read / 1e9:.1f} GB/s = {read / bw:.0%} of STREAM ({r['bytes_per_token'] / 1e9:.2f} "
                      f"GB/token); plan here predicts {pred:.2f} tokens/s ({tps / pred - 1:+.0%} measured vs predicted)")
         print(line)
+    if "report" in r:
+        from gasungbi.plan.backtest import run_backtest
+        from gasungbi.plan.catalog import load_catalog
+
+        try:
+            row = run_backtest(load_catalog(), decode=r["report"]).rows[-1]
+        except ValueError as e:
+            print(f"    backtest row: not made ({e})")
+        else:
+            print(f"    backtest row \"{row.name}\": measured {row.published:.2f}, predicted {row.predicted:.2f} "
+                  f"tokens/s ({row.error:+.0%}; {row.efficiency:.0%} of the ceiling)")
     if "peak_rss" in r:
         print(f"    peak RSS over load and decode {gb(r['peak_rss'])}")
     if "error" in r:
