@@ -136,3 +136,19 @@ def test_the_benchmarks_random_checkpoint_loads_in_transformers_and_gasungbi(tmp
             want, got = hf(ids).logits, ours(ids)
         assert want.std() > 0.1, want.std()  # every layer moves the logits
         torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-3)
+
+
+def test_a_large_matrix_is_quantized_a_block_of_rows_at_a_time(monkeypatch):
+    """Quantizing by blocks of rows (the float32 temporaries of a whole output head would be
+    gigabytes) gives the values and scales of quantizing the matrix at once, int4's int8 fallback
+    included."""
+    from gasungbi.infer import quant
+
+    g = torch.Generator().manual_seed(0)
+    for n, mode in ((208, "int4"), (200, "int4"), (200, "int8")):  # 200 rows: int4 falls back to int8
+        w = torch.randn(n, 128, generator=g).bfloat16()
+        monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 10**12)
+        want = quant.quantize_weight(w, mode, 64)
+        monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 48 * 128)
+        got = quant.quantize_weight(w, mode, 64)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (n, mode)
