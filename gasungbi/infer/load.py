@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gasungbi.config import CheckpointError, ModelConfig, read_config
-from gasungbi.infer.memory import check_fits
+from gasungbi.infer.memory import check_fits, large_allocations_from_the_system
 from gasungbi.infer.placement import apply_placement, plan_placement, resolve_device
 from gasungbi.infer.quant import check_group_size, check_mode, quantize_weight, quantized_keys
 from gasungbi.infer.quant_modules import from_quantized_state_dict
@@ -73,6 +73,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", 
                    experts_device: str | torch.device | None = None) -> Transformer:
     """Load a checkpoint written by :func:`gasungbi.interop.quantized.save_quantized`, in the kernel
     layout of ``device``."""
+    large_allocations_from_the_system()
     cfg, qsd = read_quantized(path)
     try:
         return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device, consume=True)
@@ -102,6 +103,7 @@ def read_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128,
     the model, and the resident memory is about the quantized model's. The tensors left in floating
     point are in ``dtype``."""
     check_mode(mode)
+    large_allocations_from_the_system()  # temporaries freed between kept tensors leave no holes
     path = Path(path)
     cfg = read_config(path)
     targets = set(quantized_keys(build_model(cfg, device="meta")))
