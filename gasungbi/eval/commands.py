@@ -114,7 +114,8 @@ def quantize_cmd(checkpoint: Checkpoint, mode: Literal["int8", "int4", "fp8"], o
                  eval_text: str | None = None, eval_tokens: int = 32768, seq_len: int = 256,
                  overwrite: bool = False) -> int:
     """Weight-only int8/int4 quantization of a checkpoint, saved for generate, chat and serve, or
-    DeepSeek's FP8 checkpoint format (fp8).
+    DeepSeek's FP8 checkpoint format (fp8). int8/int4 read and quantize one tensor at a time: the
+    float model is never in memory (only --eval-text loads it, to compare).
 
     Args:
         checkpoint: a floating-point checkpoint directory
@@ -130,11 +131,12 @@ def quantize_cmd(checkpoint: Checkpoint, mode: Literal["int8", "int4", "fp8"], o
 
     from gasungbi import atomic
     from gasungbi.eval.perplexity import perplexity
-    from gasungbi.infer.load import load_quantized
-    from gasungbi.infer.quant import check_group_size, quantize_state_dict
+    from gasungbi.infer.load import load_quantized, read_quantizing
+    from gasungbi.infer.quant import check_group_size
     from gasungbi.interop.fp8 import fp8_config
     from gasungbi.interop.hf import load_model
     from gasungbi.interop.quantized import quantization_config, save_quantized
+    from gasungbi.model.transformer import build_model
     from gasungbi.outputs import output_dir
 
     require_checkpoint_dir(checkpoint)
@@ -153,27 +155,32 @@ def quantize_cmd(checkpoint: Checkpoint, mode: Literal["int8", "int4", "fp8"], o
     if source_fp8 and mode == "fp8":
         raise UserError(f"{checkpoint} is already in DeepSeek's FP8 format")
     # an FP8 source is dequantized to bf16 one tensor at a time, never to a whole float32 model
-    model = load_model(checkpoint, "cpu", torch.bfloat16 if source_fp8 else torch.float32)
+    float_dtype = torch.bfloat16 if source_fp8 else torch.float32
     has_tok = (Path(checkpoint) / "tokenizer.json").exists()
     tokenizer = checkpoint if has_tok else None
+    model = None
     if mode == "fp8":
         from gasungbi.interop.hf import save_model
 
+        model = load_model(checkpoint, "cpu", float_dtype)
         atomic.write_dir(out_dir, lambda tmp: save_model(model, tmp, tokenizer=tokenizer, fp8=True))
         qmodel = load_model(out_dir, "cpu", torch.float32)
         stored = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
         print(f"fp8: {_weight_bytes(model) / 2**20:.1f} MiB in float32 -> {stored / 2**20:.1f} MiB on disk; wrote {out}")
-    else:
-        qsd = quantize_state_dict(model, mode, group_size)
-        atomic.write_dir(out_dir, lambda tmp: save_quantized(qsd, model.config, tmp, mode, group_size,
-                                                             tokenizer=tokenizer))
+    else:  # one tensor at a time from the float files (read_quantizing): the float model is never in memory
+        cfg, qsd = read_quantizing(checkpoint, mode, group_size, float_dtype)
+        atomic.write_dir(out_dir, lambda tmp: save_quantized(qsd, cfg, tmp, mode, group_size, tokenizer=tokenizer))
+        del qsd
         qmodel = load_quantized(out_dir)
-        print(f"{mode}: {_weight_bytes(model) / 2**20:.1f} MiB -> {_weight_bytes(qmodel) / 2**20:.1f} MiB "
+        meta = build_model(cfg, device="meta")
+        float_bytes = sum(t.numel() for t in [*meta.parameters(), *meta.buffers()]) * float_dtype.itemsize
+        print(f"{mode}: {float_bytes / 2**20:.1f} MiB -> {_weight_bytes(qmodel) / 2**20:.1f} MiB "
               f"in memory; wrote {out}")
     if eval_text:
         tok = tokenizer_for(checkpoint, required=True)
         ids = tok.encode(Path(eval_text).read_text(encoding="utf-8")).ids[: eval_tokens + 1]
         ids = torch.tensor(ids)
+        model = model or load_model(checkpoint, "cpu", float_dtype)
         seq = min(seq_len, model.config.max_position_embeddings, ids.numel() - 1)
         try:
             base, new = perplexity(model, ids, seq), perplexity(qmodel, ids, seq)

@@ -3,7 +3,8 @@
 Three kinds of checkpoint: a floating-point one, a gasungbi-quantized one (:func:`load_quantized`;
 the files: :mod:`gasungbi.interop.quantized`), and DeepSeek's FP8 one. With a quantization asked,
 a floating-point or FP8 checkpoint goes straight to int8/int4 one tensor at a time
-(:func:`load_quantizing`), so the float model is never whole in memory.
+(:func:`load_quantizing`), so the float model is never whole in memory. Before anything is read,
+:func:`gasungbi.infer.memory.check_fits` refuses a model that does not fit the memory available.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from gasungbi.config import CheckpointError, ModelConfig, read_config
+from gasungbi.infer.memory import check_fits, large_allocations_from_the_system
 from gasungbi.infer.placement import apply_placement, plan_placement, resolve_device
 from gasungbi.infer.quant import check_group_size, check_mode, quantize_weight, quantized_keys
 from gasungbi.infer.quant_modules import from_quantized_state_dict
 from gasungbi.interop.fp8 import fp8_config, read_fp8
-from gasungbi.interop.hf import _HF_EXPERT, check_sizes, from_hf_state_dict, headers, load_model, weight_files
+from gasungbi.interop.hf import (_HF_EXPERT, check_sizes, from_hf_state_dict, headers, load_model,
+                                 read_safetensors, weight_files)
 from gasungbi.interop.quantized import WEIGHTS_FILE, quantization_config, read_quantized
 from gasungbi.model.transformer import Transformer, build_model
 
@@ -45,7 +47,9 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device | Non
     cfg = read_config(path)
     if dtype is None and device.type == "cuda":
         dtype = torch.bfloat16
-    plan = plan_placement(cfg, device, experts_device, dtype or torch.float32, quant, group_size)
+    held = dtype or (torch.float32 if quant is not None else _stored_dtype(Path(path)))
+    plan = plan_placement(cfg, device, experts_device, held, quant, group_size)
+    check_fits(cfg, plan, held, quant, group_size)  # before anything is read: one line, not an OOM kill
     if report is not None:
         report(plan.format(cfg.max_position_embeddings))
     if qcfg is not None:
@@ -56,13 +60,23 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device | Non
     return apply_placement(model, plan).eval()
 
 
+def _stored_dtype(path: Path) -> torch.dtype:
+    """The float dtype a float checkpoint loads in when none is asked: its tensors' (bf16 for
+    DeepSeek's FP8 format, which is dequantized to it)."""
+    if fp8_config(path) is not None:
+        return torch.bfloat16
+    floats = [t.dtype for t in headers(weight_files(path)).values() if t.is_floating_point()]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                    experts_device: str | torch.device | None = None) -> Transformer:
     """Load a checkpoint written by :func:`gasungbi.interop.quantized.save_quantized`, in the kernel
     layout of ``device``."""
+    large_allocations_from_the_system()
     cfg, qsd = read_quantized(path)
     try:
-        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device, consume=True)
     except ValueError as e:
         raise CheckpointError(f"{Path(path) / WEIGHTS_FILE}: {e}") from None
 
@@ -76,7 +90,7 @@ def load_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128, d
     path = Path(path)
     cfg, qsd = read_quantizing(path, mode, group_size, dtype)
     try:
-        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device)
+        return from_quantized_state_dict(cfg, qsd, device, dtype, experts_device, consume=True)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -89,6 +103,7 @@ def read_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128,
     the model, and the resident memory is about the quantized model's. The tensors left in floating
     point are in ``dtype``."""
     check_mode(mode)
+    large_allocations_from_the_system()  # temporaries freed between kept tensors leave no holes
     path = Path(path)
     cfg = read_config(path)
     targets = set(quantized_keys(build_model(cfg, device="meta")))
@@ -112,11 +127,13 @@ def read_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128,
         tensors = read_fp8(files, "cpu", torch.float32, convert=convert)
     else:
         check_sizes(path, cfg, headers(files))
-        tensors = {}
+        tensors, experts = {}, {}
         for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for k in sf.keys():
-                    tensors.update(convert(k, sf.get_tensor(k)))
+            for k, t in read_safetensors(f):
+                for name, q in convert(k, t).items():
+                    _collect(tensors, experts, name, q, cfg.n_routed_experts)
+        for group in experts.values():  # incomplete: from_hf_state_dict names what is missing
+            tensors.update(group)
     if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{L}.") for k in tensors):
         cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP declared but not stored (see load_model)
     values = {k: v for k, v in tensors.items() if not k.endswith("_scales")}
@@ -124,3 +141,24 @@ def read_quantizing(path: str | os.PathLike, mode: str, group_size: int = 128,
     qsd = from_hf_state_dict(cfg, values)
     qsd.update({k + "_scales": v for k, v in from_hf_state_dict(cfg, scales).items()})
     return cfg, qsd
+
+
+def _collect(tensors: dict[str, torch.Tensor], experts: dict[str, dict[str, torch.Tensor]], name: str,
+             t: torch.Tensor, n_experts: int) -> None:
+    """Put one read (and quantized) tensor in ``tensors``; a routed expert's waits in ``experts`` until
+    its layer's n_experts are read, then they are stacked under the stacked name (which
+    from_hf_state_dict passes through): the per-expert pieces are freed layer by layer, not at the end."""
+    m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight(_scales)?$", name)
+    if not m:
+        tensors[name] = t
+        return
+    stacked = f"{m.group(1)}.{m.group(3)}" + ("_scales" if m.group(4) else "")
+    group = experts.setdefault(stacked, {})
+    group[name] = t
+    if len(group) == n_experts:
+        del experts[stacked]
+        pieces = {int(re.match(r"^.*\.experts\.(\d+)\.", k).group(1)): v for k, v in group.items()}
+        if sorted(pieces) == list(range(n_experts)):
+            tensors[stacked] = torch.stack([pieces.pop(e) for e in range(n_experts)])
+        else:
+            tensors.update(group)

@@ -37,7 +37,8 @@ _GROUPS = (256, 128, 64, 32)
 # torch 2.13's CPU _weight_int8pack_mm segfaults when a weight's input width is not a multiple of 16
 # (seen for 8, 24, 40; 16, 32, 48, 64, 96 work): such matrices stay in floating point
 INT8_K_MULTIPLE = 16
-_MODE_OF = {torch.int8: "int8", torch.uint8: "int4"}  # the dtype of the quantized values
+_MODE_OF = {torch.int8: "int8", torch.uint8: "int4"}
+CHUNK_ELEMENTS = 2**24  # the largest matrix quantized at once (64 MiB in float32)  # the dtype of the quantized values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,9 +102,16 @@ def dequantize_int4(packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Portable (values, scales) of w [..., N, K]; int4 falls back to int8 on shapes it cannot take."""
+    """Portable (values, scales) of w [..., N, K]; int4 falls back to int8 on shapes it cannot take.
+    A matrix of more than :data:`CHUNK_ELEMENTS` is quantized a block of rows at a time (rows are
+    independent: the result is the same), so the float32 temporaries stay small beside it."""
     g = int4_group_size(w.shape[-2], w.shape[-1], group_size) if mode == "int4" else None
-    return quantize_int8(w) if g is None else quantize_int4(w, g)
+    one = quantize_int8 if g is None else lambda block: quantize_int4(block, g)
+    if w.dim() != 2 or w.numel() <= CHUNK_ELEMENTS:
+        return one(w)
+    rows = max(1, CHUNK_ELEMENTS // w.shape[-1])
+    parts = [one(w[i:i + rows]) for i in range(0, w.shape[0], rows)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts], dim=0 if g is None else -2)
 
 
 def quantize_weight(w: torch.Tensor, mode: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:

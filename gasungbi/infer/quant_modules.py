@@ -304,11 +304,14 @@ def _swap_quantized(model: Transformer, qsd: dict[str, torch.Tensor]) -> list[st
 
 def from_quantized_state_dict(cfg: ModelConfig, qsd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                               dtype: torch.dtype = torch.float32,
-                              experts_device: str | torch.device | None = None) -> Transformer:
+                              experts_device: str | torch.device | None = None,
+                              consume: bool = False) -> Transformer:
     """Build the model with quantized modules from a portable state dict, on ``device`` (routed
     experts on ``experts_device`` when given; see :mod:`gasungbi.infer.placement`): the float model
     on the meta device, the module swap, one strict ``load_state_dict``, then each quantized module
-    prepared for its device. ``ValueError`` naming the tensors when ``qsd`` does not fit ``cfg``."""
+    prepared for its device. ``ValueError`` naming the tensors when ``qsd`` does not fit ``cfg``.
+    ``consume``: empty ``qsd`` once loaded, so each module's portable tensors are freed as it is
+    prepared (the quantized model is then in memory once, not in both layouts)."""
     device = torch.device(device)
     exp_device = torch.device(experts_device) if experts_device is not None else device
     model = build_model(cfg, device="meta")
@@ -327,8 +330,12 @@ def from_quantized_state_dict(cfg: ModelConfig, qsd: dict[str, torch.Tensor], de
         dev = exp_device if k.startswith(experts) else device
         return v.to(dev, dtype) if v.is_floating_point() else v.to(dev)
 
+    placed = {k: place(k, v) for k, v in qsd.items()}
+    if consume:
+        qsd.clear()
     try:
-        model.load_state_dict({k: place(k, v) for k, v in qsd.items()}, strict=True, assign=True)
+        model.load_state_dict(placed, strict=True, assign=True)
+        del placed
     except RuntimeError as e:  # "Error(s) in loading state_dict ...:\n\tMissing key(s) ...\n\tUnexpected ..."
         why = " ".join(str(e).split("\n\t")[1:]).strip() or str(e)
         raise ValueError(f"the quantized state dict does not match the config: {why}") from None

@@ -19,12 +19,13 @@ are read dequantized to the run dtype one tensor at a time, and ``save_model(fp8
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -200,6 +201,64 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "F8_E4M3": torch.float8_e4m3fn, "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of the safetensors file ``f`` in file order, read into its own memory with plain
+    reads, one at a time: resident memory grows by the tensors the caller keeps, never by the file
+    (the pages of a memory-mapped file that were read would count as the process's until unmapped);
+    the pages read are dropped from the page cache. ``CheckpointError`` for a file cut short."""
+    with open(f, "rb") as fh:
+        try:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            entries = sorted(((k, v["dtype"], v["shape"], *v["data_offsets"]) for k, v in header.items()),
+                             key=lambda e: e[3])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
+        for name, dtype, shape, start, end in entries:
+            if dtype not in _ST_DTYPES:
+                raise CheckpointError(f"{f}: {name} has dtype {dtype}, which gasungbi does not read")
+            buf = bytearray(end - start)
+            fh.seek(8 + n + start)
+            if fh.readinto(buf) != len(buf):
+                raise CheckpointError(f"{f}: cut short inside {name}")
+            if hasattr(os, "posix_fadvise") and buf:
+                os.posix_fadvise(fh.fileno(), 8 + n + start, len(buf), os.POSIX_FADV_DONTNEED)
+            t = torch.frombuffer(buf, dtype=_ST_DTYPES[dtype]) if buf else torch.empty(0, dtype=_ST_DTYPES[dtype])
+            yield name, t.reshape(shape)
+
+
+def write_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      tensor: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file of the tensors ``specs`` names (name -> (dtype, shape)), in that
+    order, asking ``tensor(name)`` for each as it is written: one tensor at a time, so a file of
+    tensors made on demand (or a state dict, without the copy of every tensor that
+    ``safetensors.torch.save_file`` makes) never needs more memory than its largest tensor."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for name, (dtype, shape) in specs.items():
+            t = tensor(name).detach().to("cpu").contiguous()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name}: expected {dtype} {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
+            if t.numel():
+                fh.write(t.view(-1).view(torch.uint8).numpy().data)
+
+
 def _warn_non_finite(path: Path, sd: dict[str, torch.Tensor]) -> None:
     """Warn (once per load) when weights hold NaN or Inf: such a model loads but outputs garbage."""
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -218,9 +277,7 @@ def headers(files: list[Path]) -> dict[str, torch.Tensor]:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
                 for k in sf.keys():
                     sl = sf.get_slice(k)
-                    dtype = getattr(torch, {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                                            "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8",
-                                            "F8_E4M3": "float8_e4m3fn", "BOOL": "bool"}.get(sl.get_dtype(), "float32"))
+                    dtype = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
                     out[k] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None

@@ -29,7 +29,7 @@ import torch
 
 from gasungbi import atomic
 from gasungbi.config import CheckpointError, ModelConfig, from_hf_config, to_hf_config
-from gasungbi.interop.hf import copy_tokenizer
+from gasungbi.interop.hf import copy_tokenizer, read_safetensors, write_safetensors
 
 QUANT_METHOD = "gasungbi"
 FORMAT_VERSION = 2
@@ -39,22 +39,14 @@ WEIGHTS_FILE = "model.safetensors"
 def save_quantized(qsd: dict[str, torch.Tensor], cfg: ModelConfig, path: str | os.PathLike, mode: str,
                    group_size: int, tokenizer: str | os.PathLike | None = None) -> Path:
     """Write a portable quantized state dict with its config (and tokenizer files) to ``path``."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors, seen = {}, set()
-    for k, v in qsd.items():
-        v = v.detach().to("cpu").contiguous()
-        if v.untyped_storage().data_ptr() in seen:  # safetensors refuses aliased storage
-            v = v.clone()
-        seen.add(v.untyped_storage().data_ptr())
-        tensors[k] = v
     hf = to_hf_config(cfg)
     hf["quantization_config"] = {"quant_method": QUANT_METHOD, "mode": mode, "group_size": group_size,
                                  "format_version": FORMAT_VERSION}
-    atomic.write_file(path / WEIGHTS_FILE,
-                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "quantization": mode}))
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in qsd.items()}  # one tensor at a time, aliases copied
+    atomic.write_file(path / WEIGHTS_FILE, lambda tmp: write_safetensors(
+        tmp, specs, qsd.__getitem__, metadata={"format": "pt", "quantization": mode}))
     atomic.write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     if tokenizer is not None:
         copy_tokenizer(tokenizer, path)
@@ -81,11 +73,9 @@ def quantization_config(path: str | os.PathLike) -> dict | None:
 
 def read_quantized(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config and the portable quantized state dict of a checkpoint written by :func:`save_quantized`;
-    ``CheckpointError`` for a directory that is not one."""
-    from safetensors.torch import load_file
-
+    ``CheckpointError`` for a directory that is not one. Read one tensor at a time (no file mapped)."""
     path = Path(path)
     if quantization_config(path) is None:
         raise CheckpointError(f"{path} is not a gasungbi-quantized checkpoint (no quantization_config in config.json)")
     cfg = from_hf_config(json.loads((path / "config.json").read_text()))
-    return cfg, load_file(str(path / WEIGHTS_FILE))
+    return cfg, dict(read_safetensors(path / WEIGHTS_FILE))
