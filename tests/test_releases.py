@@ -187,11 +187,14 @@ def test_int8_decode_follows_the_float_model(release, one_thread):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp8"])
-def test_v32_tiny_trains(code_shards, tmp_path, precision):
-    """The v32-tiny preset (sparse attention) trains a few steps, also with FP8 GEMMs."""
+@pytest.mark.parametrize("preset,model_type,overrides", [("v32-tiny", "deepseek_v32", {"num_hidden_layers": 2}),
+                                                          ("v4-tiny", "deepseek_v4", {})])
+def test_tiny_release_presets_train(code_shards, tmp_path, precision, preset, model_type, overrides):
+    """The v32-tiny (sparse attention) and v4-tiny (compressed attention) presets train a few steps,
+    also with FP8 GEMMs."""
     from gasungbi.train.trainer import TrainConfig, train
 
-    r = train(TrainConfig(data=str(code_shards), out_dir=str(tmp_path / "run"), model="v32-tiny", batch_size=2,
+    r = train(TrainConfig(data=str(code_shards), out_dir=str(tmp_path / "run"), model=preset, batch_size=2,
                           seq_len=96, max_steps=3, warmup_steps=1, eval_interval=0, eval_batches=1, progress=False,
-                          device="cpu", sample_tokens=2, precision=precision, model_overrides={"num_hidden_layers": 2}))
-    assert r["step"] == 3 and r["val_loss"] > 0 and r["model"]["model_type"] == "deepseek_v32"
+                          device="cpu", sample_tokens=2, precision=precision, model_overrides=overrides))
+    assert r["step"] == 3 and r["val_loss"] > 0 and r["model"]["model_type"] == model_type
